@@ -1,0 +1,317 @@
+//! Roles and their start-up: `checkout run <role>` builds an [`App`] with one or more roles,
+//! each a set of tasks sharing one cancellation token.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError};
+use crate::checkout::Checkouts;
+use crate::compensate::CompensateStep;
+use crate::config::Settings;
+use crate::db::{self, DbError};
+use crate::http::{self, AppState};
+use crate::inventory::{CommitStep, ReserveStep};
+use crate::orders::OrderStep;
+use crate::payments::sandbox::SandboxClient;
+use crate::payments::{AuthorizeStep, PaymentProvider, ProviderError};
+use crate::psp::Sandbox;
+use crate::saga::runner::{self, Step};
+
+/// A long-running process kind. Consumer roles may run in any number of processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Edge,
+    Reserve,
+    Authorize,
+    Order,
+    Compensate,
+    Psp,
+}
+
+impl Role {
+    /// Every role, for `checkout run all`.
+    pub const ALL: [Role; 6] = [
+        Role::Psp,
+        Role::Edge,
+        Role::Reserve,
+        Role::Authorize,
+        Role::Order,
+        Role::Compensate,
+    ];
+
+    fn needs_saga(self) -> bool {
+        self != Role::Psp
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "edge" => Self::Edge,
+            "reserve" => Self::Reserve,
+            "authorize" => Self::Authorize,
+            "order" => Self::Order,
+            "compensate" => Self::Compensate,
+            "psp" => Self::Psp,
+            other => return Err(format!("unknown role {other}")),
+        })
+    }
+}
+
+/// Why an app could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("task {task} failed: {message}")]
+    Task { task: String, message: String },
+}
+
+type TaskResult = (String, Result<(), String>);
+
+/// Running roles.
+pub struct App {
+    http_addr: Option<SocketAddr>,
+    psp_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<TaskResult>,
+}
+
+impl App {
+    /// Starts the given roles. Listeners bind before this returns, so port 0 works.
+    pub async fn build(mut settings: Settings, roles: &[Role]) -> Result<Self, AppError> {
+        let shutdown = CancellationToken::new();
+        let mut tasks: JoinSet<TaskResult> = JoinSet::new();
+        let mut psp_addr = None;
+        if roles.contains(&Role::Psp) {
+            let listener = bind(&settings.psp.listen_addr).await?;
+            let addr = local_addr(&listener, &settings.psp.listen_addr)?;
+            // An in-process authorize talks to the sandbox where it really listens.
+            settings.psp.url = format!("http://{addr}");
+            psp_addr = Some(addr);
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                let result = axum::serve(listener, Sandbox::default().router())
+                    .with_graceful_shutdown(token.cancelled_owned())
+                    .await
+                    .map_err(|e| e.to_string());
+                ("psp".to_owned(), result)
+            });
+            tracing::info!(%addr, "sandbox PSP listening");
+        }
+        let mut http_addr = None;
+        if roles.iter().any(|r| r.needs_saga()) {
+            if settings.database.migrate_on_start {
+                db::create_if_missing(&settings.database).await?;
+            }
+            let pool = db::connect(&settings.database).await?;
+            if settings.database.migrate_on_start {
+                db::migrate(&pool).await?;
+            }
+            let bus = Bus::connect(&settings.nats).await?;
+            bus.ensure_streams().await?;
+            let provider: Arc<dyn PaymentProvider> =
+                Arc::new(SandboxClient::new(&settings.psp.url, settings.psp.timeout)?);
+            let spawn_step = |tasks: &mut JoinSet<TaskResult>, step: Arc<dyn StepLauncher>| {
+                let bus = bus.clone();
+                let settings = settings.clone();
+                let token = shutdown.clone();
+                tasks.spawn(async move { step.launch(bus, settings, token).await });
+            };
+            for role in roles {
+                match role {
+                    Role::Reserve => {
+                        spawn_step(
+                            &mut tasks,
+                            Arc::new(ReserveStep {
+                                pool: pool.clone(),
+                                ttl: settings.inventory.reservation_ttl,
+                            }),
+                        );
+                        spawn_step(&mut tasks, Arc::new(CommitStep { pool: pool.clone() }));
+                    }
+                    Role::Authorize => spawn_step(
+                        &mut tasks,
+                        Arc::new(AuthorizeStep {
+                            pool: pool.clone(),
+                            provider: provider.clone(),
+                        }),
+                    ),
+                    Role::Order => spawn_step(&mut tasks, Arc::new(OrderStep { pool: pool.clone() })),
+                    Role::Compensate => spawn_step(
+                        &mut tasks,
+                        Arc::new(CompensateStep {
+                            pool: pool.clone(),
+                            provider: provider.clone(),
+                        }),
+                    ),
+                    Role::Edge | Role::Psp => {}
+                }
+            }
+            if roles.contains(&Role::Edge) {
+                let (checkouts, published) = Checkouts::new(pool.clone(), bus.clone());
+                tasks.spawn({
+                    let checkouts = checkouts.clone();
+                    async move {
+                        checkouts.run_marker(published).await;
+                        ("outbox-marker".to_owned(), Ok(()))
+                    }
+                });
+                tasks.spawn({
+                    let checkouts = checkouts.clone();
+                    let token = shutdown.clone();
+                    let (interval, grace) = (settings.edge.outbox_interval, settings.edge.outbox_grace);
+                    async move {
+                        checkouts.run_sweeper(interval, grace, token).await;
+                        ("outbox-sweeper".to_owned(), Ok(()))
+                    }
+                });
+                let state = AppState {
+                    pool: pool.clone(),
+                    bus: bus.clone(),
+                    checkouts,
+                    jwt_secret: settings.auth.jwt_secret.clone(),
+                };
+                let listener = bind(&settings.http.addr).await?;
+                let addr = local_addr(&listener, &settings.http.addr)?;
+                http_addr = Some(addr);
+                let router = http::router(state, settings.http.body_limit_bytes);
+                let token = shutdown.clone();
+                tasks.spawn(async move {
+                    let result = axum::serve(listener, router)
+                        .with_graceful_shutdown(token.cancelled_owned())
+                        .await
+                        .map_err(|e| e.to_string());
+                    ("edge".to_owned(), result)
+                });
+                tracing::info!(%addr, "edge listening");
+            }
+        }
+        Ok(Self {
+            http_addr,
+            psp_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Where the edge listens, if this app runs it.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Where the sandbox PSP listens, if this app runs it.
+    pub fn psp_addr(&self) -> Option<SocketAddr> {
+        self.psp_addr
+    }
+
+    /// Cancelling this token stops the app gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until shutdown is requested or a task ends; reports which task ended and why.
+    pub async fn run_until_stopped(mut self) -> Result<(), AppError> {
+        let first = tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            ended = self.tasks.join_next() => ended,
+        };
+        self.shutdown.cancel();
+        let mut failure = None;
+        if let Some(ended) = first {
+            failure = report(ended);
+            if failure.is_none() {
+                tracing::warn!("a task ended by itself; stopping");
+            }
+        }
+        while let Some(ended) = self.tasks.join_next().await {
+            if let Some(e) = report(ended) {
+                failure.get_or_insert(e);
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Stops gracefully: stop pulling, finish in-flight messages, flush acks.
+    pub async fn stop(self) -> Result<(), AppError> {
+        self.shutdown.cancel();
+        self.run_until_stopped().await
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        // Dropping the JoinSet aborts whatever is still running (a crash, for tests).
+        self.shutdown.cancel();
+    }
+}
+
+fn report(ended: Result<TaskResult, tokio::task::JoinError>) -> Option<AppError> {
+    match ended {
+        Ok((task, Ok(()))) => {
+            tracing::info!(%task, "task stopped");
+            None
+        }
+        Ok((task, Err(message))) => Some(AppError::Task { task, message }),
+        Err(e) => Some(AppError::Task {
+            task: "unknown".into(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr).await.map_err(|source| AppError::Listen {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, AppError> {
+    listener.local_addr().map_err(|source| AppError::Listen {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+/// Lets `build` spawn different step types through one closure.
+trait StepLauncher: Send + Sync {
+    fn launch(
+        self: Arc<Self>,
+        bus: Bus,
+        settings: Settings,
+        token: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + Send>>;
+}
+
+impl<S: Step> StepLauncher for S {
+    fn launch(
+        self: Arc<Self>,
+        bus: Bus,
+        settings: Settings,
+        token: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + Send>> {
+        Box::pin(async move {
+            let name = self.durable().to_owned();
+            let result = runner::run(self, bus, settings.consumer, settings.chaos.redeliver, token)
+                .await
+                .map_err(|e| e.to_string());
+            (name, result)
+        })
+    }
+}

@@ -1,0 +1,232 @@
+//! NATS JetStream plumbing: connect, declare streams and durable consumers idempotently,
+//! and publish with a deterministic `Nats-Msg-Id`, waiting for the PublishAck.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use async_nats::HeaderMap;
+
+use crate::config::NatsSettings;
+use crate::saga::runner::Outgoing;
+use crate::saga::subjects::{
+    CHECKOUT_STREAM, CHECKOUT_SUBJECTS, DEADLETTER_STREAM, DEADLETTER_SUBJECTS, HEADER_EVENT,
+    HEADER_ORDER_ID, HEADER_SCHEMA, HEADER_TRACEPARENT,
+};
+
+/// Failures talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("consumer {consumer}: {message}")]
+    Consumer { consumer: String, message: String },
+    #[error("publish to {subject}: {message}")]
+    Publish { subject: String, message: String },
+}
+
+/// A connected JetStream context plus the settings that shape streams and consumers.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    settings: NatsSettings,
+}
+
+/// One durable consumer's shape.
+pub struct ConsumerSpec {
+    /// Durable name, shared by every instance of the role (horizontal scaling).
+    pub durable: String,
+    pub filter_subjects: Vec<String>,
+}
+
+impl Bus {
+    /// Connects; retries are the client's (it reconnects forever once connected).
+    pub async fn connect(settings: &NatsSettings) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("checkout")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(&settings.url)
+            .await
+            .map_err(|source| BusError::Connect {
+                url: settings.url.clone(),
+                source,
+            })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(settings.publish_timeout);
+        Ok(Self {
+            client,
+            js,
+            settings: settings.clone(),
+        })
+    }
+
+    /// The raw client (for flushing and the readiness probe).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The stream settings.
+    pub fn settings(&self) -> &NatsSettings {
+        &self.settings
+    }
+
+    /// Creates or updates the saga and dead-letter streams. Safe to run from every process.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        self.ensure_stream(CHECKOUT_STREAM, CHECKOUT_SUBJECTS, self.settings.stream_max_age)
+            .await?;
+        // Dead letters are kept longer: a human must look at each.
+        self.ensure_stream(
+            DEADLETTER_STREAM,
+            DEADLETTER_SUBJECTS,
+            self.settings.stream_max_age * 4,
+        )
+        .await
+    }
+
+    async fn ensure_stream(
+        &self,
+        name: &str,
+        subjects: &str,
+        max_age: Duration,
+    ) -> Result<(), BusError> {
+        let config = stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subjects.to_owned()],
+            // Limits, not work-queue or interest: acked messages stay, so dedup state and
+            // the per-order timeline survive restarts (nats-server #3272).
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age,
+            duplicate_window: self.settings.duplicate_window,
+            num_replicas: self.settings.replicas,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        };
+        self.js
+            .create_or_update_stream(config)
+            .await
+            .map(|_| ())
+            .map_err(|e| BusError::Stream {
+                stream: name.to_owned(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Creates or updates a durable pull consumer on the saga stream.
+    pub async fn ensure_consumer(
+        &self,
+        spec: &ConsumerSpec,
+    ) -> Result<consumer::PullConsumer, BusError> {
+        let err = |message: String| BusError::Consumer {
+            consumer: spec.durable.clone(),
+            message,
+        };
+        let stream = self
+            .js
+            .get_stream(CHECKOUT_STREAM)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let ack_wait = self.settings.ack_wait;
+        let config = consumer::pull::Config {
+            durable_name: Some(spec.durable.clone()),
+            filter_subjects: spec.filter_subjects.clone(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_wait,
+            max_deliver: self.settings.max_deliver,
+            // Redelivery after a silent failure (a crashed or stuck handler) backs off;
+            // handler errors nak with their own delay instead. The server takes the first
+            // step as ack_wait, so it starts at ack_wait.
+            backoff: backoff_steps(ack_wait, self.settings.max_deliver),
+            max_ack_pending: self.settings.max_ack_pending,
+            ..Default::default()
+        };
+        // Without an action the server creates the durable or updates it in place, so every
+        // instance of a role can run this at start-up.
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| err(e.to_string()))
+    }
+
+    /// Publishes one event and waits for its PublishAck. A duplicate (same `Nats-Msg-Id`
+    /// within the window) is success: the message is already stored.
+    pub async fn publish(&self, out: &Outgoing) -> Result<(), BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_EVENT, out.kind.as_str());
+        headers.insert(HEADER_ORDER_ID, out.order_id.to_string().as_str());
+        headers.insert(HEADER_SCHEMA, crate::saga::events::SCHEMA_VERSION.to_string().as_str());
+        if let Some(tp) = &out.traceparent {
+            headers.insert(HEADER_TRACEPARENT, tp.as_str());
+        }
+        let message = jetstream::message::PublishMessage::build()
+            .payload(out.payload.clone().into())
+            .headers(headers)
+            .message_id(&out.msg_id);
+        self.publish_message(&out.subject, message).await
+    }
+
+    /// Publishes a prepared message and waits for its PublishAck.
+    pub async fn publish_message(
+        &self,
+        subject: &str,
+        message: jetstream::message::PublishMessage,
+    ) -> Result<(), BusError> {
+        let err = |message: String| BusError::Publish {
+            subject: subject.to_owned(),
+            message,
+        };
+        let ack = self
+            .js
+            .send_publish(subject.to_owned(), message)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        match ack.await {
+            Ok(_) => Ok(()),
+            // Only reachable with an expected-sequence header: the message is already there.
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+            Err(e) => Err(err(e.to_string())),
+        }
+    }
+}
+
+/// Server-side redelivery delays for unacked messages: ack_wait, then doubling, capped at
+/// ten minutes; one step fewer than max_deliver as the server requires.
+fn backoff_steps(ack_wait: Duration, max_deliver: i64) -> Vec<Duration> {
+    let steps = usize::try_from(max_deliver.saturating_sub(1)).unwrap_or(0).min(16);
+    let cap = Duration::from_secs(600).max(ack_wait);
+    let mut delay = ack_wait;
+    (0..steps)
+        .map(|_| {
+            let current = delay;
+            delay = (delay * 2).min(cap);
+            current
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_at_ack_wait_and_is_shorter_than_max_deliver() {
+        let steps = backoff_steps(Duration::from_secs(30), 10);
+        assert_eq!(steps.len(), 9);
+        assert_eq!(steps[0], Duration::from_secs(30));
+        assert_eq!(steps[1], Duration::from_secs(60));
+        assert!(steps.iter().all(|d| *d <= Duration::from_secs(600)));
+        assert!(backoff_steps(Duration::from_secs(1), -1).is_empty());
+    }
+}

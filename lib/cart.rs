@@ -1,0 +1,248 @@
+//! Carts (owned by the edge): one open cart per user, locked to an order at checkout and
+//! unlocked again if that order fails.
+
+use std::collections::HashMap;
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::catalog::{self, Product};
+use crate::domain::{Currency, Quantity, Sku};
+use crate::orders;
+use crate::pricing::{self, LineInput, Priced};
+
+/// A cart with its current prices.
+#[derive(Debug, Clone)]
+pub struct CartView {
+    pub cart_id: Uuid,
+    /// `None` while the cart is empty.
+    pub priced: Option<Priced>,
+}
+
+/// Why a cart change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CartError {
+    #[error("no product with sku {0}")]
+    UnknownSku(String),
+    #[error("the cart would hold more than {max} of {sku}", max = Quantity::MAX)]
+    TooMany { sku: String },
+    #[error("the cart is priced in {cart}; {sku} is sold in {product}")]
+    CurrencyMismatch {
+        sku: String,
+        cart: String,
+        product: String,
+    },
+    #[error("{0} is not in the cart")]
+    NotInCart(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// The caller's open cart, created or reopened as needed, locked for this transaction.
+async fn open_cart_for_update(conn: &mut PgConnection, user_id: &str) -> Result<Uuid, sqlx::Error> {
+    // One user's cart changes are serialized, so two first requests make one cart.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('cart:' || $1, 0))")
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await?;
+    let latest: Option<(Uuid, String, Option<Uuid>)> = sqlx::query_as(
+        "SELECT cart_id, status, order_id FROM edge.carts WHERE user_id = $1
+         ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+    )
+    .bind(user_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match latest {
+        Some((cart_id, status, _)) if status == "open" => Ok(cart_id),
+        Some((cart_id, _, Some(order_id))) if orders::is_failed(conn, order_id).await? => {
+            reopen(conn, cart_id).await?;
+            Ok(cart_id)
+        }
+        _ => {
+            let cart_id = Uuid::now_v7();
+            sqlx::query("INSERT INTO edge.carts (cart_id, user_id, status) VALUES ($1, $2, 'open')")
+                .bind(cart_id)
+                .bind(user_id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(cart_id)
+        }
+    }
+}
+
+/// Unlocks a cart whose order failed: a decline must never strand the cart.
+pub(crate) async fn reopen(conn: &mut PgConnection, cart_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE edge.carts SET status = 'open', order_id = NULL, updated_at = now() WHERE cart_id = $1",
+    )
+    .bind(cart_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Adds `qty` of a product to the caller's open cart (summing with what is there).
+pub async fn add_item(
+    pool: &PgPool,
+    user_id: &str,
+    product: &Product,
+    qty: Quantity,
+) -> Result<CartView, CartError> {
+    let mut tx = pool.begin().await?;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
+    check_currency(&mut tx, cart_id, product).await?;
+    let updated = sqlx::query(
+        "INSERT INTO edge.cart_items (cart_id, sku, qty) VALUES ($1, $2, $3)
+         ON CONFLICT (cart_id, sku) DO UPDATE SET qty = edge.cart_items.qty + EXCLUDED.qty
+         WHERE edge.cart_items.qty + EXCLUDED.qty <= $4",
+    )
+    .bind(cart_id)
+    .bind(product.sku.as_str())
+    .bind(qty.get())
+    .bind(Quantity::MAX)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Err(CartError::TooMany {
+            sku: product.sku.to_string(),
+        });
+    }
+    tx.commit().await?;
+    view(pool, cart_id).await
+}
+
+/// Sets a line's quantity; `None` removes the line.
+pub async fn set_item(
+    pool: &PgPool,
+    user_id: &str,
+    product: &Product,
+    qty: Option<Quantity>,
+) -> Result<CartView, CartError> {
+    let mut tx = pool.begin().await?;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
+    match qty {
+        Some(qty) => {
+            check_currency(&mut tx, cart_id, product).await?;
+            sqlx::query(
+                "INSERT INTO edge.cart_items (cart_id, sku, qty) VALUES ($1, $2, $3)
+                 ON CONFLICT (cart_id, sku) DO UPDATE SET qty = EXCLUDED.qty",
+            )
+            .bind(cart_id)
+            .bind(product.sku.as_str())
+            .bind(qty.get())
+            .execute(&mut *tx)
+            .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM edge.cart_items WHERE cart_id = $1 AND sku = $2")
+                .bind(cart_id)
+                .bind(product.sku.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    view(pool, cart_id).await
+}
+
+/// Removes a line; removing a line that is not there is an error the caller can see.
+pub async fn remove_item(pool: &PgPool, user_id: &str, sku: &Sku) -> Result<CartView, CartError> {
+    let mut tx = pool.begin().await?;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
+    let removed = sqlx::query("DELETE FROM edge.cart_items WHERE cart_id = $1 AND sku = $2")
+        .bind(cart_id)
+        .bind(sku.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if removed == 0 {
+        return Err(CartError::NotInCart(sku.to_string()));
+    }
+    tx.commit().await?;
+    view(pool, cart_id).await
+}
+
+/// The caller's open cart (created empty if there is none).
+pub async fn current(pool: &PgPool, user_id: &str) -> Result<CartView, CartError> {
+    let mut tx = pool.begin().await?;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
+    tx.commit().await?;
+    view(pool, cart_id).await
+}
+
+async fn check_currency(
+    conn: &mut PgConnection,
+    cart_id: Uuid,
+    product: &Product,
+) -> Result<(), CartError> {
+    let other: Option<(String,)> = sqlx::query_as(
+        "SELECT p.currency FROM edge.cart_items i JOIN catalog.products p USING (sku)
+         WHERE i.cart_id = $1 AND i.sku <> $2 AND p.currency <> $3 LIMIT 1",
+    )
+    .bind(cart_id)
+    .bind(product.sku.as_str())
+    .bind(product.price.currency().code())
+    .fetch_optional(conn)
+    .await?;
+    match other {
+        Some((cart,)) => Err(CartError::CurrencyMismatch {
+            sku: product.sku.to_string(),
+            cart,
+            product: product.price.currency().code().to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The lines of a cart, at current catalog prices, in one currency.
+pub(crate) async fn priced_lines(
+    conn: &mut PgConnection,
+    cart_id: Uuid,
+) -> Result<Option<Priced>, CartError> {
+    let items: Vec<(String, i32)> =
+        sqlx::query_as("SELECT sku, qty FROM edge.cart_items WHERE cart_id = $1 ORDER BY added_at, sku")
+            .bind(cart_id)
+            .fetch_all(&mut *conn)
+            .await?;
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let skus: Vec<String> = items.iter().map(|(s, _)| s.clone()).collect();
+    let products: HashMap<String, Product> = catalog::get_many_in(conn, &skus)
+        .await?
+        .into_iter()
+        .map(|p| (p.sku.to_string(), p))
+        .collect();
+    let mut currency: Option<Currency> = None;
+    let mut lines = Vec::with_capacity(items.len());
+    for (sku, qty) in items {
+        let product = products.get(&sku).ok_or(CartError::UnknownSku(sku.clone()))?;
+        let this = product.price.currency();
+        match currency {
+            Some(c) if c != this => {
+                return Err(CartError::CurrencyMismatch {
+                    sku,
+                    cart: c.code().to_owned(),
+                    product: this.code().to_owned(),
+                })
+            }
+            _ => currency = Some(this),
+        }
+        let qty = Quantity::new(i64::from(qty)).map_err(|_| CartError::TooMany { sku: sku.clone() })?;
+        lines.push(LineInput {
+            sku: product.sku.clone(),
+            qty,
+            unit_price: product.price,
+        });
+    }
+    Ok(currency.map(|c| pricing::price(c, lines)))
+}
+
+async fn view(pool: &PgPool, cart_id: Uuid) -> Result<CartView, CartError> {
+    let mut conn = pool.acquire().await?;
+    Ok(CartView {
+        cart_id,
+        priced: priced_lines(&mut conn, cart_id).await?,
+    })
+}

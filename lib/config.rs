@@ -1,0 +1,156 @@
+//! Settings: the defaults file compiled into the binary, then `CHECKOUT__SECTION__KEY` env vars.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The defaults, embedded so that the binary runs from any directory.
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Everything a role needs to start.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub nats: NatsSettings,
+    pub consumer: ConsumerSettings,
+    pub auth: AuthSettings,
+    pub psp: PspSettings,
+    pub inventory: InventorySettings,
+    pub edge: EdgeSettings,
+    pub chaos: ChaosSettings,
+}
+
+/// The HTTP edge.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSettings {
+    pub addr: String,
+    pub body_limit_bytes: usize,
+}
+
+/// PostgreSQL, the system of record.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    pub max_connections: u32,
+    pub migrate_on_start: bool,
+}
+
+/// JetStream streams and consumer defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NatsSettings {
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub stream_max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    pub replicas: usize,
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+}
+
+/// How each consumer process pulls and retries.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsumerSettings {
+    pub concurrency: usize,
+    pub batch: usize,
+    #[serde(with = "humantime_serde")]
+    pub nak_base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub nak_max_delay: Duration,
+}
+
+/// Bearer-token verification.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    pub jwt_secret: Secret,
+}
+
+/// The payment service provider (the sandbox PSP in development and tests).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PspSettings {
+    pub listen_addr: String,
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// Stock reservations.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InventorySettings {
+    #[serde(with = "humantime_serde")]
+    pub reservation_ttl: Duration,
+}
+
+/// The edge's outbox of checkout requests.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EdgeSettings {
+    #[serde(with = "humantime_serde")]
+    pub outbox_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub outbox_grace: Duration,
+}
+
+/// Fault injection, off unless a test turns it on.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChaosSettings {
+    pub redeliver: Redeliver,
+}
+
+/// Where a handler pretends to die, once per message, to force a redelivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Redeliver {
+    None,
+    BeforePublish,
+    AfterPublish,
+}
+
+/// A string that never prints (database URLs carry passwords, JWT secrets are secrets).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A settings file or variable that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] config::ConfigError);
+
+impl Settings {
+    /// Loads the defaults, then the environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("CHECKOUT")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?;
+        Ok(settings.try_deserialize()?)
+    }
+}

@@ -1,0 +1,76 @@
+//! PostgreSQL: the pool, creating the database when it is missing, and embedded migrations.
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::config::DatabaseSettings;
+
+/// Failures preparing the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database url: {0}")]
+    Url(sqlx::Error),
+    #[error("cannot reach PostgreSQL: {0}")]
+    Connect(sqlx::Error),
+    #[error("cannot create database {name}: {source}")]
+    Create { name: String, source: sqlx::Error },
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// The migrations in `migrations/`, compiled into the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects a pool (lazily, so a role starts while PostgreSQL is still coming up).
+pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
+    let options = options(settings)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(DbError::Connect)?;
+    Ok(pool)
+}
+
+fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
+    Ok(PgConnectOptions::from_str(settings.url.expose())
+        .map_err(DbError::Url)?
+        .log_statements(tracing::log::LevelFilter::Trace))
+}
+
+/// Creates the configured database if it does not exist, via the `postgres` maintenance db.
+pub async fn create_if_missing(settings: &DatabaseSettings) -> Result<(), DbError> {
+    let options = options(settings)?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let mut conn = sqlx::PgConnection::connect_with(&options.clone().database("postgres"))
+        .await
+        .map_err(DbError::Connect)?;
+    let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut conn)
+        .await
+        .map_err(DbError::Connect)?;
+    if exists.is_none() {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(&format!("CREATE DATABASE {quoted}"))
+            .execute(&mut conn)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(source) => return Err(DbError::Create { name, source }),
+        }
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// Applies pending migrations (sqlx holds an advisory lock, so concurrent starts are safe).
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

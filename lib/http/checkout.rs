@@ -1,0 +1,95 @@
+//! `POST /api/checkout`: validate, record, publish, answer 202.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::{ApiJson, Caller};
+use super::AppState;
+use crate::checkout::CheckoutRequest;
+use crate::domain::{is_clean_text, Address};
+use crate::saga::subjects::HEADER_TRACEPARENT;
+use crate::saga::trace::TraceParent;
+
+/// The request body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutBody {
+    cart_id: String,
+    payment_method: PaymentMethod,
+    address: Address,
+}
+
+/// How the buyer pays: a PSP token, never card data.
+#[derive(Deserialize)]
+pub struct PaymentMethod {
+    token: String,
+}
+
+pub async fn checkout(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CheckoutBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let key = headers
+        .get("Idempotency-Key")
+        .ok_or_else(|| {
+            ApiError::client(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "send an Idempotency-Key header (1 to 255 characters)",
+            )
+        })?
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::client(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })?
+        .to_owned();
+    // A cart id that is not a UUID names no cart of this user.
+    let cart_id = Uuid::parse_str(&body.cart_id)
+        .map_err(|_| ApiError::not_found("cart_not_found", "no such cart"))?;
+    let token = body.payment_method.token.trim().to_owned();
+    if token.is_empty() || token.len() > 255 || !is_clean_text(&token) {
+        return Err(ApiError::unprocessable(
+            "invalid_payment_method",
+            "paymentMethod.token must be 1 to 255 characters",
+        ));
+    }
+    let address = body
+        .address
+        .validated()
+        .map_err(|e| ApiError::unprocessable("invalid_address", e.to_string()))?;
+    let trace = headers
+        .get(HEADER_TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceParent::new_root);
+    let request = CheckoutRequest {
+        cart_id,
+        payment_token: token,
+        address,
+    };
+    let order_id = state
+        .checkouts
+        .submit(&caller.user_id, &key, &request, &trace)
+        .await?;
+    tracing::info!(%order_id, trace_id = %trace.trace_id, "checkout accepted");
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/api/orders/{order_id}"))],
+        Json(json!({"orderId": order_id, "status": "pending"})),
+    ))
+}

@@ -1,0 +1,137 @@
+//! Every API error as one enum: a status, a snake_case code and a message. Server-side
+//! failures are logged with their cause and answered without it.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::cart::CartError;
+use crate::checkout::CheckoutError;
+use crate::inventory::StockError;
+
+/// An API error.
+#[derive(Debug)]
+pub enum ApiError {
+    /// A client error with its status and code.
+    Client {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
+    /// A dependency is down (database, NATS): 503, safe to retry.
+    Unavailable(String),
+    /// A bug: 500, logged, details withheld.
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 4xx with a code and message.
+    pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::Client {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 404 with a code.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 422 with a code.
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            Self::Client {
+                status,
+                code,
+                message,
+            } => (status, code, message),
+            Self::Unavailable(cause) => {
+                tracing::warn!(%cause, "dependency unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "a dependency is unavailable; retry with the same Idempotency-Key".to_owned(),
+                )
+            }
+            Self::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error".to_owned(),
+                )
+            }
+        };
+        (
+            status,
+            Json(json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Self::Unavailable(e.to_string())
+            }
+            _ => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<CartError> for ApiError {
+    fn from(e: CartError) -> Self {
+        match e {
+            CartError::UnknownSku(_) => Self::not_found("unknown_sku", e.to_string()),
+            CartError::TooMany { .. } => Self::unprocessable("invalid_quantity", e.to_string()),
+            CartError::CurrencyMismatch { .. } => {
+                Self::unprocessable("currency_mismatch", e.to_string())
+            }
+            CartError::NotInCart(_) => Self::not_found("not_in_cart", e.to_string()),
+            CartError::Database(e) => e.into(),
+        }
+    }
+}
+
+impl From<CheckoutError> for ApiError {
+    fn from(e: CheckoutError) -> Self {
+        match e {
+            CheckoutError::CartNotFound => Self::not_found("cart_not_found", e.to_string()),
+            CheckoutError::AlreadyCheckedOut => {
+                Self::client(StatusCode::CONFLICT, "cart_already_checked_out", e.to_string())
+            }
+            CheckoutError::EmptyCart => Self::unprocessable("empty_cart", e.to_string()),
+            CheckoutError::KeyReused => Self::unprocessable("idempotency_key_reused", e.to_string()),
+            CheckoutError::Cart(e) => e.into(),
+            CheckoutError::Database(e) => e.into(),
+            CheckoutError::Encode(e) => Self::Internal(e),
+        }
+    }
+}
+
+impl From<StockError> for ApiError {
+    fn from(e: StockError) -> Self {
+        match e {
+            StockError::BelowReserved { .. } => {
+                Self::unprocessable("stock_below_reserved", e.to_string())
+            }
+            StockError::Database(e) => e.into(),
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The HTTP edge: a thin JSON API over the catalog, carts, checkout and order lookup.
+
+mod admin;
+mod carts;
+mod checkout;
+pub mod error;
+mod extract;
+mod health;
+mod orders;
+mod views;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::Router;
+use sqlx::PgPool;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::bus::Bus;
+use crate::checkout::Checkouts;
+use crate::config::Secret;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub bus: Bus,
+    pub checkouts: Checkouts,
+    pub jwt_secret: Secret,
+}
+
+/// The edge's routes.
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    let api = Router::new()
+        .route("/admin/products/{sku}", put(admin::put_product))
+        .route(
+            "/admin/stock/{sku}",
+            put(admin::put_stock).get(admin::get_stock),
+        )
+        .route("/cart", get(carts::get_cart))
+        .route("/cart/items", post(carts::add_item))
+        .route(
+            "/cart/items/{sku}",
+            put(carts::set_item).delete(carts::remove_item),
+        )
+        .route("/checkout", post(checkout::checkout))
+        .route("/orders/{order_id}", get(orders::get_order))
+        .fallback(|| async {
+            error::ApiError::not_found("not_found", "no such route")
+        });
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .nest("/api", api)
+        .with_state(state)
+        // Refuse big bodies before reading them (413), not after buffering them.
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(RequestBodyLimitLayer::new(body_limit))
+        .layer(TraceLayer::new_for_http())
+}

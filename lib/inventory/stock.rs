@@ -1,0 +1,96 @@
+//! Stock levels and the admin's corrections to them.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::Sku;
+
+/// One SKU's stock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stock {
+    pub on_hand: i32,
+    pub reserved: i32,
+}
+
+impl Stock {
+    /// What can still be reserved.
+    pub fn available(self) -> i32 {
+        self.on_hand - self.reserved
+    }
+}
+
+/// Why a stock change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StockError {
+    #[error("on_hand {on_hand} is below the {reserved} units reserved")]
+    BelowReserved { on_hand: i32, reserved: i32 },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A SKU's stock; a SKU never stocked has none.
+pub async fn get_stock(pool: &PgPool, sku: &Sku) -> Result<Stock, sqlx::Error> {
+    let row: Option<(i32, i32)> =
+        sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1")
+            .bind(sku.as_str())
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map_or(
+        Stock {
+            on_hand: 0,
+            reserved: 0,
+        },
+        |(on_hand, reserved)| Stock { on_hand, reserved },
+    ))
+}
+
+/// Sets `on_hand` (a restock or a count correction), recording the difference as an
+/// `adjust` movement. Refused below what is reserved, so no held unit disappears.
+pub async fn set_on_hand(pool: &PgPool, sku: &Sku, on_hand: i32) -> Result<Stock, StockError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO inventory.stock (sku, on_hand) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+        .bind(sku.as_str())
+        .execute(&mut *tx)
+        .await?;
+    let (before, reserved): (i32, i32) = sqlx::query_as(
+        "SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1 FOR UPDATE",
+    )
+    .bind(sku.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    if on_hand < reserved {
+        return Err(StockError::BelowReserved { on_hand, reserved });
+    }
+    sqlx::query("UPDATE inventory.stock SET on_hand = $2, updated_at = now() WHERE sku = $1")
+        .bind(sku.as_str())
+        .bind(on_hand)
+        .execute(&mut *tx)
+        .await?;
+    if on_hand != before {
+        sqlx::query(
+            "INSERT INTO inventory.stock_movements (sku, kind, on_hand_delta, reserved_delta)
+             VALUES ($1, 'adjust', $2, 0)",
+        )
+        .bind(sku.as_str())
+        .bind(on_hand - before)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Stock { on_hand, reserved })
+}
+
+/// The state of an order's reservations: `held`, `committed`, `released`, `expired`, or
+/// `None` if reserve has not handled the order yet.
+pub async fn reservation_status(
+    pool: &PgPool,
+    order_id: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT status FROM inventory.inventory_reservations WHERE order_id = $1 LIMIT 1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(s,)| s))
+}

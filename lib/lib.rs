@@ -1,0 +1,46 @@
+//! # checkout
+//!
+//! A resilient e-commerce checkout: a thin HTTP edge and a choreographed saga over NATS
+//! JetStream, with PostgreSQL as the system of record.
+//!
+//! ## How a checkout flows through the code
+//!
+//! 1. [`http`] accepts `POST /api/checkout`; [`checkout`] prices the [`cart`] with
+//!    [`pricing`] (current [`catalog`] prices), records the request under its
+//!    Idempotency-Key and publishes `checkout.requested` (its outbox republishes after a
+//!    crash).
+//! 2. [`inventory`]'s reserve step holds stock for every line or none: `reserved` / `rejected`.
+//! 3. [`payments`]' authorize step asks the PSP ([`payments::sandbox`], served by [`psp`]) with
+//!    a per-order idempotency key: `authorized` / `declined`.
+//! 4. [`orders`]' order step creates the confirmed order: `confirmed`; inventory's commit
+//!    step then turns the held units into a stock decrement.
+//! 5. [`compensate`] answers `rejected` and `declined`: releases stock, voids an
+//!    authorization, records the failed order: `failed`.
+//!
+//! ## Plumbing
+//!
+//! - [`saga`]: event types, subjects and dedup ids, the inbox that makes every step
+//!   idempotent, and the runner (ack only after commit and PublishAck; nak, term, dead letter).
+//! - [`bus`]: JetStream connection, stream and consumer declarations, publishing.
+//! - [`db`]: pool and embedded migrations. [`config`]: settings. [`telemetry`]: tracing.
+//! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`) and start-up.
+//! - [`domain`]: value types that parse (SKU, quantity, money, address). [`auth`]: JWTs.
+
+pub mod app;
+pub mod auth;
+pub mod bus;
+pub mod cart;
+pub mod catalog;
+pub mod checkout;
+pub mod compensate;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod http;
+pub mod inventory;
+pub mod orders;
+pub mod payments;
+pub mod pricing;
+pub mod psp;
+pub mod saga;
+pub mod telemetry;

@@ -1,0 +1,65 @@
+//! The `PaymentProvider` trait: what the saga needs from a PSP. The sandbox client is one
+//! implementation; a Stripe or Adyen adapter would be another, without touching the saga.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+/// An authorization request; `idempotency_key` makes retries return the same result.
+#[derive(Debug, Clone)]
+pub struct AuthorizeRequest {
+    pub order_id: Uuid,
+    pub amount: Decimal,
+    pub currency: String,
+    pub token: String,
+    pub idempotency_key: String,
+}
+
+/// The provider's answer to an authorization.
+#[derive(Debug, Clone)]
+pub enum AuthorizeOutcome {
+    Approved {
+        auth_id: String,
+        expires_at: Option<DateTime<Utc>>,
+        risk_score: Option<u8>,
+    },
+    Declined {
+        code: String,
+    },
+}
+
+/// Why a provider call did not produce an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// Timeouts, connection failures, 5xx, 429: retry with the same idempotency key.
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+    /// The provider refused the request itself (a bug on our side or theirs).
+    #[error("provider rejected the request: {0}")]
+    Rejected(String),
+}
+
+/// A payment service provider.
+#[async_trait::async_trait]
+pub trait PaymentProvider: Send + Sync {
+    /// Short name recorded in `payments.provider`.
+    fn name(&self) -> &'static str;
+    /// Authorizes (holds) an amount on a payment method.
+    async fn authorize(&self, request: &AuthorizeRequest) -> Result<AuthorizeOutcome, ProviderError>;
+    /// Releases an authorization that will not be captured.
+    async fn void(&self, auth_id: &str, idempotency_key: &str) -> Result<(), ProviderError>;
+    /// Captures an authorized amount.
+    async fn capture(
+        &self,
+        auth_id: &str,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<(), ProviderError>;
+    /// Refunds a captured amount.
+    async fn refund(
+        &self,
+        auth_id: &str,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<(), ProviderError>;
+}

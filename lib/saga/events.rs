@@ -1,0 +1,182 @@
+//! Saga events. Every event carries the full checkout snapshot (fat events), so each step
+//! can act without asking another service, and a replay from the stream alone is complete.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{Address, Sku};
+
+/// The payload schema version, also sent as the `Checkout-Schema` header.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One priced line, frozen at checkout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub sku: Sku,
+    pub qty: i32,
+    pub unit_price: Decimal,
+    pub line_total: Decimal,
+}
+
+/// What the buyer asked for, priced by the edge at the moment of checkout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkout {
+    pub order_id: Uuid,
+    pub user_id: String,
+    pub cart_id: Uuid,
+    pub items: Vec<Line>,
+    pub subtotal: Decimal,
+    pub discount: Decimal,
+    pub tax: Decimal,
+    pub shipping: Decimal,
+    pub total: Decimal,
+    pub currency: String,
+    pub payment_token: String,
+    pub address: Address,
+    pub requested_at: DateTime<Utc>,
+}
+
+/// Why an order failed; the `reason` the API shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    OutOfStock,
+    PaymentDeclined,
+    UnknownSku,
+}
+
+impl FailureReason {
+    /// The reason as the API and the database spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OutOfStock => "out_of_stock",
+            Self::PaymentDeclined => "payment_declined",
+            Self::UnknownSku => "unknown_sku",
+        }
+    }
+}
+
+/// Every event of the checkout saga. The variant is also the subject's second token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// edge -> reserve: a priced checkout was accepted.
+    Requested { checkout: Checkout },
+    /// reserve -> authorize: every line is held until `expires_at`.
+    Reserved {
+        checkout: Checkout,
+        expires_at: DateTime<Utc>,
+    },
+    /// reserve -> compensate: at least one line could not be held; nothing is held.
+    Rejected {
+        checkout: Checkout,
+        reason: FailureReason,
+        detail: String,
+    },
+    /// authorize -> order: the PSP authorized the total.
+    Authorized {
+        checkout: Checkout,
+        payment_id: Uuid,
+        auth_id: String,
+    },
+    /// authorize -> compensate: the PSP declined.
+    Declined {
+        checkout: Checkout,
+        decline_code: String,
+    },
+    /// order -> reserve (commit stock) and anyone watching: the order exists and is confirmed.
+    Confirmed { checkout: Checkout },
+    /// compensate -> anyone watching: the saga is unwound and the order is failed.
+    Failed {
+        checkout: Checkout,
+        reason: FailureReason,
+    },
+}
+
+/// The event's kind, without its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Requested,
+    Reserved,
+    Rejected,
+    Authorized,
+    Declined,
+    Confirmed,
+    Failed,
+}
+
+impl EventKind {
+    /// Every kind, in saga order.
+    pub const ALL: [EventKind; 7] = [
+        Self::Requested,
+        Self::Reserved,
+        Self::Rejected,
+        Self::Authorized,
+        Self::Declined,
+        Self::Confirmed,
+        Self::Failed,
+    ];
+
+    /// The token used in subjects, message ids and the `Checkout-Event` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Reserved => "reserved",
+            Self::Rejected => "rejected",
+            Self::Authorized => "authorized",
+            Self::Declined => "declined",
+            Self::Confirmed => "confirmed",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A payload that is not a saga event of this schema.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable payload: {0}")]
+pub struct DecodeError(#[from] rmp_serde::decode::Error);
+
+/// An event that cannot be encoded (never happens for well-formed values).
+#[derive(Debug, thiserror::Error)]
+#[error("unencodable event: {0}")]
+pub struct EncodeError(#[from] rmp_serde::encode::Error);
+
+impl Event {
+    /// The event's kind.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Self::Requested { .. } => EventKind::Requested,
+            Self::Reserved { .. } => EventKind::Reserved,
+            Self::Rejected { .. } => EventKind::Rejected,
+            Self::Authorized { .. } => EventKind::Authorized,
+            Self::Declined { .. } => EventKind::Declined,
+            Self::Confirmed { .. } => EventKind::Confirmed,
+            Self::Failed { .. } => EventKind::Failed,
+        }
+    }
+
+    /// The checkout this event belongs to.
+    pub fn checkout(&self) -> &Checkout {
+        match self {
+            Self::Requested { checkout }
+            | Self::Reserved { checkout, .. }
+            | Self::Rejected { checkout, .. }
+            | Self::Authorized { checkout, .. }
+            | Self::Declined { checkout, .. }
+            | Self::Confirmed { checkout }
+            | Self::Failed { checkout, .. } => checkout,
+        }
+    }
+
+    /// MessagePack with field names, so `checkout decode` can print it as JSON.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        Ok(rmp_serde::to_vec_named(self)?)
+    }
+
+    /// Reads a MessagePack payload.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Ok(rmp_serde::from_slice(bytes)?)
+    }
+}

@@ -1,0 +1,11 @@
+//! The saga's contract and plumbing: events, subjects, the inbox that makes handlers
+//! idempotent, and the runner that turns a JetStream message into ack, nak or term.
+
+pub mod events;
+pub mod inbox;
+pub mod runner;
+pub mod subjects;
+pub mod trace;
+
+pub use events::{Checkout, Event, EventKind, FailureReason, Line};
+pub use runner::{Outgoing, Step, StepError};
