@@ -1,1 +1,8 @@
+//! Integration tests: every test starts its own nats-server (2.15, on a free port, in a
+//! temporary directory) and its own PostgreSQL database, then runs the real roles.
 
+mod bad_input;
+mod checkout_flow;
+mod faults;
+mod helpers;
+mod idempotency;

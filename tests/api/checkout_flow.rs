@@ -1,0 +1,150 @@
+//! The saga end to end: confirmed, out of stock, declined, and who may see an order.
+
+use reqwest::{Method, StatusCode};
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn a_checkout_reaches_confirmed_and_decrements_stock() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "12.50", 5).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "TEE", 2).await;
+
+    let (status, body) = app.checkout(&alice, "key-1", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "pending");
+    let order_id = body["orderId"].as_str().expect("orderId").to_owned();
+
+    let order = app.settled(&alice, &order_id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(order["total"], "25.00");
+    assert_eq!(order["items"][0]["sku"], "TEE");
+    assert_eq!(order["items"][0]["qty"], 2);
+    assert_eq!(order["payment"]["status"], "authorized");
+    // Stock is finalized by inventory reacting to `confirmed`: eventually consistent.
+    app.eventually("stock committed", || async { app.stock("TEE").await == (3, 0, 3) })
+        .await;
+    assert_eq!(app.ledger_count(&order_id, "authorization").await, 1);
+}
+
+#[tokio::test]
+async fn the_order_is_visible_as_pending_with_a_location_right_after_checkout() {
+    let app = TestApp::spawn().await;
+    app.product("MUG", "8.00", 5).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "MUG", 1).await;
+    let resp = app
+        .http
+        .post(format!("{}/api/checkout", app.base))
+        .bearer_auth(&alice)
+        .header("Idempotency-Key", "k")
+        .json(&crate::helpers::checkout_body(&cart, "tok_visa"))
+        .send()
+        .await
+        .expect("checkout");
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("Location header")
+        .to_owned();
+    let (status, body) = app.call(Method::GET, &location, Some(&alice), None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "never 404 for the owner: {body}");
+    assert!(
+        ["pending", "confirmed"].contains(&body["status"].as_str().unwrap_or_default()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn two_buyers_racing_for_the_last_unit_get_one_order() {
+    let app = TestApp::spawn().await;
+    app.product("LAST", "99.00", 1).await;
+    let (alice, bob) = (app.token("alice"), app.token("bob"));
+    let cart_a = app.add(&alice, "LAST", 1).await;
+    let cart_b = app.add(&bob, "LAST", 1).await;
+
+    let (a, b) = tokio::join!(
+        app.checkout(&alice, "a", &cart_a, "tok_visa"),
+        app.checkout(&bob, "b", &cart_b, "tok_visa")
+    );
+    assert_eq!(a.0, StatusCode::ACCEPTED);
+    assert_eq!(b.0, StatusCode::ACCEPTED);
+    let oa = app.settled(&alice, a.1["orderId"].as_str().expect("id")).await;
+    let ob = app.settled(&bob, b.1["orderId"].as_str().expect("id")).await;
+    let mut statuses = [oa["status"].clone(), ob["status"].clone()];
+    statuses.sort_by_key(|s| s.to_string());
+    assert_eq!(statuses, ["confirmed", "failed"]);
+    let failed = if oa["status"] == "failed" { &oa } else { &ob };
+    assert_eq!(failed["reason"], "out_of_stock");
+    assert_eq!(failed["payment"]["status"], "none", "no authorization for a rejected order");
+    app.eventually("stock settled", || async { app.stock("LAST").await == (0, 0, 0) })
+        .await;
+}
+
+#[tokio::test]
+async fn a_decline_releases_the_reservation_and_reopens_the_cart() {
+    let app = TestApp::spawn().await;
+    app.product("BOOK", "20.00", 1).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "BOOK", 1).await;
+
+    let (_, body) = app.checkout(&alice, "first", &cart, "tok_declined").await;
+    let order_id = body["orderId"].as_str().expect("id").to_owned();
+    let order = app.settled(&alice, &order_id).await;
+    assert_eq!(order["status"], "failed");
+    assert_eq!(order["reason"], "payment_declined");
+    assert_eq!(order["payment"]["status"], "declined");
+    assert_eq!(app.stock("BOOK").await, (1, 0, 1), "the reservation was released");
+
+    // The same cart is open again: its owner can change it and check out with a new key.
+    let (status, cart_now) = app.call(Method::GET, "/api/cart", Some(&alice), None, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cart_now["cartId"], cart.as_str());
+    assert_eq!(cart_now["items"][0]["sku"], "BOOK");
+    let (status, body) = app.checkout(&alice, "second", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let retry = app.settled(&alice, body["orderId"].as_str().expect("id")).await;
+    assert_eq!(retry["status"], "confirmed", "{retry}");
+    assert_ne!(body["orderId"], order_id.as_str());
+}
+
+#[tokio::test]
+async fn a_cart_checked_out_under_another_key_is_a_conflict() {
+    let app = TestApp::spawn().await;
+    app.product("PEN", "1.00", 10).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "PEN", 1).await;
+    let (status, _) = app.checkout(&alice, "one", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, body) = app.checkout(&alice, "two", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "cart_already_checked_out");
+    // Adding again starts a new cart rather than touching the checked-out one.
+    let next = app.add(&alice, "PEN", 2).await;
+    assert_ne!(next, cart);
+}
+
+#[tokio::test]
+async fn orders_and_carts_of_other_users_are_not_found() {
+    let app = TestApp::spawn().await;
+    app.product("HAT", "15.00", 3).await;
+    let (alice, bob) = (app.token("alice"), app.token("bob"));
+    let cart = app.add(&alice, "HAT", 1).await;
+
+    let (status, body) = app.checkout(&bob, "bob-key", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "cart_not_found");
+
+    let (_, body) = app.checkout(&alice, "k", &cart, "tok_visa").await;
+    let order_id = body["orderId"].as_str().expect("id").to_owned();
+    let (status, body) = app.order(&bob, &order_id).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    app.settled(&alice, &order_id).await;
+    let (status, _) = app.order(&bob, &order_id).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.order(&app.admin(), &order_id).await;
+    assert_eq!(status, StatusCode::OK, "admins see every order");
+}

@@ -1,0 +1,131 @@
+//! Crashes and redeliveries: nothing lost, nothing done twice.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use checkout::config::Redeliver;
+use reqwest::StatusCode;
+
+use crate::helpers::TestApp;
+
+/// Three checkouts (two paid, one declined) with every handler dying once per message.
+async fn every_message_twice(mode: Redeliver) {
+    let app = TestApp::spawn_with(|s| s.chaos.redeliver = mode).await;
+    app.product("TEE", "10.00", 10).await;
+    let mut orders = Vec::new();
+    for (user, card) in [("u1", "tok_visa"), ("u2", "tok_visa"), ("u3", "tok_declined")] {
+        let token = app.token(user);
+        let cart = app.add(&token, "TEE", 2).await;
+        let (status, body) = app.checkout(&token, "k", &cart, card).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        orders.push((token, body["orderId"].as_str().expect("id").to_owned(), card));
+    }
+    for (token, order_id, card) in &orders {
+        let order = app.settled(token, order_id).await;
+        let expected = if *card == "tok_visa" { "confirmed" } else { "failed" };
+        assert_eq!(order["status"], expected, "{order}");
+        assert_eq!(app.ledger_count(order_id, "authorization").await, 1);
+    }
+    // Two orders of 2 units each: exactly 4 units leave stock, none stay reserved.
+    app.eventually("stock committed once", || async { app.stock("TEE").await == (6, 0, 6) })
+        .await;
+    assert_eq!(app.count("SELECT count(*) FROM orders.orders").await, 3);
+    assert_eq!(app.count("SELECT count(*) FROM payments.payments").await, 3);
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'commit'").await,
+        2
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'reserve'").await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_handler_dying_after_commit_before_publish_does_nothing_twice() {
+    every_message_twice(Redeliver::BeforePublish).await;
+}
+
+#[tokio::test]
+async fn a_handler_dying_after_publish_before_ack_does_nothing_twice() {
+    every_message_twice(Redeliver::AfterPublish).await;
+}
+
+#[tokio::test]
+async fn a_poison_payload_is_dead_lettered_not_looped() {
+    let app = TestApp::spawn().await;
+    let js = app.jetstream().await;
+    let subject = format!("checkout.requested.{}", uuid::Uuid::new_v4());
+    let ack = js
+        .publish(subject, bytes::Bytes::from_static(b"\xc1 this is not msgpack"))
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let mut dead = js.get_stream("DEADLETTER").await.expect("dead-letter stream");
+    app.eventually("a dead letter", || {
+        let mut dead = dead.clone();
+        async move { dead.info().await.map(|i| i.state.messages == 1).unwrap_or(false) }
+    })
+    .await;
+    let letter = dead
+        .get_last_raw_message_by_subject("deadletter.reserve")
+        .await
+        .expect("dead letter stored");
+    let reason = letter
+        .headers
+        .get("Checkout-Dead-Reason")
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(reason.contains("undecodable"), "{reason}");
+
+    let stream = js.get_stream("CHECKOUT").await.expect("stream");
+    let mut consumer: PullConsumer = stream.get_consumer("reserve").await.expect("consumer");
+    app.eventually("the poison message acknowledged (terminated)", || {
+        let mut c = consumer.clone();
+        async move {
+            c.info()
+                .await
+                .map(|i| i.ack_floor.stream_sequence >= ack.sequence && i.num_ack_pending == 0)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    // Still exactly one dead letter a while later: it was not redelivered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dead.info().await.expect("info").state.messages, 1);
+    assert_eq!(consumer.info().await.expect("info").num_redelivered, 0);
+
+    // And the pipeline still works.
+    app.product("TEE", "1.00", 1).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "TEE", 1).await;
+    let (_, body) = app.checkout(&alice, "k", &cart, "tok_visa").await;
+    let order = app.settled(&alice, body["orderId"].as_str().expect("id")).await;
+    assert_eq!(order["status"], "confirmed");
+}
+
+#[tokio::test]
+async fn a_checkout_accepted_while_nats_is_down_completes_after_it_returns() {
+    let mut app = TestApp::spawn().await;
+    app.product("TEE", "3.00", 4).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "TEE", 1).await;
+
+    app.nats.kill();
+    let (status, body) = app.checkout(&alice, "k", &cart, "tok_visa").await;
+    // Accepted: the request is durable in PostgreSQL and the outbox owes its publish.
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let order_id = body["orderId"].as_str().expect("id").to_owned();
+    let (status, pending) = app.order(&alice, &order_id).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(pending["status"], "pending");
+
+    app.nats.restart();
+    let order = app.settled(&alice, &order_id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(app.ledger_count(&order_id, "authorization").await, 1);
+    app.eventually("one decrement", || async { app.stock("TEE").await == (3, 0, 3) })
+        .await;
+}

