@@ -12,7 +12,11 @@ use checkout::saga::Event;
 use checkout::{auth, db, telemetry};
 
 #[derive(Parser)]
-#[command(name = "checkout", version, about = "A resilient checkout pipeline on NATS JetStream")]
+#[command(
+    name = "checkout",
+    version,
+    about = "A resilient checkout pipeline on NATS JetStream"
+)]
 struct Cli {
     /// Log as JSON lines (for log shippers) instead of text.
     #[arg(long, global = true, env = "CHECKOUT_LOG_JSON")]
@@ -84,7 +88,9 @@ async fn main() -> Result<()> {
                 tracing::info!("shutting down: finishing in-flight messages");
                 token.cancel();
             });
-            app.run_until_stopped().await.context("stopped with an error")
+            app.run_until_stopped()
+                .await
+                .context("stopped with an error")
         }
     }
 }

@@ -152,7 +152,9 @@ impl App {
                             provider: provider.clone(),
                         }),
                     ),
-                    Role::Order => spawn_step(&mut tasks, Arc::new(OrderStep { pool: pool.clone() })),
+                    Role::Order => {
+                        spawn_step(&mut tasks, Arc::new(OrderStep { pool: pool.clone() }))
+                    }
                     Role::Compensate => spawn_step(
                         &mut tasks,
                         Arc::new(CompensateStep {
@@ -175,7 +177,8 @@ impl App {
                 tasks.spawn({
                     let checkouts = checkouts.clone();
                     let token = shutdown.clone();
-                    let (interval, grace) = (settings.edge.outbox_interval, settings.edge.outbox_grace);
+                    let (interval, grace) =
+                        (settings.edge.outbox_interval, settings.edge.outbox_grace);
                     async move {
                         checkouts.run_sweeper(interval, grace, token).await;
                         ("outbox-sweeper".to_owned(), Ok(()))
@@ -276,10 +279,12 @@ fn report(ended: Result<TaskResult, tokio::task::JoinError>) -> Option<AppError>
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr).await.map_err(|source| AppError::Listen {
-        addr: addr.to_owned(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, AppError> {
@@ -308,9 +313,15 @@ impl<S: Step> StepLauncher for S {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + Send>> {
         Box::pin(async move {
             let name = self.durable().to_owned();
-            let result = runner::run(self, bus, settings.consumer, settings.chaos.redeliver, token)
-                .await
-                .map_err(|e| e.to_string());
+            let result = runner::run(
+                self,
+                bus,
+                settings.consumer,
+                settings.chaos.redeliver,
+                token,
+            )
+            .await
+            .map_err(|e| e.to_string());
             (name, result)
         })
     }

@@ -83,8 +83,12 @@ impl Bus {
 
     /// Creates or updates the saga and dead-letter streams. Safe to run from every process.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        self.ensure_stream(CHECKOUT_STREAM, CHECKOUT_SUBJECTS, self.settings.stream_max_age)
-            .await?;
+        self.ensure_stream(
+            CHECKOUT_STREAM,
+            CHECKOUT_SUBJECTS,
+            self.settings.stream_max_age,
+        )
+        .await?;
         // Dead letters are kept longer: a human must look at each.
         self.ensure_stream(
             DEADLETTER_STREAM,
@@ -166,7 +170,10 @@ impl Bus {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_EVENT, out.kind.as_str());
         headers.insert(HEADER_ORDER_ID, out.order_id.to_string().as_str());
-        headers.insert(HEADER_SCHEMA, crate::saga::events::SCHEMA_VERSION.to_string().as_str());
+        headers.insert(
+            HEADER_SCHEMA,
+            crate::saga::events::SCHEMA_VERSION.to_string().as_str(),
+        );
         if let Some(tp) = &out.traceparent {
             headers.insert(HEADER_TRACEPARENT, tp.as_str());
         }
@@ -204,7 +211,9 @@ impl Bus {
 /// Server-side redelivery delays for unacked messages: ack_wait, then doubling, capped at
 /// ten minutes; one step fewer than max_deliver as the server requires.
 fn backoff_steps(ack_wait: Duration, max_deliver: i64) -> Vec<Duration> {
-    let steps = usize::try_from(max_deliver.saturating_sub(1)).unwrap_or(0).min(16);
+    let steps = usize::try_from(max_deliver.saturating_sub(1))
+        .unwrap_or(0)
+        .min(16);
     let cap = Duration::from_secs(600).max(ack_wait);
     let mut delay = ack_wait;
     (0..steps)

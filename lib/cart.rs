@@ -60,11 +60,13 @@ async fn open_cart_for_update(conn: &mut PgConnection, user_id: &str) -> Result<
         }
         _ => {
             let cart_id = Uuid::now_v7();
-            sqlx::query("INSERT INTO edge.carts (cart_id, user_id, status) VALUES ($1, $2, 'open')")
-                .bind(cart_id)
-                .bind(user_id)
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(
+                "INSERT INTO edge.carts (cart_id, user_id, status) VALUES ($1, $2, 'open')",
+            )
+            .bind(cart_id)
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
             Ok(cart_id)
         }
     }
@@ -200,11 +202,12 @@ pub(crate) async fn priced_lines(
     conn: &mut PgConnection,
     cart_id: Uuid,
 ) -> Result<Option<Priced>, CartError> {
-    let items: Vec<(String, i32)> =
-        sqlx::query_as("SELECT sku, qty FROM edge.cart_items WHERE cart_id = $1 ORDER BY added_at, sku")
-            .bind(cart_id)
-            .fetch_all(&mut *conn)
-            .await?;
+    let items: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT sku, qty FROM edge.cart_items WHERE cart_id = $1 ORDER BY added_at, sku",
+    )
+    .bind(cart_id)
+    .fetch_all(&mut *conn)
+    .await?;
     if items.is_empty() {
         return Ok(None);
     }
@@ -217,7 +220,9 @@ pub(crate) async fn priced_lines(
     let mut currency: Option<Currency> = None;
     let mut lines = Vec::with_capacity(items.len());
     for (sku, qty) in items {
-        let product = products.get(&sku).ok_or(CartError::UnknownSku(sku.clone()))?;
+        let product = products
+            .get(&sku)
+            .ok_or(CartError::UnknownSku(sku.clone()))?;
         let this = product.price.currency();
         match currency {
             Some(c) if c != this => {
@@ -229,7 +234,8 @@ pub(crate) async fn priced_lines(
             }
             _ => currency = Some(this),
         }
-        let qty = Quantity::new(i64::from(qty)).map_err(|_| CartError::TooMany { sku: sku.clone() })?;
+        let qty =
+            Quantity::new(i64::from(qty)).map_err(|_| CartError::TooMany { sku: sku.clone() })?;
         lines.push(LineInput {
             sku: product.sku.clone(),
             qty,

@@ -76,5 +76,8 @@ pub async fn get_many_in(
     .bind(skus)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().filter_map(ProductRow::into_product).collect())
+    Ok(rows
+        .into_iter()
+        .filter_map(ProductRow::into_product)
+        .collect())
 }

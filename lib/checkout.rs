@@ -50,6 +50,16 @@ pub enum CheckoutError {
     Encode(String),
 }
 
+/// A request already recorded under an Idempotency-Key.
+#[derive(sqlx::FromRow)]
+struct StoredCheckout {
+    request_hash: Vec<u8>,
+    order_id: Uuid,
+    published: bool,
+    event: Vec<u8>,
+    traceparent: Option<String>,
+}
+
 /// The edge's checkout service.
 #[derive(Clone)]
 pub struct Checkouts {
@@ -88,23 +98,28 @@ impl Checkouts {
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        let existing: Option<(Vec<u8>, Uuid, bool, Vec<u8>, Option<String>)> = sqlx::query_as(
-            "SELECT request_hash, order_id, published_at IS NOT NULL, event, traceparent
+        let existing: Option<StoredCheckout> = sqlx::query_as(
+            "SELECT request_hash, order_id, published_at IS NOT NULL AS published, event, traceparent
              FROM edge.checkouts WHERE user_id = $1 AND idempotency_key = $2",
         )
         .bind(user_id)
         .bind(key)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some((stored, order_id, published, event, traceparent)) = existing {
+        if let Some(stored) = existing {
             tx.commit().await?;
-            if stored != hash {
+            if stored.request_hash != hash {
                 return Err(CheckoutError::KeyReused);
             }
-            if !published {
-                self.publish(order_id, &event, traceparent.as_deref()).await;
+            if !stored.published {
+                self.publish(
+                    stored.order_id,
+                    &stored.event,
+                    stored.traceparent.as_deref(),
+                )
+                .await;
             }
-            return Ok(order_id);
+            return Ok(stored.order_id);
         }
         let cart: Option<(String, Option<Uuid>)> = sqlx::query_as(
             "SELECT status, order_id FROM edge.carts WHERE cart_id = $1 AND user_id = $2 FOR UPDATE",
@@ -220,7 +235,12 @@ impl Checkouts {
     }
 
     /// Republishes accepted checkouts whose publish never completed, until shutdown.
-    pub async fn run_sweeper(self, interval: Duration, grace: Duration, shutdown: CancellationToken) {
+    pub async fn run_sweeper(
+        self,
+        interval: Duration,
+        grace: Duration,
+        shutdown: CancellationToken,
+    ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -271,10 +291,11 @@ impl Checkouts {
 
 /// The stored checkout of an order (pending or settled), with the user who placed it.
 pub async fn find_by_order(pool: &PgPool, order_id: Uuid) -> Result<Option<Checkout>, sqlx::Error> {
-    let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT event FROM edge.checkouts WHERE order_id = $1")
-        .bind(order_id)
-        .fetch_optional(pool)
-        .await?;
+    let row: Option<(Vec<u8>,)> =
+        sqlx::query_as("SELECT event FROM edge.checkouts WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
     Ok(row.and_then(|(bytes,)| match Event::decode(&bytes) {
         Ok(Event::Requested { checkout }) => Some(checkout),
         _ => None,

@@ -61,8 +61,20 @@ impl Step for CompensateStep {
         };
         insert_failed(&mut tx, &checkout, reason).await?;
         let outputs = vec![Event::Failed { checkout, reason }];
-        inbox::complete(tx, InboxTable::Orders, DURABLE, &delivery.event_id, &outputs).await?;
-        tracing::info!(reason = reason.as_str(), released, voided, "order failed and compensated");
+        inbox::complete(
+            tx,
+            InboxTable::Orders,
+            DURABLE,
+            &delivery.event_id,
+            &outputs,
+        )
+        .await?;
+        tracing::info!(
+            reason = reason.as_str(),
+            released,
+            voided,
+            "order failed and compensated"
+        );
         Ok(outputs)
     }
 }

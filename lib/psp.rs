@@ -75,7 +75,11 @@ struct LedgerQuery {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
 }
 
 fn key_of(headers: &HeaderMap) -> Option<String> {
@@ -106,7 +110,11 @@ impl Sandbox {
         f: impl FnOnce(&mut Ledger) -> (StatusCode, Value),
     ) -> Response {
         let Ok(mut ledger) = self.ledger.lock() else {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "ledger poisoned");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "ledger poisoned",
+            );
         };
         let slot = (operation.to_owned(), key);
         if let Some((stored, status, reply)) = ledger.replies.get(&slot) {
@@ -134,13 +142,21 @@ async fn authorize(
     body: Option<Json<AuthorizeBody>>,
 ) -> Response {
     let Some(key) = key_of(&headers) else {
-        return error(StatusCode::BAD_REQUEST, "idempotency_key_required", "send an Idempotency-Key");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_required",
+            "send an Idempotency-Key",
+        );
     };
     let Some(Json(body)) = body else {
         return error(StatusCode::BAD_REQUEST, "invalid_request", "malformed body");
     };
     let Ok(amount) = body.amount.parse::<Decimal>() else {
-        return error(StatusCode::BAD_REQUEST, "invalid_amount", "amount must be a decimal string");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_amount",
+            "amount must be a decimal string",
+        );
     };
     let fingerprint = serde_json::to_string(&body).unwrap_or_default();
     sandbox.idempotent("authorize", key, fingerprint, move |ledger| {
@@ -195,7 +211,11 @@ async fn operate(
     body: Option<Json<AmountBody>>,
 ) -> Response {
     let Some(key) = key_of(&headers) else {
-        return error(StatusCode::BAD_REQUEST, "idempotency_key_required", "send an Idempotency-Key");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_required",
+            "send an Idempotency-Key",
+        );
     };
     let (kind, from, to): (&'static str, &str, &'static str) = match operation.as_str() {
         "capture" => ("capture", "authorized", "captured"),
@@ -208,7 +228,11 @@ async fn operate(
         None => None,
         Some(Ok(a)) => Some(a),
         Some(Err(_)) => {
-            return error(StatusCode::BAD_REQUEST, "invalid_amount", "amount must be a decimal string")
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_amount",
+                "amount must be a decimal string",
+            )
         }
     };
     let fingerprint = format!("{id}|{:?}", body.amount);
@@ -256,7 +280,11 @@ async fn operate(
 
 async fn ledger(State(sandbox): State<Sandbox>, Query(query): Query<LedgerQuery>) -> Response {
     let Ok(ledger) = sandbox.ledger.lock() else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "ledger poisoned");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "ledger poisoned",
+        );
     };
     let entries: Vec<&LedgerEntry> = ledger
         .entries

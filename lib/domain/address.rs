@@ -39,7 +39,8 @@ impl Address {
             *region = region.trim().to_owned();
             if region.chars().count() > 100 || !super::is_clean_text(region) {
                 return Err(AddressError(
-                    "address.region must be at most 100 characters without control characters".into(),
+                    "address.region must be at most 100 characters without control characters"
+                        .into(),
                 ));
             }
         }

@@ -66,7 +66,10 @@ pub async fn put_product(
     tracing::info!(admin = %admin.user_id, %sku, "product changed");
     let name = body.name.trim().to_owned();
     if name.is_empty() || name.chars().count() > 200 || !is_clean_text(&name) {
-        return Err(ApiError::unprocessable("invalid_name", "name must be 1 to 200 characters"));
+        return Err(ApiError::unprocessable(
+            "invalid_name",
+            "name must be 1 to 200 characters",
+        ));
     }
     let currency = Currency::parse(&body.currency)
         .map_err(|e| ApiError::unprocessable("invalid_currency", e.to_string()))?;
@@ -84,7 +87,9 @@ pub async fn put_product(
     let weight_grams = i32::try_from(body.weight_grams)
         .ok()
         .filter(|w| (0..=1_000_000).contains(w))
-        .ok_or_else(|| ApiError::unprocessable("invalid_weight", "weightGrams must be 0 to 1000000"))?;
+        .ok_or_else(|| {
+            ApiError::unprocessable("invalid_weight", "weightGrams must be 0 to 1000000")
+        })?;
     let product = Product {
         sku,
         name,
@@ -121,9 +126,14 @@ pub async fn put_stock(
     let on_hand = i32::try_from(body.on_hand)
         .ok()
         .filter(|n| (0..=1_000_000_000).contains(n))
-        .ok_or_else(|| ApiError::unprocessable("invalid_stock", "onHand must be 0 to 1000000000"))?;
+        .ok_or_else(|| {
+            ApiError::unprocessable("invalid_stock", "onHand must be 0 to 1000000000")
+        })?;
     if catalog::get(&state.pool, &sku).await?.is_none() {
-        return Err(ApiError::not_found("unknown_sku", format!("no product with sku {sku}")));
+        return Err(ApiError::not_found(
+            "unknown_sku",
+            format!("no product with sku {sku}"),
+        ));
     }
     let stock = inventory::set_on_hand(&state.pool, &sku, on_hand).await?;
     Ok(stock_json(&sku, stock))
@@ -136,7 +146,10 @@ pub async fn get_stock(
 ) -> Result<Json<StockJson>, ApiError> {
     let sku = parse_sku(&sku)?;
     if catalog::get(&state.pool, &sku).await?.is_none() {
-        return Err(ApiError::not_found("unknown_sku", format!("no product with sku {sku}")));
+        return Err(ApiError::not_found(
+            "unknown_sku",
+            format!("no product with sku {sku}"),
+        ));
     }
     let stock = inventory::get_stock(&state.pool, &sku).await?;
     Ok(stock_json(&sku, stock))

@@ -53,7 +53,9 @@ pub async fn get_cart(
     State(state): State<AppState>,
     Caller(caller): Caller,
 ) -> Result<Json<CartJson>, ApiError> {
-    Ok(Json(cart::current(&state.pool, &caller.user_id).await?.into()))
+    Ok(Json(
+        cart::current(&state.pool, &caller.user_id).await?.into(),
+    ))
 }
 
 pub async fn add_item(
@@ -61,8 +63,9 @@ pub async fn add_item(
     Caller(caller): Caller,
     ApiJson(body): ApiJson<AddBody>,
 ) -> Result<Json<CartJson>, ApiError> {
-    let sku = Sku::parse(&body.sku)
-        .map_err(|_| ApiError::not_found("unknown_sku", format!("no product with sku {}", body.sku)))?;
+    let sku = Sku::parse(&body.sku).map_err(|_| {
+        ApiError::not_found("unknown_sku", format!("no product with sku {}", body.sku))
+    })?;
     let qty = quantity(&body.qty, false)?.ok_or_else(|| {
         ApiError::unprocessable("invalid_quantity", "qty must be an integer from 1 to 1000")
     })?;

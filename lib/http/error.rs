@@ -113,11 +113,15 @@ impl From<CheckoutError> for ApiError {
     fn from(e: CheckoutError) -> Self {
         match e {
             CheckoutError::CartNotFound => Self::not_found("cart_not_found", e.to_string()),
-            CheckoutError::AlreadyCheckedOut => {
-                Self::client(StatusCode::CONFLICT, "cart_already_checked_out", e.to_string())
-            }
+            CheckoutError::AlreadyCheckedOut => Self::client(
+                StatusCode::CONFLICT,
+                "cart_already_checked_out",
+                e.to_string(),
+            ),
             CheckoutError::EmptyCart => Self::unprocessable("empty_cart", e.to_string()),
-            CheckoutError::KeyReused => Self::unprocessable("idempotency_key_reused", e.to_string()),
+            CheckoutError::KeyReused => {
+                Self::unprocessable("idempotency_key_reused", e.to_string())
+            }
             CheckoutError::Cart(e) => e.into(),
             CheckoutError::Database(e) => e.into(),
             CheckoutError::Encode(e) => Self::Internal(e),

@@ -45,9 +45,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route("/checkout", post(checkout::checkout))
         .route("/orders/{order_id}", get(orders::get_order))
-        .fallback(|| async {
-            error::ApiError::not_found("not_found", "no such route")
-        });
+        .fallback(|| async { error::ApiError::not_found("not_found", "no such route") });
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

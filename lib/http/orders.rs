@@ -87,7 +87,11 @@ pub async fn get_order(
             total: money(order.total, &currency),
             // A settled order without a payment row never reached the provider.
             payment: PaymentJson {
-                status: if payment == "pending" { "none".into() } else { payment },
+                status: if payment == "pending" {
+                    "none".into()
+                } else {
+                    payment
+                },
             },
             currency,
         }));
@@ -100,7 +104,10 @@ pub async fn get_order(
     if pending.user_id != caller.user_id && !caller.admin {
         return Err(not_found());
     }
-    let stage = match inventory::reservation_status(&state.pool, order_id).await?.as_deref() {
+    let stage = match inventory::reservation_status(&state.pool, order_id)
+        .await?
+        .as_deref()
+    {
         None => "reserving",
         Some(_) if payment == "pending" => "authorizing",
         Some(_) => "confirming",
@@ -130,4 +137,3 @@ pub async fn get_order(
         payment: PaymentJson { status: payment },
     }))
 }
-

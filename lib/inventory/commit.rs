@@ -30,8 +30,13 @@ impl Step for CommitStep {
                 event.kind()
             )));
         };
-        let mut tx = match inbox::claim(&self.pool, InboxTable::Inventory, DURABLE, &delivery.event_id)
-            .await?
+        let mut tx = match inbox::claim(
+            &self.pool,
+            InboxTable::Inventory,
+            DURABLE,
+            &delivery.event_id,
+        )
+        .await?
         {
             Claim::Done(events) => return Ok(events),
             Claim::Fresh(tx) => tx,

@@ -34,8 +34,13 @@ impl Step for ReserveStep {
                 event.kind()
             )));
         };
-        let mut tx = match inbox::claim(&self.pool, InboxTable::Inventory, DURABLE, &delivery.event_id)
-            .await?
+        let mut tx = match inbox::claim(
+            &self.pool,
+            InboxTable::Inventory,
+            DURABLE,
+            &delivery.event_id,
+        )
+        .await?
         {
             Claim::Done(events) => return Ok(events),
             Claim::Fresh(tx) => tx,
@@ -110,7 +115,14 @@ impl Step for ReserveStep {
                 detail: format!("not enough stock for {}", short.join(", ")),
             }]
         };
-        inbox::complete(tx, InboxTable::Inventory, DURABLE, &delivery.event_id, &outputs).await?;
+        inbox::complete(
+            tx,
+            InboxTable::Inventory,
+            DURABLE,
+            &delivery.event_id,
+            &outputs,
+        )
+        .await?;
         Ok(outputs)
     }
 }

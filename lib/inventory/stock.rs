@@ -52,12 +52,11 @@ pub async fn set_on_hand(pool: &PgPool, sku: &Sku, on_hand: i32) -> Result<Stock
         .bind(sku.as_str())
         .execute(&mut *tx)
         .await?;
-    let (before, reserved): (i32, i32) = sqlx::query_as(
-        "SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1 FOR UPDATE",
-    )
-    .bind(sku.as_str())
-    .fetch_one(&mut *tx)
-    .await?;
+    let (before, reserved): (i32, i32) =
+        sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1 FOR UPDATE")
+            .bind(sku.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
     if on_hand < reserved {
         return Err(StockError::BelowReserved { on_hand, reserved });
     }

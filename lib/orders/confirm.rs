@@ -39,7 +39,14 @@ impl Step for OrderStep {
         };
         record::insert(&mut tx, &checkout, "confirmed", None).await?;
         let outputs = vec![Event::Confirmed { checkout }];
-        inbox::complete(tx, InboxTable::Orders, DURABLE, &delivery.event_id, &outputs).await?;
+        inbox::complete(
+            tx,
+            InboxTable::Orders,
+            DURABLE,
+            &delivery.event_id,
+            &outputs,
+        )
+        .await?;
         Ok(outputs)
     }
 }

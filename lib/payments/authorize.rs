@@ -36,8 +36,13 @@ impl Step for AuthorizeStep {
         };
         // The provider call cannot sit inside a transaction, so look first: a redelivery of
         // a handled event must not even reach the provider.
-        if let Some(events) =
-            inbox::lookup(&self.pool, InboxTable::Payments, DURABLE, &delivery.event_id).await?
+        if let Some(events) = inbox::lookup(
+            &self.pool,
+            InboxTable::Payments,
+            DURABLE,
+            &delivery.event_id,
+        )
+        .await?
         {
             return Ok(events);
         }
@@ -55,11 +60,19 @@ impl Step for AuthorizeStep {
             Ok(outcome) => outcome,
             Err(ProviderError::Unavailable(e)) => return Err(StepError::Transient(e)),
             Err(ProviderError::Rejected(e)) => AuthorizeOutcome::Declined {
-                code: format!("provider_rejected: {}", e.chars().take(200).collect::<String>()),
+                code: format!(
+                    "provider_rejected: {}",
+                    e.chars().take(200).collect::<String>()
+                ),
             },
         };
-        let mut tx = match inbox::claim(&self.pool, InboxTable::Payments, DURABLE, &delivery.event_id)
-            .await?
+        let mut tx = match inbox::claim(
+            &self.pool,
+            InboxTable::Payments,
+            DURABLE,
+            &delivery.event_id,
+        )
+        .await?
         {
             Claim::Done(events) => return Ok(events),
             Claim::Fresh(tx) => tx,
@@ -104,7 +117,14 @@ impl Step for AuthorizeStep {
                 }]
             }
         };
-        inbox::complete(tx, InboxTable::Payments, DURABLE, &delivery.event_id, &outputs).await?;
+        inbox::complete(
+            tx,
+            InboxTable::Payments,
+            DURABLE,
+            &delivery.event_id,
+            &outputs,
+        )
+        .await?;
         Ok(outputs)
     }
 }

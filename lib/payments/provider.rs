@@ -45,7 +45,10 @@ pub trait PaymentProvider: Send + Sync {
     /// Short name recorded in `payments.provider`.
     fn name(&self) -> &'static str;
     /// Authorizes (holds) an amount on a payment method.
-    async fn authorize(&self, request: &AuthorizeRequest) -> Result<AuthorizeOutcome, ProviderError>;
+    async fn authorize(
+        &self,
+        request: &AuthorizeRequest,
+    ) -> Result<AuthorizeOutcome, ProviderError>;
     /// Releases an authorization that will not be captured.
     async fn void(&self, auth_id: &str, idempotency_key: &str) -> Result<(), ProviderError>;
     /// Captures an authorized amount.

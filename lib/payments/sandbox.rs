@@ -74,7 +74,9 @@ impl SandboxClient {
         }
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
-            return Err(ProviderError::Rejected(format!("{path}: HTTP {status}: {text}")));
+            return Err(ProviderError::Rejected(format!(
+                "{path}: HTTP {status}: {text}"
+            )));
         }
         Ok(response)
     }
@@ -86,7 +88,10 @@ impl PaymentProvider for SandboxClient {
         "sandbox"
     }
 
-    async fn authorize(&self, request: &AuthorizeRequest) -> Result<AuthorizeOutcome, ProviderError> {
+    async fn authorize(
+        &self,
+        request: &AuthorizeRequest,
+    ) -> Result<AuthorizeOutcome, ProviderError> {
         let body = AuthorizeBody {
             amount: request.amount.to_string(),
             currency: &request.currency,
@@ -112,12 +117,21 @@ impl PaymentProvider for SandboxClient {
     }
 
     async fn void(&self, auth_id: &str, key: &str) -> Result<(), ProviderError> {
-        self.post(&format!("/v1/authorizations/{auth_id}/void"), key, &serde_json::json!({}))
-            .await
-            .map(|_| ())
+        self.post(
+            &format!("/v1/authorizations/{auth_id}/void"),
+            key,
+            &serde_json::json!({}),
+        )
+        .await
+        .map(|_| ())
     }
 
-    async fn capture(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
+    async fn capture(
+        &self,
+        auth_id: &str,
+        amount: Decimal,
+        key: &str,
+    ) -> Result<(), ProviderError> {
         let body = AmountBody {
             amount: amount.to_string(),
         };

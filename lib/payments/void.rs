@@ -22,12 +22,11 @@ pub async fn void_for_order(
     provider: &dyn PaymentProvider,
     order_id: Uuid,
 ) -> Result<bool, VoidError> {
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
-        "SELECT status, auth_id FROM payments.payments WHERE order_id = $1",
-    )
-    .bind(order_id)
-    .fetch_optional(pool)
-    .await?;
+    let row: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, auth_id FROM payments.payments WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
     let Some((status, Some(auth_id))) = row else {
         return Ok(false);
     };

@@ -178,7 +178,16 @@ pub async fn run<S: Step>(
             let settings = settings.clone();
             let durable = spec.durable.clone();
             tasks.spawn(async move {
-                process(&*step, &bus, &settings, chaos, max_deliver, &durable, message).await;
+                process(
+                    &*step,
+                    &bus,
+                    &settings,
+                    chaos,
+                    max_deliver,
+                    &durable,
+                    message,
+                )
+                .await;
                 drop(permit);
             });
         }
@@ -225,7 +234,15 @@ async fn process<S: Step>(
         let event = match Event::decode(&message.payload) {
             Ok(event) => event,
             Err(e) => {
-                dead_letter(bus, durable, &message, stream_seq, delivered, &e.to_string()).await;
+                dead_letter(
+                    bus,
+                    durable,
+                    &message,
+                    stream_seq,
+                    delivered,
+                    &e.to_string(),
+                )
+                .await;
                 return;
             }
         };
@@ -324,7 +341,9 @@ async fn dead_letter(
     {
         // Not recorded yet: leave the message to be redelivered rather than lose it.
         warn!(error = %e, "dead letter not stored, will redeliver");
-        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+        let _ = message
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+            .await;
         return;
     }
     if let Err(e) = message.double_ack_with(AckKind::Term).await {

@@ -63,6 +63,8 @@ mod tests {
         let child = root.child();
         assert_eq!(child.trace_id, root.trace_id);
         assert!(TraceParent::parse("00-abc-def-01").is_none());
-        assert!(TraceParent::parse(&format!("00-{}-{}-01", "0".repeat(32), "1".repeat(16))).is_none());
+        assert!(
+            TraceParent::parse(&format!("00-{}-{}-01", "0".repeat(32), "1".repeat(16))).is_none()
+        );
     }
 }

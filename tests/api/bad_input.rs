@@ -18,15 +18,31 @@ async fn requests_without_a_valid_token_are_unauthorized() {
         &jsonwebtoken::EncodingKey::from_secret(b"test-secret"),
     )
     .expect("token");
-    let forged = checkout::auth::mint("other-secret", "alice", true, std::time::Duration::from_secs(60))
-        .expect("token");
-    for token in [None, Some("garbage"), Some(expired.as_str()), Some(forged.as_str())] {
+    let forged = checkout::auth::mint(
+        "other-secret",
+        "alice",
+        true,
+        std::time::Duration::from_secs(60),
+    )
+    .expect("token");
+    for token in [
+        None,
+        Some("garbage"),
+        Some(expired.as_str()),
+        Some(forged.as_str()),
+    ] {
         let (status, body) = app.call(Method::GET, "/api/cart", token, None, &[]).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}: {body}");
         assert_eq!(code(&body), "unauthorized");
     }
     let (status, body) = app
-        .call(Method::GET, "/api/cart", None, None, &[("Authorization", "Basic abc")])
+        .call(
+            Method::GET,
+            "/api/cart",
+            None,
+            None,
+            &[("Authorization", "Basic abc")],
+        )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
 }
@@ -54,35 +70,79 @@ async fn invalid_products_and_stock_are_refused() {
     let app = TestApp::spawn().await;
     let admin = app.admin();
     let cases = [
-        (json!({"name": "T", "price": "12.345", "currency": "USD", "weightGrams": 1}), "invalid_price"),
-        (json!({"name": "T", "price": "-1", "currency": "USD", "weightGrams": 1}), "invalid_price"),
-        (json!({"name": "T", "price": 12.5, "currency": "USD", "weightGrams": 1}), "invalid_body"),
-        (json!({"name": "T", "price": "1.00", "currency": "XXX", "weightGrams": 1}), "invalid_currency"),
-        (json!({"name": "", "price": "1.00", "currency": "USD", "weightGrams": 1}), "invalid_name"),
-        (json!({"name": "a\u{0}b", "price": "1.00", "currency": "USD", "weightGrams": 1}), "invalid_name"),
-        (json!({"name": "T", "price": "1.00", "currency": "USD", "weightGrams": -1}), "invalid_weight"),
+        (
+            json!({"name": "T", "price": "12.345", "currency": "USD", "weightGrams": 1}),
+            "invalid_price",
+        ),
+        (
+            json!({"name": "T", "price": "-1", "currency": "USD", "weightGrams": 1}),
+            "invalid_price",
+        ),
+        (
+            json!({"name": "T", "price": 12.5, "currency": "USD", "weightGrams": 1}),
+            "invalid_body",
+        ),
+        (
+            json!({"name": "T", "price": "1.00", "currency": "XXX", "weightGrams": 1}),
+            "invalid_currency",
+        ),
+        (
+            json!({"name": "", "price": "1.00", "currency": "USD", "weightGrams": 1}),
+            "invalid_name",
+        ),
+        (
+            json!({"name": "a\u{0}b", "price": "1.00", "currency": "USD", "weightGrams": 1}),
+            "invalid_name",
+        ),
+        (
+            json!({"name": "T", "price": "1.00", "currency": "USD", "weightGrams": -1}),
+            "invalid_weight",
+        ),
     ];
     for (body, expected) in cases {
         let (status, reply) = app
-            .call(Method::PUT, "/api/admin/products/TEE", Some(&admin), Some(body.clone()), &[])
+            .call(
+                Method::PUT,
+                "/api/admin/products/TEE",
+                Some(&admin),
+                Some(body.clone()),
+                &[],
+            )
             .await;
         assert!(status.is_client_error(), "{body}: {status} {reply}");
         assert_eq!(code(&reply), expected, "{body}");
     }
     let (status, reply) = app
-        .call(Method::PUT, "/api/admin/products/bad%20sku", Some(&admin),
-              Some(json!({"name": "T", "price": "1.00", "currency": "USD", "weightGrams": 1})), &[])
+        .call(
+            Method::PUT,
+            "/api/admin/products/bad%20sku",
+            Some(&admin),
+            Some(json!({"name": "T", "price": "1.00", "currency": "USD", "weightGrams": 1})),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
     assert_eq!(app.count("SELECT count(*) FROM catalog.products").await, 0);
 
     app.product("TEE", "1.00", 3).await;
     let (status, reply) = app
-        .call(Method::PUT, "/api/admin/stock/TEE", Some(&admin), Some(json!({"onHand": -1})), &[])
+        .call(
+            Method::PUT,
+            "/api/admin/stock/TEE",
+            Some(&admin),
+            Some(json!({"onHand": -1})),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
     let (status, reply) = app
-        .call(Method::PUT, "/api/admin/stock/NOPE", Some(&admin), Some(json!({"onHand": 1})), &[])
+        .call(
+            Method::PUT,
+            "/api/admin/stock/NOPE",
+            Some(&admin),
+            Some(json!({"onHand": 1})),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{reply}");
     assert_eq!(app.stock("TEE").await, (3, 0, 3));
@@ -94,25 +154,60 @@ async fn invalid_cart_changes_leave_the_cart_unchanged() {
     app.product("TEE", "5.00", 10).await;
     let alice = app.token("alice");
     app.add(&alice, "TEE", 2).await;
-    for qty in [json!(0), json!(1001), json!(1.5), json!("2"), json!(-1), json!(null)] {
+    for qty in [
+        json!(0),
+        json!(1001),
+        json!(1.5),
+        json!("2"),
+        json!(-1),
+        json!(null),
+    ] {
         let (status, body) = app
-            .call(Method::POST, "/api/cart/items", Some(&alice), Some(json!({"sku": "TEE", "qty": qty})), &[])
+            .call(
+                Method::POST,
+                "/api/cart/items",
+                Some(&alice),
+                Some(json!({"sku": "TEE", "qty": qty})),
+                &[],
+            )
             .await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "qty {qty}: {body}");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "qty {qty}: {body}"
+        );
         assert_eq!(code(&body), "invalid_quantity", "qty {qty}");
     }
     // 999 more would exceed 1000 units on one line.
     let (status, body) = app
-        .call(Method::POST, "/api/cart/items", Some(&alice), Some(json!({"sku": "TEE", "qty": 999})), &[])
+        .call(
+            Method::POST,
+            "/api/cart/items",
+            Some(&alice),
+            Some(json!({"sku": "TEE", "qty": 999})),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let (status, body) = app
-        .call(Method::POST, "/api/cart/items", Some(&alice), Some(json!({"sku": "NOPE", "qty": 1})), &[])
+        .call(
+            Method::POST,
+            "/api/cart/items",
+            Some(&alice),
+            Some(json!({"sku": "NOPE", "qty": 1})),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(code(&body), "unknown_sku");
     let (status, body) = app
-        .call(Method::PUT, "/api/cart/items/NOPE", Some(&alice), Some(json!({"qty": 1})), &[])
+        .call(
+            Method::PUT,
+            "/api/cart/items/NOPE",
+            Some(&alice),
+            Some(json!({"qty": 1})),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     let (status, body) = app
@@ -129,7 +224,9 @@ async fn invalid_cart_changes_leave_the_cart_unchanged() {
     let body: Value = body.json().await.expect("json error");
     assert_eq!(code(&body), "invalid_json");
 
-    let (_, cart) = app.call(Method::GET, "/api/cart", Some(&alice), None, &[]).await;
+    let (_, cart) = app
+        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
+        .await;
     assert_eq!(cart["items"].as_array().map(Vec::len), Some(1));
     assert_eq!(cart["items"][0]["qty"], 2);
     assert_eq!(cart["total"], "10.00");
@@ -159,7 +256,9 @@ async fn invalid_checkouts_are_refused_without_an_order() {
     let alice = app.token("alice");
 
     // An empty cart.
-    let (_, cart) = app.call(Method::GET, "/api/cart", Some(&alice), None, &[]).await;
+    let (_, cart) = app
+        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
+        .await;
     let empty_id = cart["cartId"].as_str().expect("cart id").to_owned();
     let (status, body) = app.checkout(&alice, "k1", &empty_id, "tok_visa").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -168,7 +267,13 @@ async fn invalid_checkouts_are_refused_without_an_order() {
     let cart = app.add(&alice, "TEE", 1).await;
     // No Idempotency-Key.
     let (status, body) = app
-        .call(Method::POST, "/api/checkout", Some(&alice), Some(checkout_body(&cart, "tok_visa")), &[])
+        .call(
+            Method::POST,
+            "/api/checkout",
+            Some(&alice),
+            Some(checkout_body(&cart, "tok_visa")),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(code(&body), "idempotency_key_required");
@@ -181,21 +286,42 @@ async fn invalid_checkouts_are_refused_without_an_order() {
     let mut nul_name = checkout_body(&cart, "tok_visa");
     nul_name["address"]["name"] = json!("a\u{0}b");
     let mut no_address = checkout_body(&cart, "tok_visa");
-    no_address.as_object_mut().expect("object").remove("address");
+    no_address
+        .as_object_mut()
+        .expect("object")
+        .remove("address");
     let mut empty_token = checkout_body(&cart, "tok_visa");
     empty_token["paymentMethod"]["token"] = json!("");
     let unknown_cart = checkout_body("00000000-0000-0000-0000-000000000000", "tok_visa");
     let garbage_cart = checkout_body("not-a-uuid", "tok_visa");
     for (body, status_expected, code_expected) in [
-        (bad_country, StatusCode::UNPROCESSABLE_ENTITY, "invalid_address"),
-        (nul_name, StatusCode::UNPROCESSABLE_ENTITY, "invalid_address"),
+        (
+            bad_country,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_address",
+        ),
+        (
+            nul_name,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_address",
+        ),
         (no_address, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
-        (empty_token, StatusCode::UNPROCESSABLE_ENTITY, "invalid_payment_method"),
+        (
+            empty_token,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_payment_method",
+        ),
         (unknown_cart, StatusCode::NOT_FOUND, "cart_not_found"),
         (garbage_cart, StatusCode::NOT_FOUND, "cart_not_found"),
     ] {
         let (status, reply) = app
-            .call(Method::POST, "/api/checkout", Some(&alice), Some(body.clone()), &[("Idempotency-Key", "k2")])
+            .call(
+                Method::POST,
+                "/api/checkout",
+                Some(&alice),
+                Some(body.clone()),
+                &[("Idempotency-Key", "k2")],
+            )
             .await;
         assert_eq!(status, status_expected, "{body}: {reply}");
         assert_eq!(code(&reply), code_expected, "{body}");

@@ -23,8 +23,10 @@ async fn a_checkout_reaches_confirmed_and_decrements_stock() {
     assert_eq!(order["items"][0]["qty"], 2);
     assert_eq!(order["payment"]["status"], "authorized");
     // Stock is finalized by inventory reacting to `confirmed`: eventually consistent.
-    app.eventually("stock committed", || async { app.stock("TEE").await == (3, 0, 3) })
-        .await;
+    app.eventually("stock committed", || async {
+        app.stock("TEE").await == (3, 0, 3)
+    })
+    .await;
     assert_eq!(app.ledger_count(&order_id, "authorization").await, 1);
 }
 
@@ -50,7 +52,9 @@ async fn the_order_is_visible_as_pending_with_a_location_right_after_checkout() 
         .and_then(|v| v.to_str().ok())
         .expect("Location header")
         .to_owned();
-    let (status, body) = app.call(Method::GET, &location, Some(&alice), None, &[]).await;
+    let (status, body) = app
+        .call(Method::GET, &location, Some(&alice), None, &[])
+        .await;
     assert_eq!(status, StatusCode::OK, "never 404 for the owner: {body}");
     assert!(
         ["pending", "confirmed"].contains(&body["status"].as_str().unwrap_or_default()),
@@ -72,16 +76,25 @@ async fn two_buyers_racing_for_the_last_unit_get_one_order() {
     );
     assert_eq!(a.0, StatusCode::ACCEPTED);
     assert_eq!(b.0, StatusCode::ACCEPTED);
-    let oa = app.settled(&alice, a.1["orderId"].as_str().expect("id")).await;
-    let ob = app.settled(&bob, b.1["orderId"].as_str().expect("id")).await;
+    let oa = app
+        .settled(&alice, a.1["orderId"].as_str().expect("id"))
+        .await;
+    let ob = app
+        .settled(&bob, b.1["orderId"].as_str().expect("id"))
+        .await;
     let mut statuses = [oa["status"].clone(), ob["status"].clone()];
     statuses.sort_by_key(|s| s.to_string());
     assert_eq!(statuses, ["confirmed", "failed"]);
     let failed = if oa["status"] == "failed" { &oa } else { &ob };
     assert_eq!(failed["reason"], "out_of_stock");
-    assert_eq!(failed["payment"]["status"], "none", "no authorization for a rejected order");
-    app.eventually("stock settled", || async { app.stock("LAST").await == (0, 0, 0) })
-        .await;
+    assert_eq!(
+        failed["payment"]["status"], "none",
+        "no authorization for a rejected order"
+    );
+    app.eventually("stock settled", || async {
+        app.stock("LAST").await == (0, 0, 0)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -97,16 +110,24 @@ async fn a_decline_releases_the_reservation_and_reopens_the_cart() {
     assert_eq!(order["status"], "failed");
     assert_eq!(order["reason"], "payment_declined");
     assert_eq!(order["payment"]["status"], "declined");
-    assert_eq!(app.stock("BOOK").await, (1, 0, 1), "the reservation was released");
+    assert_eq!(
+        app.stock("BOOK").await,
+        (1, 0, 1),
+        "the reservation was released"
+    );
 
     // The same cart is open again: its owner can change it and check out with a new key.
-    let (status, cart_now) = app.call(Method::GET, "/api/cart", Some(&alice), None, &[]).await;
+    let (status, cart_now) = app
+        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(cart_now["cartId"], cart.as_str());
     assert_eq!(cart_now["items"][0]["sku"], "BOOK");
     let (status, body) = app.checkout(&alice, "second", &cart, "tok_visa").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let retry = app.settled(&alice, body["orderId"].as_str().expect("id")).await;
+    let retry = app
+        .settled(&alice, body["orderId"].as_str().expect("id"))
+        .await;
     assert_eq!(retry["status"], "confirmed", "{retry}");
     assert_ne!(body["orderId"], order_id.as_str());
 }

@@ -13,30 +13,46 @@ async fn every_message_twice(mode: Redeliver) {
     let app = TestApp::spawn_with(|s| s.chaos.redeliver = mode).await;
     app.product("TEE", "10.00", 10).await;
     let mut orders = Vec::new();
-    for (user, card) in [("u1", "tok_visa"), ("u2", "tok_visa"), ("u3", "tok_declined")] {
+    for (user, card) in [
+        ("u1", "tok_visa"),
+        ("u2", "tok_visa"),
+        ("u3", "tok_declined"),
+    ] {
         let token = app.token(user);
         let cart = app.add(&token, "TEE", 2).await;
         let (status, body) = app.checkout(&token, "k", &cart, card).await;
         assert_eq!(status, StatusCode::ACCEPTED);
-        orders.push((token, body["orderId"].as_str().expect("id").to_owned(), card));
+        orders.push((
+            token,
+            body["orderId"].as_str().expect("id").to_owned(),
+            card,
+        ));
     }
     for (token, order_id, card) in &orders {
         let order = app.settled(token, order_id).await;
-        let expected = if *card == "tok_visa" { "confirmed" } else { "failed" };
+        let expected = if *card == "tok_visa" {
+            "confirmed"
+        } else {
+            "failed"
+        };
         assert_eq!(order["status"], expected, "{order}");
         assert_eq!(app.ledger_count(order_id, "authorization").await, 1);
     }
     // Two orders of 2 units each: exactly 4 units leave stock, none stay reserved.
-    app.eventually("stock committed once", || async { app.stock("TEE").await == (6, 0, 6) })
-        .await;
+    app.eventually("stock committed once", || async {
+        app.stock("TEE").await == (6, 0, 6)
+    })
+    .await;
     assert_eq!(app.count("SELECT count(*) FROM orders.orders").await, 3);
     assert_eq!(app.count("SELECT count(*) FROM payments.payments").await, 3);
     assert_eq!(
-        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'commit'").await,
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'commit'")
+            .await,
         2
     );
     assert_eq!(
-        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'reserve'").await,
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'reserve'")
+            .await,
         3
     );
 }
@@ -57,16 +73,27 @@ async fn a_poison_payload_is_dead_lettered_not_looped() {
     let js = app.jetstream().await;
     let subject = format!("checkout.requested.{}", uuid::Uuid::new_v4());
     let ack = js
-        .publish(subject, bytes::Bytes::from_static(b"\xc1 this is not msgpack"))
+        .publish(
+            subject,
+            bytes::Bytes::from_static(b"\xc1 this is not msgpack"),
+        )
         .await
         .expect("publish")
         .await
         .expect("stored");
 
-    let mut dead = js.get_stream("DEADLETTER").await.expect("dead-letter stream");
+    let mut dead = js
+        .get_stream("DEADLETTER")
+        .await
+        .expect("dead-letter stream");
     app.eventually("a dead letter", || {
         let mut dead = dead.clone();
-        async move { dead.info().await.map(|i| i.state.messages == 1).unwrap_or(false) }
+        async move {
+            dead.info()
+                .await
+                .map(|i| i.state.messages == 1)
+                .unwrap_or(false)
+        }
     })
     .await;
     let letter = dead
@@ -102,7 +129,9 @@ async fn a_poison_payload_is_dead_lettered_not_looped() {
     let alice = app.token("alice");
     let cart = app.add(&alice, "TEE", 1).await;
     let (_, body) = app.checkout(&alice, "k", &cart, "tok_visa").await;
-    let order = app.settled(&alice, body["orderId"].as_str().expect("id")).await;
+    let order = app
+        .settled(&alice, body["orderId"].as_str().expect("id"))
+        .await;
     assert_eq!(order["status"], "confirmed");
 }
 
@@ -126,6 +155,8 @@ async fn a_checkout_accepted_while_nats_is_down_completes_after_it_returns() {
     let order = app.settled(&alice, &order_id).await;
     assert_eq!(order["status"], "confirmed", "{order}");
     assert_eq!(app.ledger_count(&order_id, "authorization").await, 1);
-    app.eventually("one decrement", || async { app.stock("TEE").await == (3, 0, 3) })
-        .await;
+    app.eventually("one decrement", || async {
+        app.stock("TEE").await == (3, 0, 3)
+    })
+    .await;
 }

@@ -142,15 +142,19 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs outside any runtime we may block; use a thread with its own.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async {
                 use sqlx::Connection;
                 if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await;
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
                 }
             });
         })
@@ -375,7 +379,10 @@ impl TestApp {
             if body["status"] != "pending" {
                 return body;
             }
-            assert!(Instant::now() < deadline, "order {order_id} still pending: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "order {order_id} still pending: {body}"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }

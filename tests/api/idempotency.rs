@@ -20,8 +20,10 @@ async fn the_same_key_and_body_return_the_same_order_even_after_it_settled() {
     assert_eq!(b2["orderId"], order_id.as_str());
     assert_eq!(app.count("SELECT count(*) FROM orders.orders").await, 1);
     assert_eq!(app.ledger_count(&order_id, "authorization").await, 1);
-    app.eventually("one decrement", || async { app.stock("TEE").await == (4, 0, 4) })
-        .await;
+    app.eventually("one decrement", || async {
+        app.stock("TEE").await == (4, 0, 4)
+    })
+    .await;
 }
 
 #[tokio::test]
