@@ -33,3 +33,9 @@ lint:
 # Mint a development token, e.g. `just token alice` or `just token admin --admin`.
 token user *flags:
     cargo run --quiet -- token --user {{user}} {{flags}}
+
+# Benchmark against this machine's ceiling (under 3 minutes by default); e.g. `just bench --scenario hot`.
+bench *args: tools
+    scripts/ensure-postgres.sh
+    cargo build --release --locked --quiet
+    target/release/checkout bench {{args}}

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use checkout::app::{App, Role};
+use checkout::bench::{self, BenchOptions, Scenario, Sync};
 use checkout::config::Settings;
 use checkout::saga::Event;
 use checkout::{auth, db, telemetry};
@@ -44,9 +45,50 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Benchmark the pipeline against this machine's own ceiling (see BENCHMARKS.md).
+    Bench(BenchArgs),
     /// Read a MessagePack saga payload on stdin and print it as JSON
     /// (use with `nats stream view CHECKOUT --translate 'checkout decode'`).
     Decode,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// spread (many SKUs), hot (flash sale on one SKU) or mixed (with declines).
+    #[arg(long, default_value = "spread")]
+    scenario: Scenario,
+    /// Concurrent buyers (closed loop), or the in-flight cap with --rate.
+    #[arg(long, default_value_t = 64)]
+    users: usize,
+    /// Length of each run.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Open loop: checkouts started per second, whatever the latency.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// SKUs in the spread and mixed scenarios.
+    #[arg(long, default_value_t = 200)]
+    skus: usize,
+    /// Units on sale in the flash sale.
+    #[arg(long, default_value_t = 50)]
+    hot_units: i64,
+    /// Buyers in the flash sale.
+    #[arg(long, default_value_t = 500)]
+    hot_buyers: usize,
+    /// nats-server fsync policy: default, always or both.
+    #[arg(long, default_value = "both")]
+    sync: String,
+    /// Processes per consumer role to compare, e.g. 1,2.
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    processes: Vec<usize>,
+    /// Skip the flash-sale comparison run.
+    #[arg(long)]
+    no_hot: bool,
+    /// Length of each ceiling measurement.
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    ceiling: Duration,
 }
 
 #[tokio::main]
@@ -60,6 +102,39 @@ async fn main() -> Result<()> {
                 "{}",
                 auth::mint(settings.auth.jwt_secret.expose(), &user, admin, ttl)?
             );
+            Ok(())
+        }
+        Command::Bench(args) => {
+            telemetry::init(cli.log_json);
+            let settings = Settings::load()?;
+            let syncs = match args.sync.as_str() {
+                "default" => vec![Sync::Default],
+                "always" => vec![Sync::Always],
+                "both" => vec![Sync::Default, Sync::Always],
+                other => bail!("--sync must be default, always or both, not {other}"),
+            };
+            let mut runs: Vec<(Sync, usize)> = syncs.iter().map(|s| (*s, 1)).collect();
+            runs.extend(
+                args.processes
+                    .iter()
+                    .filter(|p| **p > 1)
+                    .map(|p| (Sync::Default, *p)),
+            );
+            let options = BenchOptions {
+                scenario: args.scenario,
+                users: args.users,
+                duration: args.duration,
+                rate: args.rate,
+                seed: args.seed,
+                skus: args.skus,
+                hot_units: args.hot_units,
+                hot_buyers: args.hot_buyers,
+                runs,
+                with_hot: !args.no_hot,
+                ceiling_duration: args.ceiling,
+                work_dir: ".run/bench".into(),
+            };
+            bench::run(settings, options).await?;
             Ok(())
         }
         Command::Migrate => {

@@ -28,6 +28,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod bench;
 pub mod bus;
 pub mod cart;
 pub mod catalog;

@@ -1,0 +1,492 @@
+//! `checkout bench`: drives the real pipeline over HTTP and compares it with this machine's
+//! own ceiling measured in the same run (raw JetStream publishes, raw PostgreSQL commits).
+//!
+//! By default it starts everything itself: a nats-server per run (with `sync_interval` at its
+//! default and at `always`), a fresh database, and each role as its own process (1 and 2
+//! processes per consumer role), so CPU per checkout can be read per process.
+
+mod ceiling;
+mod load;
+mod procs;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use load::Scenario;
+use procs::{cpu_seconds, cpu_seconds_of_command, free_port, nats_server_bin, wait_ready, Proc};
+pub use stats::RunStats;
+
+use crate::config::Settings;
+use crate::saga::events::{Checkout, Event, Line};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("setup: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+}
+
+/// `fsync` policy of the nats-server a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    Default,
+    Always,
+}
+
+/// What `checkout bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub scenario: Scenario,
+    pub users: usize,
+    pub duration: Duration,
+    pub rate: Option<f64>,
+    pub seed: u64,
+    pub skus: usize,
+    pub hot_units: i64,
+    pub hot_buyers: usize,
+    /// Runs to make: (sync policy, processes per consumer role).
+    pub runs: Vec<(Sync, usize)>,
+    /// Also run the flash sale after the main scenario, to compare hot with spread.
+    pub with_hot: bool,
+    pub ceiling_duration: Duration,
+    pub work_dir: PathBuf,
+}
+
+/// One run's outcome.
+struct RunReport {
+    label: String,
+    stats: RunStats,
+    ceiling_per_s: f64,
+    js_rate: f64,
+    pg_rate: f64,
+    cpu_ms_per_checkout: Vec<(String, f64)>,
+    note: String,
+}
+
+/// Publishes and commits one confirmed checkout costs on the happy path.
+const PUBLISHES_PER_CHECKOUT: f64 = 4.0; // requested, reserved, authorized, confirmed
+const COMMITS_PER_CHECKOUT: f64 = 6.0; // cart add, checkout, reserve, authorize, order, stock commit
+
+/// Runs every configured run and prints the report; the last line is machine-readable.
+pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(), BenchError> {
+    std::fs::create_dir_all(&opts.work_dir)?;
+    let mut reports = Vec::new();
+    for (i, (sync, processes)) in opts.runs.iter().enumerate() {
+        let label = format!(
+            "{:?} sync={} processes/role={}",
+            opts.scenario,
+            match sync {
+                Sync::Default => "default",
+                Sync::Always => "always",
+            },
+            processes
+        )
+        .to_lowercase();
+        eprintln!("== run {}: {label}", i + 1);
+        let measure_ceiling = *processes == 1;
+        reports.push(
+            one_run(
+                &settings,
+                &opts,
+                opts.scenario,
+                *sync,
+                *processes,
+                measure_ceiling,
+                label,
+                i,
+            )
+            .await?,
+        );
+    }
+    if opts.with_hot && opts.scenario != Scenario::Hot {
+        let label = format!(
+            "hot flash sale: {} units, {} buyers, sync=default processes/role=1",
+            opts.hot_units, opts.hot_buyers
+        );
+        eprintln!("== run {}: {label}", reports.len() + 1);
+        reports.push(
+            one_run(
+                &settings,
+                &opts,
+                Scenario::Hot,
+                Sync::Default,
+                1,
+                false,
+                label,
+                reports.len(),
+            )
+            .await?,
+        );
+    }
+    print_report(&opts, &mut reports);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn one_run(
+    settings: &Settings,
+    opts: &BenchOptions,
+    scenario: Scenario,
+    sync: Sync,
+    processes: usize,
+    measure_ceiling: bool,
+    label: String,
+    index: usize,
+) -> Result<RunReport, BenchError> {
+    let dir = opts.work_dir.join(format!("run-{index}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    // NATS: its own server, store and port.
+    let nats_port = free_port()?;
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{nats_port}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{}\"\n{}}}\n",
+            dir.join("js").display(),
+            if sync == Sync::Always { "  sync_interval: always\n" } else { "" }
+        ),
+    )?;
+    let nats = Proc::spawn(
+        "nats-server",
+        &nats_server_bin(),
+        &["-c", &conf.to_string_lossy()],
+        &[],
+        &dir.join("nats.log"),
+    )?;
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    // PostgreSQL: a fresh database on the configured server.
+    let mut db = settings.database.clone();
+    let base_url = db
+        .url
+        .expose()
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_owned())
+        .unwrap_or_default();
+    let db_name = format!("checkout_bench_{}_{index}", std::process::id());
+    db.url = crate::config::Secret::new(format!("{base_url}/{db_name}"));
+    crate::db::create_if_missing(&db).await?;
+    let pool = crate::db::connect(&db).await?;
+    crate::db::migrate(&pool).await?;
+
+    let http_port = free_port()?;
+    let psp_port = free_port()?;
+    let env = vec![
+        ("CHECKOUT__NATS__URL".to_owned(), nats_url.clone()),
+        (
+            "CHECKOUT__DATABASE__URL".to_owned(),
+            db.url.expose().to_owned(),
+        ),
+        (
+            "CHECKOUT__HTTP__ADDR".to_owned(),
+            format!("127.0.0.1:{http_port}"),
+        ),
+        (
+            "CHECKOUT__PSP__LISTEN_ADDR".to_owned(),
+            format!("127.0.0.1:{psp_port}"),
+        ),
+        (
+            "CHECKOUT__PSP__URL".to_owned(),
+            format!("http://127.0.0.1:{psp_port}"),
+        ),
+        (
+            "CHECKOUT__AUTH__JWT_SECRET".to_owned(),
+            settings.auth.jwt_secret.expose().to_owned(),
+        ),
+        (
+            "CHECKOUT__DATABASE__MIGRATE_ON_START".to_owned(),
+            "false".to_owned(),
+        ),
+        ("RUST_LOG".to_owned(), "warn".to_owned()),
+    ];
+    let exe = std::env::current_exe()?;
+    let http = reqwest::Client::new();
+    wait_nats(nats_port).await?;
+    let mut roles = vec![Proc::spawn(
+        "psp",
+        &exe,
+        &["run", "psp"],
+        &env,
+        &dir.join("psp.log"),
+    )?];
+    roles.push(Proc::spawn(
+        "edge",
+        &exe,
+        &["run", "edge"],
+        &env,
+        &dir.join("edge.log"),
+    )?);
+    wait_ready(
+        &http,
+        &format!("http://127.0.0.1:{http_port}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    for role in ["reserve", "authorize", "order", "compensate"] {
+        for p in 0..processes {
+            roles.push(Proc::spawn(
+                role,
+                &exe,
+                &["run", role],
+                &env,
+                &dir.join(format!("{role}-{p}.log")),
+            )?);
+        }
+    }
+    wait_ready(
+        &http,
+        &format!("http://127.0.0.1:{psp_port}/healthz"),
+        Duration::from_secs(30),
+    )
+    .await?;
+
+    let (mut js_rate, mut pg_rate, mut ceiling_per_s) = (0.0, 0.0, 0.0);
+    if measure_ceiling {
+        let payload = sample_payload_size();
+        js_rate = ceiling::jetstream_publish_rate(
+            &nats_url,
+            &settings.nats,
+            payload,
+            opts.users,
+            opts.ceiling_duration,
+        )
+        .await?;
+        pg_rate =
+            ceiling::postgres_commit_rate(&pool, opts.users.min(64), opts.ceiling_duration).await?;
+        ceiling_per_s = (js_rate / PUBLISHES_PER_CHECKOUT).min(pg_rate / COMMITS_PER_CHECKOUT);
+        eprintln!(
+            "   ceiling: JetStream {js_rate:.0} publishes/s ({payload} B, {} in flight), PostgreSQL {pg_rate:.0} commits/s -> {ceiling_per_s:.0} checkouts/s",
+            opts.users
+        );
+    }
+
+    let cpu_before: Vec<f64> = roles.iter().map(|p| cpu_seconds(p.pid())).collect();
+    let nats_before = cpu_seconds(nats.pid());
+    let pg_before = cpu_seconds_of_command("postgres");
+    let load = load::LoadOptions {
+        base: format!("http://127.0.0.1:{http_port}"),
+        nats_url: nats_url.clone(),
+        jwt_secret: settings.auth.jwt_secret.expose().to_owned(),
+        scenario,
+        users: opts.users,
+        duration: opts.duration,
+        rate: opts.rate,
+        seed: opts.seed,
+        skus: opts.skus,
+        hot_units: opts.hot_units,
+        hot_buyers: opts.hot_buyers,
+        quiet: false,
+    };
+    let stats = load::drive(&load).await?;
+    let mut cpu: Vec<(String, f64)> = Vec::new();
+    for (p, before) in roles.iter().zip(&cpu_before) {
+        let used = cpu_seconds(p.pid()) - before;
+        match cpu.iter_mut().find(|(n, _)| *n == p.name) {
+            Some((_, total)) => *total += used,
+            None => cpu.push((p.name.clone(), used)),
+        }
+    }
+    cpu.push(("nats-server".into(), cpu_seconds(nats.pid()) - nats_before));
+    cpu.push((
+        "postgres".into(),
+        cpu_seconds_of_command("postgres") - pg_before,
+    ));
+    let per = stats.completed.max(1) as f64;
+    let cpu_ms_per_checkout = cpu
+        .into_iter()
+        .map(|(n, s)| (n, s * 1000.0 / per))
+        .collect();
+
+    let mut note = String::new();
+    if scenario == Scenario::Hot {
+        note = hot_check(&pool, opts, &stats).await?;
+    }
+    let dead: Vec<String> = roles
+        .iter_mut()
+        .filter_map(|p| (!p.alive()).then(|| p.name.clone()))
+        .collect();
+    if !dead.is_empty() {
+        note.push_str(&format!(" processes that died: {dead:?}"));
+    }
+    drop(roles);
+    drop(nats);
+    pool.close().await;
+    drop_database(settings, &base_url, &db_name).await;
+    Ok(RunReport {
+        label,
+        stats,
+        ceiling_per_s,
+        js_rate,
+        pg_rate,
+        cpu_ms_per_checkout,
+        note,
+    })
+}
+
+async fn wait_nats(port: u16) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup("nats-server did not start".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// After a flash sale: nothing oversold, nothing left reserved, every buyer settled.
+async fn hot_check(
+    pool: &sqlx::PgPool,
+    opts: &BenchOptions,
+    stats: &RunStats,
+) -> Result<String, BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (on_hand, reserved) = loop {
+        let (on_hand, reserved): (i32, i32) =
+            sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = 'HOT-1'")
+                .fetch_one(pool)
+                .await?;
+        if reserved == 0 || Instant::now() > deadline {
+            break (on_hand, reserved);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let sold = opts.hot_units - i64::from(on_hand);
+    let expected = opts.hot_units.min(opts.hot_buyers as i64);
+    let ok = sold == expected
+        && stats.confirmed as i64 == expected
+        && reserved == 0
+        && stats.completed as usize == opts.hot_buyers;
+    Ok(format!(
+        "flash sale {}: {} confirmed, {} failed, {} of {} buyers settled, on_hand {on_hand}, reserved {reserved}",
+        if ok { "correct" } else { "WRONG" },
+        stats.confirmed,
+        stats.failed,
+        stats.completed,
+        opts.hot_buyers
+    ))
+}
+
+async fn drop_database(settings: &Settings, base_url: &str, name: &str) {
+    use sqlx::Connection;
+    let _ = settings;
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&format!("{base_url}/postgres")).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+    }
+}
+
+/// The size of a typical `checkout.requested` payload (one line).
+fn sample_payload_size() -> usize {
+    let sku = crate::domain::Sku::parse("BENCH-00001").ok();
+    let Some(sku) = sku else { return 700 };
+    let checkout = Checkout {
+        order_id: uuid::Uuid::now_v7(),
+        user_id: "bench-42-1".into(),
+        cart_id: uuid::Uuid::now_v7(),
+        items: vec![Line {
+            sku,
+            qty: 1,
+            unit_price: rust_decimal::Decimal::new(1650, 2),
+            line_total: rust_decimal::Decimal::new(1650, 2),
+        }],
+        subtotal: rust_decimal::Decimal::new(1650, 2),
+        discount: rust_decimal::Decimal::ZERO,
+        tax: rust_decimal::Decimal::ZERO,
+        shipping: rust_decimal::Decimal::ZERO,
+        total: rust_decimal::Decimal::new(1650, 2),
+        currency: "USD".into(),
+        payment_token: "tok_visa".into(),
+        address: crate::domain::Address {
+            name: "Bench Buyer".into(),
+            line1: "1 Load St".into(),
+            city: "Berlin".into(),
+            region: None,
+            postal_code: "10115".into(),
+            country: "DE".into(),
+        },
+        requested_at: chrono::Utc::now(),
+    };
+    Event::Requested { checkout }
+        .encode()
+        .map(|b| b.len())
+        .unwrap_or(700)
+}
+
+fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
+    println!();
+    println!(
+        "checkout bench: scenario={:?} users={} duration={:?} rate={} seed={}",
+        opts.scenario,
+        opts.users,
+        opts.duration,
+        opts.rate
+            .map_or("closed-loop".to_owned(), |r| format!("{r}/s")),
+        opts.seed
+    );
+    println!(
+        "{:<52} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
+        "run", "settled/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "failed", "errors"
+    );
+    for r in reports.iter_mut() {
+        let s = &mut r.stats;
+        println!(
+            "{:<52} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>7}",
+            r.label,
+            s.per_second(),
+            s.quantile_ms(0.5),
+            s.quantile_ms(0.95),
+            s.quantile_ms(0.99),
+            s.quantile_ms(1.0),
+            s.failed,
+            s.errors
+        );
+        if r.ceiling_per_s > 0.0 {
+            println!(
+                "    ceiling {:.0}/s (JetStream {:.0} pub/s / {PUBLISHES_PER_CHECKOUT}, PostgreSQL {:.0} commits/s / {COMMITS_PER_CHECKOUT}); ratio {:.3}",
+                r.ceiling_per_s,
+                r.js_rate,
+                r.pg_rate,
+                s.per_second() / r.ceiling_per_s
+            );
+        }
+        let cpu: Vec<String> = r
+            .cpu_ms_per_checkout
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms:.2}"))
+            .collect();
+        println!("    CPU ms per checkout: {}", cpu.join(", "));
+        if !r.note.is_empty() {
+            println!("    {}", r.note.trim());
+        }
+    }
+    if let Some(first) = reports.first_mut() {
+        let rate = first.stats.per_second();
+        let ratio = if first.ceiling_per_s > 0.0 {
+            rate / first.ceiling_per_s
+        } else {
+            0.0
+        };
+        println!(
+            "RESULT checkouts_per_s={:.1} p50_ms={:.1} p99_ms={:.1} ceiling_per_s={:.1} ratio={:.3}",
+            rate,
+            first.stats.quantile_ms(0.5),
+            first.stats.quantile_ms(0.99),
+            first.ceiling_per_s,
+            ratio
+        );
+    }
+}
