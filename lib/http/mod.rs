@@ -50,6 +50,13 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .nest("/api", api)
+        .method_not_allowed_fallback(|| async {
+            error::ApiError::client(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
         .with_state(state)
         // Refuse big bodies before reading them (413), not after buffering them.
         .layer(DefaultBodyLimit::max(body_limit))

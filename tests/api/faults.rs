@@ -160,3 +160,88 @@ async fn a_checkout_accepted_while_nats_is_down_completes_after_it_returns() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn killing_an_authorize_process_mid_flight_loses_and_doubles_nothing() {
+    use checkout::app::{App, Role};
+    use std::process::{Command, Stdio};
+
+    // Everything but authorize in-process; authorize as a real process we can SIGKILL.
+    let nats = crate::helpers::NatsServer::start();
+    let db = crate::helpers::TestDb::new();
+    let mut settings = crate::helpers::test_settings(&nats, &db);
+    let roles = [
+        Role::Psp,
+        Role::Edge,
+        Role::Reserve,
+        Role::Order,
+        Role::Compensate,
+    ];
+    let app = App::build(settings.clone(), &roles)
+        .await
+        .expect("app starts");
+    settings.psp.url = format!("http://{}", app.psp_addr().expect("psp"));
+    let harness = crate::helpers::TestApp::attach(app, settings, nats, db).await;
+    let spawn_authorize = || {
+        Command::new(env!("CARGO_BIN_EXE_checkout"))
+            .args(["run", "authorize"])
+            .env("CHECKOUT__NATS__URL", harness.nats.url())
+            .env(
+                "CHECKOUT__DATABASE__URL",
+                harness.settings.database.url.expose(),
+            )
+            .env("CHECKOUT__PSP__URL", &harness.psp)
+            .env("CHECKOUT__NATS__ACK_WAIT", "2s")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("authorize process")
+    };
+
+    harness.product("TEE", "2.00", 100).await;
+    let mut orders = Vec::new();
+    for i in 0..30 {
+        let token = harness.token(&format!("buyer-{i}"));
+        let cart = harness.add(&token, "TEE", 1).await;
+        let (status, body) = harness.checkout(&token, "k", &cart, "tok_visa").await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        orders.push((token, body["orderId"].as_str().expect("id").to_owned()));
+    }
+    let mut first = spawn_authorize();
+    // Kill it as soon as it has authorized something, while the rest are in flight.
+    harness
+        .eventually("a first authorization", || async {
+            harness
+                .count("SELECT count(*) FROM payments.payments")
+                .await
+                > 0
+        })
+        .await;
+    first.kill().expect("SIGKILL");
+    let _ = first.wait();
+    let mut second = spawn_authorize();
+
+    for (token, order_id) in &orders {
+        let order = harness.settled(token, order_id).await;
+        assert_eq!(order["status"], "confirmed", "{order}");
+        assert_eq!(
+            harness.ledger_count(order_id, "authorization").await,
+            1,
+            "{order_id}"
+        );
+    }
+    let _ = second.kill();
+    let _ = second.wait();
+    harness
+        .eventually("30 units committed once", || async {
+            harness.stock("TEE").await == (70, 0, 70)
+        })
+        .await;
+    assert_eq!(
+        harness
+            .count("SELECT count(*) FROM payments.payments")
+            .await,
+        30
+    );
+}

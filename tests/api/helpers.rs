@@ -229,6 +229,24 @@ impl TestApp {
         }
     }
 
+    /// Wraps an app the test built itself (for a custom set of roles).
+    pub async fn attach(app: App, settings: Settings, nats: NatsServer, db: TestDb) -> Self {
+        init_telemetry();
+        let base = format!("http://{}", app.http_addr().expect("edge runs"));
+        let psp = format!("http://{}", app.psp_addr().expect("psp runs"));
+        let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
+        Self {
+            app: Some(app),
+            base,
+            psp,
+            http: reqwest::Client::new(),
+            settings,
+            pool,
+            nats,
+            db,
+        }
+    }
+
     /// A buyer's bearer token.
     pub fn token(&self, user: &str) -> String {
         checkout::auth::mint(
