@@ -15,7 +15,7 @@ use crate::compensate::CompensateStep;
 use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::http::{self, AppState};
-use crate::inventory::{CommitStep, ReserveStep};
+use crate::inventory::{self, CommitStep, ReserveStep};
 use crate::orders::OrderStep;
 use crate::payments::sandbox::SandboxClient;
 use crate::payments::{AuthorizeStep, PaymentProvider, ProviderError};
@@ -144,6 +144,18 @@ impl App {
                             }),
                         );
                         spawn_step(&mut tasks, Arc::new(CommitStep { pool: pool.clone() }));
+                        let (pool, token) = (pool.clone(), shutdown.clone());
+                        let inv = settings.inventory.clone();
+                        tasks.spawn(async move {
+                            inventory::run_sweeper(
+                                pool,
+                                inv.expiry_interval,
+                                inv.expiry_batch,
+                                token,
+                            )
+                            .await;
+                            ("reservation-expiry".to_owned(), Ok(()))
+                        });
                     }
                     Role::Authorize => spawn_step(
                         &mut tasks,

@@ -85,6 +85,9 @@ pub struct PspSettings {
 pub struct InventorySettings {
     #[serde(with = "humantime_serde")]
     pub reservation_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub expiry_interval: Duration,
+    pub expiry_batch: i64,
 }
 
 /// The edge's outbox of checkout requests.

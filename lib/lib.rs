@@ -12,8 +12,9 @@
 //! 2. [`inventory`]'s reserve step holds stock for every line or none: `reserved` / `rejected`.
 //! 3. [`payments`]' authorize step asks the PSP ([`payments::sandbox`], served by [`psp`]) with
 //!    a per-order idempotency key: `authorized` / `declined`.
-//! 4. [`orders`]' order step creates the confirmed order: `confirmed`; inventory's commit
-//!    step then turns the held units into a stock decrement.
+//! 4. [`inventory`]'s commit step takes the units out of stock (re-taking a lapsed hold if it
+//!    can): `committed` / `rejected`; [`orders`]' order step then creates the confirmed
+//!    order: `confirmed`. Expired holds are swept back to available stock.
 //! 5. [`compensate`] answers `rejected` and `declined`: releases stock, voids an
 //!    authorization, records the failed order: `failed`.
 //!

@@ -73,7 +73,7 @@ struct RunReport {
 }
 
 /// Publishes and commits one confirmed checkout costs on the happy path.
-const PUBLISHES_PER_CHECKOUT: f64 = 4.0; // requested, reserved, authorized, confirmed
+const PUBLISHES_PER_CHECKOUT: f64 = 5.0; // requested, reserved, authorized, committed, confirmed
 const COMMITS_PER_CHECKOUT: f64 = 6.0; // cart add, checkout, reserve, authorize, order, stock commit
 
 /// Runs every configured run and prints the report; the last line is machine-readable.

@@ -1,13 +1,19 @@
-//! The commit step: once an order is confirmed, its held units leave the warehouse's stock.
+//! The commit step: once the payment is authorized, the order's units leave stock.
+//!
+//! It runs before the order is confirmed, so that no order is ever confirmed without its
+//! stock: if a hold expired while the payment was pending, the units are taken again from
+//! what is available, and if they are gone the checkout is rejected with
+//! `reservation_expired` (compensation then voids the authorization).
+
+use std::collections::HashMap;
 
 use sqlx::PgPool;
 
-use crate::saga::events::{Event, EventKind};
+use crate::saga::events::{Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
 
-/// Consumes `checkout.confirmed`: held reservations become committed, `on_hand` and
-/// `reserved` both drop by their quantities.
+/// Consumes `checkout.authorized`, emits `checkout.committed` or `checkout.rejected`.
 pub struct CommitStep {
     pub pool: PgPool,
 }
@@ -20,11 +26,16 @@ impl Step for CommitStep {
     }
 
     fn consumes(&self) -> Vec<EventKind> {
-        vec![EventKind::Confirmed]
+        vec![EventKind::Authorized]
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        let Event::Confirmed { checkout } = event else {
+        let Event::Authorized {
+            checkout,
+            payment_id,
+            auth_id,
+        } = event
+        else {
             return Err(StepError::Permanent(format!(
                 "inventory-commit cannot handle {:?}",
                 event.kind()
@@ -41,35 +52,93 @@ impl Step for CommitStep {
             Claim::Done(events) => return Ok(events),
             Claim::Fresh(tx) => tx,
         };
-        let held: Vec<(String, i32)> = sqlx::query_as(
+        let order_id = checkout.order_id;
+        let mut attempt = sqlx::Acquire::begin(&mut *tx).await?;
+        let held: HashMap<String, i32> = sqlx::query_as::<_, (String, i32)>(
             "UPDATE inventory.inventory_reservations SET status = 'committed', updated_at = now()
              WHERE order_id = $1 AND status = 'held' RETURNING sku, qty",
         )
-        .bind(checkout.order_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut held = held;
-        held.sort();
-        for (sku, qty) in &held {
-            sqlx::query(
-                "UPDATE inventory.stock SET on_hand = on_hand - $2, reserved = reserved - $2,
-                     updated_at = now() WHERE sku = $1",
-            )
+        .bind(order_id)
+        .fetch_all(&mut *attempt)
+        .await?
+        .into_iter()
+        .collect();
+        let mut lines: Vec<(String, i32)> = checkout
+            .items
+            .iter()
+            .map(|l| (l.sku.as_str().to_owned(), l.qty))
+            .collect();
+        lines.sort();
+        let mut lapsed = Vec::new();
+        for (sku, qty) in &lines {
+            let still_held = held.get(sku).is_some_and(|h| h == qty);
+            // A held unit moves from reserved to gone; a lapsed one is taken from available.
+            let taken = if still_held {
+                sqlx::query(
+                    "UPDATE inventory.stock SET on_hand = on_hand - $2, reserved = reserved - $2,
+                         updated_at = now() WHERE sku = $1",
+                )
+            } else {
+                sqlx::query(
+                    "UPDATE inventory.stock SET on_hand = on_hand - $2, updated_at = now()
+                     WHERE sku = $1 AND on_hand - reserved >= $2",
+                )
+            }
             .bind(sku)
             .bind(qty)
-            .execute(&mut *tx)
-            .await?;
+            .execute(&mut *attempt)
+            .await?
+            .rows_affected();
+            if taken == 0 {
+                lapsed.push(sku.clone());
+                break;
+            }
+            if !still_held {
+                sqlx::query(
+                    "UPDATE inventory.inventory_reservations SET status = 'committed', updated_at = now()
+                     WHERE order_id = $1 AND sku = $2",
+                )
+                .bind(order_id)
+                .bind(sku)
+                .execute(&mut *attempt)
+                .await?;
+            }
             sqlx::query(
                 "INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
-                 VALUES ($1, 'commit', $2, -$3, -$3)",
+                 VALUES ($1, 'commit', $2, -$3, $4)",
             )
             .bind(sku)
-            .bind(checkout.order_id)
+            .bind(order_id)
             .bind(qty)
-            .execute(&mut *tx)
+            .bind(if still_held { -qty } else { 0 })
+            .execute(&mut *attempt)
             .await?;
         }
-        inbox::complete(tx, InboxTable::Inventory, DURABLE, &delivery.event_id, &[]).await?;
-        Ok(Vec::new())
+        let outputs = if lapsed.is_empty() {
+            attempt.commit().await?;
+            vec![Event::Committed {
+                checkout,
+                payment_id,
+                auth_id,
+            }]
+        } else {
+            // Undo everything, holds included: compensation releases what is still held.
+            attempt.rollback().await?;
+            tracing::warn!(skus = ?lapsed, "reservation expired and the stock is gone");
+            vec![Event::Rejected {
+                checkout,
+                reason: FailureReason::ReservationExpired,
+                detail: format!("hold expired and no stock left for {}", lapsed.join(", ")),
+            }]
+        };
+        inbox::complete(
+            tx,
+            InboxTable::Inventory,
+            DURABLE,
+            &delivery.event_id,
+            &outputs,
+        )
+        .await?;
+        Ok(outputs)
     }
 }

@@ -1,14 +1,17 @@
 //! Inventory: stock levels, reservations with an expiry, and the movement ledger.
 //!
 //! `available = on_hand - reserved`. Reserving raises `reserved` with a conditional update
-//! (never below zero available); committing lowers both; releasing lowers `reserved`.
+//! (never below zero available); committing lowers both; releasing and expiring lower
+//! `reserved`. Every change is a row in `stock_movements`, so stock can be audited.
 
 mod commit;
+mod expiry;
 mod release;
 mod reserve;
 mod stock;
 
 pub use commit::CommitStep;
+pub use expiry::{expire_due, run_sweeper};
 pub use release::release_for_order;
 pub use reserve::ReserveStep;
 pub use stock::{get_stock, reservation_status, set_on_hand, Stock, StockError};

@@ -1,4 +1,10 @@
 //! The reserve step: hold stock for every line of a checkout, all or nothing.
+//!
+//! Race-free with any number of reserve processes: a hold is one conditional
+//! `UPDATE stock SET reserved = reserved + qty WHERE on_hand - reserved >= qty`, and rows are
+//! taken in SKU order so that two orders never deadlock. The stock row lock is taken last,
+//! just before commit, so a hot SKU's row is held for as short a time as possible; an
+//! unlocked pre-check turns buyers away without queueing on that lock once it is sold out.
 
 use std::time::Duration;
 
@@ -47,37 +53,22 @@ impl Step for ReserveStep {
         };
         let ttl = chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::minutes(10));
         let expires_at = Utc::now() + ttl;
-        // Lock rows in one global order (by sku) so concurrent orders never deadlock.
         let mut lines: Vec<(String, i32)> = checkout
             .items
             .iter()
             .map(|l| (l.sku.as_str().to_owned(), l.qty))
             .collect();
         lines.sort();
-        let mut attempt = sqlx::Acquire::begin(&mut *tx).await?;
-        let mut short = Vec::new();
-        for (sku, qty) in &lines {
-            let updated = sqlx::query(
-                "UPDATE inventory.stock SET reserved = reserved + $2, updated_at = now()
-                 WHERE sku = $1 AND on_hand - reserved >= $2",
-            )
-            .bind(sku)
-            .bind(qty)
-            .execute(&mut *attempt)
-            .await?
-            .rows_affected();
-            if updated == 0 {
-                short.push(sku.clone());
-                break;
-            }
-        }
-        let outputs = if short.is_empty() {
-            let ids: Vec<Uuid> = lines
+        let skus: Vec<String> = lines.iter().map(|(s, _)| s.clone()).collect();
+        let qtys: Vec<i32> = lines.iter().map(|(_, q)| *q).collect();
+
+        let mut short = shortfall_without_locks(&mut tx, &skus, &qtys).await?;
+        if short.is_empty() {
+            let mut attempt = sqlx::Acquire::begin(&mut *tx).await?;
+            let ids: Vec<Uuid> = skus
                 .iter()
-                .map(|(sku, _)| Uuid::new_v5(&checkout.order_id, sku.as_bytes()))
+                .map(|sku| Uuid::new_v5(&checkout.order_id, sku.as_bytes()))
                 .collect();
-            let skus: Vec<String> = lines.iter().map(|(s, _)| s.clone()).collect();
-            let qtys: Vec<i32> = lines.iter().map(|(_, q)| *q).collect();
             sqlx::query(
                 "INSERT INTO inventory.inventory_reservations
                      (reservation_id, order_id, sku, qty, status, expires_at)
@@ -100,14 +91,34 @@ impl Step for ReserveStep {
             .bind(&qtys)
             .execute(&mut *attempt)
             .await?;
-            attempt.commit().await?;
+            for (sku, qty) in &lines {
+                let held = sqlx::query(
+                    "UPDATE inventory.stock SET reserved = reserved + $2, updated_at = now()
+                     WHERE sku = $1 AND on_hand - reserved >= $2",
+                )
+                .bind(sku)
+                .bind(qty)
+                .execute(&mut *attempt)
+                .await?
+                .rows_affected();
+                if held == 0 {
+                    short.push(sku.clone());
+                    break;
+                }
+            }
+            if short.is_empty() {
+                attempt.commit().await?;
+            } else {
+                // Nothing of a partial reservation survives: all or nothing.
+                attempt.rollback().await?;
+            }
+        }
+        let outputs = if short.is_empty() {
             vec![Event::Reserved {
                 checkout,
                 expires_at,
             }]
         } else {
-            // Nothing of a partial reservation survives: all or nothing.
-            attempt.rollback().await?;
             tracing::info!(skus = ?short, "out of stock");
             vec![Event::Rejected {
                 checkout,
@@ -125,4 +136,24 @@ impl Step for ReserveStep {
         .await?;
         Ok(outputs)
     }
+}
+
+/// SKUs that visibly lack stock (a snapshot read, no locks). Passing it is not a promise:
+/// the conditional update decides.
+async fn shortfall_without_locks(
+    conn: &mut sqlx::PgConnection,
+    skus: &[String],
+    qtys: &[i32],
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT r.sku FROM unnest($1::text[], $2::int[]) AS r(sku, qty)
+         LEFT JOIN inventory.stock s ON s.sku = r.sku
+         WHERE s.sku IS NULL OR s.on_hand - s.reserved < r.qty
+         ORDER BY r.sku",
+    )
+    .bind(skus)
+    .bind(qtys)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(s,)| s).collect())
 }

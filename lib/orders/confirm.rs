@@ -7,8 +7,8 @@ use crate::saga::events::{Event, EventKind};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
 
-/// Consumes `checkout.authorized`, creates the order, emits `checkout.confirmed` (which
-/// inventory consumes to finalize the reservations).
+/// Consumes `checkout.committed` (payment authorized and stock taken), creates the order,
+/// emits `checkout.confirmed`.
 pub struct OrderStep {
     pub pool: PgPool,
 }
@@ -21,11 +21,11 @@ impl Step for OrderStep {
     }
 
     fn consumes(&self) -> Vec<EventKind> {
-        vec![EventKind::Authorized]
+        vec![EventKind::Committed]
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        let Event::Authorized { checkout, .. } = event else {
+        let Event::Committed { checkout, .. } = event else {
             return Err(StepError::Permanent(format!(
                 "order cannot handle {:?}",
                 event.kind()

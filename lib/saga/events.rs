@@ -44,7 +44,8 @@ pub struct Checkout {
 pub enum FailureReason {
     OutOfStock,
     PaymentDeclined,
-    UnknownSku,
+    /// The hold lapsed before payment and the stock was gone when it came.
+    ReservationExpired,
 }
 
 impl FailureReason {
@@ -53,7 +54,7 @@ impl FailureReason {
         match self {
             Self::OutOfStock => "out_of_stock",
             Self::PaymentDeclined => "payment_declined",
-            Self::UnknownSku => "unknown_sku",
+            Self::ReservationExpired => "reservation_expired",
         }
     }
 }
@@ -69,14 +70,21 @@ pub enum Event {
         checkout: Checkout,
         expires_at: DateTime<Utc>,
     },
-    /// reserve -> compensate: at least one line could not be held; nothing is held.
+    /// reserve or inventory-commit -> compensate: a line could not be held (or, after its
+    /// hold expired, taken again); nothing is held.
     Rejected {
         checkout: Checkout,
         reason: FailureReason,
         detail: String,
     },
-    /// authorize -> order: the PSP authorized the total.
+    /// authorize -> inventory-commit: the PSP authorized the total.
     Authorized {
+        checkout: Checkout,
+        payment_id: Uuid,
+        auth_id: String,
+    },
+    /// inventory-commit -> order: the order's units left stock (re-taken if the hold lapsed).
+    Committed {
         checkout: Checkout,
         payment_id: Uuid,
         auth_id: String,
@@ -86,7 +94,7 @@ pub enum Event {
         checkout: Checkout,
         decline_code: String,
     },
-    /// order -> reserve (commit stock) and anyone watching: the order exists and is confirmed.
+    /// order -> anyone watching: the order exists and is confirmed.
     Confirmed { checkout: Checkout },
     /// compensate -> anyone watching: the saga is unwound and the order is failed.
     Failed {
@@ -102,6 +110,7 @@ pub enum EventKind {
     Reserved,
     Rejected,
     Authorized,
+    Committed,
     Declined,
     Confirmed,
     Failed,
@@ -109,11 +118,12 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in saga order.
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         Self::Requested,
         Self::Reserved,
         Self::Rejected,
         Self::Authorized,
+        Self::Committed,
         Self::Declined,
         Self::Confirmed,
         Self::Failed,
@@ -126,6 +136,7 @@ impl EventKind {
             Self::Reserved => "reserved",
             Self::Rejected => "rejected",
             Self::Authorized => "authorized",
+            Self::Committed => "committed",
             Self::Declined => "declined",
             Self::Confirmed => "confirmed",
             Self::Failed => "failed",
@@ -151,6 +162,7 @@ impl Event {
             Self::Reserved { .. } => EventKind::Reserved,
             Self::Rejected { .. } => EventKind::Rejected,
             Self::Authorized { .. } => EventKind::Authorized,
+            Self::Committed { .. } => EventKind::Committed,
             Self::Declined { .. } => EventKind::Declined,
             Self::Confirmed { .. } => EventKind::Confirmed,
             Self::Failed { .. } => EventKind::Failed,
@@ -164,6 +176,7 @@ impl Event {
             | Self::Reserved { checkout, .. }
             | Self::Rejected { checkout, .. }
             | Self::Authorized { checkout, .. }
+            | Self::Committed { checkout, .. }
             | Self::Declined { checkout, .. }
             | Self::Confirmed { checkout }
             | Self::Failed { checkout, .. } => checkout,

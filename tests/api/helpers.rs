@@ -205,12 +205,17 @@ impl TestApp {
 
     /// Starts everything after `tweak` adjusts the settings.
     pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_roles(&Role::ALL, tweak).await
+    }
+
+    /// Starts some roles (the edge and the PSP among them).
+    pub async fn spawn_roles(roles: &[Role], tweak: impl FnOnce(&mut Settings)) -> Self {
         init_telemetry();
         let nats = NatsServer::start();
         let db = TestDb::new();
         let mut settings = test_settings(&nats, &db);
         tweak(&mut settings);
-        let app = App::build(settings.clone(), &Role::ALL)
+        let app = App::build(settings.clone(), roles)
             .await
             .expect("app starts");
         let base = format!("http://{}", app.http_addr().expect("edge runs"));
@@ -245,6 +250,13 @@ impl TestApp {
             nats,
             db,
         }
+    }
+
+    /// Starts more role processes against the same NATS, database and PSP (kept until dropped).
+    pub async fn start_roles(&self, roles: &[Role]) -> App {
+        App::build(self.settings.clone(), roles)
+            .await
+            .expect("extra roles start")
     }
 
     /// A buyer's bearer token.

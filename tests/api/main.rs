@@ -6,3 +6,4 @@ mod checkout_flow;
 mod faults;
 mod helpers;
 mod idempotency;
+mod inventory;
