@@ -16,9 +16,10 @@ use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::http::{self, AppState};
 use crate::inventory::{self, CommitStep, ReserveStep};
-use crate::orders::OrderStep;
+use crate::orders::{LifecycleStep, OrderStep};
 use crate::payments::sandbox::SandboxClient;
-use crate::payments::{AuthorizeStep, PaymentProvider, ProviderError};
+use crate::payments::guard::GuardedProvider;
+use crate::payments::{AuthorizeStep, CaptureStep, PaymentProvider, ProviderError, RefundStep};
 use crate::psp::Sandbox;
 use crate::saga::runner::{self, Step};
 
@@ -125,8 +126,11 @@ impl App {
             }
             let bus = Bus::connect(&settings.nats).await?;
             bus.ensure_streams().await?;
-            let provider: Arc<dyn PaymentProvider> =
+            let sandbox: Arc<dyn PaymentProvider> =
                 Arc::new(SandboxClient::new(&settings.psp.url, settings.psp.timeout)?);
+            let guarded = Arc::new(GuardedProvider::new(sandbox, &settings.payments));
+            let breaker = guarded.breaker();
+            let provider: Arc<dyn PaymentProvider> = guarded;
             let spawn_step = |tasks: &mut JoinSet<TaskResult>, step: Arc<dyn StepLauncher>| {
                 let bus = bus.clone();
                 let settings = settings.clone();
@@ -157,15 +161,40 @@ impl App {
                             ("reservation-expiry".to_owned(), Ok(()))
                         });
                     }
-                    Role::Authorize => spawn_step(
-                        &mut tasks,
-                        Arc::new(AuthorizeStep {
-                            pool: pool.clone(),
-                            provider: provider.clone(),
-                        }),
-                    ),
+                    Role::Authorize => {
+                        spawn_step(
+                            &mut tasks,
+                            Arc::new(AuthorizeStep {
+                                pool: pool.clone(),
+                                provider: provider.clone(),
+                                max_attempts: settings.payments.max_attempts,
+                                max_risk_score: settings.payments.max_risk_score,
+                            }),
+                        );
+                        spawn_step(
+                            &mut tasks,
+                            Arc::new(CaptureStep {
+                                pool: pool.clone(),
+                                provider: provider.clone(),
+                            }),
+                        );
+                        spawn_step(
+                            &mut tasks,
+                            Arc::new(RefundStep {
+                                pool: pool.clone(),
+                                provider: provider.clone(),
+                            }),
+                        );
+                        let (bus, breaker, token) =
+                            (bus.clone(), breaker.clone(), shutdown.clone());
+                        tasks.spawn(async move {
+                            crate::status::report_breaker(bus, breaker, token).await;
+                            ("breaker-status".to_owned(), Ok(()))
+                        });
+                    }
                     Role::Order => {
-                        spawn_step(&mut tasks, Arc::new(OrderStep { pool: pool.clone() }))
+                        spawn_step(&mut tasks, Arc::new(OrderStep { pool: pool.clone() }));
+                        spawn_step(&mut tasks, Arc::new(LifecycleStep { pool: pool.clone() }));
                     }
                     Role::Compensate => spawn_step(
                         &mut tasks,

@@ -42,6 +42,8 @@ pub struct ConsumerSpec {
     /// Durable name, shared by every instance of the role (horizontal scaling).
     pub durable: String,
     pub filter_subjects: Vec<String>,
+    /// Overrides `nats.max_deliver` (`-1`: unlimited).
+    pub max_deliver: Option<i64>,
 }
 
 impl Bus {
@@ -142,17 +144,18 @@ impl Bus {
             .await
             .map_err(|e| err(e.to_string()))?;
         let ack_wait = self.settings.ack_wait;
+        let max_deliver = spec.max_deliver.unwrap_or(self.settings.max_deliver);
         let config = consumer::pull::Config {
             durable_name: Some(spec.durable.clone()),
             filter_subjects: spec.filter_subjects.clone(),
             ack_policy: consumer::AckPolicy::Explicit,
             deliver_policy: consumer::DeliverPolicy::All,
             ack_wait,
-            max_deliver: self.settings.max_deliver,
+            max_deliver,
             // Redelivery after a silent failure (a crashed or stuck handler) backs off;
             // handler errors nak with their own delay instead. The server takes the first
             // step as ack_wait, so it starts at ack_wait.
-            backoff: backoff_steps(ack_wait, self.settings.max_deliver),
+            backoff: backoff_steps(ack_wait, max_deliver),
             max_ack_pending: self.settings.max_ack_pending,
             ..Default::default()
         };

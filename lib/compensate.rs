@@ -1,19 +1,21 @@
-//! The compensate step: unwind a checkout that cannot complete. Each undo is idempotent
-//! and runs in the order a human would: give the stock back, release the money, then say
-//! the order failed (so a buyer who sees `failed` can retry and find the stock available).
+//! The compensate step: unwind a checkout that cannot complete, or an order the buyer
+//! cancels. Each undo is idempotent and runs in the order a human would: give the stock back,
+//! release the money, then record the outcome (so a buyer who sees `failed` can retry and
+//! find the stock available).
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use crate::inventory::release_for_order;
-use crate::orders::insert_failed;
+use crate::inventory::{release_for_order, restock_for_order};
+use crate::orders::{finish_cancel, insert_failed};
 use crate::payments::{void_for_order, PaymentProvider};
-use crate::saga::events::{Event, EventKind, FailureReason};
+use crate::saga::events::{Event, EventKind};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
 
-/// Consumes `checkout.rejected` and `checkout.declined`, emits `checkout.failed`.
+/// Consumes `checkout.rejected`, `checkout.declined` and `checkout.cancel_requested`; emits
+/// `checkout.failed` or `checkout.cancelled`.
 pub struct CompensateStep {
     pub pool: PgPool,
     pub provider: Arc<dyn PaymentProvider>,
@@ -27,15 +29,18 @@ impl Step for CompensateStep {
     }
 
     fn consumes(&self) -> Vec<EventKind> {
-        vec![EventKind::Rejected, EventKind::Declined]
+        vec![EventKind::Rejected, EventKind::Declined, EventKind::CancelRequested]
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
         let (checkout, reason) = match event {
             Event::Rejected {
                 checkout, reason, ..
-            } => (checkout, reason),
-            Event::Declined { checkout, .. } => (checkout, FailureReason::PaymentDeclined),
+            } => (checkout, Some(reason)),
+            Event::Declined {
+                checkout, reason, ..
+            } => (checkout, Some(reason)),
+            Event::CancelRequested { checkout } => (checkout, None),
             other => {
                 return Err(StepError::Permanent(format!(
                     "compensate cannot handle {:?}",
@@ -49,32 +54,37 @@ impl Step for CompensateStep {
             return Ok(events);
         }
         let order_id = checkout.order_id;
-        let released = release_for_order(&self.pool, order_id).await?;
+        let released = match reason {
+            Some(_) => release_for_order(&self.pool, order_id).await?,
+            // A confirmed order's units already left stock: they come back to on_hand.
+            None => restock_for_order(&self.pool, order_id).await?,
+        };
         let voided = void_for_order(&self.pool, self.provider.as_ref(), order_id)
             .await
-            .map_err(|e| StepError::Transient(e.to_string()))?;
-        let mut tx = match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id)
-            .await?
-        {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
+            .map_err(|e| match e {
+                crate::payments::void::VoidError::Provider(crate::payments::ProviderError::Deferred(d)) => {
+                    StepError::RetryAfter(d)
+                }
+                other => StepError::Transient(other.to_string()),
+            })?;
+        let mut tx =
+            match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id).await? {
+                Claim::Done(events) => return Ok(events),
+                Claim::Fresh(tx) => tx,
+            };
+        let outputs = match reason {
+            Some(reason) => {
+                insert_failed(&mut tx, &checkout, reason).await?;
+                tracing::info!(reason = reason.as_str(), released, voided, "order failed and compensated");
+                vec![Event::Failed { checkout, reason }]
+            }
+            None => {
+                finish_cancel(&mut tx, order_id).await?;
+                tracing::info!(released, voided, "order cancelled");
+                vec![Event::Cancelled { checkout }]
+            }
         };
-        insert_failed(&mut tx, &checkout, reason).await?;
-        let outputs = vec![Event::Failed { checkout, reason }];
-        inbox::complete(
-            tx,
-            InboxTable::Orders,
-            DURABLE,
-            &delivery.event_id,
-            &outputs,
-        )
-        .await?;
-        tracing::info!(
-            reason = reason.as_str(),
-            released,
-            voided,
-            "order failed and compensated"
-        );
+        inbox::complete(tx, InboxTable::Orders, DURABLE, &delivery.event_id, &outputs).await?;
         Ok(outputs)
     }
 }

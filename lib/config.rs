@@ -18,6 +18,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub psp: PspSettings,
     pub inventory: InventorySettings,
+    pub payments: PaymentsSettings,
     pub edge: EdgeSettings,
     pub chaos: ChaosSettings,
 }
@@ -78,6 +79,20 @@ pub struct PspSettings {
     pub url: String,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+/// Retries, fraud policy, rate limit and circuit breaker for the payment provider.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaymentsSettings {
+    pub max_attempts: i32,
+    pub max_risk_score: u8,
+    pub rate_limit_per_s: f64,
+    #[serde(with = "humantime_serde")]
+    pub breaker_window: Duration,
+    pub breaker_min_calls: u32,
+    pub breaker_failure_rate: f64,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
 }
 
 /// Stock reservations.

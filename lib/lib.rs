@@ -45,4 +45,5 @@ pub mod payments;
 pub mod pricing;
 pub mod psp;
 pub mod saga;
+pub mod status;
 pub mod telemetry;

@@ -1,8 +1,12 @@
 //! The sandbox payment service provider: a small Stripe-like HTTP server used in development
 //! and tests. It keeps its ledger in memory (it stands in for someone else's system).
 //!
-//! Card tokens: `tok_visa` approves, `tok_declined` declines with `card_declined`; any other
-//! token declines with `invalid_card`.
+//! Card tokens:
+//! - `tok_visa` approves (risk score 10); `tok_fraud` approves with risk score 92;
+//! - `tok_declined` declines (`card_declined`), `tok_insufficient_funds` declines
+//!   (`insufficient_funds`), any other token declines (`invalid_card`);
+//! - `tok_slow` approves after about 1 s; `tok_timeout` never answers (nothing is recorded);
+//! - `tok_flaky` answers 503 to the first two attempts of an idempotency key, then approves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +31,8 @@ struct Ledger {
     replies: HashMap<(String, String), (String, StatusCode, Value)>,
     authorizations: HashMap<String, Authorization>,
     entries: Vec<LedgerEntry>,
+    /// Attempts per idempotency key, for `tok_flaky`.
+    attempts: HashMap<String, u32>,
 }
 
 #[derive(Clone)]
@@ -34,6 +40,7 @@ struct Authorization {
     amount: Decimal,
     captured: Decimal,
     status: &'static str,
+    expires_at: DateTime<Utc>,
 }
 
 #[derive(Clone, Serialize)]
@@ -98,6 +105,7 @@ impl Sandbox {
             .route("/v1/authorizations", post(authorize))
             .route("/v1/authorizations/{id}/{operation}", post(operate))
             .route("/v1/ledger", get(ledger))
+            .route("/v1/authorizations", get(authorizations))
             .with_state(self)
     }
 
@@ -158,14 +166,36 @@ async fn authorize(
             "amount must be a decimal string",
         );
     };
+    match body.token.as_str() {
+        // Hangs past any sane client timeout; the client gives up, nothing is authorized.
+        "tok_timeout" => {
+            tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+            return error(StatusCode::GATEWAY_TIMEOUT, "timeout", "no answer");
+        }
+        "tok_slow" => tokio::time::sleep(std::time::Duration::from_millis(1000)).await,
+        "tok_flaky" => {
+            let Ok(mut ledger) = sandbox.ledger.lock() else {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "ledger poisoned");
+            };
+            let answered = ledger.replies.contains_key(&("authorize".to_owned(), key.clone()));
+            let attempts = ledger.attempts.entry(key.clone()).or_insert(0);
+            *attempts += 1;
+            if !answered && *attempts <= 2 {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again");
+            }
+        }
+        _ => {}
+    }
     let fingerprint = serde_json::to_string(&body).unwrap_or_default();
     sandbox.idempotent("authorize", key, fingerprint, move |ledger| {
         let id = format!("auth_{}", Uuid::new_v4().simple());
         let now = Utc::now();
-        let (status, decline_code) = match body.token.as_str() {
-            "tok_visa" => ("authorized", None),
-            "tok_declined" => ("declined", Some("card_declined")),
-            _ => ("declined", Some("invalid_card")),
+        let (status, decline_code, risk_score) = match body.token.as_str() {
+            "tok_visa" | "tok_slow" | "tok_flaky" => ("authorized", None, 10),
+            "tok_fraud" => ("authorized", None, 92),
+            "tok_declined" => ("declined", Some("card_declined"), 10),
+            "tok_insufficient_funds" => ("declined", Some("insufficient_funds"), 10),
+            _ => ("declined", Some("invalid_card"), 10),
         };
         let expires_at = now + Duration::days(AUTHORIZATION_LIFETIME_DAYS);
         if status == "authorized" {
@@ -175,6 +205,7 @@ async fn authorize(
                     amount,
                     captured: Decimal::ZERO,
                     status: "authorized",
+                    expires_at,
                 },
             );
         }
@@ -197,7 +228,7 @@ async fn authorize(
                 "amount": body.amount,
                 "currency": body.currency,
                 "reference": body.reference,
-                "riskScore": 10,
+                "riskScore": risk_score,
                 "expiresAt": (status == "authorized").then_some(expires_at),
             }),
         )
@@ -240,6 +271,12 @@ async fn operate(
         let Some(auth) = ledger.authorizations.get(&id).cloned() else {
             return (StatusCode::NOT_FOUND, json!({"error": {"code": "not_found", "message": "no such authorization"}}));
         };
+        if kind == "capture" && auth.expires_at <= Utc::now() {
+            return (
+                StatusCode::CONFLICT,
+                json!({"error": {"code": "authorization_expired", "message": "the authorization has expired"}}),
+            );
+        }
         if auth.status != from {
             return (
                 StatusCode::CONFLICT,
@@ -292,4 +329,25 @@ async fn ledger(State(sandbox): State<Sandbox>, Query(query): Query<LedgerQuery>
         .filter(|e| query.reference.as_deref().is_none_or(|r| r == e.reference))
         .collect();
     Json(json!({ "entries": entries })).into_response()
+}
+
+/// Authorizations of one reference with their current status (for reconciliation).
+async fn authorizations(State(sandbox): State<Sandbox>, Query(query): Query<LedgerQuery>) -> Response {
+    let Ok(ledger) = sandbox.ledger.lock() else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "ledger poisoned");
+    };
+    let found: Vec<Value> = ledger
+        .entries
+        .iter()
+        .filter(|e| e.kind == "authorization")
+        .filter(|e| query.reference.as_deref().is_none_or(|r| r == e.reference))
+        .map(|e| {
+            let status = ledger
+                .authorizations
+                .get(&e.id)
+                .map_or(e.status.as_str(), |a| a.status);
+            json!({"id": e.id, "status": status, "amount": e.amount, "currency": e.currency})
+        })
+        .collect();
+    Json(json!({ "authorizations": found })).into_response()
 }

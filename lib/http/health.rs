@@ -35,6 +35,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         Json(json!({
             "status": if ready { "ready" } else { "not_ready" },
             "checks": {"database": database, "nats": nats, "streams": streams},
+            "details": {"payments": {"breakers": crate::status::breakers(&state.bus).await}},
         })),
     )
 }

@@ -45,6 +45,9 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route("/checkout", post(checkout::checkout))
         .route("/orders/{order_id}", get(orders::get_order))
+        .route("/orders/{order_id}/ship", post(orders::ship))
+        .route("/orders/{order_id}/cancel", post(orders::cancel))
+        .route("/orders/{order_id}/refund", post(orders::refund))
         .fallback(|| async { error::ApiError::not_found("not_found", "no such route") });
     Router::new()
         .route("/healthz", get(health::healthz))

@@ -1,14 +1,23 @@
-//! `GET /api/orders/{id}`: the settled order, or the pending checkout with its stage.
+//! Order routes: lookup, and the asynchronous ship, cancel and refund requests.
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
+use serde_json::json;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::extract::Caller;
+use super::extract::{Admin, Caller};
 use super::views::money;
 use super::AppState;
+use crate::auth::Principal;
+use crate::orders::{Action, ActionRequest};
+use crate::payments::PaymentView;
+use crate::saga::events::Event;
+use crate::saga::runner::Outgoing;
+use crate::saga::trace::TraceParent;
 use crate::{checkout, inventory, orders, payments};
 
 /// An order line.
@@ -43,12 +52,46 @@ pub struct OrderJson {
 
 /// The order's payment.
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PaymentJson {
     status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decline_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// True when an authorization can no longer be captured.
+    expired: bool,
+    failed_attempts: i32,
+}
+
+impl PaymentJson {
+    fn new(view: PaymentView, settled: bool) -> Self {
+        let expired = view.expired();
+        Self {
+            // A settled order without a payment row never reached the provider.
+            status: if settled && view.status == "pending" {
+                "none".into()
+            } else {
+                view.status
+            },
+            decline_code: view.decline_code,
+            expires_at: view.expires_at,
+            expired,
+            failed_attempts: view.failed_attempts,
+        }
+    }
 }
 
 fn not_found() -> ApiError {
     ApiError::not_found("order_not_found", "no such order")
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| not_found())
+}
+
+fn may_see(caller: &Principal, owner: &str) -> bool {
+    caller.admin || caller.user_id == owner
 }
 
 pub async fn get_order(
@@ -56,19 +99,23 @@ pub async fn get_order(
     Caller(caller): Caller,
     Path(order_id): Path<String>,
 ) -> Result<Json<OrderJson>, ApiError> {
-    let order_id = Uuid::parse_str(&order_id).map_err(|_| not_found())?;
-    let payment = payments::payment_status(&state.pool, order_id)
-        .await?
-        .unwrap_or_else(|| "pending".into());
+    let order_id = parse_id(&order_id)?;
+    let payment = payments::payment_view(&state.pool, order_id).await?;
     if let Some(order) = orders::get_order(&state.pool, order_id).await? {
-        if order.user_id != caller.user_id && !caller.admin {
+        if !may_see(&caller, &order.user_id) {
             return Err(not_found());
         }
         let currency = order.currency.clone();
+        let stage = match order.pending_action.as_deref() {
+            Some("ship") => Some("shipping"),
+            Some("cancel") => Some("cancelling"),
+            Some("refund") => Some("refunding"),
+            _ => None,
+        };
         return Ok(Json(OrderJson {
             order_id,
             status: order.status,
-            stage: None,
+            stage,
             reason: order.reason,
             items: order
                 .items
@@ -85,14 +132,7 @@ pub async fn get_order(
             tax: money(order.tax, &currency),
             shipping: money(order.shipping, &currency),
             total: money(order.total, &currency),
-            // A settled order without a payment row never reached the provider.
-            payment: PaymentJson {
-                status: if payment == "pending" {
-                    "none".into()
-                } else {
-                    payment
-                },
-            },
+            payment: PaymentJson::new(payment, true),
             currency,
         }));
     }
@@ -101,15 +141,13 @@ pub async fn get_order(
     let Some(pending) = checkout::find_by_order(&state.pool, order_id).await? else {
         return Err(not_found());
     };
-    if pending.user_id != caller.user_id && !caller.admin {
+    if !may_see(&caller, &pending.user_id) {
         return Err(not_found());
     }
-    let stage = match inventory::reservation_status(&state.pool, order_id)
-        .await?
-        .as_deref()
-    {
+    let stage = match inventory::reservation_status(&state.pool, order_id).await?.as_deref() {
         None => "reserving",
-        Some(_) if payment == "pending" => "authorizing",
+        Some(_) if payment.status == "pending" && payment.failed_attempts > 0 => "payment_pending",
+        Some(_) if payment.status == "pending" => "authorizing",
         Some(_) => "confirming",
     };
     let currency = pending.currency.clone();
@@ -134,6 +172,83 @@ pub async fn get_order(
         shipping: money(pending.shipping, &currency),
         total: money(pending.total, &currency),
         currency,
-        payment: PaymentJson { status: payment },
+        payment: PaymentJson::new(payment, false),
     }))
+}
+
+/// Locks the order for an action and publishes the request; a repeat does nothing more.
+async fn request(
+    state: &AppState,
+    caller: &Principal,
+    order_id: &str,
+    action: Action,
+) -> Result<impl IntoResponse, ApiError> {
+    let order_id = parse_id(order_id)?;
+    let Some(checkout) = checkout::find_by_order(&state.pool, order_id).await? else {
+        return Err(not_found());
+    };
+    if !may_see(caller, &checkout.user_id) {
+        return Err(not_found());
+    }
+    if action == Action::Ship && payments::payment_view(&state.pool, order_id).await?.expired() {
+        return Err(ApiError::client(
+            StatusCode::CONFLICT,
+            "authorization_expired",
+            "the payment authorization has expired and cannot be captured; ask the buyer to pay again",
+        ));
+    }
+    let status = match orders::request_action(&state.pool, order_id, action).await? {
+        ActionRequest::AlreadyDone => "done",
+        ActionRequest::Accepted => {
+            let event = match action {
+                Action::Ship => Event::ShipRequested { checkout },
+                Action::Cancel => Event::CancelRequested { checkout },
+                Action::Refund => Event::RefundRequested { checkout },
+            };
+            let out = Outgoing::new(&event, Some(&TraceParent::new_root()))
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            // The lock stays if this fails; the client's retry publishes again (same id).
+            state
+                .bus
+                .publish(&out)
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            "accepted"
+        }
+        ActionRequest::Refused { status } => {
+            return Err(ApiError::client(
+                StatusCode::CONFLICT,
+                "invalid_order_state",
+                format!("the order is {status}"),
+            ))
+        }
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"orderId": order_id, "request": status})),
+    ))
+}
+
+pub async fn ship(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Path(order_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    request(&state, &admin, &order_id, Action::Ship).await
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(order_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    request(&state, &caller, &order_id, Action::Cancel).await
+}
+
+pub async fn refund(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Path(order_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    request(&state, &admin, &order_id, Action::Refund).await
 }

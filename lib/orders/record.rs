@@ -21,6 +21,7 @@ pub struct OrderRecord {
     pub total: Decimal,
     pub currency: String,
     pub created_at: DateTime<Utc>,
+    pub pending_action: Option<String>,
     #[sqlx(skip)]
     pub items: Vec<OrderItem>,
 }
@@ -91,7 +92,7 @@ pub async fn insert_failed(
 pub async fn get_order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderRecord>, sqlx::Error> {
     let order: Option<OrderRecord> = sqlx::query_as(
         "SELECT order_id, user_id, status, reason, subtotal, discount, tax, shipping, total,
-                currency, created_at
+                currency, created_at, pending_action
          FROM orders.orders WHERE order_id = $1",
     )
     .bind(order_id)

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
 use super::{idempotency_key, payment_id_for};
-use crate::saga::events::{Event, EventKind};
+use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
 
@@ -14,9 +14,25 @@ use crate::saga::runner::{Delivery, Step, StepError};
 pub struct AuthorizeStep {
     pub pool: PgPool,
     pub provider: Arc<dyn PaymentProvider>,
+    /// Failed provider calls allowed per order.
+    pub max_attempts: i32,
+    /// Risk scores at or above this are refused (the authorization is voided).
+    pub max_risk_score: u8,
 }
 
 const DURABLE: &str = "authorize";
+
+/// What to record and emit.
+enum Decision {
+    Approved(String, Option<chrono::DateTime<chrono::Utc>>),
+    Refused {
+        status: &'static str,
+        auth_id: Option<String>,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        code: String,
+        reason: FailureReason,
+    },
+}
 
 impl Step for AuthorizeStep {
     fn durable(&self) -> &'static str {
@@ -25,6 +41,12 @@ impl Step for AuthorizeStep {
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::Reserved]
+    }
+
+    /// Unlimited deliveries: the attempt budget counts real provider failures, not the
+    /// naks of an open breaker (an outage must not dead-letter paying customers).
+    fn max_deliver(&self) -> Option<i64> {
+        Some(-1)
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
@@ -36,13 +58,8 @@ impl Step for AuthorizeStep {
         };
         // The provider call cannot sit inside a transaction, so look first: a redelivery of
         // a handled event must not even reach the provider.
-        if let Some(events) = inbox::lookup(
-            &self.pool,
-            InboxTable::Payments,
-            DURABLE,
-            &delivery.event_id,
-        )
-        .await?
+        if let Some(events) =
+            inbox::lookup(&self.pool, InboxTable::Payments, DURABLE, &delivery.event_id).await?
         {
             return Ok(events);
         }
@@ -56,75 +73,148 @@ impl Step for AuthorizeStep {
             // so a crash between its answer and our commit never authorizes twice.
             idempotency_key: idempotency_key(order_id, "authorize"),
         };
-        let outcome = match self.provider.authorize(&request).await {
-            Ok(outcome) => outcome,
-            Err(ProviderError::Unavailable(e)) => return Err(StepError::Transient(e)),
-            Err(ProviderError::Rejected(e)) => AuthorizeOutcome::Declined {
-                code: format!(
-                    "provider_rejected: {}",
-                    e.chars().take(200).collect::<String>()
-                ),
-            },
-        };
-        let mut tx = match inbox::claim(
-            &self.pool,
-            InboxTable::Payments,
-            DURABLE,
-            &delivery.event_id,
-        )
-        .await?
-        {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
-        };
-        let payment_id = payment_id_for(order_id);
-        let (status, auth_id, decline_code, expires_at) = match &outcome {
-            AuthorizeOutcome::Approved {
+        let decision = match self.provider.authorize(&request).await {
+            Ok(AuthorizeOutcome::Approved {
                 auth_id,
                 expires_at,
-                ..
-            } => ("authorized", Some(auth_id.clone()), None, *expires_at),
-            AuthorizeOutcome::Declined { code } => ("declined", None, Some(code.clone()), None),
+                risk_score,
+            }) => match risk_score {
+                Some(score) if score >= self.max_risk_score => {
+                    tracing::warn!(risk_score = score, "fraud suspected; the authorization will be voided");
+                    Decision::Refused {
+                        status: "authorized",
+                        auth_id: Some(auth_id),
+                        expires_at,
+                        code: "fraud_suspected".into(),
+                        reason: FailureReason::FraudSuspected,
+                    }
+                }
+                _ => Decision::Approved(auth_id, expires_at),
+            },
+            Ok(AuthorizeOutcome::Declined { code }) => Decision::Refused {
+                status: "declined",
+                auth_id: None,
+                expires_at: None,
+                code,
+                reason: FailureReason::PaymentDeclined,
+            },
+            Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
+            Err(ProviderError::Unavailable(e)) => {
+                let failures = record_failure(&self.pool, order_id, &e).await?;
+                if failures < self.max_attempts {
+                    return Err(StepError::Transient(format!(
+                        "provider unavailable (attempt {failures} of {}): {e}",
+                        self.max_attempts
+                    )));
+                }
+                tracing::warn!(failures, "giving up on the provider");
+                // The outcome is unknown (a timeout may have authorized): status `failed`
+                // makes compensation ask the provider and void whatever it holds.
+                Decision::Refused {
+                    status: "failed",
+                    auth_id: None,
+                    expires_at: None,
+                    code: "payment_unavailable".into(),
+                    reason: FailureReason::PaymentUnavailable,
+                }
+            }
+            Err(ProviderError::Rejected(e)) => Decision::Refused {
+                status: "declined",
+                auth_id: None,
+                expires_at: None,
+                code: format!("provider_rejected: {}", e.chars().take(200).collect::<String>()),
+                reason: FailureReason::PaymentDeclined,
+            },
         };
-        sqlx::query(
-            "INSERT INTO payments.payments
-                 (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (order_id) DO NOTHING",
-        )
-        .bind(payment_id)
-        .bind(order_id)
-        .bind(self.provider.name())
-        .bind(status)
-        .bind(&auth_id)
-        .bind(checkout.total)
-        .bind(&checkout.currency)
-        .bind(&decline_code)
-        .bind(expires_at)
-        .execute(&mut *tx)
-        .await?;
-        let outputs = match outcome {
-            AuthorizeOutcome::Approved { auth_id, .. } => vec![Event::Authorized {
-                checkout,
-                payment_id,
+        let mut tx =
+            match inbox::claim(&self.pool, InboxTable::Payments, DURABLE, &delivery.event_id)
+                .await?
+            {
+                Claim::Done(events) => return Ok(events),
+                Claim::Fresh(tx) => tx,
+            };
+        let outputs = match decision {
+            Decision::Approved(auth_id, expires_at) => {
+                let payment_id =
+                    insert_payment(&mut tx, self.provider.name(), &checkout, "authorized", Some(&auth_id), None, expires_at)
+                        .await?;
+                vec![Event::Authorized {
+                    checkout,
+                    payment_id,
+                    auth_id,
+                }]
+            }
+            Decision::Refused {
+                status,
                 auth_id,
-            }],
-            AuthorizeOutcome::Declined { code } => {
-                tracing::info!(decline_code = %code, "payment declined");
+                expires_at,
+                code,
+                reason,
+            } => {
+                insert_payment(
+                    &mut tx,
+                    self.provider.name(),
+                    &checkout,
+                    status,
+                    auth_id.as_deref(),
+                    Some(&code),
+                    expires_at,
+                )
+                .await?;
+                tracing::info!(decline_code = %code, reason = reason.as_str(), "payment refused");
                 vec![Event::Declined {
                     checkout,
                     decline_code: code,
+                    reason,
                 }]
             }
         };
-        inbox::complete(
-            tx,
-            InboxTable::Payments,
-            DURABLE,
-            &delivery.event_id,
-            &outputs,
-        )
-        .await?;
+        inbox::complete(tx, InboxTable::Payments, DURABLE, &delivery.event_id, &outputs).await?;
         Ok(outputs)
     }
+}
+
+async fn insert_payment(
+    conn: &mut sqlx::PgConnection,
+    provider: &str,
+    checkout: &Checkout,
+    status: &str,
+    auth_id: Option<&str>,
+    decline_code: Option<&str>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<uuid::Uuid, sqlx::Error> {
+    let payment_id = payment_id_for(checkout.order_id);
+    sqlx::query(
+        "INSERT INTO payments.payments
+             (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(payment_id)
+    .bind(checkout.order_id)
+    .bind(provider)
+    .bind(status)
+    .bind(auth_id)
+    .bind(checkout.total)
+    .bind(&checkout.currency)
+    .bind(decline_code)
+    .bind(expires_at)
+    .execute(conn)
+    .await?;
+    Ok(payment_id)
+}
+
+/// Counts a failed provider call; returns the order's failures so far.
+async fn record_failure(pool: &PgPool, order_id: uuid::Uuid, error: &str) -> Result<i32, sqlx::Error> {
+    let (failures,): (i32,) = sqlx::query_as(
+        "INSERT INTO payments.attempts (order_id, failures, last_error) VALUES ($1, 1, $2)
+         ON CONFLICT (order_id) DO UPDATE SET failures = payments.attempts.failures + 1,
+             last_error = EXCLUDED.last_error, updated_at = now()
+         RETURNING failures",
+    )
+    .bind(order_id)
+    .bind(error.chars().take(500).collect::<String>())
+    .fetch_one(pool)
+    .await?;
+    Ok(failures)
 }

@@ -1,25 +1,58 @@
 //! Payments: the provider adapter, the authorize step, and voids for compensation.
 
 mod authorize;
+pub mod guard;
+mod lifecycle;
 pub mod provider;
 pub mod sandbox;
-mod void;
+pub mod void;
 
 pub use authorize::AuthorizeStep;
+pub use lifecycle::{CaptureStep, RefundStep};
 pub use provider::{PaymentProvider, ProviderError};
 pub use void::void_for_order;
 
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// An order's payment status (`authorized`, `declined`, `voided`, ...), if one exists.
-pub async fn payment_status(pool: &PgPool, order_id: Uuid) -> Result<Option<String>, sqlx::Error> {
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM payments.payments WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(row.map(|(s,)| s))
+/// What the API shows of an order's payment.
+#[derive(Debug, Clone)]
+pub struct PaymentView {
+    /// `authorized`, `captured`, `voided`, `refunded`, `declined`, `failed`, or `pending`
+    /// when the provider has not answered yet.
+    pub status: String,
+    pub decline_code: Option<String>,
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Failed provider calls so far (retries in progress when no status yet).
+    pub failed_attempts: i32,
+}
+
+impl PaymentView {
+    /// An authorization past its provider-side expiry cannot be captured any more.
+    pub fn expired(&self) -> bool {
+        self.status == "authorized" && self.expires_at.is_some_and(|t| t <= chrono::Utc::now())
+    }
+}
+
+/// An order's payment as the API shows it.
+pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, sqlx::Error> {
+    let row: Option<(Option<String>, Option<String>, Option<chrono::DateTime<chrono::Utc>>, Option<i32>)> =
+        sqlx::query_as(
+            "SELECT p.status, p.decline_code, p.expires_at, a.failures
+             FROM (SELECT $1::uuid AS order_id) o
+             LEFT JOIN payments.payments p USING (order_id)
+             LEFT JOIN payments.attempts a USING (order_id)",
+        )
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await?;
+    let (status, decline_code, expires_at, failures) = row.unwrap_or((None, None, None, None));
+    Ok(PaymentView {
+        status: status.unwrap_or_else(|| "pending".into()),
+        decline_code,
+        expires_at,
+        failed_attempts: failures.unwrap_or(0),
+    })
 }
 
 /// The payment id of an order: deterministic, so a retried step names the same payment.

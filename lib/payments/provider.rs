@@ -37,6 +37,16 @@ pub enum ProviderError {
     /// The provider refused the request itself (a bug on our side or theirs).
     #[error("provider rejected the request: {0}")]
     Rejected(String),
+    /// Not sent: the circuit breaker is open or the rate limit is spent; try after this.
+    #[error("provider call deferred for {0:?}")]
+    Deferred(std::time::Duration),
+}
+
+/// An authorization the provider holds for an order.
+#[derive(Debug, Clone)]
+pub struct ProviderAuthorization {
+    pub auth_id: String,
+    pub status: String,
 }
 
 /// A payment service provider.
@@ -58,6 +68,11 @@ pub trait PaymentProvider: Send + Sync {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<(), ProviderError>;
+    /// The authorizations the provider holds for an order (reconciliation after timeouts).
+    async fn authorizations_for(
+        &self,
+        order_id: uuid::Uuid,
+    ) -> Result<Vec<ProviderAuthorization>, ProviderError>;
     /// Refunds a captured amount.
     async fn refund(
         &self,

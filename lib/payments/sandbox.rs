@@ -8,7 +8,9 @@ use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
+use super::provider::{
+    AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderAuthorization, ProviderError,
+};
 
 /// A client of the sandbox PSP.
 #[derive(Clone)]
@@ -124,6 +126,46 @@ impl PaymentProvider for SandboxClient {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn authorizations_for(
+        &self,
+        order_id: uuid::Uuid,
+    ) -> Result<Vec<ProviderAuthorization>, ProviderError> {
+        #[derive(Deserialize)]
+        struct Found {
+            authorizations: Vec<Item>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            id: String,
+            status: String,
+        }
+        let response = self
+            .http
+            .get(format!("{}/v1/authorizations", self.base))
+            .query(&[("reference", order_id.to_string())])
+            .send()
+            .await
+            .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(ProviderError::Unavailable(format!(
+                "authorizations: HTTP {}",
+                response.status()
+            )));
+        }
+        let found: Found = response
+            .json()
+            .await
+            .map_err(|e| ProviderError::Unavailable(format!("bad reply: {e}")))?;
+        Ok(found
+            .authorizations
+            .into_iter()
+            .map(|i| ProviderAuthorization {
+                auth_id: i.id,
+                status: i.status,
+            })
+            .collect())
     }
 
     async fn capture(

@@ -1,4 +1,5 @@
-//! Voiding an order's authorization (compensation), decided from our recorded state.
+//! Voiding an order's authorization (compensation), decided from our recorded state and,
+//! when that is unknown (the provider timed out), from the provider's own records.
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -15,8 +16,8 @@ pub enum VoidError {
     Database(#[from] sqlx::Error),
 }
 
-/// Voids the order's authorization if one is held; does nothing otherwise. Idempotent:
-/// the provider call carries a per-order key and the status moves only from `authorized`.
+/// Voids what the order holds at the provider; does nothing if it holds nothing.
+/// Idempotent: provider calls carry per-order keys, statuses move only forward.
 pub async fn void_for_order(
     pool: &PgPool,
     provider: &dyn PaymentProvider,
@@ -27,21 +28,32 @@ pub async fn void_for_order(
             .bind(order_id)
             .fetch_optional(pool)
             .await?;
-    let Some((status, Some(auth_id))) = row else {
-        return Ok(false);
-    };
-    if status != "authorized" {
-        return Ok(false);
+    match row {
+        Some((status, Some(auth_id))) if status == "authorized" => {
+            provider
+                .void(&auth_id, &idempotency_key(order_id, "void"))
+                .await?;
+            sqlx::query(
+                "UPDATE payments.payments SET status = 'voided', updated_at = now()
+                 WHERE order_id = $1 AND status = 'authorized'",
+            )
+            .bind(order_id)
+            .execute(pool)
+            .await?;
+            Ok(true)
+        }
+        // We gave up on an answer that never came: the provider may hold an authorization.
+        Some((status, _)) if status == "failed" => {
+            let mut voided = false;
+            for found in provider.authorizations_for(order_id).await? {
+                if found.status == "authorized" {
+                    let key = idempotency_key(order_id, &format!("void:{}", found.auth_id));
+                    provider.void(&found.auth_id, &key).await?;
+                    voided = true;
+                }
+            }
+            Ok(voided)
+        }
+        _ => Ok(false),
     }
-    provider
-        .void(&auth_id, &idempotency_key(order_id, "void"))
-        .await?;
-    sqlx::query(
-        "UPDATE payments.payments SET status = 'voided', updated_at = now()
-         WHERE order_id = $1 AND status = 'authorized'",
-    )
-    .bind(order_id)
-    .execute(pool)
-    .await?;
-    Ok(true)
 }

@@ -38,7 +38,7 @@ pub struct Checkout {
     pub requested_at: DateTime<Utc>,
 }
 
-/// Why an order failed; the `reason` the API shows.
+/// Why an order failed or ended early; the `reason` the API shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureReason {
@@ -46,6 +46,12 @@ pub enum FailureReason {
     PaymentDeclined,
     /// The hold lapsed before payment and the stock was gone when it came.
     ReservationExpired,
+    /// The provider approved, but its risk score is above our policy's limit.
+    FraudSuspected,
+    /// The provider did not answer after every allowed attempt.
+    PaymentUnavailable,
+    /// The buyer (or an admin) cancelled before shipment.
+    CustomerCancelled,
 }
 
 impl FailureReason {
@@ -55,8 +61,15 @@ impl FailureReason {
             Self::OutOfStock => "out_of_stock",
             Self::PaymentDeclined => "payment_declined",
             Self::ReservationExpired => "reservation_expired",
+            Self::FraudSuspected => "fraud_suspected",
+            Self::PaymentUnavailable => "payment_unavailable",
+            Self::CustomerCancelled => "customer_cancelled",
         }
     }
+}
+
+fn declined_by_provider() -> FailureReason {
+    FailureReason::PaymentDeclined
 }
 
 /// Every event of the checkout saga. The variant is also the subject's second token.
@@ -89,10 +102,13 @@ pub enum Event {
         payment_id: Uuid,
         auth_id: String,
     },
-    /// authorize -> compensate: the PSP declined.
+    /// authorize -> compensate: no usable authorization (declined, too risky, or the
+    /// provider never answered).
     Declined {
         checkout: Checkout,
         decline_code: String,
+        #[serde(default = "declined_by_provider")]
+        reason: FailureReason,
     },
     /// order -> anyone watching: the order exists and is confirmed.
     Confirmed { checkout: Checkout },
@@ -101,6 +117,20 @@ pub enum Event {
         checkout: Checkout,
         reason: FailureReason,
     },
+    /// edge -> capture (authorize role): an admin shipped the order; capture the payment.
+    ShipRequested { checkout: Checkout },
+    /// capture -> order-lifecycle: the authorized amount was captured.
+    Captured { checkout: Checkout },
+    /// order-lifecycle -> anyone watching: the order is shipped.
+    Shipped { checkout: Checkout },
+    /// edge -> compensate: the buyer or an admin cancelled before shipment.
+    CancelRequested { checkout: Checkout },
+    /// compensate -> anyone watching: stock returned, authorization voided, order cancelled.
+    Cancelled { checkout: Checkout },
+    /// edge -> refund (authorize role): an admin refunded a shipped order.
+    RefundRequested { checkout: Checkout },
+    /// refund -> order-lifecycle: the captured amount was refunded.
+    Refunded { checkout: Checkout },
 }
 
 /// The event's kind, without its payload.
@@ -114,21 +144,16 @@ pub enum EventKind {
     Declined,
     Confirmed,
     Failed,
+    ShipRequested,
+    Captured,
+    Shipped,
+    CancelRequested,
+    Cancelled,
+    RefundRequested,
+    Refunded,
 }
 
 impl EventKind {
-    /// Every kind, in saga order.
-    pub const ALL: [EventKind; 8] = [
-        Self::Requested,
-        Self::Reserved,
-        Self::Rejected,
-        Self::Authorized,
-        Self::Committed,
-        Self::Declined,
-        Self::Confirmed,
-        Self::Failed,
-    ];
-
     /// The token used in subjects, message ids and the `Checkout-Event` header.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -140,8 +165,20 @@ impl EventKind {
             Self::Declined => "declined",
             Self::Confirmed => "confirmed",
             Self::Failed => "failed",
+            Self::ShipRequested => "ship_requested",
+            Self::Captured => "captured",
+            Self::Shipped => "shipped",
+            Self::CancelRequested => "cancel_requested",
+            Self::Cancelled => "cancelled",
+            Self::RefundRequested => "refund_requested",
+            Self::Refunded => "refunded",
         }
     }
+}
+
+/// The order id in an event id (`<order_id>.<event>`).
+pub fn order_id_of(event_id: &str) -> Option<Uuid> {
+    event_id.split('.').next().and_then(|s| Uuid::parse_str(s).ok())
 }
 
 /// A payload that is not a saga event of this schema.
@@ -166,6 +203,13 @@ impl Event {
             Self::Declined { .. } => EventKind::Declined,
             Self::Confirmed { .. } => EventKind::Confirmed,
             Self::Failed { .. } => EventKind::Failed,
+            Self::ShipRequested { .. } => EventKind::ShipRequested,
+            Self::Captured { .. } => EventKind::Captured,
+            Self::Shipped { .. } => EventKind::Shipped,
+            Self::CancelRequested { .. } => EventKind::CancelRequested,
+            Self::Cancelled { .. } => EventKind::Cancelled,
+            Self::RefundRequested { .. } => EventKind::RefundRequested,
+            Self::Refunded { .. } => EventKind::Refunded,
         }
     }
 
@@ -179,7 +223,14 @@ impl Event {
             | Self::Committed { checkout, .. }
             | Self::Declined { checkout, .. }
             | Self::Confirmed { checkout }
-            | Self::Failed { checkout, .. } => checkout,
+            | Self::Failed { checkout, .. }
+            | Self::ShipRequested { checkout }
+            | Self::Captured { checkout }
+            | Self::Shipped { checkout }
+            | Self::CancelRequested { checkout }
+            | Self::Cancelled { checkout }
+            | Self::RefundRequested { checkout }
+            | Self::Refunded { checkout } => checkout,
         }
     }
 

@@ -62,6 +62,9 @@ pub enum StepError {
     /// Retrying cannot help (an event this step cannot act on).
     #[error("permanent: {0}")]
     Permanent(String),
+    /// Not attempted (breaker open, rate limit spent): try again after this delay.
+    #[error("deferred for {0:?}")]
+    RetryAfter(Duration),
 }
 
 impl From<sqlx::Error> for StepError {
@@ -95,6 +98,10 @@ pub trait Step: Send + Sync + 'static {
     fn durable(&self) -> &'static str;
     /// The event kinds this step consumes.
     fn consumes(&self) -> Vec<EventKind>;
+    /// Overrides `nats.max_deliver` for this durable (`-1`: unlimited).
+    fn max_deliver(&self) -> Option<i64> {
+        None
+    }
     /// Does the step's work idempotently and returns the events to emit.
     fn handle(
         &self,
@@ -118,10 +125,11 @@ pub async fn run<S: Step>(
             .into_iter()
             .map(crate::saga::subjects::event_filter)
             .collect(),
+        max_deliver: step.max_deliver(),
     };
     let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     let mut tasks = JoinSet::new();
-    let max_deliver = bus.settings().max_deliver;
+    let max_deliver = spec.max_deliver.unwrap_or(bus.settings().max_deliver);
     info!(consumer = spec.durable, "consumer started");
     'outer: while !shutdown.is_cancelled() {
         let consumer = match bus.ensure_consumer(&spec).await {
@@ -285,6 +293,13 @@ async fn process<S: Step>(
                 if let Err(e) = message.double_ack().await {
                     // The server will redeliver after ack_wait; the inbox makes that harmless.
                     warn!(error = %e, "ack not confirmed");
+                }
+            }
+            Err(StepError::RetryAfter(delay)) => {
+                tracing::debug!(?delay, "step deferred");
+                let delay = delay.max(Duration::from_millis(10));
+                if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                    warn!(error = %e, "nak failed; the server redelivers after ack_wait");
                 }
             }
             Err(StepError::Transient(reason)) if delivered < max_deliver || max_deliver < 1 => {

@@ -1,0 +1,152 @@
+//! After confirmation: requests to ship, cancel or refund (a pending action is a semantic
+//! lock that stops conflicting requests), and the step that records their outcomes.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::saga::events::{Event, EventKind, FailureReason};
+use crate::saga::inbox::{self, Claim, InboxTable};
+use crate::saga::runner::{Delivery, Step, StepError};
+
+/// A change an admin or the buyer asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Ship,
+    Cancel,
+    Refund,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ship => "ship",
+            Self::Cancel => "cancel",
+            Self::Refund => "refund",
+        }
+    }
+
+    /// The status the order must have for the action.
+    fn from_status(self) -> &'static str {
+        match self {
+            Self::Ship | Self::Cancel => "confirmed",
+            Self::Refund => "shipped",
+        }
+    }
+
+    /// The status the action ends in.
+    fn to_status(self) -> &'static str {
+        match self {
+            Self::Ship => "shipped",
+            Self::Cancel => "cancelled",
+            Self::Refund => "refunded",
+        }
+    }
+}
+
+/// The answer to a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ActionRequest {
+    /// Locked for this action now (or already, by an earlier identical request): publish.
+    Accepted,
+    /// Already done: nothing more to do.
+    AlreadyDone,
+    /// The order is in a state that does not allow it (or another action is in flight).
+    Refused { status: String },
+}
+
+/// Locks the order for `action` if its state allows it.
+pub async fn request_action(pool: &PgPool, order_id: Uuid, action: Action) -> Result<ActionRequest, sqlx::Error> {
+    let locked = sqlx::query(
+        "UPDATE orders.orders SET pending_action = $2, updated_at = now()
+         WHERE order_id = $1 AND status = $3 AND (pending_action IS NULL OR pending_action = $2)",
+    )
+    .bind(order_id)
+    .bind(action.as_str())
+    .bind(action.from_status())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if locked == 1 {
+        return Ok(ActionRequest::Accepted);
+    }
+    let row: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, pending_action FROM orders.orders WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(match row {
+        Some((status, _)) if status == action.to_status() => ActionRequest::AlreadyDone,
+        Some((status, pending)) => ActionRequest::Refused {
+            status: pending.map_or(status, |p| format!("{p} in progress")),
+        },
+        None => ActionRequest::Refused {
+            status: "pending".into(),
+        },
+    })
+}
+
+/// Records a finished action and releases the lock.
+async fn finish_action(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    action: Action,
+    reason: Option<FailureReason>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE orders.orders SET status = $2, pending_action = NULL,
+             reason = coalesce($3, reason), updated_at = now()
+         WHERE order_id = $1 AND status = $4",
+    )
+    .bind(order_id)
+    .bind(action.to_status())
+    .bind(reason.map(FailureReason::as_str))
+    .bind(action.from_status())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Consumes `checkout.captured` (order shipped, emits `checkout.shipped`) and
+/// `checkout.refunded` (order refunded).
+pub struct LifecycleStep {
+    pub pool: PgPool,
+}
+
+const DURABLE: &str = "order-lifecycle";
+
+impl Step for LifecycleStep {
+    fn durable(&self) -> &'static str {
+        DURABLE
+    }
+
+    fn consumes(&self) -> Vec<EventKind> {
+        vec![EventKind::Captured, EventKind::Refunded]
+    }
+
+    async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
+        let (action, outputs) = match event {
+            Event::Captured { checkout } => (Action::Ship, vec![Event::Shipped { checkout }]),
+            Event::Refunded { .. } => (Action::Refund, Vec::new()),
+            other => {
+                return Err(StepError::Permanent(format!(
+                    "order-lifecycle cannot handle {:?}",
+                    other.kind()
+                )))
+            }
+        };
+        let order_id = crate::saga::events::order_id_of(&delivery.event_id)
+            .ok_or_else(|| StepError::Permanent("event id without an order id".into()))?;
+        let mut tx = match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id).await? {
+            Claim::Done(events) => return Ok(events),
+            Claim::Fresh(tx) => tx,
+        };
+        finish_action(&mut tx, order_id, action, None).await?;
+        inbox::complete(tx, InboxTable::Orders, DURABLE, &delivery.event_id, &outputs).await?;
+        Ok(outputs)
+    }
+}
+
+/// Records a cancellation (compensation's last step for a cancel request).
+pub async fn finish_cancel(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {
+    finish_action(conn, order_id, Action::Cancel, Some(FailureReason::CustomerCancelled)).await
+}

@@ -1,0 +1,120 @@
+//! Capture on shipment and refund after it, each at most once per order.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::idempotency_key;
+use super::provider::{PaymentProvider, ProviderError};
+use crate::saga::events::{Event, EventKind};
+use crate::saga::inbox::{self, Claim, InboxTable};
+use crate::saga::runner::{Delivery, Step, StepError};
+
+/// Consumes `checkout.ship_requested`: captures the authorized amount, emits `checkout.captured`.
+pub struct CaptureStep {
+    pub pool: PgPool,
+    pub provider: Arc<dyn PaymentProvider>,
+}
+
+/// Consumes `checkout.refund_requested`: refunds the captured amount, emits `checkout.refunded`.
+pub struct RefundStep {
+    pub pool: PgPool,
+    pub provider: Arc<dyn PaymentProvider>,
+}
+
+fn provider_error(e: ProviderError) -> StepError {
+    match e {
+        ProviderError::Deferred(wait) => StepError::RetryAfter(wait),
+        ProviderError::Unavailable(e) => StepError::Transient(e),
+        // Wrong state or an expired authorization: a person must look (dead letter).
+        ProviderError::Rejected(e) => StepError::Permanent(e),
+    }
+}
+
+/// The order's authorization and amount, if it has one.
+async fn authorization(pool: &PgPool, order_id: uuid::Uuid) -> Result<(String, rust_decimal::Decimal), StepError> {
+    let row: Option<(Option<String>, rust_decimal::Decimal)> =
+        sqlx::query_as("SELECT auth_id, amount FROM payments.payments WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    match row {
+        Some((Some(auth_id), amount)) => Ok((auth_id, amount)),
+        _ => Err(StepError::Permanent(format!("order {order_id} has no authorization"))),
+    }
+}
+
+async fn run(
+    pool: &PgPool,
+    durable: &'static str,
+    delivery: &Delivery,
+    order_id: uuid::Uuid,
+    from: &str,
+    to: &str,
+    call: impl std::future::Future<Output = Result<(), ProviderError>>,
+    output: Event,
+) -> Result<Vec<Event>, StepError> {
+    if let Some(events) = inbox::lookup(pool, InboxTable::Payments, durable, &delivery.event_id).await? {
+        return Ok(events);
+    }
+    call.await.map_err(provider_error)?;
+    let mut tx = match inbox::claim(pool, InboxTable::Payments, durable, &delivery.event_id).await? {
+        Claim::Done(events) => return Ok(events),
+        Claim::Fresh(tx) => tx,
+    };
+    sqlx::query(
+        "UPDATE payments.payments SET status = $3, updated_at = now() WHERE order_id = $1 AND status = $2",
+    )
+    .bind(order_id)
+    .bind(from)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
+    let outputs = vec![output];
+    inbox::complete(tx, InboxTable::Payments, durable, &delivery.event_id, &outputs).await?;
+    Ok(outputs)
+}
+
+impl Step for CaptureStep {
+    fn durable(&self) -> &'static str {
+        "capture"
+    }
+
+    fn consumes(&self) -> Vec<EventKind> {
+        vec![EventKind::ShipRequested]
+    }
+
+    async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
+        let Event::ShipRequested { checkout } = event else {
+            return Err(StepError::Permanent(format!("capture cannot handle {:?}", event.kind())));
+        };
+        let order_id = checkout.order_id;
+        let (auth_id, amount) = authorization(&self.pool, order_id).await?;
+        let key = idempotency_key(order_id, "capture");
+        let call = self.provider.capture(&auth_id, amount, &key);
+        run(&self.pool, "capture", delivery, order_id, "authorized", "captured", call, Event::Captured { checkout })
+            .await
+    }
+}
+
+impl Step for RefundStep {
+    fn durable(&self) -> &'static str {
+        "refund"
+    }
+
+    fn consumes(&self) -> Vec<EventKind> {
+        vec![EventKind::RefundRequested]
+    }
+
+    async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
+        let Event::RefundRequested { checkout } = event else {
+            return Err(StepError::Permanent(format!("refund cannot handle {:?}", event.kind())));
+        };
+        let order_id = checkout.order_id;
+        let (auth_id, amount) = authorization(&self.pool, order_id).await?;
+        let key = idempotency_key(order_id, "refund");
+        let call = self.provider.refund(&auth_id, amount, &key);
+        run(&self.pool, "refund", delivery, order_id, "captured", "refunded", call, Event::Refunded { checkout })
+            .await
+    }
+}
