@@ -17,8 +17,8 @@ use crate::db::{self, DbError};
 use crate::http::{self, AppState};
 use crate::inventory::{self, CommitStep, ReserveStep};
 use crate::orders::{LifecycleStep, OrderStep};
-use crate::payments::sandbox::SandboxClient;
 use crate::payments::guard::GuardedProvider;
+use crate::payments::sandbox::SandboxClient;
 use crate::payments::{AuthorizeStep, CaptureStep, PaymentProvider, ProviderError, RefundStep};
 use crate::psp::Sandbox;
 use crate::saga::runner::{self, Step};
@@ -169,6 +169,8 @@ impl App {
                                 provider: provider.clone(),
                                 max_attempts: settings.payments.max_attempts,
                                 max_risk_score: settings.payments.max_risk_score,
+                                fail_after_provider_call: settings.chaos.redeliver
+                                    == crate::config::Redeliver::AfterProviderCall,
                             }),
                         );
                         spawn_step(

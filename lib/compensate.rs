@@ -29,7 +29,11 @@ impl Step for CompensateStep {
     }
 
     fn consumes(&self) -> Vec<EventKind> {
-        vec![EventKind::Rejected, EventKind::Declined, EventKind::CancelRequested]
+        vec![
+            EventKind::Rejected,
+            EventKind::Declined,
+            EventKind::CancelRequested,
+        ]
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
@@ -62,20 +66,26 @@ impl Step for CompensateStep {
         let voided = void_for_order(&self.pool, self.provider.as_ref(), order_id)
             .await
             .map_err(|e| match e {
-                crate::payments::void::VoidError::Provider(crate::payments::ProviderError::Deferred(d)) => {
-                    StepError::RetryAfter(d)
-                }
+                crate::payments::void::VoidError::Provider(
+                    crate::payments::ProviderError::Deferred(d),
+                ) => StepError::RetryAfter(d),
                 other => StepError::Transient(other.to_string()),
             })?;
-        let mut tx =
-            match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id).await? {
-                Claim::Done(events) => return Ok(events),
-                Claim::Fresh(tx) => tx,
-            };
+        let mut tx = match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id)
+            .await?
+        {
+            Claim::Done(events) => return Ok(events),
+            Claim::Fresh(tx) => tx,
+        };
         let outputs = match reason {
             Some(reason) => {
                 insert_failed(&mut tx, &checkout, reason).await?;
-                tracing::info!(reason = reason.as_str(), released, voided, "order failed and compensated");
+                tracing::info!(
+                    reason = reason.as_str(),
+                    released,
+                    voided,
+                    "order failed and compensated"
+                );
                 vec![Event::Failed { checkout, reason }]
             }
             None => {
@@ -84,7 +94,14 @@ impl Step for CompensateStep {
                 vec![Event::Cancelled { checkout }]
             }
         };
-        inbox::complete(tx, InboxTable::Orders, DURABLE, &delivery.event_id, &outputs).await?;
+        inbox::complete(
+            tx,
+            InboxTable::Orders,
+            DURABLE,
+            &delivery.event_id,
+            &outputs,
+        )
+        .await?;
         Ok(outputs)
     }
 }

@@ -127,6 +127,8 @@ pub enum Redeliver {
     None,
     BeforePublish,
     AfterPublish,
+    /// The authorize step fails after the provider answered, before it commits.
+    AfterProviderCall,
 }
 
 /// A string that never prints (database URLs carry passwords, JWT secrets are secrets).

@@ -175,9 +175,15 @@ async fn authorize(
         "tok_slow" => tokio::time::sleep(std::time::Duration::from_millis(1000)).await,
         "tok_flaky" => {
             let Ok(mut ledger) = sandbox.ledger.lock() else {
-                return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "ledger poisoned");
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "ledger poisoned",
+                );
             };
-            let answered = ledger.replies.contains_key(&("authorize".to_owned(), key.clone()));
+            let answered = ledger
+                .replies
+                .contains_key(&("authorize".to_owned(), key.clone()));
             let attempts = ledger.attempts.entry(key.clone()).or_insert(0);
             *attempts += 1;
             if !answered && *attempts <= 2 {
@@ -332,9 +338,16 @@ async fn ledger(State(sandbox): State<Sandbox>, Query(query): Query<LedgerQuery>
 }
 
 /// Authorizations of one reference with their current status (for reconciliation).
-async fn authorizations(State(sandbox): State<Sandbox>, Query(query): Query<LedgerQuery>) -> Response {
+async fn authorizations(
+    State(sandbox): State<Sandbox>,
+    Query(query): Query<LedgerQuery>,
+) -> Response {
     let Ok(ledger) = sandbox.ledger.lock() else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "ledger poisoned");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "ledger poisoned",
+        );
     };
     let found: Vec<Value> = ledger
         .entries

@@ -144,7 +144,10 @@ pub async fn get_order(
     if !may_see(&caller, &pending.user_id) {
         return Err(not_found());
     }
-    let stage = match inventory::reservation_status(&state.pool, order_id).await?.as_deref() {
+    let stage = match inventory::reservation_status(&state.pool, order_id)
+        .await?
+        .as_deref()
+    {
         None => "reserving",
         Some(_) if payment.status == "pending" && payment.failed_attempts > 0 => "payment_pending",
         Some(_) if payment.status == "pending" => "authorizing",
@@ -190,7 +193,11 @@ async fn request(
     if !may_see(caller, &checkout.user_id) {
         return Err(not_found());
     }
-    if action == Action::Ship && payments::payment_view(&state.pool, order_id).await?.expired() {
+    if action == Action::Ship
+        && payments::payment_view(&state.pool, order_id)
+            .await?
+            .expired()
+    {
         return Err(ApiError::client(
             StatusCode::CONFLICT,
             "authorization_expired",

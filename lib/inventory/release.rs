@@ -53,11 +53,13 @@ pub async fn restock_for_order(pool: &PgPool, order_id: Uuid) -> Result<i64, sql
     committed.sort();
     let mut units = 0i64;
     for (sku, qty) in &committed {
-        sqlx::query("UPDATE inventory.stock SET on_hand = on_hand + $2, updated_at = now() WHERE sku = $1")
-            .bind(sku)
-            .bind(qty)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE inventory.stock SET on_hand = on_hand + $2, updated_at = now() WHERE sku = $1",
+        )
+        .bind(sku)
+        .bind(qty)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
              VALUES ($1, 'release', $2, $3, 0)",

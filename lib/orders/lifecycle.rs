@@ -26,7 +26,7 @@ impl Action {
     }
 
     /// The status the order must have for the action.
-    fn from_status(self) -> &'static str {
+    fn required_status(self) -> &'static str {
         match self {
             Self::Ship | Self::Cancel => "confirmed",
             Self::Refund => "shipped",
@@ -34,7 +34,7 @@ impl Action {
     }
 
     /// The status the action ends in.
-    fn to_status(self) -> &'static str {
+    fn final_status(self) -> &'static str {
         match self {
             Self::Ship => "shipped",
             Self::Cancel => "cancelled",
@@ -55,14 +55,18 @@ pub enum ActionRequest {
 }
 
 /// Locks the order for `action` if its state allows it.
-pub async fn request_action(pool: &PgPool, order_id: Uuid, action: Action) -> Result<ActionRequest, sqlx::Error> {
+pub async fn request_action(
+    pool: &PgPool,
+    order_id: Uuid,
+    action: Action,
+) -> Result<ActionRequest, sqlx::Error> {
     let locked = sqlx::query(
         "UPDATE orders.orders SET pending_action = $2, updated_at = now()
          WHERE order_id = $1 AND status = $3 AND (pending_action IS NULL OR pending_action = $2)",
     )
     .bind(order_id)
     .bind(action.as_str())
-    .bind(action.from_status())
+    .bind(action.required_status())
     .execute(pool)
     .await?
     .rows_affected();
@@ -75,7 +79,7 @@ pub async fn request_action(pool: &PgPool, order_id: Uuid, action: Action) -> Re
             .fetch_optional(pool)
             .await?;
     Ok(match row {
-        Some((status, _)) if status == action.to_status() => ActionRequest::AlreadyDone,
+        Some((status, _)) if status == action.final_status() => ActionRequest::AlreadyDone,
         Some((status, pending)) => ActionRequest::Refused {
             status: pending.map_or(status, |p| format!("{p} in progress")),
         },
@@ -98,9 +102,9 @@ async fn finish_action(
          WHERE order_id = $1 AND status = $4",
     )
     .bind(order_id)
-    .bind(action.to_status())
+    .bind(action.final_status())
     .bind(reason.map(FailureReason::as_str))
-    .bind(action.from_status())
+    .bind(action.required_status())
     .execute(conn)
     .await?;
     Ok(())
@@ -136,17 +140,32 @@ impl Step for LifecycleStep {
         };
         let order_id = crate::saga::events::order_id_of(&delivery.event_id)
             .ok_or_else(|| StepError::Permanent("event id without an order id".into()))?;
-        let mut tx = match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id).await? {
+        let mut tx = match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id)
+            .await?
+        {
             Claim::Done(events) => return Ok(events),
             Claim::Fresh(tx) => tx,
         };
         finish_action(&mut tx, order_id, action, None).await?;
-        inbox::complete(tx, InboxTable::Orders, DURABLE, &delivery.event_id, &outputs).await?;
+        inbox::complete(
+            tx,
+            InboxTable::Orders,
+            DURABLE,
+            &delivery.event_id,
+            &outputs,
+        )
+        .await?;
         Ok(outputs)
     }
 }
 
 /// Records a cancellation (compensation's last step for a cancel request).
 pub async fn finish_cancel(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {
-    finish_action(conn, order_id, Action::Cancel, Some(FailureReason::CustomerCancelled)).await
+    finish_action(
+        conn,
+        order_id,
+        Action::Cancel,
+        Some(FailureReason::CustomerCancelled),
+    )
+    .await
 }

@@ -18,6 +18,8 @@ pub struct AuthorizeStep {
     pub max_attempts: i32,
     /// Risk scores at or above this are refused (the authorization is voided).
     pub max_risk_score: u8,
+    /// Fault injection: fail once after the provider answered, before committing.
+    pub fail_after_provider_call: bool,
 }
 
 const DURABLE: &str = "authorize";
@@ -58,8 +60,13 @@ impl Step for AuthorizeStep {
         };
         // The provider call cannot sit inside a transaction, so look first: a redelivery of
         // a handled event must not even reach the provider.
-        if let Some(events) =
-            inbox::lookup(&self.pool, InboxTable::Payments, DURABLE, &delivery.event_id).await?
+        if let Some(events) = inbox::lookup(
+            &self.pool,
+            InboxTable::Payments,
+            DURABLE,
+            &delivery.event_id,
+        )
+        .await?
         {
             return Ok(events);
         }
@@ -80,7 +87,10 @@ impl Step for AuthorizeStep {
                 risk_score,
             }) => match risk_score {
                 Some(score) if score >= self.max_risk_score => {
-                    tracing::warn!(risk_score = score, "fraud suspected; the authorization will be voided");
+                    tracing::warn!(
+                        risk_score = score,
+                        "fraud suspected; the authorization will be voided"
+                    );
                     Decision::Refused {
                         status: "authorized",
                         auth_id: Some(auth_id),
@@ -122,22 +132,41 @@ impl Step for AuthorizeStep {
                 status: "declined",
                 auth_id: None,
                 expires_at: None,
-                code: format!("provider_rejected: {}", e.chars().take(200).collect::<String>()),
+                code: format!(
+                    "provider_rejected: {}",
+                    e.chars().take(200).collect::<String>()
+                ),
                 reason: FailureReason::PaymentDeclined,
             },
         };
-        let mut tx =
-            match inbox::claim(&self.pool, InboxTable::Payments, DURABLE, &delivery.event_id)
-                .await?
-            {
-                Claim::Done(events) => return Ok(events),
-                Claim::Fresh(tx) => tx,
-            };
+        if self.fail_after_provider_call && delivery.delivered == 1 {
+            return Err(StepError::Transient(
+                "chaos: failing after the provider call".into(),
+            ));
+        }
+        let mut tx = match inbox::claim(
+            &self.pool,
+            InboxTable::Payments,
+            DURABLE,
+            &delivery.event_id,
+        )
+        .await?
+        {
+            Claim::Done(events) => return Ok(events),
+            Claim::Fresh(tx) => tx,
+        };
         let outputs = match decision {
             Decision::Approved(auth_id, expires_at) => {
-                let payment_id =
-                    insert_payment(&mut tx, self.provider.name(), &checkout, "authorized", Some(&auth_id), None, expires_at)
-                        .await?;
+                let payment_id = insert_payment(
+                    &mut tx,
+                    self.provider.name(),
+                    &checkout,
+                    "authorized",
+                    Some(&auth_id),
+                    None,
+                    expires_at,
+                )
+                .await?;
                 vec![Event::Authorized {
                     checkout,
                     payment_id,
@@ -169,7 +198,14 @@ impl Step for AuthorizeStep {
                 }]
             }
         };
-        inbox::complete(tx, InboxTable::Payments, DURABLE, &delivery.event_id, &outputs).await?;
+        inbox::complete(
+            tx,
+            InboxTable::Payments,
+            DURABLE,
+            &delivery.event_id,
+            &outputs,
+        )
+        .await?;
         Ok(outputs)
     }
 }
@@ -205,7 +241,11 @@ async fn insert_payment(
 }
 
 /// Counts a failed provider call; returns the order's failures so far.
-async fn record_failure(pool: &PgPool, order_id: uuid::Uuid, error: &str) -> Result<i32, sqlx::Error> {
+async fn record_failure(
+    pool: &PgPool,
+    order_id: uuid::Uuid,
+    error: &str,
+) -> Result<i32, sqlx::Error> {
     let (failures,): (i32,) = sqlx::query_as(
         "INSERT INTO payments.attempts (order_id, failures, last_error) VALUES ($1, 1, $2)
          ON CONFLICT (order_id) DO UPDATE SET failures = payments.attempts.failures + 1,

@@ -119,7 +119,8 @@ impl CircuitBreaker {
             b.failures += 1;
         }
         let rate = f64::from(b.failures) / f64::from(b.calls);
-        if b.state == BreakerState::Closed && b.calls >= self.min_calls && rate >= self.failure_rate {
+        if b.state == BreakerState::Closed && b.calls >= self.min_calls && rate >= self.failure_rate
+        {
             tracing::warn!(
                 calls = b.calls,
                 failures = b.failures,
@@ -227,7 +228,10 @@ impl PaymentProvider for GuardedProvider {
         self.inner.name()
     }
 
-    async fn authorize(&self, request: &AuthorizeRequest) -> Result<AuthorizeOutcome, ProviderError> {
+    async fn authorize(
+        &self,
+        request: &AuthorizeRequest,
+    ) -> Result<AuthorizeOutcome, ProviderError> {
         self.guarded(self.inner.authorize(request)).await
     }
 
@@ -235,7 +239,12 @@ impl PaymentProvider for GuardedProvider {
         self.guarded(self.inner.void(auth_id, key)).await
     }
 
-    async fn capture(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
+    async fn capture(
+        &self,
+        auth_id: &str,
+        amount: Decimal,
+        key: &str,
+    ) -> Result<(), ProviderError> {
         self.guarded(self.inner.capture(auth_id, amount, key)).await
     }
 

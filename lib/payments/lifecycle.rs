@@ -32,7 +32,10 @@ fn provider_error(e: ProviderError) -> StepError {
 }
 
 /// The order's authorization and amount, if it has one.
-async fn authorization(pool: &PgPool, order_id: uuid::Uuid) -> Result<(String, rust_decimal::Decimal), StepError> {
+async fn authorization(
+    pool: &PgPool,
+    order_id: uuid::Uuid,
+) -> Result<(String, rust_decimal::Decimal), StepError> {
     let row: Option<(Option<String>, rust_decimal::Decimal)> =
         sqlx::query_as("SELECT auth_id, amount FROM payments.payments WHERE order_id = $1")
             .bind(order_id)
@@ -40,25 +43,36 @@ async fn authorization(pool: &PgPool, order_id: uuid::Uuid) -> Result<(String, r
             .await?;
     match row {
         Some((Some(auth_id), amount)) => Ok((auth_id, amount)),
-        _ => Err(StepError::Permanent(format!("order {order_id} has no authorization"))),
+        _ => Err(StepError::Permanent(format!(
+            "order {order_id} has no authorization"
+        ))),
     }
+}
+
+/// A payment status change driven by one provider call.
+struct Transition {
+    durable: &'static str,
+    from: &'static str,
+    to: &'static str,
 }
 
 async fn run(
     pool: &PgPool,
-    durable: &'static str,
+    transition: Transition,
     delivery: &Delivery,
     order_id: uuid::Uuid,
-    from: &str,
-    to: &str,
     call: impl std::future::Future<Output = Result<(), ProviderError>>,
     output: Event,
 ) -> Result<Vec<Event>, StepError> {
-    if let Some(events) = inbox::lookup(pool, InboxTable::Payments, durable, &delivery.event_id).await? {
+    let Transition { durable, from, to } = transition;
+    if let Some(events) =
+        inbox::lookup(pool, InboxTable::Payments, durable, &delivery.event_id).await?
+    {
         return Ok(events);
     }
     call.await.map_err(provider_error)?;
-    let mut tx = match inbox::claim(pool, InboxTable::Payments, durable, &delivery.event_id).await? {
+    let mut tx = match inbox::claim(pool, InboxTable::Payments, durable, &delivery.event_id).await?
+    {
         Claim::Done(events) => return Ok(events),
         Claim::Fresh(tx) => tx,
     };
@@ -71,7 +85,14 @@ async fn run(
     .execute(&mut *tx)
     .await?;
     let outputs = vec![output];
-    inbox::complete(tx, InboxTable::Payments, durable, &delivery.event_id, &outputs).await?;
+    inbox::complete(
+        tx,
+        InboxTable::Payments,
+        durable,
+        &delivery.event_id,
+        &outputs,
+    )
+    .await?;
     Ok(outputs)
 }
 
@@ -86,14 +107,28 @@ impl Step for CaptureStep {
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
         let Event::ShipRequested { checkout } = event else {
-            return Err(StepError::Permanent(format!("capture cannot handle {:?}", event.kind())));
+            return Err(StepError::Permanent(format!(
+                "capture cannot handle {:?}",
+                event.kind()
+            )));
         };
         let order_id = checkout.order_id;
         let (auth_id, amount) = authorization(&self.pool, order_id).await?;
         let key = idempotency_key(order_id, "capture");
         let call = self.provider.capture(&auth_id, amount, &key);
-        run(&self.pool, "capture", delivery, order_id, "authorized", "captured", call, Event::Captured { checkout })
-            .await
+        run(
+            &self.pool,
+            Transition {
+                durable: "capture",
+                from: "authorized",
+                to: "captured",
+            },
+            delivery,
+            order_id,
+            call,
+            Event::Captured { checkout },
+        )
+        .await
     }
 }
 
@@ -108,13 +143,27 @@ impl Step for RefundStep {
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
         let Event::RefundRequested { checkout } = event else {
-            return Err(StepError::Permanent(format!("refund cannot handle {:?}", event.kind())));
+            return Err(StepError::Permanent(format!(
+                "refund cannot handle {:?}",
+                event.kind()
+            )));
         };
         let order_id = checkout.order_id;
         let (auth_id, amount) = authorization(&self.pool, order_id).await?;
         let key = idempotency_key(order_id, "refund");
         let call = self.provider.refund(&auth_id, amount, &key);
-        run(&self.pool, "refund", delivery, order_id, "captured", "refunded", call, Event::Refunded { checkout })
-            .await
+        run(
+            &self.pool,
+            Transition {
+                durable: "refund",
+                from: "captured",
+                to: "refunded",
+            },
+            delivery,
+            order_id,
+            call,
+            Event::Refunded { checkout },
+        )
+        .await
     }
 }

@@ -36,17 +36,24 @@ impl PaymentView {
 
 /// An order's payment as the API shows it.
 pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, sqlx::Error> {
-    let row: Option<(Option<String>, Option<String>, Option<chrono::DateTime<chrono::Utc>>, Option<i32>)> =
-        sqlx::query_as(
-            "SELECT p.status, p.decline_code, p.expires_at, a.failures
-             FROM (SELECT $1::uuid AS order_id) o
-             LEFT JOIN payments.payments p USING (order_id)
-             LEFT JOIN payments.attempts a USING (order_id)",
-        )
-        .bind(order_id)
-        .fetch_optional(pool)
-        .await?;
-    let (status, decline_code, expires_at, failures) = row.unwrap_or((None, None, None, None));
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        status: Option<String>,
+        decline_code: Option<String>,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        failures: Option<i32>,
+    }
+    let row: Row = sqlx::query_as(
+        "SELECT p.status, p.decline_code, p.expires_at, a.failures
+         FROM (SELECT $1::uuid AS order_id) o
+         LEFT JOIN payments.payments p USING (order_id)
+         LEFT JOIN payments.attempts a USING (order_id)",
+    )
+    .bind(order_id)
+    .fetch_one(pool)
+    .await?;
+    let (status, decline_code, expires_at, failures) =
+        (row.status, row.decline_code, row.expires_at, row.failures);
     Ok(PaymentView {
         status: status.unwrap_or_else(|| "pending".into()),
         decline_code,

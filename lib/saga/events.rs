@@ -178,7 +178,10 @@ impl EventKind {
 
 /// The order id in an event id (`<order_id>.<event>`).
 pub fn order_id_of(event_id: &str) -> Option<Uuid> {
-    event_id.split('.').next().and_then(|s| Uuid::parse_str(s).ok())
+    event_id
+        .split('.')
+        .next()
+        .and_then(|s| Uuid::parse_str(s).ok())
 }
 
 /// A payload that is not a saga event of this schema.

@@ -1,0 +1,373 @@
+//! Payments: every card token's path, retries without double authorization, the breaker,
+//! the rate limit, and capture, cancel and refund.
+
+use std::time::Duration;
+
+use checkout::config::Redeliver;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::helpers::TestApp;
+
+/// Checks out one unit of a fresh product with `card` and waits for the outcome.
+async fn checkout_with(app: &TestApp, user: &str, card: &str) -> (String, String, Value) {
+    let token = app.token(user);
+    let cart = app.add(&token, "TEE", 1).await;
+    let (status, body) = app.checkout(&token, "k", &cart, card).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let order_id = body["orderId"].as_str().expect("id").to_owned();
+    let order = app.settled(&token, &order_id).await;
+    (token, order_id, order)
+}
+
+#[tokio::test]
+async fn each_card_token_reaches_its_final_status() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 100).await;
+
+    let (_, id, order) = checkout_with(&app, "a", "tok_insufficient_funds").await;
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("failed"), Some("payment_declined"))
+    );
+    assert_eq!(order["payment"]["declineCode"], "insufficient_funds");
+    assert_eq!(app.ledger_count(&id, "authorization").await, 1);
+
+    let (_, id, order) = checkout_with(&app, "b", "tok_fraud").await;
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("failed"), Some("fraud_suspected"))
+    );
+    assert_eq!(order["payment"]["status"], "voided");
+    assert_eq!(app.ledger_count(&id, "void").await, 1);
+
+    let (_, id, order) = checkout_with(&app, "c", "tok_slow").await;
+    assert_eq!(order["status"], "confirmed");
+    assert_eq!(app.ledger_count(&id, "authorization").await, 1);
+
+    let (_, id, order) = checkout_with(&app, "d", "tok_flaky").await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(
+        order["payment"]["failedAttempts"], 2,
+        "two 503s, then approved"
+    );
+    assert_eq!(
+        app.ledger_count(&id, "authorization").await,
+        1,
+        "retries reused the key"
+    );
+
+    // Every failure gave its unit back; the two confirmed orders kept theirs.
+    app.eventually("stock settled", || async {
+        app.stock("TEE").await == (98, 0, 98)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_provider_that_never_answers_fails_the_order_after_bounded_attempts() {
+    let app = TestApp::spawn_with(|s| {
+        s.psp.timeout = Duration::from_millis(300);
+        s.payments.max_attempts = 3;
+    })
+    .await;
+    app.product("TEE", "10.00", 5).await;
+    let token = app.token("alice");
+    let cart = app.add(&token, "TEE", 1).await;
+    let (_, body) = app.checkout(&token, "k", &cart, "tok_timeout").await;
+    let order_id = body["orderId"].as_str().expect("id").to_owned();
+    let mut saw_payment_pending = false;
+    let order = loop {
+        let (_, order) = app.order(&token, &order_id).await;
+        if order["status"] != "pending" {
+            break order;
+        }
+        saw_payment_pending |= order["stage"] == "payment_pending";
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(saw_payment_pending, "retries show as stage payment_pending");
+    assert_eq!(order["status"], "failed");
+    assert_eq!(order["reason"], "payment_unavailable");
+    assert_eq!(order["payment"]["failedAttempts"], 3);
+    assert_eq!(app.ledger_count(&order_id, "authorization").await, 0);
+    assert_eq!(app.stock("TEE").await, (5, 0, 5));
+}
+
+#[tokio::test]
+async fn failing_between_the_provider_answer_and_the_commit_never_authorizes_twice() {
+    let app = TestApp::spawn_with(|s| s.chaos.redeliver = Redeliver::AfterProviderCall).await;
+    app.product("TEE", "10.00", 5).await;
+    for user in ["a", "b", "c"] {
+        let (_, id, order) = checkout_with(&app, user, "tok_visa").await;
+        assert_eq!(order["status"], "confirmed");
+        assert_eq!(app.ledger_count(&id, "authorization").await, 1, "{id}");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM payments.payments").await, 3);
+}
+
+async fn breaker_state(app: &TestApp) -> Vec<String> {
+    let (_, ready) = app.call(Method::GET, "/readyz", None, None, &[]).await;
+    ready["details"]["payments"]["breakers"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v["state"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_breaker_opens_on_failures_and_closes_after_a_good_probe() {
+    let app = TestApp::spawn_with(|s| {
+        s.payments.breaker_min_calls = 2;
+        s.payments.breaker_failure_rate = 0.5;
+        s.payments.breaker_cooldown = Duration::from_millis(1500);
+    })
+    .await;
+    app.product("TEE", "10.00", 5).await;
+    let token = app.token("alice");
+    let cart = app.add(&token, "TEE", 1).await;
+    // tok_flaky fails twice (opening the breaker), then the half-open probe succeeds.
+    let (_, body) = app.checkout(&token, "k", &cart, "tok_flaky").await;
+    let order_id = body["orderId"].as_str().expect("id").to_owned();
+    app.eventually("the breaker to open", || async {
+        breaker_state(&app).await.iter().any(|s| s == "open")
+    })
+    .await;
+    let order = app.settled(&token, &order_id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(
+        order["payment"]["failedAttempts"], 2,
+        "deferred calls are not attempts"
+    );
+    app.eventually("the breaker to close", || async {
+        breaker_state(&app).await.iter().all(|s| s == "closed")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_rate_limit_holds_under_a_burst() {
+    let app = TestApp::spawn_with(|s| s.payments.rate_limit_per_s = 5.0).await;
+    app.product("TEE", "1.00", 100).await;
+    let mut buyers = Vec::new();
+    for i in 0..15 {
+        let token = app.token(&format!("b{i}"));
+        let cart = app.add(&token, "TEE", 1).await;
+        buyers.push((token, cart));
+    }
+    let results = futures::future::join_all(
+        buyers
+            .iter()
+            .map(|(t, c)| app.checkout(t, "k", c, "tok_visa")),
+    )
+    .await;
+    let mut times = Vec::new();
+    for ((token, _), (_, body)) in buyers.iter().zip(results) {
+        let id = body["orderId"].as_str().expect("id").to_owned();
+        assert_eq!(app.settled(token, &id).await["status"], "confirmed");
+        for entry in app.ledger(&id).await {
+            let at = entry["at"].as_str().expect("at");
+            times.push(chrono::DateTime::parse_from_rfc3339(at).expect("time"));
+        }
+    }
+    times.sort();
+    assert_eq!(times.len(), 15);
+    // A bucket of 5 plus 5 per second: never more than 10 in any one-second window...
+    for (i, t) in times.iter().enumerate() {
+        let in_window = times[i..]
+            .iter()
+            .take_while(|u| **u - *t < chrono::Duration::seconds(1))
+            .count();
+        assert!(in_window <= 10, "{in_window} calls within a second");
+    }
+    // ...so 15 calls take at least (15 - 5) / 5 = 2 s.
+    let span = *times.last().expect("last") - times[0];
+    assert!(span >= chrono::Duration::milliseconds(1800), "span {span}");
+}
+
+#[tokio::test]
+async fn ship_captures_once_and_refund_refunds_once() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    let admin = app.admin();
+    let (token, id, _) = checkout_with(&app, "alice", "tok_visa").await;
+
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/ship"),
+            Some(&token),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/refund"),
+            Some(&admin),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "no refund before shipment");
+
+    for _ in 0..2 {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                &format!("/api/orders/{id}/ship"),
+                Some(&admin),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    app.eventually("shipped", || async {
+        app.order(&token, &id).await.1["status"] == "shipped"
+    })
+    .await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/ship"),
+            Some(&admin),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "a repeat after the fact does nothing more: {body}"
+    );
+    let (_, order) = app.order(&token, &id).await;
+    assert_eq!(order["payment"]["status"], "captured");
+    assert_eq!(app.ledger_count(&id, "capture").await, 1);
+
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/cancel"),
+            Some(&token),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "no cancel after shipment: {body}"
+    );
+    assert_eq!(body["error"]["code"], "invalid_order_state");
+
+    for _ in 0..2 {
+        let (status, _) = app
+            .call(
+                Method::POST,
+                &format!("/api/orders/{id}/refund"),
+                Some(&admin),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    app.eventually("refunded", || async {
+        app.order(&token, &id).await.1["status"] == "refunded"
+    })
+    .await;
+    assert_eq!(
+        app.order(&token, &id).await.1["payment"]["status"],
+        "refunded"
+    );
+    assert_eq!(app.ledger_count(&id, "refund").await, 1);
+}
+
+#[tokio::test]
+async fn cancel_voids_and_restocks_once() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id, _) = checkout_with(&app, "alice", "tok_visa").await;
+    app.eventually("stock committed", || async {
+        app.stock("TEE").await == (4, 0, 4)
+    })
+    .await;
+    let bob = app.token("bob");
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/cancel"),
+            Some(&bob),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not bob's order");
+    for _ in 0..2 {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                &format!("/api/orders/{id}/cancel"),
+                Some(&token),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    app.eventually("cancelled", || async {
+        app.order(&token, &id).await.1["status"] == "cancelled"
+    })
+    .await;
+    let (_, order) = app.order(&token, &id).await;
+    assert_eq!(order["reason"], "customer_cancelled");
+    assert_eq!(order["payment"]["status"], "voided");
+    assert_eq!(app.ledger_count(&id, "void").await, 1);
+    assert_eq!(
+        app.stock("TEE").await,
+        (5, 0, 5),
+        "the unit is back on hand"
+    );
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/ship"),
+            Some(&app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn an_expired_authorization_is_visible_and_not_shipped() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id, order) = checkout_with(&app, "alice", "tok_visa").await;
+    assert_eq!(order["payment"]["expired"], false);
+    assert!(order["payment"]["expiresAt"].is_string(), "{order}");
+    sqlx::query("UPDATE payments.payments SET expires_at = now() - interval '1 minute' WHERE order_id = $1::uuid")
+        .bind(&id)
+        .execute(&app.pool)
+        .await
+        .expect("age the authorization");
+    let (_, order) = app.order(&token, &id).await;
+    assert_eq!(order["payment"]["expired"], true);
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/ship"),
+            Some(&app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "authorization_expired");
+}
