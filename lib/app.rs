@@ -10,7 +10,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
+use crate::catalog::CatalogCache;
 use crate::checkout::Checkouts;
+use crate::pricing::destination::RatesCache;
 use crate::compensate::CompensateStep;
 use crate::config::Settings;
 use crate::db::{self, DbError};
@@ -209,7 +211,23 @@ impl App {
                 }
             }
             if roles.contains(&Role::Edge) {
-                let (checkouts, published) = Checkouts::new(pool.clone(), bus.clone());
+                let rates = RatesCache::new(pool.clone(), settings.edge.rates_cache_ttl);
+                let catalog = CatalogCache::new(
+                    pool.clone(),
+                    settings.edge.product_cache_capacity,
+                    settings.edge.product_cache_ttl,
+                );
+                tasks.spawn({
+                    let (client, catalog, rates) =
+                        (bus.client().clone(), catalog.clone(), rates.clone());
+                    let token = shutdown.clone();
+                    async move {
+                        crate::catalog::run_invalidation(client, catalog, rates, token).await;
+                        ("cache-invalidation".to_owned(), Ok(()))
+                    }
+                });
+                let (checkouts, published) =
+                    Checkouts::new(pool.clone(), bus.clone(), rates.clone());
                 tasks.spawn({
                     let checkouts = checkouts.clone();
                     async move {
@@ -231,6 +249,8 @@ impl App {
                     pool: pool.clone(),
                     bus: bus.clone(),
                     checkouts,
+                    catalog,
+                    rates,
                     jwt_secret: settings.auth.jwt_secret.clone(),
                 };
                 let listener = bind(&settings.http.addr).await?;

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::catalog::{self, Product};
+use crate::catalog::{self, CatalogCache, Product};
 use crate::domain::{Currency, Quantity, Sku};
 use crate::orders;
-use crate::pricing::{self, LineInput, Priced};
+use crate::pricing::destination::DestinationRates;
+use crate::pricing::{self, promo, Destination, LineInput, Priced, PromoOutcome};
 
 /// A cart with its current prices.
 #[derive(Debug, Clone)]
@@ -34,6 +35,15 @@ pub enum CartError {
     },
     #[error("{0} is not in the cart")]
     NotInCart(String),
+    #[error("{0} is not sold any more")]
+    Inactive(String),
+    #[error("we do not ship there: {0}")]
+    ShippingUnavailable(String),
+    #[error("{message}")]
+    Promo {
+        code: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -89,7 +99,11 @@ pub async fn add_item(
     user_id: &str,
     product: &Product,
     qty: Quantity,
+    catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
+    if !product.active {
+        return Err(CartError::Inactive(product.sku.to_string()));
+    }
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     check_currency(&mut tx, cart_id, product).await?;
@@ -111,7 +125,7 @@ pub async fn add_item(
         });
     }
     tx.commit().await?;
-    view(pool, cart_id).await
+    view(pool, cart_id, Some(catalog)).await
 }
 
 /// Sets a line's quantity; `None` removes the line.
@@ -120,6 +134,7 @@ pub async fn set_item(
     user_id: &str,
     product: &Product,
     qty: Option<Quantity>,
+    catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
@@ -145,11 +160,16 @@ pub async fn set_item(
         }
     }
     tx.commit().await?;
-    view(pool, cart_id).await
+    view(pool, cart_id, Some(catalog)).await
 }
 
 /// Removes a line; removing a line that is not there is an error the caller can see.
-pub async fn remove_item(pool: &PgPool, user_id: &str, sku: &Sku) -> Result<CartView, CartError> {
+pub async fn remove_item(
+    pool: &PgPool,
+    user_id: &str,
+    sku: &Sku,
+    catalog: &CatalogCache,
+) -> Result<CartView, CartError> {
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     let removed = sqlx::query("DELETE FROM edge.cart_items WHERE cart_id = $1 AND sku = $2")
@@ -162,15 +182,15 @@ pub async fn remove_item(pool: &PgPool, user_id: &str, sku: &Sku) -> Result<Cart
         return Err(CartError::NotInCart(sku.to_string()));
     }
     tx.commit().await?;
-    view(pool, cart_id).await
+    view(pool, cart_id, Some(catalog)).await
 }
 
 /// The caller's open cart (created empty if there is none).
-pub async fn current(pool: &PgPool, user_id: &str) -> Result<CartView, CartError> {
+pub async fn current(pool: &PgPool, user_id: &str, catalog: &CatalogCache) -> Result<CartView, CartError> {
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     tx.commit().await?;
-    view(pool, cart_id).await
+    view(pool, cart_id, Some(catalog)).await
 }
 
 async fn check_currency(
@@ -197,10 +217,19 @@ async fn check_currency(
     }
 }
 
-/// The lines of a cart, at current catalog prices, in one currency.
-pub(crate) async fn priced_lines(
+/// Where a quote or a checkout ships to.
+pub struct ShipTo<'a> {
+    pub rates: &'a DestinationRates,
+    pub method: &'a str,
+}
+
+/// Prices a cart at current catalog prices (from the cache when given, else the database),
+/// with its promotion and, for a quote or a checkout, the destination's tax and shipping.
+pub(crate) async fn price_cart(
     conn: &mut PgConnection,
     cart_id: Uuid,
+    catalog: Option<&CatalogCache>,
+    ship_to: Option<ShipTo<'_>>,
 ) -> Result<Option<Priced>, CartError> {
     let items: Vec<(String, i32)> = sqlx::query_as(
         "SELECT sku, qty FROM edge.cart_items WHERE cart_id = $1 ORDER BY added_at, sku",
@@ -212,11 +241,12 @@ pub(crate) async fn priced_lines(
         return Ok(None);
     }
     let skus: Vec<String> = items.iter().map(|(s, _)| s.clone()).collect();
-    let products: HashMap<String, Product> = catalog::get_many_in(conn, &skus)
-        .await?
-        .into_iter()
-        .map(|p| (p.sku.to_string(), p))
-        .collect();
+    let found = match catalog {
+        Some(cache) => cache.get_many(&skus).await?,
+        None => catalog::get_many_in(conn, &skus).await?,
+    };
+    let products: HashMap<String, Product> =
+        found.into_iter().map(|p| (p.sku.to_string(), p)).collect();
     let mut currency: Option<Currency> = None;
     let mut lines = Vec::with_capacity(items.len());
     for (sku, qty) in items {
@@ -240,15 +270,150 @@ pub(crate) async fn priced_lines(
             sku: product.sku.clone(),
             qty,
             unit_price: product.price,
+            tax_code: product.tax_code,
+            weight_grams: product.weight_grams,
         });
     }
-    Ok(currency.map(|c| pricing::price(c, lines)))
+    let Some(currency) = currency else {
+        return Ok(None);
+    };
+    let (code,): (Option<String>,) =
+        sqlx::query_as("SELECT promo_code FROM edge.carts WHERE cart_id = $1")
+            .bind(cart_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let mut unusable = None;
+    let promo = match code {
+        None => None,
+        Some(code) => match promo::get(conn, &code).await? {
+            None => {
+                unusable = Some(PromoOutcome { code, applied: false, reason: Some("promo_not_found") });
+                None
+            }
+            Some(p) => match p.unusable_at(chrono::Utc::now()) {
+                Some(reason) => {
+                    unusable = Some(PromoOutcome { code: p.code, applied: false, reason: Some(reason) });
+                    None
+                }
+                None => Some(p),
+            },
+        },
+    };
+    let destination = match ship_to {
+        None => None,
+        Some(ship_to) => {
+            let shipping = ship_to
+                .rates
+                .shipping(ship_to.method, currency.code())
+                .ok_or_else(|| {
+                    CartError::ShippingUnavailable(format!(
+                        "no {} shipping in {} to this address",
+                        ship_to.method,
+                        currency.code()
+                    ))
+                })?;
+            Some(Destination {
+                tax: ship_to.rates.tax,
+                shipping,
+            })
+        }
+    };
+    let mut priced = pricing::price(currency, lines, promo.as_ref(), destination.as_ref())
+        .map_err(|e| CartError::ShippingUnavailable(e.to_string()))?;
+    if unusable.is_some() {
+        priced.promo = unusable;
+    }
+    Ok(Some(priced))
 }
 
-async fn view(pool: &PgPool, cart_id: Uuid) -> Result<CartView, CartError> {
+async fn view(pool: &PgPool, cart_id: Uuid, catalog: Option<&CatalogCache>) -> Result<CartView, CartError> {
     let mut conn = pool.acquire().await?;
     Ok(CartView {
         cart_id,
-        priced: priced_lines(&mut conn, cart_id).await?,
+        priced: price_cart(&mut conn, cart_id, catalog, None).await?,
     })
+}
+
+/// The caller's open cart priced for a destination.
+pub async fn quote(
+    pool: &PgPool,
+    user_id: &str,
+    catalog: &CatalogCache,
+    ship_to: ShipTo<'_>,
+) -> Result<CartView, CartError> {
+    let mut tx = pool.begin().await?;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
+    tx.commit().await?;
+    let mut conn = pool.acquire().await?;
+    Ok(CartView {
+        cart_id,
+        priced: price_cart(&mut conn, cart_id, Some(catalog), Some(ship_to)).await?,
+    })
+}
+
+/// Applies a promotion code to the caller's cart (replacing any other), after checking that
+/// it can be used now, by this customer, on this cart.
+pub async fn apply_promo(
+    pool: &PgPool,
+    user_id: &str,
+    code: &str,
+    catalog: &CatalogCache,
+) -> Result<CartView, CartError> {
+    let refuse = |code: &'static str, message: &str| CartError::Promo {
+        code,
+        message: message.to_owned(),
+    };
+    let mut tx = pool.begin().await?;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
+    let promo = promo::get(&mut tx, code)
+        .await?
+        .ok_or_else(|| refuse("promo_not_found", "no such promotion code"))?;
+    match promo.unusable_at(chrono::Utc::now()) {
+        Some("promo_not_started") => return Err(refuse("promo_not_started", "this promotion has not started yet")),
+        Some("promo_expired") => return Err(refuse("promo_expired", "this promotion has ended")),
+        Some(_) => return Err(refuse("promo_exhausted", "this promotion has been used up")),
+        None => {}
+    }
+    if let Some(limit) = promo.per_customer_limit {
+        if promo::customer_uses(&mut tx, &promo.code, user_id).await? >= i64::from(limit) {
+            return Err(refuse("promo_limit_reached", "you have used this promotion as often as allowed"));
+        }
+    }
+    sqlx::query("UPDATE edge.carts SET promo_code = $2, updated_at = now() WHERE cart_id = $1")
+        .bind(cart_id)
+        .bind(&promo.code)
+        .execute(&mut *tx)
+        .await?;
+    let priced = price_cart(&mut tx, cart_id, Some(catalog), None).await?;
+    // An empty cart has nothing eligible yet.
+    let reason = match &priced {
+        None => Some("promo_not_applicable"),
+        Some(p) => p.promo.as_ref().and_then(|o| o.reason),
+    };
+    match reason {
+        Some("promo_min_subtotal") => {
+            return Err(refuse(
+                "promo_min_subtotal",
+                "the cart is below this promotion's minimum subtotal",
+            ))
+        }
+        Some("promo_not_applicable") => {
+            return Err(refuse("promo_not_applicable", "nothing in the cart is eligible"))
+        }
+        _ => {}
+    }
+    tx.commit().await?;
+    Ok(CartView { cart_id, priced })
+}
+
+/// Removes the promotion code from the caller's cart.
+pub async fn remove_promo(pool: &PgPool, user_id: &str, catalog: &CatalogCache) -> Result<CartView, CartError> {
+    let mut tx = pool.begin().await?;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
+    sqlx::query("UPDATE edge.carts SET promo_code = NULL, updated_at = now() WHERE cart_id = $1")
+        .bind(cart_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    view(pool, cart_id, Some(catalog)).await
 }

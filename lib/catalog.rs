@@ -1,9 +1,23 @@
-//! The catalog: products and their current prices (owned by the edge).
+//! The catalog: products and their current prices (owned by the edge), and the in-process
+//! cache every edge keeps of them. An admin change publishes `catalog.changed.<sku>` on NATS
+//! (core pub/sub: every edge instance hears it) and each instance drops that product, so a
+//! new price shows in the next cart read everywhere, not after the TTL.
 
+use std::time::Duration;
+
+use futures::StreamExt;
+use moka::future::Cache;
 use rust_decimal::Decimal;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Currency, Money, Sku};
+use crate::pricing::TaxCode;
+
+/// Subject prefix of catalog change notices: `catalog.changed.<sku>`.
+pub const CHANGED_PREFIX: &str = "catalog.changed";
+/// Subject of tax or shipping changes.
+pub const RATES_CHANGED: &str = "pricing.changed";
 
 /// A product as sold now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +26,9 @@ pub struct Product {
     pub name: String,
     pub price: Money,
     pub weight_grams: i32,
+    pub tax_code: TaxCode,
+    /// Inactive products stay in carts' history but cannot be added.
+    pub active: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -21,6 +38,8 @@ struct ProductRow {
     price: Decimal,
     currency: String,
     weight_grams: i32,
+    tax_code: String,
+    active: bool,
 }
 
 impl ProductRow {
@@ -31,53 +50,136 @@ impl ProductRow {
             name: self.name,
             price: Money::rounded(self.price, currency),
             weight_grams: self.weight_grams,
+            tax_code: TaxCode::parse(&self.tax_code).unwrap_or(TaxCode::Standard),
+            active: self.active,
         })
     }
 }
 
+const SELECT: &str =
+    "SELECT sku, name, price, currency, weight_grams, tax_code, active FROM catalog.products";
+
 /// Creates or replaces a product.
 pub async fn upsert(pool: &PgPool, product: &Product) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO catalog.products (sku, name, price, currency, weight_grams)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO catalog.products (sku, name, price, currency, weight_grams, tax_code, active)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name, price = EXCLUDED.price,
-             currency = EXCLUDED.currency, weight_grams = EXCLUDED.weight_grams, updated_at = now()",
+             currency = EXCLUDED.currency, weight_grams = EXCLUDED.weight_grams,
+             tax_code = EXCLUDED.tax_code, active = EXCLUDED.active, updated_at = now()",
     )
     .bind(product.sku.as_str())
     .bind(&product.name)
     .bind(product.price.amount())
     .bind(product.price.currency().code())
     .bind(product.weight_grams)
+    .bind(product.tax_code.as_str())
+    .bind(product.active)
     .execute(pool)
     .await?;
     Ok(())
 }
 
-/// One product, if it exists.
+/// One product, from the database.
 pub async fn get(pool: &PgPool, sku: &Sku) -> Result<Option<Product>, sqlx::Error> {
-    let row: Option<ProductRow> = sqlx::query_as(
-        "SELECT sku, name, price, currency, weight_grams FROM catalog.products WHERE sku = $1",
-    )
-    .bind(sku.as_str())
-    .fetch_optional(pool)
-    .await?;
+    let row: Option<ProductRow> = sqlx::query_as(&format!("{SELECT} WHERE sku = $1"))
+        .bind(sku.as_str())
+        .fetch_optional(pool)
+        .await?;
     Ok(row.and_then(ProductRow::into_product))
 }
 
-/// The products among `skus` that exist.
-pub async fn get_many_in(
-    conn: &mut sqlx::PgConnection,
-    skus: &[String],
-) -> Result<Vec<Product>, sqlx::Error> {
-    let rows: Vec<ProductRow> = sqlx::query_as(
-        "SELECT sku, name, price, currency, weight_grams FROM catalog.products
-         WHERE sku = ANY($1)",
-    )
-    .bind(skus)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(ProductRow::into_product)
-        .collect())
+/// The products among `skus` that exist, from the database.
+pub async fn get_many_in(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<Product>, sqlx::Error> {
+    let rows: Vec<ProductRow> = sqlx::query_as(&format!("{SELECT} WHERE sku = ANY($1)"))
+        .bind(skus)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().filter_map(ProductRow::into_product).collect())
+}
+
+/// The edge's bounded, expiring cache of products (absent ones too).
+#[derive(Clone)]
+pub struct CatalogCache {
+    pool: PgPool,
+    cache: Cache<String, Option<Product>>,
+}
+
+impl CatalogCache {
+    /// A cache of at most `capacity` products, each kept at most `ttl`.
+    pub fn new(pool: PgPool, capacity: u64, ttl: Duration) -> Self {
+        Self {
+            pool,
+            cache: Cache::builder().max_capacity(capacity).time_to_live(ttl).build(),
+        }
+    }
+
+    /// One product.
+    pub async fn get(&self, sku: &Sku) -> Result<Option<Product>, sqlx::Error> {
+        let pool = self.pool.clone();
+        let sku2 = sku.clone();
+        self.cache
+            .try_get_with(sku.to_string(), async move { get(&pool, &sku2).await })
+            .await
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))
+    }
+
+    /// The products among `skus` that exist.
+    pub async fn get_many(&self, skus: &[String]) -> Result<Vec<Product>, sqlx::Error> {
+        let mut out = Vec::with_capacity(skus.len());
+        for raw in skus {
+            if let Ok(sku) = Sku::parse(raw) {
+                if let Some(p) = self.get(&sku).await? {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops one product (after a change).
+    pub async fn invalidate(&self, sku: &str) {
+        self.cache.invalidate(sku).await;
+    }
+}
+
+/// Announces a product change to every edge instance.
+pub async fn announce_change(client: &async_nats::Client, sku: &Sku) {
+    let subject = format!("{CHANGED_PREFIX}.{sku}");
+    if let Err(e) = client.publish(subject, bytes::Bytes::new()).await {
+        tracing::warn!(error = %e, %sku, "catalog change not announced; caches expire by TTL");
+    }
+    let _ = client.flush().await;
+}
+
+/// Drops cached products and rates when any instance announces a change, until shutdown.
+pub async fn run_invalidation(
+    client: async_nats::Client,
+    products: CatalogCache,
+    rates: crate::pricing::destination::RatesCache,
+    shutdown: CancellationToken,
+) {
+    let subs = tokio::try_join!(
+        client.subscribe(format!("{CHANGED_PREFIX}.*")),
+        client.subscribe(RATES_CHANGED)
+    );
+    let (mut changed, mut rates_changed) = match subs {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to catalog changes; relying on TTLs");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(msg) = changed.next() => {
+                if let Some(sku) = msg.subject.strip_prefix(&format!("{CHANGED_PREFIX}.")) {
+                    products.invalidate(sku).await;
+                }
+            }
+            Some(_) = rates_changed.next() => rates.invalidate_all(),
+            else => return,
+        }
+    }
 }

@@ -19,6 +19,7 @@ use crate::bus::Bus;
 use crate::cart::{self, CartError};
 use crate::domain::Address;
 use crate::orders;
+use crate::pricing::destination::RatesCache;
 use crate::saga::events::{Checkout, Event, Line};
 use crate::saga::runner::Outgoing;
 use crate::saga::trace::TraceParent;
@@ -29,6 +30,7 @@ pub struct CheckoutRequest {
     pub cart_id: Uuid,
     pub payment_token: String,
     pub address: Address,
+    pub shipping_method: String,
 }
 
 /// Why a checkout was refused.
@@ -65,17 +67,23 @@ struct StoredCheckout {
 pub struct Checkouts {
     pool: PgPool,
     bus: Bus,
+    rates: RatesCache,
     published: mpsc::UnboundedSender<Uuid>,
 }
 
 impl Checkouts {
     /// The service, and the task that records publishes in batches (run it alongside).
-    pub fn new(pool: PgPool, bus: Bus) -> (Self, mpsc::UnboundedReceiver<Uuid>) {
+    pub fn new(
+        pool: PgPool,
+        bus: Bus,
+        rates: RatesCache,
+    ) -> (Self, mpsc::UnboundedReceiver<Uuid>) {
         let (published, rx) = mpsc::unbounded_channel();
         (
             Self {
                 pool,
                 bus,
+                rates,
                 published,
             },
             rx,
@@ -91,6 +99,10 @@ impl Checkouts {
         trace: &TraceParent,
     ) -> Result<Uuid, CheckoutError> {
         let hash = request_hash(request);
+        let rates = self
+            .rates
+            .get(&request.address.country, request.address.region.as_deref())
+            .await?;
         let mut tx = self.pool.begin().await?;
         // Serialize requests with one key: concurrent duplicates wait, then replay.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 1))")
@@ -141,9 +153,19 @@ impl Checkouts {
             }
             Some(_) => {}
         }
-        let priced = cart::priced_lines(&mut tx, request.cart_id)
+        // Current prices from the database (not the edge cache): this is what gets charged.
+        let ship_to = cart::ShipTo {
+            rates: &rates,
+            method: &request.shipping_method,
+        };
+        let priced = cart::price_cart(&mut tx, request.cart_id, None, Some(ship_to))
             .await?
             .ok_or(CheckoutError::EmptyCart)?;
+        let promo_code = priced
+            .promo
+            .as_ref()
+            .filter(|p| p.applied)
+            .map(|p| p.code.clone());
         let order_id = Uuid::now_v7();
         let checkout = Checkout {
             order_id,
@@ -157,6 +179,8 @@ impl Checkouts {
                     qty: l.qty.get(),
                     unit_price: l.unit_price.amount(),
                     line_total: l.line_total.amount(),
+                    discount: l.discount.amount(),
+                    tax: l.tax.amount(),
                 })
                 .collect(),
             subtotal: priced.subtotal.amount(),
@@ -168,6 +192,8 @@ impl Checkouts {
             payment_token: request.payment_token.clone(),
             address: request.address.clone(),
             requested_at: Utc::now(),
+            promo_code,
+            shipping_method: Some(request.shipping_method.clone()),
         };
         let event = Event::Requested { checkout }
             .encode()

@@ -58,11 +58,13 @@ impl Step for CompensateStep {
             return Ok(events);
         }
         let order_id = checkout.order_id;
-        let released = match reason {
-            Some(_) => release_for_order(&self.pool, order_id).await?,
-            // A confirmed order's units already left stock: they come back to on_hand.
-            None => restock_for_order(&self.pool, order_id).await?,
-        };
+        // Held units go back to available; units already taken out of stock (a cancelled
+        // order, or one refused at confirmation) go back on hand. Both are no-ops when done.
+        let released = release_for_order(&self.pool, order_id).await?
+            + restock_for_order(&self.pool, order_id).await?;
+        if reason.is_none() {
+            crate::pricing::promo::release(&self.pool, order_id).await?;
+        }
         let voided = void_for_order(&self.pool, self.provider.as_ref(), order_id)
             .await
             .map_err(|e| match e {

@@ -112,6 +112,11 @@ pub struct EdgeSettings {
     pub outbox_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub outbox_grace: Duration,
+    pub product_cache_capacity: u64,
+    #[serde(with = "humantime_serde")]
+    pub product_cache_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub rates_cache_ttl: Duration,
 }
 
 /// Fault injection, off unless a test turns it on.

@@ -402,6 +402,8 @@ fn sample_payload_size() -> usize {
             qty: 1,
             unit_price: rust_decimal::Decimal::new(1650, 2),
             line_total: rust_decimal::Decimal::new(1650, 2),
+            discount: rust_decimal::Decimal::ZERO,
+            tax: rust_decimal::Decimal::new(314, 2),
         }],
         subtotal: rust_decimal::Decimal::new(1650, 2),
         discount: rust_decimal::Decimal::ZERO,
@@ -419,6 +421,8 @@ fn sample_payload_size() -> usize {
             country: "DE".into(),
         },
         requested_at: chrono::Utc::now(),
+        promo_code: None,
+        shipping_method: Some("standard".into()),
     };
     Event::Requested { checkout }
         .encode()

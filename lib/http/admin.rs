@@ -12,6 +12,8 @@ use super::AppState;
 use crate::catalog::{self, Product};
 use crate::domain::{is_clean_text, Currency, Money, Sku};
 use crate::inventory::{self, Stock};
+use crate::pricing::destination::{self, MethodJson};
+use crate::pricing::{countries, promo, Promo, PromoKind, TaxCode, TaxRates};
 
 /// `PUT /api/admin/products/{sku}` body.
 #[derive(Deserialize)]
@@ -22,6 +24,10 @@ pub struct ProductBody {
     price: Decimal,
     currency: String,
     weight_grams: i64,
+    #[serde(default)]
+    tax_code: Option<String>,
+    #[serde(default)]
+    active: Option<bool>,
 }
 
 /// A product as the API shows it.
@@ -33,6 +39,8 @@ pub struct ProductJson {
     price: String,
     currency: String,
     weight_grams: i32,
+    tax_code: &'static str,
+    active: bool,
 }
 
 /// Stock as the API shows it.
@@ -90,19 +98,32 @@ pub async fn put_product(
         .ok_or_else(|| {
             ApiError::unprocessable("invalid_weight", "weightGrams must be 0 to 1000000")
         })?;
+    let tax_code = match body.tax_code.as_deref() {
+        None => TaxCode::Standard,
+        Some(code) => TaxCode::parse(code).ok_or_else(|| {
+            ApiError::unprocessable("invalid_tax_code", "taxCode must be standard, reduced or exempt")
+        })?,
+    };
     let product = Product {
         sku,
         name,
         price,
         weight_grams,
+        tax_code,
+        active: body.active.unwrap_or(true),
     };
     catalog::upsert(&state.pool, &product).await?;
+    // This instance at once, every other one through NATS.
+    state.catalog.invalidate(product.sku.as_str()).await;
+    catalog::announce_change(state.bus.client(), &product.sku).await;
     Ok(Json(ProductJson {
         sku: product.sku.to_string(),
         name: product.name,
         price: money(price.amount(), currency.code()),
         currency: currency.code().to_owned(),
         weight_grams,
+        tax_code: tax_code.as_str(),
+        active: product.active,
     }))
 }
 
@@ -153,4 +174,196 @@ pub async fn get_stock(
     }
     let stock = inventory::get_stock(&state.pool, &sku).await?;
     Ok(stock_json(&sku, stock))
+}
+
+/// `PUT /api/admin/promos/{code}` body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PromoBody {
+    kind: String,
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    value: Option<Decimal>,
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    min_subtotal: Option<Decimal>,
+    #[serde(default)]
+    starts_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    ends_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    usage_limit: Option<i32>,
+    #[serde(default)]
+    per_customer_limit: Option<i32>,
+    #[serde(default)]
+    skus: Option<Vec<String>>,
+}
+
+pub async fn put_promo(
+    State(state): State<AppState>,
+    Admin(_admin): Admin,
+    Path(code): Path<String>,
+    ApiJson(body): ApiJson<PromoBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let invalid = |m: &str| ApiError::unprocessable("invalid_promo", m.to_owned());
+    let code = code.to_ascii_lowercase();
+    if code.is_empty()
+        || code.len() > 64
+        || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid("code must be 1 to 64 letters, digits, '-' or '_'"));
+    }
+    let kind = PromoKind::parse(&body.kind)
+        .ok_or_else(|| invalid("kind must be percent, fixed or free_shipping"))?;
+    match (kind, body.value) {
+        (PromoKind::Percent, Some(v)) if v > Decimal::ZERO && v <= Decimal::ONE_HUNDRED => {}
+        (PromoKind::Percent, _) => return Err(invalid("a percent promo needs a value in (0, 100]")),
+        (PromoKind::Fixed, Some(v)) if v > Decimal::ZERO && v.scale() <= 4 => {}
+        (PromoKind::Fixed, _) => return Err(invalid("a fixed promo needs a positive value")),
+        (PromoKind::FreeShipping, _) => {}
+    }
+    if body.min_subtotal.is_some_and(|m| m < Decimal::ZERO) {
+        return Err(invalid("minSubtotal cannot be negative"));
+    }
+    if let (Some(s), Some(e)) = (body.starts_at, body.ends_at) {
+        if e <= s {
+            return Err(invalid("endsAt must be after startsAt"));
+        }
+    }
+    if body.usage_limit.is_some_and(|n| n < 0) || body.per_customer_limit.is_some_and(|n| n < 0) {
+        return Err(invalid("limits cannot be negative"));
+    }
+    let skus = match body.skus {
+        None => None,
+        Some(skus) => Some(
+            skus.iter()
+                .map(|s| parse_sku(s).map(|s| s.to_string()))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let promo = Promo {
+        code: code.clone(),
+        kind,
+        value: body.value,
+        min_subtotal: body.min_subtotal,
+        starts_at: body.starts_at,
+        ends_at: body.ends_at,
+        usage_limit: body.usage_limit,
+        per_customer_limit: body.per_customer_limit,
+        skus,
+        used: 0,
+    };
+    promo::upsert(&state.pool, &promo).await?;
+    Ok(Json(serde_json::json!({"code": code, "kind": kind.as_str()})))
+}
+
+/// `PUT /api/admin/tax-rates/{country}` body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaxRatesBody {
+    #[serde(default)]
+    region: Option<String>,
+    rates: RatesBody,
+}
+
+/// Rates as decimal strings, fractions of one (`"0.19"`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatesBody {
+    #[serde(with = "rust_decimal::serde::str")]
+    standard: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    reduced: Decimal,
+}
+
+fn parse_country(raw: &str) -> Result<String, ApiError> {
+    let country = raw.to_ascii_uppercase();
+    if countries::is_known(&country) {
+        Ok(country)
+    } else {
+        Err(ApiError::unprocessable("invalid_country", "not an ISO 3166-1 alpha-2 country code"))
+    }
+}
+
+async fn rates_changed(state: &AppState) {
+    state.rates.invalidate_all();
+    let _ = state
+        .bus
+        .client()
+        .publish(catalog::RATES_CHANGED, bytes::Bytes::new())
+        .await;
+}
+
+pub async fn put_tax_rates(
+    State(state): State<AppState>,
+    Admin(_admin): Admin,
+    Path(country): Path<String>,
+    ApiJson(body): ApiJson<TaxRatesBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let country = parse_country(&country)?;
+    let valid = |r: Decimal| r >= Decimal::ZERO && r < Decimal::ONE;
+    if !valid(body.rates.standard) || !valid(body.rates.reduced) {
+        return Err(ApiError::unprocessable("invalid_rate", "rates are fractions in [0, 1), e.g. \"0.19\""));
+    }
+    let region = body.region.as_deref().map(str::trim).filter(|r| !r.is_empty());
+    if region.is_some_and(|r| r.len() > 10 || !r.bytes().all(|b| b.is_ascii_alphanumeric())) {
+        return Err(ApiError::unprocessable("invalid_region", "region is a short code such as CA"));
+    }
+    let rates = TaxRates {
+        standard: body.rates.standard,
+        reduced: body.rates.reduced,
+    };
+    destination::put_tax_rates(&state.pool, &country, region, rates).await?;
+    rates_changed(&state).await;
+    Ok(Json(serde_json::json!({"country": country, "region": region,
+        "rates": {"standard": rates.standard.to_string(), "reduced": rates.reduced.to_string()}})))
+}
+
+/// `PUT /api/admin/shipping-rates/{zone}` body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZoneBody {
+    countries: Vec<String>,
+    currency: String,
+    methods: std::collections::HashMap<String, MethodJson>,
+}
+
+pub async fn put_shipping_rates(
+    State(state): State<AppState>,
+    Admin(_admin): Admin,
+    Path(zone): Path<String>,
+    ApiJson(body): ApiJson<ZoneBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let invalid = |m: &str| ApiError::unprocessable("invalid_shipping_rates", m.to_owned());
+    if zone.is_empty() || zone.len() > 64 || !zone.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(invalid("zone must be 1 to 64 letters, digits, '-' or '_'"));
+    }
+    let countries = body
+        .countries
+        .iter()
+        .map(|c| parse_country(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    if countries.is_empty() {
+        return Err(invalid("a zone needs at least one country"));
+    }
+    let currency = Currency::parse(&body.currency)
+        .map_err(|e| ApiError::unprocessable("invalid_currency", e.to_string()))?;
+    if body.methods.is_empty() {
+        return Err(invalid("a zone needs at least one method"));
+    }
+    for (name, method) in &body.methods {
+        if name != "standard" && name != "express" {
+            return Err(invalid("methods are standard and express"));
+        }
+        let bad_band = method.bands.iter().any(|b| {
+            b.max_grams <= 0 || Money::exact(b.price, currency).is_none()
+        });
+        if method.bands.is_empty() || bad_band {
+            return Err(invalid("each method needs bands with maxGrams > 0 and a price in the zone's currency"));
+        }
+        if method.free_over.is_some_and(|f| f < Decimal::ZERO) {
+            return Err(invalid("freeOver cannot be negative"));
+        }
+    }
+    destination::put_zone(&state.pool, &zone, &countries, currency.code(), &body.methods).await?;
+    rates_changed(&state).await;
+    Ok(Json(serde_json::json!({"zone": zone, "countries": countries, "currency": currency.code()})))
 }

@@ -10,7 +10,8 @@ use super::extract::{ApiJson, Caller};
 use super::views::CartJson;
 use super::AppState;
 use crate::cart;
-use crate::catalog::{self, Product};
+use crate::catalog::Product;
+use crate::domain::Address;
 use crate::domain::{Quantity, Sku};
 
 /// `POST /api/cart/items` body.
@@ -44,7 +45,9 @@ fn quantity(value: &serde_json::Value, allow_zero: bool) -> Result<Option<Quanti
 }
 
 async fn product(state: &AppState, sku: &Sku) -> Result<Product, ApiError> {
-    catalog::get(&state.pool, sku)
+    state
+        .catalog
+        .get(sku)
         .await?
         .ok_or_else(|| ApiError::not_found("unknown_sku", format!("no product with sku {sku}")))
 }
@@ -54,7 +57,9 @@ pub async fn get_cart(
     Caller(caller): Caller,
 ) -> Result<Json<CartJson>, ApiError> {
     Ok(Json(
-        cart::current(&state.pool, &caller.user_id).await?.into(),
+        cart::current(&state.pool, &caller.user_id, &state.catalog)
+            .await?
+            .into(),
     ))
 }
 
@@ -71,7 +76,7 @@ pub async fn add_item(
     })?;
     let product = product(&state, &sku).await?;
     Ok(Json(
-        cart::add_item(&state.pool, &caller.user_id, &product, qty)
+        cart::add_item(&state.pool, &caller.user_id, &product, qty, &state.catalog)
             .await?
             .into(),
     ))
@@ -87,7 +92,7 @@ pub async fn set_item(
     let qty = quantity(&body.qty, true)?;
     let product = product(&state, &sku).await?;
     Ok(Json(
-        cart::set_item(&state.pool, &caller.user_id, &product, qty)
+        cart::set_item(&state.pool, &caller.user_id, &product, qty, &state.catalog)
             .await?
             .into(),
     ))
@@ -100,8 +105,92 @@ pub async fn remove_item(
 ) -> Result<Json<CartJson>, ApiError> {
     let sku = parse_sku(&sku)?;
     Ok(Json(
-        cart::remove_item(&state.pool, &caller.user_id, &sku)
+        cart::remove_item(&state.pool, &caller.user_id, &sku, &state.catalog)
             .await?
             .into(),
     ))
+}
+
+/// `POST /api/cart/promo` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoBody {
+    code: String,
+}
+
+pub async fn apply_promo(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiJson(body): ApiJson<PromoBody>,
+) -> Result<Json<CartJson>, ApiError> {
+    let code = body.code.trim();
+    if code.is_empty() || code.len() > 64 || !crate::domain::is_clean_text(code) {
+        return Err(ApiError::unprocessable("promo_not_found", "no such promotion code"));
+    }
+    Ok(Json(
+        cart::apply_promo(&state.pool, &caller.user_id, code, &state.catalog)
+            .await?
+            .into(),
+    ))
+}
+
+pub async fn remove_promo(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> Result<Json<CartJson>, ApiError> {
+    Ok(Json(
+        cart::remove_promo(&state.pool, &caller.user_id, &state.catalog)
+            .await?
+            .into(),
+    ))
+}
+
+/// `POST /api/cart/quote` body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QuoteBody {
+    address: Address,
+    #[serde(default)]
+    shipping_method: Option<String>,
+}
+
+/// Validates an address and a shipping method as checkout does.
+pub(super) fn destination(address: Address, method: Option<String>) -> Result<(Address, String), ApiError> {
+    let address = address
+        .validated()
+        .map_err(|e| ApiError::unprocessable("invalid_address", e.to_string()))?;
+    if !crate::pricing::countries::is_known(&address.country) {
+        return Err(ApiError::unprocessable(
+            "invalid_address",
+            "address.country is not an ISO 3166-1 alpha-2 code",
+        ));
+    }
+    let method = method.unwrap_or_else(|| "standard".into());
+    if method != "standard" && method != "express" {
+        return Err(ApiError::unprocessable(
+            "invalid_shipping_method",
+            "shippingMethod must be standard or express",
+        ));
+    }
+    Ok((address, method))
+}
+
+pub async fn quote(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiJson(body): ApiJson<QuoteBody>,
+) -> Result<Json<CartJson>, ApiError> {
+    let (address, method) = destination(body.address, body.shipping_method)?;
+    let rates = state
+        .rates
+        .get(&address.country, address.region.as_deref())
+        .await?;
+    let ship_to = cart::ShipTo {
+        rates: &rates,
+        method: &method,
+    };
+    let view = cart::quote(&state.pool, &caller.user_id, &state.catalog, ship_to).await?;
+    let mut json: CartJson = view.into();
+    json.shipping_method = Some(method);
+    Ok(Json(json))
 }

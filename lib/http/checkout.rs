@@ -23,6 +23,8 @@ pub struct CheckoutBody {
     cart_id: String,
     payment_method: PaymentMethod,
     address: Address,
+    #[serde(default)]
+    shipping_method: Option<String>,
 }
 
 /// How the buyer pays: a PSP token, never card data.
@@ -67,10 +69,7 @@ pub async fn checkout(
             "paymentMethod.token must be 1 to 255 characters",
         ));
     }
-    let address = body
-        .address
-        .validated()
-        .map_err(|e| ApiError::unprocessable("invalid_address", e.to_string()))?;
+    let (address, shipping_method) = super::carts::destination(body.address, body.shipping_method)?;
     let trace = headers
         .get(HEADER_TRACEPARENT)
         .and_then(|v| v.to_str().ok())
@@ -81,6 +80,7 @@ pub async fn checkout(
         cart_id,
         payment_token: token,
         address,
+        shipping_method,
     };
     let order_id = state
         .checkouts

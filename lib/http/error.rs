@@ -104,6 +104,11 @@ impl From<CartError> for ApiError {
                 Self::unprocessable("currency_mismatch", e.to_string())
             }
             CartError::NotInCart(_) => Self::not_found("not_in_cart", e.to_string()),
+            CartError::Inactive(_) => Self::unprocessable("product_inactive", e.to_string()),
+            CartError::ShippingUnavailable(_) => {
+                Self::unprocessable("shipping_unavailable", e.to_string())
+            }
+            CartError::Promo { code, message } => Self::unprocessable(code, message),
             CartError::Database(e) => e.into(),
         }
     }

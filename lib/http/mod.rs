@@ -17,7 +17,9 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::bus::Bus;
+use crate::catalog::CatalogCache;
 use crate::checkout::Checkouts;
+use crate::pricing::destination::RatesCache;
 use crate::config::Secret;
 
 /// What every handler can reach.
@@ -26,6 +28,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub bus: Bus,
     pub checkouts: Checkouts,
+    pub catalog: CatalogCache,
+    pub rates: RatesCache,
     pub jwt_secret: Secret,
 }
 
@@ -37,7 +41,12 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/admin/stock/{sku}",
             put(admin::put_stock).get(admin::get_stock),
         )
+        .route("/admin/promos/{code}", put(admin::put_promo))
+        .route("/admin/tax-rates/{country}", put(admin::put_tax_rates))
+        .route("/admin/shipping-rates/{zone}", put(admin::put_shipping_rates))
         .route("/cart", get(carts::get_cart))
+        .route("/cart/promo", post(carts::apply_promo).delete(carts::remove_promo))
+        .route("/cart/quote", post(carts::quote))
         .route("/cart/items", post(carts::add_item))
         .route(
             "/cart/items/{sku}",

@@ -24,11 +24,24 @@ pub struct CartLineJson {
     pub line_total: String,
 }
 
+/// The cart's promotion: applied, or why not.
+#[derive(Serialize)]
+pub struct PromoJson {
+    pub code: String,
+    pub applied: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
 /// A cart.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CartJson {
     pub cart_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promo: Option<PromoJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shipping_method: Option<String>,
     pub items: Vec<CartLineJson>,
     pub subtotal: String,
     pub discount: String,
@@ -44,6 +57,8 @@ impl From<CartView> for CartJson {
         match view.priced {
             None => Self {
                 cart_id,
+                promo: None,
+                shipping_method: None,
                 items: Vec::new(),
                 subtotal: "0.00".into(),
                 discount: "0.00".into(),
@@ -54,6 +69,12 @@ impl From<CartView> for CartJson {
             },
             Some(p) => Self {
                 cart_id,
+                promo: p.promo.as_ref().map(|o| PromoJson {
+                    code: o.code.clone(),
+                    applied: o.applied,
+                    reason: o.reason,
+                }),
+                shipping_method: None,
                 items: p
                     .lines
                     .iter()

@@ -3,12 +3,14 @@
 use sqlx::PgPool;
 
 use super::record;
-use crate::saga::events::{Event, EventKind};
+use crate::pricing::promo::{self, RedeemRefusal};
+use crate::saga::events::{Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
 
-/// Consumes `checkout.committed` (payment authorized and stock taken), creates the order,
-/// emits `checkout.confirmed`.
+/// Consumes `checkout.committed` (payment authorized and stock taken), redeems the promotion
+/// and creates the order: emits `checkout.confirmed`, or `checkout.rejected` when the
+/// promotion's limits were reached first.
 pub struct OrderStep {
     pub pool: PgPool,
 }
@@ -37,8 +39,32 @@ impl Step for OrderStep {
             Claim::Done(events) => return Ok(events),
             Claim::Fresh(tx) => tx,
         };
-        record::insert(&mut tx, &checkout, "confirmed", None).await?;
-        let outputs = vec![Event::Confirmed { checkout }];
+        // The promotion is redeemed in the order's own transaction: the order is confirmed
+        // if and only if its redemption fits under the limits.
+        let refusal = match checkout.promo_code.as_deref() {
+            None => None,
+            Some(code) => promo::redeem(&mut tx, code, &checkout.user_id, checkout.order_id)
+                .await?
+                .err(),
+        };
+        let outputs = match refusal {
+            None => {
+                record::insert(&mut tx, &checkout, "confirmed", None).await?;
+                vec![Event::Confirmed { checkout }]
+            }
+            Some(refusal) => {
+                let reason = match refusal {
+                    RedeemRefusal::Exhausted => FailureReason::PromoExhausted,
+                    RedeemRefusal::CustomerLimit => FailureReason::PromoLimitReached,
+                };
+                tracing::info!(reason = reason.as_str(), "promotion refused at confirmation");
+                vec![Event::Rejected {
+                    detail: format!("promotion {} refused", checkout.promo_code.clone().unwrap_or_default()),
+                    checkout,
+                    reason,
+                }]
+            }
+        };
         inbox::complete(
             tx,
             InboxTable::Orders,

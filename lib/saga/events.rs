@@ -18,6 +18,12 @@ pub struct Line {
     pub qty: i32,
     pub unit_price: Decimal,
     pub line_total: Decimal,
+    /// This line's share of the discount.
+    #[serde(default)]
+    pub discount: Decimal,
+    /// Tax on `line_total - discount`.
+    #[serde(default)]
+    pub tax: Decimal,
 }
 
 /// What the buyer asked for, priced by the edge at the moment of checkout.
@@ -36,6 +42,12 @@ pub struct Checkout {
     pub payment_token: String,
     pub address: Address,
     pub requested_at: DateTime<Utc>,
+    /// The promotion that was applied (redeemed when the order is confirmed).
+    #[serde(default)]
+    pub promo_code: Option<String>,
+    /// `standard` or `express`.
+    #[serde(default)]
+    pub shipping_method: Option<String>,
 }
 
 /// Why an order failed or ended early; the `reason` the API shows.
@@ -50,6 +62,10 @@ pub enum FailureReason {
     FraudSuspected,
     /// The provider did not answer after every allowed attempt.
     PaymentUnavailable,
+    /// The promotion's usage limit was reached by other orders first.
+    PromoExhausted,
+    /// This customer already used the promotion as often as allowed.
+    PromoLimitReached,
     /// The buyer (or an admin) cancelled before shipment.
     CustomerCancelled,
 }
@@ -63,6 +79,8 @@ impl FailureReason {
             Self::ReservationExpired => "reservation_expired",
             Self::FraudSuspected => "fraud_suspected",
             Self::PaymentUnavailable => "payment_unavailable",
+            Self::PromoExhausted => "promo_exhausted",
+            Self::PromoLimitReached => "promo_limit_reached",
             Self::CustomerCancelled => "customer_cancelled",
         }
     }

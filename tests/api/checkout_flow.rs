@@ -18,7 +18,11 @@ async fn a_checkout_reaches_confirmed_and_decrements_stock() {
 
     let order = app.settled(&alice, &order_id).await;
     assert_eq!(order["status"], "confirmed", "{order}");
-    assert_eq!(order["total"], "25.00");
+    // To London: 20 % VAT on the goods and on shipping (9.99, 200 g to the europe zone).
+    assert_eq!(order["subtotal"], "25.00");
+    assert_eq!(order["shipping"], "9.99");
+    assert_eq!(order["tax"], "7.00");
+    assert_eq!(order["total"], "41.99");
     assert_eq!(order["items"][0]["sku"], "TEE");
     assert_eq!(order["items"][0]["qty"], 2);
     assert_eq!(order["payment"]["status"], "authorized");
