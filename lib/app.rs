@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, BusError};
 use crate::catalog::CatalogCache;
 use crate::checkout::Checkouts;
-use crate::pricing::destination::RatesCache;
 use crate::compensate::CompensateStep;
 use crate::config::Settings;
 use crate::db::{self, DbError};
@@ -22,6 +21,7 @@ use crate::orders::{LifecycleStep, OrderStep};
 use crate::payments::guard::GuardedProvider;
 use crate::payments::sandbox::SandboxClient;
 use crate::payments::{AuthorizeStep, CaptureStep, PaymentProvider, ProviderError, RefundStep};
+use crate::pricing::destination::RatesCache;
 use crate::psp::Sandbox;
 use crate::saga::runner::{self, Step};
 

@@ -40,10 +40,7 @@ pub enum CartError {
     #[error("we do not ship there: {0}")]
     ShippingUnavailable(String),
     #[error("{message}")]
-    Promo {
-        code: &'static str,
-        message: String,
-    },
+    Promo { code: &'static str, message: String },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -186,7 +183,11 @@ pub async fn remove_item(
 }
 
 /// The caller's open cart (created empty if there is none).
-pub async fn current(pool: &PgPool, user_id: &str, catalog: &CatalogCache) -> Result<CartView, CartError> {
+pub async fn current(
+    pool: &PgPool,
+    user_id: &str,
+    catalog: &CatalogCache,
+) -> Result<CartView, CartError> {
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     tx.commit().await?;
@@ -287,12 +288,20 @@ pub(crate) async fn price_cart(
         None => None,
         Some(code) => match promo::get(conn, &code).await? {
             None => {
-                unusable = Some(PromoOutcome { code, applied: false, reason: Some("promo_not_found") });
+                unusable = Some(PromoOutcome {
+                    code,
+                    applied: false,
+                    reason: Some("promo_not_found"),
+                });
                 None
             }
             Some(p) => match p.unusable_at(chrono::Utc::now()) {
                 Some(reason) => {
-                    unusable = Some(PromoOutcome { code: p.code, applied: false, reason: Some(reason) });
+                    unusable = Some(PromoOutcome {
+                        code: p.code,
+                        applied: false,
+                        reason: Some(reason),
+                    });
                     None
                 }
                 None => Some(p),
@@ -326,7 +335,11 @@ pub(crate) async fn price_cart(
     Ok(Some(priced))
 }
 
-async fn view(pool: &PgPool, cart_id: Uuid, catalog: Option<&CatalogCache>) -> Result<CartView, CartError> {
+async fn view(
+    pool: &PgPool,
+    cart_id: Uuid,
+    catalog: Option<&CatalogCache>,
+) -> Result<CartView, CartError> {
     let mut conn = pool.acquire().await?;
     Ok(CartView {
         cart_id,
@@ -369,14 +382,22 @@ pub async fn apply_promo(
         .await?
         .ok_or_else(|| refuse("promo_not_found", "no such promotion code"))?;
     match promo.unusable_at(chrono::Utc::now()) {
-        Some("promo_not_started") => return Err(refuse("promo_not_started", "this promotion has not started yet")),
+        Some("promo_not_started") => {
+            return Err(refuse(
+                "promo_not_started",
+                "this promotion has not started yet",
+            ))
+        }
         Some("promo_expired") => return Err(refuse("promo_expired", "this promotion has ended")),
         Some(_) => return Err(refuse("promo_exhausted", "this promotion has been used up")),
         None => {}
     }
     if let Some(limit) = promo.per_customer_limit {
         if promo::customer_uses(&mut tx, &promo.code, user_id).await? >= i64::from(limit) {
-            return Err(refuse("promo_limit_reached", "you have used this promotion as often as allowed"));
+            return Err(refuse(
+                "promo_limit_reached",
+                "you have used this promotion as often as allowed",
+            ));
         }
     }
     sqlx::query("UPDATE edge.carts SET promo_code = $2, updated_at = now() WHERE cart_id = $1")
@@ -398,7 +419,10 @@ pub async fn apply_promo(
             ))
         }
         Some("promo_not_applicable") => {
-            return Err(refuse("promo_not_applicable", "nothing in the cart is eligible"))
+            return Err(refuse(
+                "promo_not_applicable",
+                "nothing in the cart is eligible",
+            ))
         }
         _ => {}
     }
@@ -407,7 +431,11 @@ pub async fn apply_promo(
 }
 
 /// Removes the promotion code from the caller's cart.
-pub async fn remove_promo(pool: &PgPool, user_id: &str, catalog: &CatalogCache) -> Result<CartView, CartError> {
+pub async fn remove_promo(
+    pool: &PgPool,
+    user_id: &str,
+    catalog: &CatalogCache,
+) -> Result<CartView, CartError> {
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     sqlx::query("UPDATE edge.carts SET promo_code = NULL, updated_at = now() WHERE cart_id = $1")

@@ -90,12 +90,18 @@ pub async fn get(pool: &PgPool, sku: &Sku) -> Result<Option<Product>, sqlx::Erro
 }
 
 /// The products among `skus` that exist, from the database.
-pub async fn get_many_in(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<Product>, sqlx::Error> {
+pub async fn get_many_in(
+    conn: &mut PgConnection,
+    skus: &[String],
+) -> Result<Vec<Product>, sqlx::Error> {
     let rows: Vec<ProductRow> = sqlx::query_as(&format!("{SELECT} WHERE sku = ANY($1)"))
         .bind(skus)
         .fetch_all(conn)
         .await?;
-    Ok(rows.into_iter().filter_map(ProductRow::into_product).collect())
+    Ok(rows
+        .into_iter()
+        .filter_map(ProductRow::into_product)
+        .collect())
 }
 
 /// The edge's bounded, expiring cache of products (absent ones too).
@@ -110,7 +116,10 @@ impl CatalogCache {
     pub fn new(pool: PgPool, capacity: u64, ttl: Duration) -> Self {
         Self {
             pool,
-            cache: Cache::builder().max_capacity(capacity).time_to_live(ttl).build(),
+            cache: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
         }
     }
 

@@ -73,11 +73,7 @@ pub struct Checkouts {
 
 impl Checkouts {
     /// The service, and the task that records publishes in batches (run it alongside).
-    pub fn new(
-        pool: PgPool,
-        bus: Bus,
-        rates: RatesCache,
-    ) -> (Self, mpsc::UnboundedReceiver<Uuid>) {
+    pub fn new(pool: PgPool, bus: Bus, rates: RatesCache) -> (Self, mpsc::UnboundedReceiver<Uuid>) {
         let (published, rx) = mpsc::unbounded_channel();
         (
             Self {

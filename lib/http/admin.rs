@@ -101,7 +101,10 @@ pub async fn put_product(
     let tax_code = match body.tax_code.as_deref() {
         None => TaxCode::Standard,
         Some(code) => TaxCode::parse(code).ok_or_else(|| {
-            ApiError::unprocessable("invalid_tax_code", "taxCode must be standard, reduced or exempt")
+            ApiError::unprocessable(
+                "invalid_tax_code",
+                "taxCode must be standard, reduced or exempt",
+            )
         })?,
     };
     let product = Product {
@@ -207,7 +210,9 @@ pub async fn put_promo(
     let code = code.to_ascii_lowercase();
     if code.is_empty()
         || code.len() > 64
-        || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || !code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         return Err(invalid("code must be 1 to 64 letters, digits, '-' or '_'"));
     }
@@ -215,7 +220,9 @@ pub async fn put_promo(
         .ok_or_else(|| invalid("kind must be percent, fixed or free_shipping"))?;
     match (kind, body.value) {
         (PromoKind::Percent, Some(v)) if v > Decimal::ZERO && v <= Decimal::ONE_HUNDRED => {}
-        (PromoKind::Percent, _) => return Err(invalid("a percent promo needs a value in (0, 100]")),
+        (PromoKind::Percent, _) => {
+            return Err(invalid("a percent promo needs a value in (0, 100]"))
+        }
         (PromoKind::Fixed, Some(v)) if v > Decimal::ZERO && v.scale() <= 4 => {}
         (PromoKind::Fixed, _) => return Err(invalid("a fixed promo needs a positive value")),
         (PromoKind::FreeShipping, _) => {}
@@ -252,7 +259,9 @@ pub async fn put_promo(
         used: 0,
     };
     promo::upsert(&state.pool, &promo).await?;
-    Ok(Json(serde_json::json!({"code": code, "kind": kind.as_str()})))
+    Ok(Json(
+        serde_json::json!({"code": code, "kind": kind.as_str()}),
+    ))
 }
 
 /// `PUT /api/admin/tax-rates/{country}` body.
@@ -279,7 +288,10 @@ fn parse_country(raw: &str) -> Result<String, ApiError> {
     if countries::is_known(&country) {
         Ok(country)
     } else {
-        Err(ApiError::unprocessable("invalid_country", "not an ISO 3166-1 alpha-2 country code"))
+        Err(ApiError::unprocessable(
+            "invalid_country",
+            "not an ISO 3166-1 alpha-2 country code",
+        ))
     }
 }
 
@@ -301,11 +313,21 @@ pub async fn put_tax_rates(
     let country = parse_country(&country)?;
     let valid = |r: Decimal| r >= Decimal::ZERO && r < Decimal::ONE;
     if !valid(body.rates.standard) || !valid(body.rates.reduced) {
-        return Err(ApiError::unprocessable("invalid_rate", "rates are fractions in [0, 1), e.g. \"0.19\""));
+        return Err(ApiError::unprocessable(
+            "invalid_rate",
+            "rates are fractions in [0, 1), e.g. \"0.19\"",
+        ));
     }
-    let region = body.region.as_deref().map(str::trim).filter(|r| !r.is_empty());
+    let region = body
+        .region
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty());
     if region.is_some_and(|r| r.len() > 10 || !r.bytes().all(|b| b.is_ascii_alphanumeric())) {
-        return Err(ApiError::unprocessable("invalid_region", "region is a short code such as CA"));
+        return Err(ApiError::unprocessable(
+            "invalid_region",
+            "region is a short code such as CA",
+        ));
     }
     let rates = TaxRates {
         standard: body.rates.standard,
@@ -313,8 +335,10 @@ pub async fn put_tax_rates(
     };
     destination::put_tax_rates(&state.pool, &country, region, rates).await?;
     rates_changed(&state).await;
-    Ok(Json(serde_json::json!({"country": country, "region": region,
-        "rates": {"standard": rates.standard.to_string(), "reduced": rates.reduced.to_string()}})))
+    Ok(Json(
+        serde_json::json!({"country": country, "region": region,
+        "rates": {"standard": rates.standard.to_string(), "reduced": rates.reduced.to_string()}}),
+    ))
 }
 
 /// `PUT /api/admin/shipping-rates/{zone}` body.
@@ -333,7 +357,12 @@ pub async fn put_shipping_rates(
     ApiJson(body): ApiJson<ZoneBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let invalid = |m: &str| ApiError::unprocessable("invalid_shipping_rates", m.to_owned());
-    if zone.is_empty() || zone.len() > 64 || !zone.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if zone.is_empty()
+        || zone.len() > 64
+        || !zone
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         return Err(invalid("zone must be 1 to 64 letters, digits, '-' or '_'"));
     }
     let countries = body
@@ -353,17 +382,29 @@ pub async fn put_shipping_rates(
         if name != "standard" && name != "express" {
             return Err(invalid("methods are standard and express"));
         }
-        let bad_band = method.bands.iter().any(|b| {
-            b.max_grams <= 0 || Money::exact(b.price, currency).is_none()
-        });
+        let bad_band = method
+            .bands
+            .iter()
+            .any(|b| b.max_grams <= 0 || Money::exact(b.price, currency).is_none());
         if method.bands.is_empty() || bad_band {
-            return Err(invalid("each method needs bands with maxGrams > 0 and a price in the zone's currency"));
+            return Err(invalid(
+                "each method needs bands with maxGrams > 0 and a price in the zone's currency",
+            ));
         }
         if method.free_over.is_some_and(|f| f < Decimal::ZERO) {
             return Err(invalid("freeOver cannot be negative"));
         }
     }
-    destination::put_zone(&state.pool, &zone, &countries, currency.code(), &body.methods).await?;
+    destination::put_zone(
+        &state.pool,
+        &zone,
+        &countries,
+        currency.code(),
+        &body.methods,
+    )
+    .await?;
     rates_changed(&state).await;
-    Ok(Json(serde_json::json!({"zone": zone, "countries": countries, "currency": currency.code()})))
+    Ok(Json(
+        serde_json::json!({"zone": zone, "countries": countries, "currency": currency.code()}),
+    ))
 }

@@ -125,7 +125,10 @@ pub async fn apply_promo(
 ) -> Result<Json<CartJson>, ApiError> {
     let code = body.code.trim();
     if code.is_empty() || code.len() > 64 || !crate::domain::is_clean_text(code) {
-        return Err(ApiError::unprocessable("promo_not_found", "no such promotion code"));
+        return Err(ApiError::unprocessable(
+            "promo_not_found",
+            "no such promotion code",
+        ));
     }
     Ok(Json(
         cart::apply_promo(&state.pool, &caller.user_id, code, &state.catalog)
@@ -155,7 +158,10 @@ pub struct QuoteBody {
 }
 
 /// Validates an address and a shipping method as checkout does.
-pub(super) fn destination(address: Address, method: Option<String>) -> Result<(Address, String), ApiError> {
+pub(super) fn destination(
+    address: Address,
+    method: Option<String>,
+) -> Result<(Address, String), ApiError> {
     let address = address
         .validated()
         .map_err(|e| ApiError::unprocessable("invalid_address", e.to_string()))?;

@@ -19,8 +19,8 @@ use tower_http::trace::TraceLayer;
 use crate::bus::Bus;
 use crate::catalog::CatalogCache;
 use crate::checkout::Checkouts;
-use crate::pricing::destination::RatesCache;
 use crate::config::Secret;
+use crate::pricing::destination::RatesCache;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -43,9 +43,15 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route("/admin/promos/{code}", put(admin::put_promo))
         .route("/admin/tax-rates/{country}", put(admin::put_tax_rates))
-        .route("/admin/shipping-rates/{zone}", put(admin::put_shipping_rates))
+        .route(
+            "/admin/shipping-rates/{zone}",
+            put(admin::put_shipping_rates),
+        )
         .route("/cart", get(carts::get_cart))
-        .route("/cart/promo", post(carts::apply_promo).delete(carts::remove_promo))
+        .route(
+            "/cart/promo",
+            post(carts::apply_promo).delete(carts::remove_promo),
+        )
         .route("/cart/quote", post(carts::quote))
         .route("/cart/items", post(carts::add_item))
         .route(

@@ -57,9 +57,15 @@ impl Step for OrderStep {
                     RedeemRefusal::Exhausted => FailureReason::PromoExhausted,
                     RedeemRefusal::CustomerLimit => FailureReason::PromoLimitReached,
                 };
-                tracing::info!(reason = reason.as_str(), "promotion refused at confirmation");
+                tracing::info!(
+                    reason = reason.as_str(),
+                    "promotion refused at confirmation"
+                );
                 vec![Event::Rejected {
-                    detail: format!("promotion {} refused", checkout.promo_code.clone().unwrap_or_default()),
+                    detail: format!(
+                        "promotion {} refused",
+                        checkout.promo_code.clone().unwrap_or_default()
+                    ),
                     checkout,
                     reason,
                 }]

@@ -32,6 +32,9 @@ mod tests {
         assert!(super::is_known("US"));
         assert!(!super::is_known("XX"));
         assert!(!super::is_known("de"));
-        assert!(super::CODES.windows(2).all(|w| w[0] < w[1]), "sorted for binary search");
+        assert!(
+            super::CODES.windows(2).all(|w| w[0] < w[1]),
+            "sorted for binary search"
+        );
     }
 }

@@ -70,16 +70,28 @@ impl RatesCache {
     pub fn new(pool: PgPool, ttl: Duration) -> Self {
         Self {
             pool,
-            cache: Cache::builder().max_capacity(10_000).time_to_live(ttl).build(),
+            cache: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(ttl)
+                .build(),
         }
     }
 
     /// Rates for a country (upper case) and region.
-    pub async fn get(&self, country: &str, region: Option<&str>) -> Result<Arc<DestinationRates>, sqlx::Error> {
-        let key = (country.to_owned(), region.unwrap_or("").to_ascii_uppercase());
+    pub async fn get(
+        &self,
+        country: &str,
+        region: Option<&str>,
+    ) -> Result<Arc<DestinationRates>, sqlx::Error> {
+        let key = (
+            country.to_owned(),
+            region.unwrap_or("").to_ascii_uppercase(),
+        );
         let pool = self.pool.clone();
         self.cache
-            .try_get_with(key.clone(), async move { load(&pool, &key.0, &key.1).await.map(Arc::new) })
+            .try_get_with(key.clone(), async move {
+                load(&pool, &key.0, &key.1).await.map(Arc::new)
+            })
             .await
             .map_err(|e| sqlx::Error::Protocol(e.to_string()))
     }
@@ -100,14 +112,16 @@ async fn load(pool: &PgPool, country: &str, region: &str) -> Result<DestinationR
     .fetch_optional(pool)
     .await?;
     let (standard, reduced) = rates.unwrap_or((Decimal::ZERO, Decimal::ZERO));
-    let zone: Option<(String, sqlx::types::Json<std::collections::HashMap<String, MethodJson>>)> =
-        sqlx::query_as(
-            "SELECT currency, methods FROM pricing.shipping_zones WHERE $1 = ANY(countries)
+    let zone: Option<(
+        String,
+        sqlx::types::Json<std::collections::HashMap<String, MethodJson>>,
+    )> = sqlx::query_as(
+        "SELECT currency, methods FROM pricing.shipping_zones WHERE $1 = ANY(countries)
              ORDER BY zone LIMIT 1",
-        )
-        .bind(country)
-        .fetch_optional(pool)
-        .await?;
+    )
+    .bind(country)
+    .fetch_optional(pool)
+    .await?;
     Ok(DestinationRates {
         tax: TaxRates { standard, reduced },
         zone: zone.map(|(c, m)| (c, m.0)),

@@ -171,7 +171,11 @@ pub fn price(
                 (vec![Decimal::ZERO; lines.len()], Some(outcome), false)
             } else {
                 let discounts = promo.line_discounts(&totals, &eligible, round);
-                (discounts, Some(outcome), promo.kind == PromoKind::FreeShipping)
+                (
+                    discounts,
+                    Some(outcome),
+                    promo.kind == PromoKind::FreeShipping,
+                )
             }
         }
     };
@@ -188,8 +192,7 @@ pub fn price(
                 .min_by_key(|b| b.max_grams)
                 .ok_or(PricingError::TooHeavy(weight_grams))?;
             let free = free_shipping
-                || d
-                    .shipping
+                || d.shipping
                     .free_over
                     .is_some_and(|over| subtotal - discount >= over);
             if free {

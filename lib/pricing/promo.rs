@@ -104,7 +104,13 @@ impl Promo {
                 totals
                     .iter()
                     .zip(eligible)
-                    .map(|(t, e)| if *e { round(*t * pct).min(*t) } else { Decimal::ZERO })
+                    .map(|(t, e)| {
+                        if *e {
+                            round(*t * pct).min(*t)
+                        } else {
+                            Decimal::ZERO
+                        }
+                    })
                     .collect()
             }
             PromoKind::Fixed => {
@@ -212,7 +218,11 @@ pub async fn upsert(pool: &PgPool, promo: &Promo) -> Result<(), sqlx::Error> {
 }
 
 /// A customer's redemptions of a code that still count.
-pub async fn customer_uses(conn: &mut PgConnection, code: &str, user_id: &str) -> Result<i64, sqlx::Error> {
+pub async fn customer_uses(
+    conn: &mut PgConnection,
+    code: &str,
+    user_id: &str,
+) -> Result<i64, sqlx::Error> {
     let (n,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM pricing.promo_redemptions
          WHERE code = lower($1) AND user_id = $2 AND status = 'redeemed'",
@@ -283,10 +293,12 @@ pub async fn release(pool: &PgPool, order_id: Uuid) -> Result<(), sqlx::Error> {
     .fetch_optional(&mut *tx)
     .await?;
     if let Some((code,)) = released {
-        sqlx::query("UPDATE pricing.promos SET used = used - 1, updated_at = now() WHERE code = $1")
-            .bind(code)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE pricing.promos SET used = used - 1, updated_at = now() WHERE code = $1",
+        )
+        .bind(code)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(())

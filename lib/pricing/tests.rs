@@ -46,8 +46,14 @@ fn germany() -> Destination {
         },
         shipping: ShippingRate {
             bands: vec![
-                Band { max_grams: 1000, price: d("4.99") },
-                Band { max_grams: 5000, price: d("9.99") },
+                Band {
+                    max_grams: 1000,
+                    price: d("4.99"),
+                },
+                Band {
+                    max_grams: 5000,
+                    price: d("9.99"),
+                },
             ],
             free_over: Some(d("100.00")),
         },
@@ -61,8 +67,13 @@ fn tax_is_per_line_on_discounted_amounts_and_on_shipping() {
         line("TEE", 2, "15.00", TaxCode::Standard),
         line("GIFT", 1, "5.00", TaxCode::Exempt),
     ];
-    let p = price(usd(), lines, Some(&promo(PromoKind::Percent, Some("10"))), Some(&germany()))
-        .expect("priced");
+    let p = price(
+        usd(),
+        lines,
+        Some(&promo(PromoKind::Percent, Some("10"))),
+        Some(&germany()),
+    )
+    .expect("priced");
     assert_eq!(p.subtotal.amount(), d("55.00"));
     assert_eq!(p.discount.amount(), d("5.50"));
     // 18.00 × 7 % = 1.26; 27.00 × 19 % = 5.13; exempt 0; shipping 4.99 × 19 % = 0.9481 -> 0.95.
@@ -75,39 +86,94 @@ fn tax_is_per_line_on_discounted_amounts_and_on_shipping() {
 fn rounding_is_half_to_even() {
     // 0.25 × 10 % = 0.025 -> 0.02 (even); 0.35 × 10 % = 0.035 -> 0.04 (even).
     let dest = Destination {
-        tax: TaxRates { standard: d("0.10"), reduced: d("0") },
-        shipping: ShippingRate { bands: vec![Band { max_grams: 100_000, price: d("0") }], free_over: None },
+        tax: TaxRates {
+            standard: d("0.10"),
+            reduced: d("0"),
+        },
+        shipping: ShippingRate {
+            bands: vec![Band {
+                max_grams: 100_000,
+                price: d("0"),
+            }],
+            free_over: None,
+        },
     };
-    let p = price(usd(), vec![line("A", 1, "0.25", TaxCode::Standard)], None, Some(&dest)).expect("p");
+    let p = price(
+        usd(),
+        vec![line("A", 1, "0.25", TaxCode::Standard)],
+        None,
+        Some(&dest),
+    )
+    .expect("p");
     assert_eq!(p.tax.amount(), d("0.02"));
-    let p = price(usd(), vec![line("A", 1, "0.35", TaxCode::Standard)], None, Some(&dest)).expect("p");
+    let p = price(
+        usd(),
+        vec![line("A", 1, "0.35", TaxCode::Standard)],
+        None,
+        Some(&dest),
+    )
+    .expect("p");
     assert_eq!(p.tax.amount(), d("0.04"));
 }
 
 #[test]
 fn free_shipping_and_thresholds() {
     let lines = || vec![line("TEE", 1, "30.00", TaxCode::Standard)];
-    let p = price(usd(), lines(), Some(&promo(PromoKind::FreeShipping, None)), Some(&germany())).expect("p");
+    let p = price(
+        usd(),
+        lines(),
+        Some(&promo(PromoKind::FreeShipping, None)),
+        Some(&germany()),
+    )
+    .expect("p");
     assert_eq!(p.shipping.amount(), d("0.00"));
-    let p = price(usd(), vec![line("TEE", 4, "30.00", TaxCode::Standard)], None, Some(&germany())).expect("p");
-    assert_eq!(p.shipping.amount(), d("0.00"), "over the free-shipping threshold");
+    let p = price(
+        usd(),
+        vec![line("TEE", 4, "30.00", TaxCode::Standard)],
+        None,
+        Some(&germany()),
+    )
+    .expect("p");
+    assert_eq!(
+        p.shipping.amount(),
+        d("0.00"),
+        "over the free-shipping threshold"
+    );
     let heavy = vec![line("TEE", 21, "1.00", TaxCode::Standard)];
-    assert_eq!(price(usd(), heavy, None, Some(&germany())), Err(PricingError::TooHeavy(5250)));
+    assert_eq!(
+        price(usd(), heavy, None, Some(&germany())),
+        Err(PricingError::TooHeavy(5250))
+    );
 }
 
 #[test]
 fn a_promo_that_stops_qualifying_says_why() {
     let mut p10 = promo(PromoKind::Percent, Some("10"));
     p10.min_subtotal = Some(d("50"));
-    let p = price(usd(), vec![line("TEE", 1, "30.00", TaxCode::Standard)], Some(&p10), None).expect("p");
+    let p = price(
+        usd(),
+        vec![line("TEE", 1, "30.00", TaxCode::Standard)],
+        Some(&p10),
+        None,
+    )
+    .expect("p");
     assert_eq!(p.discount.amount(), d("0.00"));
     let outcome = p.promo.expect("promo outcome");
     assert!(!outcome.applied);
     assert_eq!(outcome.reason, Some("promo_min_subtotal"));
     p10.min_subtotal = None;
     p10.skus = Some(vec!["MUG".into()]);
-    let p = price(usd(), vec![line("TEE", 1, "30.00", TaxCode::Standard)], Some(&p10), None).expect("p");
-    assert_eq!(p.promo.expect("outcome").reason, Some("promo_not_applicable"));
+    let p = price(
+        usd(),
+        vec![line("TEE", 1, "30.00", TaxCode::Standard)],
+        Some(&p10),
+        None,
+    )
+    .expect("p");
+    assert_eq!(
+        p.promo.expect("outcome").reason,
+        Some("promo_not_applicable")
+    );
 }
 
 #[test]
@@ -123,7 +189,10 @@ fn fixed_discounts_spread_over_eligible_lines_only() {
     // Only 9.00 is eligible: the discount stops there, and line C is untouched.
     assert_eq!(p.discount.amount(), d("9.00"));
     assert_eq!(p.lines[2].discount.amount(), d("0.00"));
-    assert!(p.lines.iter().all(|l| l.discount.amount() <= l.line_total.amount()));
+    assert!(p
+        .lines
+        .iter()
+        .all(|l| l.discount.amount() <= l.line_total.amount()));
 }
 
 fn arb_lines() -> impl Strategy<Value = Vec<(i64, i64, u8)>> {
@@ -135,7 +204,10 @@ fn arb_promo() -> impl Strategy<Value = Option<Promo>> {
     prop_oneof![
         Just(None),
         (1i64..=100).prop_map(|p| Some(promo(PromoKind::Percent, Some(&p.to_string())))),
-        (0i64..=200_000).prop_map(|c| Some(promo(PromoKind::Fixed, Some(&(Decimal::new(c, 2)).to_string())))),
+        (0i64..=200_000).prop_map(|c| Some(promo(
+            PromoKind::Fixed,
+            Some(&(Decimal::new(c, 2)).to_string())
+        ))),
         Just(Some(promo(PromoKind::FreeShipping, None))),
     ]
 }

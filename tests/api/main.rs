@@ -8,3 +8,4 @@ mod helpers;
 mod idempotency;
 mod inventory;
 mod payments;
+mod pricing;
