@@ -73,37 +73,33 @@ impl Step for CompensateStep {
                 ) => StepError::RetryAfter(d),
                 other => StepError::Transient(other.to_string()),
             })?;
-        let mut tx = match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id)
-            .await?
-        {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
-        };
         let outputs = match reason {
+            Some(reason) => vec![Event::Failed {
+                checkout: checkout.clone(),
+                reason,
+            }],
+            None => vec![Event::Cancelled {
+                checkout: checkout.clone(),
+            }],
+        };
+        let table = InboxTable::Orders;
+        let mut tx =
+            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &outputs).await? {
+                Claim::Done(events) => return Ok(events),
+                Claim::Fresh(tx) => tx,
+            };
+        match reason {
             Some(reason) => {
                 insert_failed(&mut tx, &checkout, reason).await?;
-                tracing::info!(
-                    reason = reason.as_str(),
-                    released,
-                    voided,
-                    "order failed and compensated"
-                );
-                vec![Event::Failed { checkout, reason }]
+                let reason = reason.as_str();
+                tracing::info!(reason, released, voided, "order failed and compensated");
             }
             None => {
                 finish_cancel(&mut tx, order_id).await?;
                 tracing::info!(released, voided, "order cancelled");
-                vec![Event::Cancelled { checkout }]
             }
-        };
-        inbox::complete(
-            tx,
-            InboxTable::Orders,
-            DURABLE,
-            &delivery.event_id,
-            &outputs,
-        )
-        .await?;
+        }
+        tx.commit().await?;
         Ok(outputs)
     }
 }

@@ -41,25 +41,24 @@ impl Step for CommitStep {
                 event.kind()
             )));
         };
-        let mut tx = match inbox::claim(
-            &self.pool,
-            InboxTable::Inventory,
-            DURABLE,
-            &delivery.event_id,
-        )
-        .await?
-        {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
-        };
         let order_id = checkout.order_id;
-        let mut attempt = sqlx::Acquire::begin(&mut *tx).await?;
+        let committed = vec![Event::Committed {
+            checkout: checkout.clone(),
+            payment_id,
+            auth_id,
+        }];
+        let table = InboxTable::Inventory;
+        let mut tx =
+            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &committed).await? {
+                Claim::Done(events) => return Ok(events),
+                Claim::Fresh(tx) => tx,
+            };
         let held: HashMap<String, i32> = sqlx::query_as::<_, (String, i32)>(
             "UPDATE inventory.inventory_reservations SET status = 'committed', updated_at = now()
              WHERE order_id = $1 AND status = 'held' RETURNING sku, qty",
         )
         .bind(order_id)
-        .fetch_all(&mut *attempt)
+        .fetch_all(&mut *tx)
         .await?
         .into_iter()
         .collect();
@@ -69,7 +68,6 @@ impl Step for CommitStep {
             .map(|l| (l.sku.as_str().to_owned(), l.qty))
             .collect();
         lines.sort();
-        let mut lapsed = Vec::new();
         for (sku, qty) in &lines {
             let still_held = held.get(sku).is_some_and(|h| h == qty);
             // A held unit moves from reserved to gone; a lapsed one is taken from available.
@@ -86,12 +84,26 @@ impl Step for CommitStep {
             }
             .bind(sku)
             .bind(qty)
-            .execute(&mut *attempt)
+            .execute(&mut *tx)
             .await?
             .rows_affected();
             if taken == 0 {
-                lapsed.push(sku.clone());
-                break;
+                // Undo everything, holds included: compensation releases what is still held.
+                tx.rollback().await?;
+                tracing::warn!(%sku, "reservation expired and the stock is gone");
+                let outputs = vec![Event::Rejected {
+                    checkout,
+                    reason: FailureReason::ReservationExpired,
+                    detail: format!("hold expired and no stock left for {sku}"),
+                }];
+                return Ok(inbox::record_alone(
+                    &self.pool,
+                    table,
+                    DURABLE,
+                    &delivery.event_id,
+                    outputs,
+                )
+                .await?);
             }
             if !still_held {
                 sqlx::query(
@@ -100,7 +112,7 @@ impl Step for CommitStep {
                 )
                 .bind(order_id)
                 .bind(sku)
-                .execute(&mut *attempt)
+                .execute(&mut *tx)
                 .await?;
             }
             sqlx::query(
@@ -111,34 +123,10 @@ impl Step for CommitStep {
             .bind(order_id)
             .bind(qty)
             .bind(if still_held { -qty } else { 0 })
-            .execute(&mut *attempt)
+            .execute(&mut *tx)
             .await?;
         }
-        let outputs = if lapsed.is_empty() {
-            attempt.commit().await?;
-            vec![Event::Committed {
-                checkout,
-                payment_id,
-                auth_id,
-            }]
-        } else {
-            // Undo everything, holds included: compensation releases what is still held.
-            attempt.rollback().await?;
-            tracing::warn!(skus = ?lapsed, "reservation expired and the stock is gone");
-            vec![Event::Rejected {
-                checkout,
-                reason: FailureReason::ReservationExpired,
-                detail: format!("hold expired and no stock left for {}", lapsed.join(", ")),
-            }]
-        };
-        inbox::complete(
-            tx,
-            InboxTable::Inventory,
-            DURABLE,
-            &delivery.event_id,
-            &outputs,
-        )
-        .await?;
-        Ok(outputs)
+        tx.commit().await?;
+        Ok(committed)
     }
 }

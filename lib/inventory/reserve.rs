@@ -12,7 +12,7 @@ use chrono::Utc;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::saga::events::{Event, EventKind, FailureReason};
+use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
 
@@ -40,17 +40,6 @@ impl Step for ReserveStep {
                 event.kind()
             )));
         };
-        let mut tx = match inbox::claim(
-            &self.pool,
-            InboxTable::Inventory,
-            DURABLE,
-            &delivery.event_id,
-        )
-        .await?
-        {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
-        };
         let ttl = chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::minutes(10));
         let expires_at = Utc::now() + ttl;
         let mut lines: Vec<(String, i32)> = checkout
@@ -61,87 +50,92 @@ impl Step for ReserveStep {
         lines.sort();
         let skus: Vec<String> = lines.iter().map(|(s, _)| s.clone()).collect();
         let qtys: Vec<i32> = lines.iter().map(|(_, q)| *q).collect();
+        let table = InboxTable::Inventory;
 
-        let mut short = shortfall_without_locks(&mut tx, &skus, &qtys).await?;
-        if short.is_empty() {
-            let mut attempt = sqlx::Acquire::begin(&mut *tx).await?;
-            let ids: Vec<Uuid> = skus
-                .iter()
-                .map(|sku| Uuid::new_v5(&checkout.order_id, sku.as_bytes()))
-                .collect();
-            sqlx::query(
-                "INSERT INTO inventory.inventory_reservations
+        let short = shortfall_without_locks(&self.pool, &skus, &qtys).await?;
+        if !short.is_empty() {
+            let outputs = rejected(checkout, short);
+            return Ok(inbox::record_alone(
+                &self.pool,
+                table,
+                DURABLE,
+                &delivery.event_id,
+                outputs,
+            )
+            .await?);
+        }
+        let reserved = vec![Event::Reserved {
+            checkout: checkout.clone(),
+            expires_at,
+        }];
+        let mut tx =
+            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &reserved).await? {
+                Claim::Done(events) => return Ok(events),
+                Claim::Fresh(tx) => tx,
+            };
+        let ids: Vec<Uuid> = skus
+            .iter()
+            .map(|sku| Uuid::new_v5(&checkout.order_id, sku.as_bytes()))
+            .collect();
+        sqlx::query(
+            "WITH held AS (
+                 INSERT INTO inventory.inventory_reservations
                      (reservation_id, order_id, sku, qty, status, expires_at)
                  SELECT id, $2, sku, qty, 'held', $5
-                 FROM unnest($1::uuid[], $3::text[], $4::int[]) AS r(id, sku, qty)",
+                 FROM unnest($1::uuid[], $3::text[], $4::int[]) AS r(id, sku, qty)
+                 RETURNING sku, qty)
+             INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
+             SELECT sku, 'reserve', $2, 0, qty FROM held",
+        )
+        .bind(&ids)
+        .bind(checkout.order_id)
+        .bind(&skus)
+        .bind(&qtys)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        for (sku, qty) in &lines {
+            let held = sqlx::query(
+                "UPDATE inventory.stock SET reserved = reserved + $2, updated_at = now()
+                 WHERE sku = $1 AND on_hand - reserved >= $2",
             )
-            .bind(&ids)
-            .bind(checkout.order_id)
-            .bind(&skus)
-            .bind(&qtys)
-            .bind(expires_at)
-            .execute(&mut *attempt)
-            .await?;
-            sqlx::query(
-                "INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
-                 SELECT sku, 'reserve', $1, 0, qty FROM unnest($2::text[], $3::int[]) AS r(sku, qty)",
-            )
-            .bind(checkout.order_id)
-            .bind(&skus)
-            .bind(&qtys)
-            .execute(&mut *attempt)
-            .await?;
-            for (sku, qty) in &lines {
-                let held = sqlx::query(
-                    "UPDATE inventory.stock SET reserved = reserved + $2, updated_at = now()
-                     WHERE sku = $1 AND on_hand - reserved >= $2",
+            .bind(sku)
+            .bind(qty)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if held == 0 {
+                // Lost the race for the last units: nothing of a partial hold survives.
+                tx.rollback().await?;
+                let outputs = rejected(checkout, vec![sku.clone()]);
+                return Ok(inbox::record_alone(
+                    &self.pool,
+                    table,
+                    DURABLE,
+                    &delivery.event_id,
+                    outputs,
                 )
-                .bind(sku)
-                .bind(qty)
-                .execute(&mut *attempt)
-                .await?
-                .rows_affected();
-                if held == 0 {
-                    short.push(sku.clone());
-                    break;
-                }
-            }
-            if short.is_empty() {
-                attempt.commit().await?;
-            } else {
-                // Nothing of a partial reservation survives: all or nothing.
-                attempt.rollback().await?;
+                .await?);
             }
         }
-        let outputs = if short.is_empty() {
-            vec![Event::Reserved {
-                checkout,
-                expires_at,
-            }]
-        } else {
-            tracing::info!(skus = ?short, "out of stock");
-            vec![Event::Rejected {
-                checkout,
-                reason: FailureReason::OutOfStock,
-                detail: format!("not enough stock for {}", short.join(", ")),
-            }]
-        };
-        inbox::complete(
-            tx,
-            InboxTable::Inventory,
-            DURABLE,
-            &delivery.event_id,
-            &outputs,
-        )
-        .await?;
-        Ok(outputs)
+        tx.commit().await?;
+        Ok(reserved)
     }
+}
+
+fn rejected(checkout: Checkout, short: Vec<String>) -> Vec<Event> {
+    tracing::info!(skus = ?short, "out of stock");
+    vec![Event::Rejected {
+        checkout,
+        reason: FailureReason::OutOfStock,
+        detail: format!("not enough stock for {}", short.join(", ")),
+    }]
 }
 
 /// SKUs that visibly lack stock (a snapshot read, no locks). Passing it is not a promise:
 /// the conditional update decides.
 async fn shortfall_without_locks(
-    conn: &mut sqlx::PgConnection,
+    conn: &PgPool,
     skus: &[String],
     qtys: &[i32],
 ) -> Result<Vec<String>, sqlx::Error> {

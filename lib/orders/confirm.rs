@@ -33,12 +33,15 @@ impl Step for OrderStep {
                 event.kind()
             )));
         };
-        let mut tx = match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id)
-            .await?
-        {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
-        };
+        let confirmed = vec![Event::Confirmed {
+            checkout: checkout.clone(),
+        }];
+        let table = InboxTable::Orders;
+        let mut tx =
+            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &confirmed).await? {
+                Claim::Done(events) => return Ok(events),
+                Claim::Fresh(tx) => tx,
+            };
         // The promotion is redeemed in the order's own transaction: the order is confirmed
         // if and only if its redemption fits under the limits.
         let refusal = match checkout.promo_code.as_deref() {
@@ -50,7 +53,7 @@ impl Step for OrderStep {
         let outputs = match refusal {
             None => {
                 record::insert(&mut tx, &checkout, "confirmed", None).await?;
-                vec![Event::Confirmed { checkout }]
+                confirmed
             }
             Some(refusal) => {
                 let reason = match refusal {
@@ -61,24 +64,17 @@ impl Step for OrderStep {
                     reason = reason.as_str(),
                     "promotion refused at confirmation"
                 );
-                vec![Event::Rejected {
-                    detail: format!(
-                        "promotion {} refused",
-                        checkout.promo_code.clone().unwrap_or_default()
-                    ),
+                let code = checkout.promo_code.clone().unwrap_or_default();
+                let outputs = vec![Event::Rejected {
+                    detail: format!("promotion {code} refused"),
                     checkout,
                     reason,
-                }]
+                }];
+                inbox::set_outputs(&mut tx, table, DURABLE, &delivery.event_id, &outputs).await?;
+                outputs
             }
         };
-        inbox::complete(
-            tx,
-            InboxTable::Orders,
-            DURABLE,
-            &delivery.event_id,
-            &outputs,
-        )
-        .await?;
+        tx.commit().await?;
         Ok(outputs)
     }
 }

@@ -140,21 +140,14 @@ impl Step for LifecycleStep {
         };
         let order_id = crate::saga::events::order_id_of(&delivery.event_id)
             .ok_or_else(|| StepError::Permanent("event id without an order id".into()))?;
-        let mut tx = match inbox::claim(&self.pool, InboxTable::Orders, DURABLE, &delivery.event_id)
-            .await?
-        {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
-        };
+        let table = InboxTable::Orders;
+        let mut tx =
+            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &outputs).await? {
+                Claim::Done(events) => return Ok(events),
+                Claim::Fresh(tx) => tx,
+            };
         finish_action(&mut tx, order_id, action, None).await?;
-        inbox::complete(
-            tx,
-            InboxTable::Orders,
-            DURABLE,
-            &delivery.event_id,
-            &outputs,
-        )
-        .await?;
+        tx.commit().await?;
         Ok(outputs)
     }
 }

@@ -144,35 +144,19 @@ impl Step for AuthorizeStep {
                 "chaos: failing after the provider call".into(),
             ));
         }
-        let mut tx = match inbox::claim(
-            &self.pool,
-            InboxTable::Payments,
-            DURABLE,
-            &delivery.event_id,
-        )
-        .await?
-        {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
-        };
-        let outputs = match decision {
-            Decision::Approved(auth_id, expires_at) => {
-                let payment_id = insert_payment(
-                    &mut tx,
-                    self.provider.name(),
-                    &checkout,
-                    "authorized",
-                    Some(&auth_id),
-                    None,
-                    expires_at,
-                )
-                .await?;
+        let payment_id = payment_id_for(order_id);
+        let (status, auth_id, decline_code, expires_at, outputs) = match decision {
+            Decision::Approved(auth_id, expires_at) => (
+                "authorized",
+                Some(auth_id.clone()),
+                None,
+                expires_at,
                 vec![Event::Authorized {
-                    checkout,
+                    checkout: checkout.clone(),
                     payment_id,
                     auth_id,
-                }]
-            }
+                }],
+            ),
             Decision::Refused {
                 status,
                 auth_id,
@@ -180,64 +164,71 @@ impl Step for AuthorizeStep {
                 code,
                 reason,
             } => {
-                insert_payment(
-                    &mut tx,
-                    self.provider.name(),
-                    &checkout,
-                    status,
-                    auth_id.as_deref(),
-                    Some(&code),
-                    expires_at,
-                )
-                .await?;
                 tracing::info!(decline_code = %code, reason = reason.as_str(), "payment refused");
-                vec![Event::Declined {
-                    checkout,
-                    decline_code: code,
-                    reason,
-                }]
+                (
+                    status,
+                    auth_id,
+                    Some(code.clone()),
+                    expires_at,
+                    vec![Event::Declined {
+                        checkout: checkout.clone(),
+                        decline_code: code,
+                        reason,
+                    }],
+                )
             }
         };
-        inbox::complete(
-            tx,
-            InboxTable::Payments,
-            DURABLE,
-            &delivery.event_id,
-            &outputs,
-        )
-        .await?;
+        let table = InboxTable::Payments;
+        let mut tx =
+            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &outputs).await? {
+                Claim::Done(events) => return Ok(events),
+                Claim::Fresh(tx) => tx,
+            };
+        let record = PaymentRecord {
+            provider: self.provider.name(),
+            status,
+            auth_id: auth_id.as_deref(),
+            decline_code: decline_code.as_deref(),
+            expires_at,
+        };
+        insert_payment(&mut tx, &checkout, &record).await?;
+        tx.commit().await?;
         Ok(outputs)
     }
 }
 
+/// What the payments row records of the provider's answer.
+struct PaymentRecord<'a> {
+    provider: &'a str,
+    status: &'a str,
+    auth_id: Option<&'a str>,
+    decline_code: Option<&'a str>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 async fn insert_payment(
     conn: &mut sqlx::PgConnection,
-    provider: &str,
     checkout: &Checkout,
-    status: &str,
-    auth_id: Option<&str>,
-    decline_code: Option<&str>,
-    expires_at: Option<chrono::DateTime<chrono::Utc>>,
-) -> Result<uuid::Uuid, sqlx::Error> {
-    let payment_id = payment_id_for(checkout.order_id);
+    record: &PaymentRecord<'_>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO payments.payments
              (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (order_id) DO NOTHING",
     )
-    .bind(payment_id)
+    .bind(payment_id_for(checkout.order_id))
     .bind(checkout.order_id)
-    .bind(provider)
-    .bind(status)
-    .bind(auth_id)
+    .bind(record.provider)
+    .bind(record.status)
+    .bind(record.auth_id)
     .bind(checkout.total)
     .bind(&checkout.currency)
-    .bind(decline_code)
-    .bind(expires_at)
+    .bind(record.decline_code)
+    .bind(record.expires_at)
     .execute(conn)
     .await?;
-    Ok(payment_id)
+    Ok(())
 }
 
 /// Counts a failed provider call; returns the order's failures so far.

@@ -71,8 +71,9 @@ async fn run(
         return Ok(events);
     }
     call.await.map_err(provider_error)?;
-    let mut tx = match inbox::claim(pool, InboxTable::Payments, durable, &delivery.event_id).await?
-    {
+    let outputs = vec![output];
+    let table = InboxTable::Payments;
+    let mut tx = match inbox::claim(pool, table, durable, &delivery.event_id, &outputs).await? {
         Claim::Done(events) => return Ok(events),
         Claim::Fresh(tx) => tx,
     };
@@ -84,15 +85,7 @@ async fn run(
     .bind(to)
     .execute(&mut *tx)
     .await?;
-    let outputs = vec![output];
-    inbox::complete(
-        tx,
-        InboxTable::Payments,
-        durable,
-        &delivery.event_id,
-        &outputs,
-    )
-    .await?;
+    tx.commit().await?;
     Ok(outputs)
 }
 

@@ -37,27 +37,33 @@ pub enum InboxError {
 
 /// The result of claiming an event.
 pub enum Claim {
-    /// First time: do the work in this transaction, then call [`complete`].
+    /// First time: do the work in this transaction, then commit it.
     Fresh(Transaction<'static, Postgres>),
     /// Handled before: these are the events it emitted.
     Done(Vec<Event>),
 }
 
-/// Claims `(consumer, event_id)`. A concurrent claim of the same event waits on the row lock
-/// until the first commits (then sees `Done`) or rolls back (then gets `Fresh`).
+/// Claims `(consumer, event_id)` together with the events the step will emit if its work
+/// succeeds, so the happy path costs one statement. A concurrent claim of the same event
+/// waits on the row lock until the first commits (then sees `Done`) or rolls back (then gets
+/// `Fresh`). A step that ends up emitting something else calls [`set_outputs`] or, after
+/// rolling back, [`record_alone`].
 pub async fn claim(
     pool: &PgPool,
     table: InboxTable,
     consumer: &str,
     event_id: &str,
+    outputs: &[Event],
 ) -> Result<Claim, InboxError> {
+    let bytes = rmp_serde::to_vec_named(outputs)?;
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(&format!(
-        "INSERT INTO {} (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        "INSERT INTO {} (consumer, event_id, outputs) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         table.name()
     ))
     .bind(consumer)
     .bind(event_id)
+    .bind(bytes)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -94,9 +100,9 @@ pub async fn lookup(
     }
 }
 
-/// Records what the step emitted and commits its effects with the record.
-pub async fn complete(
-    mut tx: Transaction<'static, Postgres>,
+/// Replaces the claimed outputs inside the claim's transaction.
+pub async fn set_outputs(
+    tx: &mut Transaction<'static, Postgres>,
     table: InboxTable,
     consumer: &str,
     event_id: &str,
@@ -110,8 +116,26 @@ pub async fn complete(
     .bind(consumer)
     .bind(event_id)
     .bind(bytes)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    tx.commit().await?;
     Ok(())
+}
+
+/// Records an outcome without other effects (a step whose work was rolled back, e.g. out of
+/// stock). Returns what is recorded now: these outputs, or the ones a concurrent delivery
+/// recorded first.
+pub async fn record_alone(
+    pool: &PgPool,
+    table: InboxTable,
+    consumer: &str,
+    event_id: &str,
+    outputs: Vec<Event>,
+) -> Result<Vec<Event>, InboxError> {
+    match claim(pool, table, consumer, event_id, &outputs).await? {
+        Claim::Fresh(tx) => {
+            tx.commit().await?;
+            Ok(outputs)
+        }
+        Claim::Done(stored) => Ok(stored),
+    }
 }
