@@ -315,6 +315,8 @@ pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
             }
         });
     };
+    // Open loop reaps finished buyers as it goes; their numbers land here.
+    let mut early = RunStats::default();
     match (opts.scenario, opts.rate) {
         (Scenario::Hot, _) => {
             for i in 0..buyers {
@@ -336,13 +338,17 @@ pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
                     spawn_buyer(&mut workers, index, false);
                     index += 1;
                 }
-                while workers.try_join_next().is_some() {}
+                while let Some(finished) = workers.try_join_next() {
+                    if let Ok(s) = finished {
+                        early.merge(s);
+                    }
+                }
                 next += interval;
                 tokio::time::sleep_until(next.into()).await;
             }
         }
     }
-    let mut stats = RunStats::default();
+    let mut stats = early;
     while let Some(result) = workers.join_next().await {
         if let Ok(s) = result {
             stats.merge(s);
