@@ -7,7 +7,8 @@ scripts/ensure-postgres.sh
 if [ -z "${CHECKOUT__NATS__URL:-}" ]; then
   port=${NATS_PORT:-14222}
   if ! (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
-    .venv/bin/nats-server -c nats/single.conf -p "$port" -sd .run/nats -l .run/nats.log &
+    # The config keeps its data in .run/nats (relative to the repository).
+    .venv/bin/nats-server -c nats/single.conf -p "$port" -l .run/nats.log &
     echo "started nats-server 2.15 on 127.0.0.1:$port (log .run/nats.log)"
     for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
   fi
