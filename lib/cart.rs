@@ -232,12 +232,20 @@ pub(crate) async fn price_cart(
     catalog: Option<&CatalogCache>,
     ship_to: Option<ShipTo<'_>>,
 ) -> Result<Option<Priced>, CartError> {
-    let items: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT sku, qty FROM edge.cart_items WHERE cart_id = $1 ORDER BY added_at, sku",
+    // The promo code rides along with the lines: one round trip for both.
+    let rows: Vec<(Option<String>, Option<String>, Option<i32>)> = sqlx::query_as(
+        "SELECT c.promo_code, i.sku, i.qty FROM edge.carts c
+         LEFT JOIN edge.cart_items i ON i.cart_id = c.cart_id
+         WHERE c.cart_id = $1 ORDER BY i.added_at, i.sku",
     )
     .bind(cart_id)
     .fetch_all(&mut *conn)
     .await?;
+    let code = rows.first().and_then(|(code, _, _)| code.clone());
+    let items: Vec<(String, i32)> = rows
+        .into_iter()
+        .filter_map(|(_, sku, qty)| Some((sku?, qty?)))
+        .collect();
     if items.is_empty() {
         return Ok(None);
     }
@@ -278,11 +286,6 @@ pub(crate) async fn price_cart(
     let Some(currency) = currency else {
         return Ok(None);
     };
-    let (code,): (Option<String>,) =
-        sqlx::query_as("SELECT promo_code FROM edge.carts WHERE cart_id = $1")
-            .bind(cart_id)
-            .fetch_one(&mut *conn)
-            .await?;
     let mut unusable = None;
     let promo = match code {
         None => None,

@@ -41,11 +41,22 @@ pub(crate) async fn insert(
     status: &str,
     reason: Option<FailureReason>,
 ) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO orders.orders
-             (order_id, user_id, status, reason, subtotal, discount, tax, shipping, total, currency)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (order_id) DO NOTHING",
+    let skus: Vec<&str> = checkout.items.iter().map(|l| l.sku.as_str()).collect();
+    let qtys: Vec<i32> = checkout.items.iter().map(|l| l.qty).collect();
+    let prices: Vec<Decimal> = checkout.items.iter().map(|l| l.unit_price).collect();
+    // The order and its items in one statement (one round trip); a repeat inserts neither.
+    let (inserted,): (bool,) = sqlx::query_as(
+        "WITH o AS (
+             INSERT INTO orders.orders
+                 (order_id, user_id, status, reason, subtotal, discount, tax, shipping, total, currency)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (order_id) DO NOTHING
+             RETURNING order_id),
+         i AS (
+             INSERT INTO orders.order_items (order_id, sku, qty, price)
+             SELECT o.order_id, sku, qty, price
+             FROM o, unnest($11::text[], $12::int[], $13::numeric[]) AS i(sku, qty, price))
+         SELECT EXISTS (SELECT 1 FROM o)",
     )
     .bind(checkout.order_id)
     .bind(&checkout.user_id)
@@ -57,26 +68,12 @@ pub(crate) async fn insert(
     .bind(checkout.shipping)
     .bind(checkout.total)
     .bind(&checkout.currency)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
-        return Ok(false);
-    }
-    let skus: Vec<&str> = checkout.items.iter().map(|l| l.sku.as_str()).collect();
-    let qtys: Vec<i32> = checkout.items.iter().map(|l| l.qty).collect();
-    let prices: Vec<Decimal> = checkout.items.iter().map(|l| l.unit_price).collect();
-    sqlx::query(
-        "INSERT INTO orders.order_items (order_id, sku, qty, price)
-         SELECT $1, sku, qty, price FROM unnest($2::text[], $3::int[], $4::numeric[]) AS i(sku, qty, price)",
-    )
-    .bind(checkout.order_id)
     .bind(&skus)
     .bind(&qtys)
     .bind(&prices)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(true)
+    Ok(inserted)
 }
 
 /// Records a failed order with its reason (compensation's last step).

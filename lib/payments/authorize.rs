@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
 use super::{idempotency_key, payment_id_for};
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
-use crate::saga::inbox::{self, Claim, InboxTable};
+use crate::saga::inbox::{self, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
 
 /// Consumes `checkout.reserved`, emits `checkout.authorized` or `checkout.declined`.
@@ -178,12 +178,6 @@ impl Step for AuthorizeStep {
                 )
             }
         };
-        let table = InboxTable::Payments;
-        let mut tx =
-            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &outputs).await? {
-                Claim::Done(events) => return Ok(events),
-                Claim::Fresh(tx) => tx,
-            };
         let record = PaymentRecord {
             provider: self.provider.name(),
             status,
@@ -191,8 +185,15 @@ impl Step for AuthorizeStep {
             decline_code: decline_code.as_deref(),
             expires_at,
         };
-        insert_payment(&mut tx, &checkout, &record).await?;
-        tx.commit().await?;
+        if !claim_and_record(&self.pool, &delivery.event_id, &outputs, &checkout, &record).await? {
+            // A concurrent delivery recorded first: emit what it recorded.
+            let table = InboxTable::Payments;
+            return Ok(
+                inbox::lookup(&self.pool, table, DURABLE, &delivery.event_id)
+                    .await?
+                    .unwrap_or_default(),
+            );
+        }
         Ok(outputs)
     }
 }
@@ -206,17 +207,31 @@ struct PaymentRecord<'a> {
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-async fn insert_payment(
-    conn: &mut sqlx::PgConnection,
+/// Claims the event and records the payment in one statement (one round trip, one implicit
+/// transaction). Returns false, with no effect, if the event was claimed before.
+async fn claim_and_record(
+    pool: &PgPool,
+    event_id: &str,
+    outputs: &[Event],
     checkout: &Checkout,
     record: &PaymentRecord<'_>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO payments.payments
-             (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT (order_id) DO NOTHING",
+) -> Result<bool, StepError> {
+    let bytes = rmp_serde::to_vec_named(outputs)
+        .map_err(|e| StepError::Permanent(format!("outputs do not encode: {e}")))?;
+    let (claimed,): (bool,) = sqlx::query_as(
+        "WITH c AS (
+             INSERT INTO payments.inbox (consumer, event_id, outputs) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING RETURNING 1),
+         p AS (
+             INSERT INTO payments.payments
+                 (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
+             SELECT $4, $5, $6, $7, $8, $9, $10, $11, $12 WHERE EXISTS (SELECT 1 FROM c)
+             ON CONFLICT (order_id) DO NOTHING)
+         SELECT EXISTS (SELECT 1 FROM c)",
     )
+    .bind(DURABLE)
+    .bind(event_id)
+    .bind(bytes)
     .bind(payment_id_for(checkout.order_id))
     .bind(checkout.order_id)
     .bind(record.provider)
@@ -226,9 +241,9 @@ async fn insert_payment(
     .bind(&checkout.currency)
     .bind(record.decline_code)
     .bind(record.expires_at)
-    .execute(conn)
+    .fetch_one(pool)
     .await?;
-    Ok(())
+    Ok(claimed)
 }
 
 /// Counts a failed provider call; returns the order's failures so far.
