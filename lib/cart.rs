@@ -8,7 +8,6 @@ use uuid::Uuid;
 
 use crate::catalog::{self, CatalogCache, Product};
 use crate::domain::{Currency, Quantity, Sku};
-use crate::orders;
 use crate::pricing::destination::DestinationRates;
 use crate::pricing::{self, promo, Destination, LineInput, Priced, PromoOutcome};
 
@@ -52,16 +51,18 @@ async fn open_cart_for_update(conn: &mut PgConnection, user_id: &str) -> Result<
         .bind(user_id)
         .execute(&mut *conn)
         .await?;
-    let latest: Option<(Uuid, String, Option<Uuid>)> = sqlx::query_as(
-        "SELECT cart_id, status, order_id FROM edge.carts WHERE user_id = $1
-         ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+    // Whether the cart's order failed comes along (read-only) in the same round trip.
+    let latest: Option<(Uuid, String, bool)> = sqlx::query_as(
+        "SELECT c.cart_id, c.status, coalesce(o.status = 'failed', false)
+         FROM edge.carts c LEFT JOIN orders.orders o ON o.order_id = c.order_id
+         WHERE c.user_id = $1 ORDER BY c.created_at DESC LIMIT 1 FOR UPDATE OF c",
     )
     .bind(user_id)
     .fetch_optional(&mut *conn)
     .await?;
     match latest {
         Some((cart_id, status, _)) if status == "open" => Ok(cart_id),
-        Some((cart_id, _, Some(order_id))) if orders::is_failed(conn, order_id).await? => {
+        Some((cart_id, _, true)) => {
             reopen(conn, cart_id).await?;
             Ok(cart_id)
         }

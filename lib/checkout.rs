@@ -195,10 +195,14 @@ impl Checkouts {
             .encode()
             .map_err(|e| CheckoutError::Encode(e.to_string()))?;
         let traceparent = trace.header_value();
+        // The request row and the cart lock in one statement.
         sqlx::query(
-            "INSERT INTO edge.checkouts
-                 (user_id, idempotency_key, request_hash, order_id, cart_id, event, traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "WITH accepted AS (
+                 INSERT INTO edge.checkouts
+                     (user_id, idempotency_key, request_hash, order_id, cart_id, event, traceparent)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7))
+             UPDATE edge.carts SET status = 'checked_out', order_id = $4, updated_at = now()
+             WHERE cart_id = $5",
         )
         .bind(user_id)
         .bind(key)
@@ -207,14 +211,6 @@ impl Checkouts {
         .bind(request.cart_id)
         .bind(&event)
         .bind(&traceparent)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE edge.carts SET status = 'checked_out', order_id = $2, updated_at = now()
-             WHERE cart_id = $1",
-        )
-        .bind(request.cart_id)
-        .bind(order_id)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
