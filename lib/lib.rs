@@ -6,7 +6,7 @@
 //! ## How a checkout flows through the code
 //!
 //! 1. [`http`] accepts `POST /api/checkout`; [`checkout`] prices the [`cart`] with
-//!    [`pricing`] (current [`catalog`] prices), records the request under its
+//!    [`pricing`] (current [`catalog`] prices, promotion, tax, shipping), records the request under its
 //!    Idempotency-Key and publishes `checkout.requested` (its outbox republishes after a
 //!    crash).
 //! 2. [`inventory`]'s reserve step holds stock for every line or none: `reserved` / `rejected`.
@@ -26,6 +26,8 @@
 //! - [`db`]: pool and embedded migrations. [`config`]: settings. [`telemetry`]: tracing.
 //! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`) and start-up.
 //! - [`domain`]: value types that parse (SKU, quantity, money, address). [`auth`]: JWTs.
+//! - [`status`]: circuit-breaker states shared through a JetStream key-value bucket.
+//! - [`bench`]: `checkout bench`, the load generator and ceiling measurements.
 
 pub mod app;
 pub mod auth;
