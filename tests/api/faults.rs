@@ -119,7 +119,8 @@ async fn a_poison_payload_is_dead_lettered_not_looped() {
         }
     })
     .await;
-    // Still exactly one dead letter a while later: it was not redelivered.
+    // Still exactly one dead letter a while later: it was not redelivered. Waiting is the
+    // point here (absence of a redelivery), with nak delays of 50-500 ms in tests.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(dead.info().await.expect("info").state.messages, 1);
     assert_eq!(consumer.info().await.expect("info").num_redelivered, 0);

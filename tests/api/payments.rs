@@ -77,11 +77,16 @@ async fn a_provider_that_never_answers_fails_the_order_after_bounded_attempts() 
     let (_, body) = app.checkout(&token, "k", &cart, "tok_timeout").await;
     let order_id = body["orderId"].as_str().expect("id").to_owned();
     let mut saw_payment_pending = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let order = loop {
         let (_, order) = app.order(&token, &order_id).await;
         if order["status"] != "pending" {
             break order;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still pending: {order}"
+        );
         saw_payment_pending |= order["stage"] == "payment_pending";
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
