@@ -110,8 +110,26 @@ async fn finish_action(
     Ok(())
 }
 
-/// Consumes `checkout.captured` (order shipped, emits `checkout.shipped`) and
-/// `checkout.refunded` (order refunded).
+/// Releases an action's lock without changing the status (the provider refused it).
+async fn release_action(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    action: Action,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE orders.orders SET pending_action = NULL, updated_at = now()
+         WHERE order_id = $1 AND pending_action = $2",
+    )
+    .bind(order_id)
+    .bind(action.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Consumes `checkout.captured` (order shipped, emits `checkout.shipped`),
+/// `checkout.refunded` (order refunded), and `checkout.capture_failed` /
+/// `checkout.refund_failed` (the lock is released, the status stays).
 pub struct LifecycleStep {
     pub pool: PgPool,
 }
@@ -124,13 +142,20 @@ impl Step for LifecycleStep {
     }
 
     fn consumes(&self) -> Vec<EventKind> {
-        vec![EventKind::Captured, EventKind::Refunded]
+        vec![
+            EventKind::Captured,
+            EventKind::Refunded,
+            EventKind::CaptureFailed,
+            EventKind::RefundFailed,
+        ]
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        let (action, outputs) = match event {
-            Event::Captured { checkout } => (Action::Ship, vec![Event::Shipped { checkout }]),
-            Event::Refunded { .. } => (Action::Refund, Vec::new()),
+        let (action, done, outputs) = match event {
+            Event::Captured { checkout } => (Action::Ship, true, vec![Event::Shipped { checkout }]),
+            Event::Refunded { .. } => (Action::Refund, true, Vec::new()),
+            Event::CaptureFailed { .. } => (Action::Ship, false, Vec::new()),
+            Event::RefundFailed { .. } => (Action::Refund, false, Vec::new()),
             other => {
                 return Err(StepError::Permanent(format!(
                     "order-lifecycle cannot handle {:?}",
@@ -146,7 +171,11 @@ impl Step for LifecycleStep {
                 Claim::Done(events) => return Ok(events),
                 Claim::Fresh(tx) => tx,
             };
-        finish_action(&mut tx, order_id, action, None).await?;
+        if done {
+            finish_action(&mut tx, order_id, action, None).await?;
+        } else {
+            release_action(&mut tx, order_id, action).await?;
+        }
         tx.commit().await?;
         Ok(outputs)
     }

@@ -22,15 +22,6 @@ pub struct RefundStep {
     pub provider: Arc<dyn PaymentProvider>,
 }
 
-fn provider_error(e: ProviderError) -> StepError {
-    match e {
-        ProviderError::Deferred(wait) => StepError::RetryAfter(wait),
-        ProviderError::Unavailable(e) => StepError::Transient(e),
-        // Wrong state or an expired authorization: a person must look (dead letter).
-        ProviderError::Rejected(e) => StepError::Permanent(e),
-    }
-}
-
 /// The order's authorization and amount, if it has one.
 async fn authorization(
     pool: &PgPool,
@@ -63,6 +54,7 @@ async fn run(
     order_id: uuid::Uuid,
     call: impl std::future::Future<Output = Result<(), ProviderError>>,
     output: Event,
+    refused: impl FnOnce(String) -> Event,
 ) -> Result<Vec<Event>, StepError> {
     let Transition { durable, from, to } = transition;
     if let Some(events) =
@@ -70,7 +62,21 @@ async fn run(
     {
         return Ok(events);
     }
-    call.await.map_err(provider_error)?;
+    match call.await {
+        Ok(()) => {}
+        Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
+        Err(ProviderError::Unavailable(e)) => return Err(StepError::Transient(e)),
+        // Wrong state or an expired authorization: retrying cannot help. Say so, so the
+        // order's lock is released and the refusal is visible, rather than dead-lettering.
+        Err(ProviderError::Rejected(detail)) => {
+            tracing::warn!(%detail, "provider refused");
+            let outputs = vec![refused(detail)];
+            let table = InboxTable::Payments;
+            return Ok(
+                inbox::record_alone(pool, table, durable, &delivery.event_id, outputs).await?,
+            );
+        }
+    }
     let outputs = vec![output];
     let table = InboxTable::Payments;
     let mut tx = match inbox::claim(pool, table, durable, &delivery.event_id, &outputs).await? {
@@ -119,7 +125,10 @@ impl Step for CaptureStep {
             delivery,
             order_id,
             call,
-            Event::Captured { checkout },
+            Event::Captured {
+                checkout: checkout.clone(),
+            },
+            |detail| Event::CaptureFailed { checkout, detail },
         )
         .await
     }
@@ -155,7 +164,10 @@ impl Step for RefundStep {
             delivery,
             order_id,
             call,
-            Event::Refunded { checkout },
+            Event::Refunded {
+                checkout: checkout.clone(),
+            },
+            |detail| Event::RefundFailed { checkout, detail },
         )
         .await
     }

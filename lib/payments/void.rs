@@ -30,9 +30,24 @@ pub async fn void_for_order(
             .await?;
     match row {
         Some((status, Some(auth_id))) if status == "authorized" => {
-            provider
+            match provider
                 .void(&auth_id, &idempotency_key(order_id, "void"))
-                .await?;
+                .await
+            {
+                Ok(()) => {}
+                // Refused: decide from the provider's actual state. Already voided there
+                // (by someone else) is what we wanted; anything else is for a person.
+                Err(super::ProviderError::Rejected(detail)) => {
+                    let theirs = provider.authorizations_for(order_id).await?;
+                    let already_void = theirs
+                        .iter()
+                        .any(|a| a.auth_id == auth_id && a.status == "voided");
+                    if !already_void {
+                        return Err(super::ProviderError::Rejected(detail).into());
+                    }
+                }
+                Err(other) => return Err(other.into()),
+            }
             sqlx::query(
                 "UPDATE payments.payments SET status = 'voided', updated_at = now()
                  WHERE order_id = $1 AND status = 'authorized'",

@@ -149,6 +149,11 @@ pub enum Event {
     RefundRequested { checkout: Checkout },
     /// refund -> order-lifecycle: the captured amount was refunded.
     Refunded { checkout: Checkout },
+    /// capture -> order-lifecycle: the provider refused the capture; the order stays
+    /// `confirmed` and its ship lock is released.
+    CaptureFailed { checkout: Checkout, detail: String },
+    /// refund -> order-lifecycle: the provider refused the refund; the order stays `shipped`.
+    RefundFailed { checkout: Checkout, detail: String },
 }
 
 /// The event's kind, without its payload.
@@ -169,6 +174,8 @@ pub enum EventKind {
     Cancelled,
     RefundRequested,
     Refunded,
+    CaptureFailed,
+    RefundFailed,
 }
 
 impl EventKind {
@@ -190,6 +197,8 @@ impl EventKind {
             Self::Cancelled => "cancelled",
             Self::RefundRequested => "refund_requested",
             Self::Refunded => "refunded",
+            Self::CaptureFailed => "capture_failed",
+            Self::RefundFailed => "refund_failed",
         }
     }
 }
@@ -231,6 +240,8 @@ impl Event {
             Self::Cancelled { .. } => EventKind::Cancelled,
             Self::RefundRequested { .. } => EventKind::RefundRequested,
             Self::Refunded { .. } => EventKind::Refunded,
+            Self::CaptureFailed { .. } => EventKind::CaptureFailed,
+            Self::RefundFailed { .. } => EventKind::RefundFailed,
         }
     }
 
@@ -251,7 +262,9 @@ impl Event {
             | Self::CancelRequested { checkout }
             | Self::Cancelled { checkout }
             | Self::RefundRequested { checkout }
-            | Self::Refunded { checkout } => checkout,
+            | Self::Refunded { checkout }
+            | Self::CaptureFailed { checkout, .. }
+            | Self::RefundFailed { checkout, .. } => checkout,
         }
     }
 

@@ -376,3 +376,58 @@ async fn an_expired_authorization_is_visible_and_not_shipped() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"]["code"], "authorization_expired");
 }
+
+#[tokio::test]
+async fn a_capture_the_provider_refuses_releases_the_ship_lock() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id, _) = checkout_with(&app, "alice", "tok_visa").await;
+    // Someone voided the authorization at the provider behind our back.
+    let (auth_id,): (String,) =
+        sqlx::query_as("SELECT auth_id FROM payments.payments WHERE order_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .expect("auth id");
+    let voided = app
+        .http
+        .post(format!("{}/v1/authorizations/{auth_id}/void", app.psp))
+        .header("Idempotency-Key", "outside")
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("void");
+    assert!(voided.status().is_success());
+
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/ship"),
+            Some(&app.admin()),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    app.eventually("the ship lock released", || async {
+        let (_, order) = app.order(&token, &id).await;
+        order["status"] == "confirmed" && order["stage"].is_null()
+    })
+    .await;
+    assert_eq!(app.ledger_count(&id, "capture").await, 0);
+    // The order can still be cancelled: nothing is stuck.
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/api/orders/{id}/cancel"),
+            Some(&token),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    app.eventually("cancelled", || async {
+        app.order(&token, &id).await.1["status"] == "cancelled"
+    })
+    .await;
+}
