@@ -54,7 +54,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// spread (many SKUs), hot (flash sale on one SKU) or mixed (with declines).
+    /// spread (many SKUs), hot (flash sale on one SKU) or mixed (declines and slow payments).
     #[arg(long, default_value = "spread")]
     scenario: Scenario,
     /// Concurrent buyers (closed loop), or the in-flight cap with --rate.

@@ -24,7 +24,7 @@ pub enum Scenario {
     Spread,
     /// One SKU, far more buyers than units: a flash sale.
     Hot,
-    /// Spread, with a few percent declined cards.
+    /// Spread, with a few percent declined cards and slow payments.
     Mixed,
 }
 
@@ -289,10 +289,11 @@ pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
                     Scenario::Hot => "HOT-1".to_owned(),
                     _ => sku_name(rng.gen_range(0..opts.skus.max(1))),
                 };
-                let card = if opts.scenario == Scenario::Mixed && rng.gen_bool(0.05) {
-                    "tok_declined"
-                } else {
-                    "tok_visa"
+                // Mixed: 5 % declined cards and 2 % slow (~1 s) authorizations.
+                let card = match (opts.scenario, rng.gen_range(0..100)) {
+                    (Scenario::Mixed, 0..=4) => "tok_declined",
+                    (Scenario::Mixed, 5..=6) => "tok_slow",
+                    _ => "tok_visa",
                 };
                 let key = format!("{:032x}", rng.gen::<u128>());
                 match one_checkout(&http, &opts.base, &token, &sku, card, &key, &settlements).await
