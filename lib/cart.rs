@@ -123,7 +123,7 @@ pub async fn add_item(
         });
     }
     tx.commit().await?;
-    view(pool, cart_id, Some(catalog)).await
+    view(pool, cart_id, catalog, None).await
 }
 
 /// Sets a line's quantity; `None` removes the line.
@@ -158,7 +158,7 @@ pub async fn set_item(
         }
     }
     tx.commit().await?;
-    view(pool, cart_id, Some(catalog)).await
+    view(pool, cart_id, catalog, None).await
 }
 
 /// Removes a line; removing a line that is not there is an error the caller can see.
@@ -180,7 +180,7 @@ pub async fn remove_item(
         return Err(CartError::NotInCart(sku.to_string()));
     }
     tx.commit().await?;
-    view(pool, cart_id, Some(catalog)).await
+    view(pool, cart_id, catalog, None).await
 }
 
 /// The caller's open cart (created empty if there is none).
@@ -192,7 +192,7 @@ pub async fn current(
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     tx.commit().await?;
-    view(pool, cart_id, Some(catalog)).await
+    view(pool, cart_id, catalog, None).await
 }
 
 async fn check_currency(
@@ -342,12 +342,13 @@ pub(crate) async fn price_cart(
 async fn view(
     pool: &PgPool,
     cart_id: Uuid,
-    catalog: Option<&CatalogCache>,
+    catalog: &CatalogCache,
+    ship_to: Option<ShipTo<'_>>,
 ) -> Result<CartView, CartError> {
     let mut conn = pool.acquire().await?;
     Ok(CartView {
         cart_id,
-        priced: price_cart(&mut conn, cart_id, catalog, None).await?,
+        priced: price_cart(&mut conn, cart_id, Some(catalog), ship_to).await?,
     })
 }
 
@@ -361,11 +362,7 @@ pub async fn quote(
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     tx.commit().await?;
-    let mut conn = pool.acquire().await?;
-    Ok(CartView {
-        cart_id,
-        priced: price_cart(&mut conn, cart_id, Some(catalog), Some(ship_to)).await?,
-    })
+    view(pool, cart_id, catalog, Some(ship_to)).await
 }
 
 /// Applies a promotion code to the caller's cart (replacing any other), after checking that
@@ -447,5 +444,5 @@ pub async fn remove_promo(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    view(pool, cart_id, Some(catalog)).await
+    view(pool, cart_id, catalog, None).await
 }

@@ -320,7 +320,7 @@ async fn one_run(
     drop(roles);
     drop(nats);
     pool.close().await;
-    drop_database(settings, &base_url, &db_name).await;
+    drop_database(&base_url, &db_name).await;
     Ok(RunReport {
         label,
         stats,
@@ -379,9 +379,8 @@ async fn hot_check(
     ))
 }
 
-async fn drop_database(settings: &Settings, base_url: &str, name: &str) {
+async fn drop_database(base_url: &str, name: &str) {
     use sqlx::Connection;
-    let _ = settings;
     if let Ok(mut conn) = sqlx::PgConnection::connect(&format!("{base_url}/postgres")).await {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
             .execute(&mut conn)
