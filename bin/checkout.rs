@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use checkout::app::{App, Role};
 use checkout::bench::{self, BenchOptions, Scenario, Sync};
 use checkout::config::Settings;
+use checkout::payments::sandbox::SandboxClient;
 use checkout::saga::Event;
-use checkout::{auth, db, telemetry};
+use checkout::{audit, auth, db, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +46,9 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Check that every promise held (orders ended, stock matches its ledger, every
+    /// authorization is owned, nothing charged twice); exits 1 on any finding. Read-only.
+    Audit,
     /// Benchmark the pipeline against this machine's own ceiling (see BENCHMARKS.md).
     Bench(BenchArgs),
     /// Read a MessagePack saga payload on stdin and print it as JSON
@@ -135,6 +139,17 @@ async fn main() -> Result<()> {
                 work_dir: ".run/bench".into(),
             };
             bench::run(settings, options).await?;
+            Ok(())
+        }
+        Command::Audit => {
+            let settings = Settings::load()?;
+            let pool = db::connect(&settings.database).await?;
+            let provider = SandboxClient::new(&settings.psp.url, settings.psp.timeout)?;
+            let report = audit::run(&pool, &provider, settings.watchdog.pending_limit).await?;
+            print!("{report}");
+            if !report.ok() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Migrate => {

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
+use crate::cart::CartLimits;
 use crate::catalog::CatalogCache;
 use crate::checkout::Checkouts;
 use crate::compensate::CompensateStep;
@@ -17,10 +18,14 @@ use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::http::{self, AppState};
 use crate::inventory::{self, CommitStep, ReserveStep};
+use crate::orders::watchdog::Watchdog;
 use crate::orders::{LifecycleStep, OrderStep};
+use crate::outbox::Outbox;
 use crate::payments::guard::GuardedProvider;
 use crate::payments::sandbox::SandboxClient;
-use crate::payments::{AuthorizeStep, CaptureStep, PaymentProvider, ProviderError, RefundStep};
+use crate::payments::{
+    reconcile, AuthorizeStep, CaptureStep, PaymentProvider, ProviderError, RefundStep,
+};
 use crate::pricing::destination::RatesCache;
 use crate::psp::Sandbox;
 use crate::saga::runner::{self, Step};
@@ -170,6 +175,7 @@ impl App {
                                 pool: pool.clone(),
                                 provider: provider.clone(),
                                 max_attempts: settings.payments.max_attempts,
+                                retry_window: settings.payments.retry_window,
                                 max_risk_score: settings.payments.max_risk_score,
                                 fail_after_provider_call: settings.chaos.redeliver
                                     == crate::config::Redeliver::AfterProviderCall,
@@ -200,13 +206,38 @@ impl App {
                         spawn_step(&mut tasks, Arc::new(OrderStep { pool: pool.clone() }));
                         spawn_step(&mut tasks, Arc::new(LifecycleStep { pool: pool.clone() }));
                     }
-                    Role::Compensate => spawn_step(
-                        &mut tasks,
-                        Arc::new(CompensateStep {
+                    Role::Compensate => {
+                        spawn_step(
+                            &mut tasks,
+                            Arc::new(CompensateStep {
+                                pool: pool.clone(),
+                                provider: provider.clone(),
+                            }),
+                        );
+                        let watchdog = Watchdog {
                             pool: pool.clone(),
-                            provider: provider.clone(),
-                        }),
-                    ),
+                            bus: bus.clone(),
+                            pending_limit: settings.watchdog.pending_limit,
+                            interval: settings.watchdog.interval,
+                            batch: settings.watchdog.batch,
+                        };
+                        let token = shutdown.clone();
+                        tasks.spawn(async move {
+                            watchdog.run(token).await;
+                            ("watchdog".to_owned(), Ok(()))
+                        });
+                        let (pool, provider, token) =
+                            (pool.clone(), provider.clone(), shutdown.clone());
+                        let (delay, every, batch) = (
+                            settings.payments.reconcile_delay,
+                            settings.watchdog.interval,
+                            settings.watchdog.batch,
+                        );
+                        tasks.spawn(async move {
+                            reconcile::run(pool, provider, delay, every, batch, token).await;
+                            ("payment-reconciler".to_owned(), Ok(()))
+                        });
+                    }
                     Role::Edge | Role::Psp => {}
                 }
             }
@@ -226,29 +257,38 @@ impl App {
                         ("cache-invalidation".to_owned(), Ok(()))
                     }
                 });
-                let (checkouts, published) =
-                    Checkouts::new(pool.clone(), bus.clone(), rates.clone());
+                let (outbox, marks) = Outbox::new(pool.clone(), bus.clone());
                 tasks.spawn({
-                    let checkouts = checkouts.clone();
+                    let (outbox, token) = (outbox.clone(), shutdown.clone());
                     async move {
-                        checkouts.run_marker(published).await;
+                        outbox.run_marker(marks, token).await;
                         ("outbox-marker".to_owned(), Ok(()))
                     }
                 });
                 tasks.spawn({
-                    let checkouts = checkouts.clone();
-                    let token = shutdown.clone();
-                    let (interval, grace) =
-                        (settings.edge.outbox_interval, settings.edge.outbox_grace);
+                    let (outbox, token) = (outbox.clone(), shutdown.clone());
+                    let edge = settings.edge.clone();
                     async move {
-                        checkouts.run_sweeper(interval, grace, token).await;
+                        outbox
+                            .run_sweeper(
+                                edge.outbox_interval,
+                                edge.outbox_grace,
+                                edge.outbox_max_backoff,
+                                token,
+                            )
+                            .await;
                         ("outbox-sweeper".to_owned(), Ok(()))
                     }
                 });
+                let checkouts = Checkouts::new(pool.clone(), outbox.clone(), rates.clone());
                 let state = AppState {
                     pool: pool.clone(),
                     bus: bus.clone(),
                     checkouts,
+                    outbox,
+                    cart_limits: CartLimits {
+                        max_lines: settings.edge.cart_max_lines,
+                    },
                     catalog,
                     rates,
                     jwt_secret: settings.auth.jwt_secret.clone(),

@@ -42,8 +42,8 @@ pub struct ConsumerSpec {
     /// Durable name, shared by every instance of the role (horizontal scaling).
     pub durable: String,
     pub filter_subjects: Vec<String>,
-    /// Overrides `nats.max_deliver` (`-1`: unlimited).
-    pub max_deliver: Option<i64>,
+    /// The server's delivery limit (`-1`: unlimited).
+    pub max_deliver: i64,
 }
 
 impl Bus {
@@ -143,19 +143,16 @@ impl Bus {
             .get_stream(CHECKOUT_STREAM)
             .await
             .map_err(|e| err(e.to_string()))?;
-        let ack_wait = self.settings.ack_wait;
-        let max_deliver = spec.max_deliver.unwrap_or(self.settings.max_deliver);
         let config = consumer::pull::Config {
             durable_name: Some(spec.durable.clone()),
             filter_subjects: spec.filter_subjects.clone(),
             ack_policy: consumer::AckPolicy::Explicit,
             deliver_policy: consumer::DeliverPolicy::All,
-            ack_wait,
-            max_deliver,
-            // Redelivery after a silent failure (a crashed or stuck handler) backs off;
-            // handler errors nak with their own delay instead. The server takes the first
-            // step as ack_wait, so it starts at ack_wait.
-            backoff: backoff_steps(ack_wait, max_deliver),
+            // Only a dead process lets ack_wait run out (running handlers send progress
+            // acks), so a redelivery after ack_wait is the crash recovery: no server-side
+            // backoff, which would hold a crashed process's backlog for minutes.
+            ack_wait: self.settings.ack_wait,
+            max_deliver: spec.max_deliver,
             max_ack_pending: self.settings.max_ack_pending,
             ..Default::default()
         };
@@ -208,37 +205,5 @@ impl Bus {
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
             Err(e) => Err(err(e.to_string())),
         }
-    }
-}
-
-/// Server-side redelivery delays for unacked messages: ack_wait, then doubling, capped at
-/// ten minutes; one step fewer than max_deliver as the server requires.
-fn backoff_steps(ack_wait: Duration, max_deliver: i64) -> Vec<Duration> {
-    let steps = usize::try_from(max_deliver.saturating_sub(1))
-        .unwrap_or(0)
-        .min(16);
-    let cap = Duration::from_secs(600).max(ack_wait);
-    let mut delay = ack_wait;
-    (0..steps)
-        .map(|_| {
-            let current = delay;
-            delay = (delay * 2).min(cap);
-            current
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_starts_at_ack_wait_and_is_shorter_than_max_deliver() {
-        let steps = backoff_steps(Duration::from_secs(30), 10);
-        assert_eq!(steps.len(), 9);
-        assert_eq!(steps[0], Duration::from_secs(30));
-        assert_eq!(steps[1], Duration::from_secs(60));
-        assert!(steps.iter().all(|d| *d <= Duration::from_secs(600)));
-        assert!(backoff_steps(Duration::from_secs(1), -1).is_empty());
     }
 }

@@ -32,6 +32,8 @@ pub enum CartError {
         cart: String,
         product: String,
     },
+    #[error("a cart holds at most {max} different products")]
+    TooManyLines { max: i64 },
     #[error("{0} is not in the cart")]
     NotInCart(String),
     #[error("{0} is not sold any more")]
@@ -42,6 +44,42 @@ pub enum CartError {
     Promo { code: &'static str, message: String },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+}
+
+/// How big a cart may grow. Quantities are capped by [`Quantity::MAX`]; the number of lines
+/// is capped so that a checkout's saga events stay far below NATS's `max_payload`.
+#[derive(Debug, Clone, Copy)]
+pub struct CartLimits {
+    pub max_lines: i64,
+}
+
+/// The line exists already, or the cart has room for another (`$1` cart, `$2` sku, `$5` max).
+const ROOM_FOR_LINE: &str = "EXISTS (SELECT 1 FROM edge.cart_items WHERE cart_id = $1 AND sku = $2)
+    OR (SELECT count(*) FROM edge.cart_items WHERE cart_id = $1) < $5";
+
+/// Why an insert of a line did nothing: too many lines, or too many of this SKU.
+async fn refusal(
+    conn: &mut PgConnection,
+    cart_id: Uuid,
+    product: &Product,
+    limits: &CartLimits,
+) -> Result<CartError, sqlx::Error> {
+    let (lines, has_line): (i64, bool) = sqlx::query_as(
+        "SELECT count(*), coalesce(bool_or(sku = $2), false) FROM edge.cart_items WHERE cart_id = $1",
+    )
+    .bind(cart_id)
+    .bind(product.sku.as_str())
+    .fetch_one(conn)
+    .await?;
+    Ok(if !has_line && lines >= limits.max_lines {
+        CartError::TooManyLines {
+            max: limits.max_lines,
+        }
+    } else {
+        CartError::TooMany {
+            sku: product.sku.to_string(),
+        }
+    })
 }
 
 /// The caller's open cart, created or reopened as needed, locked for this transaction.
@@ -97,6 +135,7 @@ pub async fn add_item(
     user_id: &str,
     product: &Product,
     qty: Quantity,
+    limits: &CartLimits,
     catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
     if !product.active {
@@ -105,22 +144,21 @@ pub async fn add_item(
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     check_currency(&mut tx, cart_id, product).await?;
-    let updated = sqlx::query(
-        "INSERT INTO edge.cart_items (cart_id, sku, qty) VALUES ($1, $2, $3)
+    let updated = sqlx::query(&format!(
+        "INSERT INTO edge.cart_items (cart_id, sku, qty) SELECT $1, $2, $3 WHERE {ROOM_FOR_LINE}
          ON CONFLICT (cart_id, sku) DO UPDATE SET qty = edge.cart_items.qty + EXCLUDED.qty
-         WHERE edge.cart_items.qty + EXCLUDED.qty <= $4",
-    )
+         WHERE edge.cart_items.qty + EXCLUDED.qty <= $4"
+    ))
     .bind(cart_id)
     .bind(product.sku.as_str())
     .bind(qty.get())
     .bind(Quantity::MAX)
+    .bind(limits.max_lines)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     if updated == 0 {
-        return Err(CartError::TooMany {
-            sku: product.sku.to_string(),
-        });
+        return Err(refusal(&mut tx, cart_id, product, limits).await?);
     }
     tx.commit().await?;
     view(pool, cart_id, catalog, None).await
@@ -132,6 +170,7 @@ pub async fn set_item(
     user_id: &str,
     product: &Product,
     qty: Option<Quantity>,
+    limits: &CartLimits,
     catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
     let mut tx = pool.begin().await?;
@@ -139,15 +178,21 @@ pub async fn set_item(
     match qty {
         Some(qty) => {
             check_currency(&mut tx, cart_id, product).await?;
-            sqlx::query(
-                "INSERT INTO edge.cart_items (cart_id, sku, qty) VALUES ($1, $2, $3)
-                 ON CONFLICT (cart_id, sku) DO UPDATE SET qty = EXCLUDED.qty",
-            )
+            let updated = sqlx::query(&format!(
+                "INSERT INTO edge.cart_items (cart_id, sku, qty) SELECT $1, $2, $3 WHERE {ROOM_FOR_LINE}
+                 ON CONFLICT (cart_id, sku) DO UPDATE SET qty = EXCLUDED.qty"
+            ))
             .bind(cart_id)
             .bind(product.sku.as_str())
             .bind(qty.get())
+            .bind(Quantity::MAX)
+            .bind(limits.max_lines)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                return Err(refusal(&mut tx, cart_id, product, limits).await?);
+            }
         }
         None => {
             sqlx::query("DELETE FROM edge.cart_items WHERE cart_id = $1 AND sku = $2")

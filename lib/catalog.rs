@@ -14,8 +14,19 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{Currency, Money, Sku};
 use crate::pricing::TaxCode;
 
-/// Subject prefix of catalog change notices: `catalog.changed.<sku>`.
+/// Subject prefix of catalog change notices: `catalog.changed.<sku token>`.
 pub const CHANGED_PREFIX: &str = "catalog.changed";
+
+/// A SKU as one subject token. SKUs may contain `.`, the subject separator (and `..` or a
+/// leading dot would make an invalid subject), so dots travel as `~`, which SKUs never hold.
+pub fn sku_token(sku: &Sku) -> String {
+    sku.as_str().replace('.', "~")
+}
+
+/// The SKU a subject token names.
+pub fn sku_from_token(token: &str) -> String {
+    token.replace('~', ".")
+}
 /// Subject of tax or shipping changes.
 pub const RATES_CHANGED: &str = "pricing.changed";
 
@@ -154,7 +165,7 @@ impl CatalogCache {
 
 /// Announces a product change to every edge instance.
 pub async fn announce_change(client: &async_nats::Client, sku: &Sku) {
-    let subject = format!("{CHANGED_PREFIX}.{sku}");
+    let subject = format!("{CHANGED_PREFIX}.{}", sku_token(sku));
     if let Err(e) = client.publish(subject, bytes::Bytes::new()).await {
         tracing::warn!(error = %e, %sku, "catalog change not announced; caches expire by TTL");
     }
@@ -183,12 +194,27 @@ pub async fn run_invalidation(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             Some(msg) = changed.next() => {
-                if let Some(sku) = msg.subject.strip_prefix(&format!("{CHANGED_PREFIX}.")) {
-                    products.invalidate(sku).await;
+                if let Some(token) = msg.subject.strip_prefix(&format!("{CHANGED_PREFIX}.")) {
+                    products.invalidate(&sku_from_token(token)).await;
                 }
             }
             Some(_) = rates_changed.next() => rates.invalidate_all(),
             else => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dotted_skus_travel_as_one_subject_token() {
+        for raw in ["TEE", "TEE.RED.L", "..x", "a.b-c_d."] {
+            let sku = Sku::parse(raw).expect("sku");
+            let token = sku_token(&sku);
+            assert!(!token.contains('.') && !token.is_empty(), "{token}");
+            assert_eq!(sku_from_token(&token), raw);
         }
     }
 }

@@ -20,6 +20,7 @@ pub struct Settings {
     pub inventory: InventorySettings,
     pub payments: PaymentsSettings,
     pub edge: EdgeSettings,
+    pub watchdog: WatchdogSettings,
     pub chaos: ChaosSettings,
 }
 
@@ -61,9 +62,17 @@ pub struct ConsumerSettings {
     pub concurrency: usize,
     pub batch: usize,
     #[serde(with = "humantime_serde")]
+    pub pull_expires: Duration,
+    #[serde(with = "humantime_serde")]
     pub nak_base_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub nak_max_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub newer_schema_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 /// Bearer-token verification.
@@ -85,6 +94,10 @@ pub struct PspSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PaymentsSettings {
     pub max_attempts: i32,
+    #[serde(with = "humantime_serde")]
+    pub retry_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconcile_delay: Duration,
     pub max_risk_score: u8,
     pub rate_limit_per_s: f64,
     #[serde(with = "humantime_serde")]
@@ -93,6 +106,7 @@ pub struct PaymentsSettings {
     pub breaker_failure_rate: f64,
     #[serde(with = "humantime_serde")]
     pub breaker_cooldown: Duration,
+    pub breaker_half_open_probes: u32,
 }
 
 /// Stock reservations.
@@ -112,11 +126,24 @@ pub struct EdgeSettings {
     pub outbox_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub outbox_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub outbox_max_backoff: Duration,
+    pub cart_max_lines: i64,
     pub product_cache_capacity: u64,
     #[serde(with = "humantime_serde")]
     pub product_cache_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub rates_cache_ttl: Duration,
+}
+
+/// The watchdog that ends orders stuck pending, and the reconciler of unknown payments.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WatchdogSettings {
+    #[serde(with = "humantime_serde")]
+    pub pending_limit: Duration,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub batch: i64,
 }
 
 /// Fault injection, off unless a test turns it on.

@@ -30,6 +30,7 @@
 //! - [`bench`]: `checkout bench`, the load generator and ceiling measurements.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod bus;
@@ -43,6 +44,7 @@ pub mod domain;
 pub mod http;
 pub mod inventory;
 pub mod orders;
+pub mod outbox;
 pub mod payments;
 pub mod pricing;
 pub mod psp;

@@ -7,6 +7,12 @@
 //!   (`insufficient_funds`), any other token declines (`invalid_card`);
 //! - `tok_slow` approves after about 1 s; `tok_timeout` never answers (nothing is recorded);
 //! - `tok_flaky` answers 503 to the first two attempts of an idempotency key, then approves.
+//!
+//! Faults for tests and drills: `POST /v1/sandbox/faults` with
+//! `{"status": 503, "forMs": 180000, "count": 3, "operations": ["authorize"], "afterEffect": true}`
+//! makes matching calls answer `status` (for a while, or for `count` calls, or both; all
+//! operations when none are named). With `afterEffect` the call is carried out first and only
+//! its answer is replaced, like a timeout or a 409 that raced an approval. `DELETE` clears it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,8 +31,33 @@ use uuid::Uuid;
 /// How long a card authorization stays capturable.
 const AUTHORIZATION_LIFETIME_DAYS: i64 = 7;
 
+/// An injected fault: matching calls answer `status`.
+#[derive(Clone, Debug)]
+struct Fault {
+    status: StatusCode,
+    until: Option<std::time::Instant>,
+    remaining: Option<u32>,
+    operations: Vec<String>,
+    after_effect: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FaultBody {
+    status: u16,
+    #[serde(default)]
+    for_ms: Option<u64>,
+    #[serde(default)]
+    count: Option<u32>,
+    #[serde(default)]
+    operations: Vec<String>,
+    #[serde(default)]
+    after_effect: bool,
+}
+
 #[derive(Default)]
 struct Ledger {
+    fault: Option<Fault>,
     /// `(operation path, Idempotency-Key)` -> (request fingerprint, status, reply).
     replies: HashMap<(String, String), (String, StatusCode, Value)>,
     authorizations: HashMap<String, Authorization>,
@@ -106,7 +137,27 @@ impl Sandbox {
             .route("/v1/authorizations/{id}/{operation}", post(operate))
             .route("/v1/ledger", get(ledger))
             .route("/v1/authorizations", get(authorizations))
+            .route("/v1/sandbox/faults", post(set_fault).delete(clear_fault))
             .with_state(self)
+    }
+
+    /// The fault that applies to this call now, if any (and counts it).
+    fn fault_for(&self, operation: &str) -> Option<Fault> {
+        let mut ledger = self.ledger.lock().ok()?;
+        let fault = ledger.fault.as_mut()?;
+        let expired = fault.until.is_some_and(|t| std::time::Instant::now() >= t)
+            || fault.remaining == Some(0);
+        if expired {
+            ledger.fault = None;
+            return None;
+        }
+        if !fault.operations.is_empty() && !fault.operations.iter().any(|o| o == operation) {
+            return None;
+        }
+        if let Some(n) = fault.remaining.as_mut() {
+            *n -= 1;
+        }
+        Some(fault.clone())
     }
 
     /// Runs `f` at most once per (operation, key); replays its reply afterwards.
@@ -192,8 +243,12 @@ async fn authorize(
         }
         _ => {}
     }
+    let fault = sandbox.fault_for("authorize");
+    if let Some(f) = fault.as_ref().filter(|f| !f.after_effect) {
+        return error(f.status, "injected_fault", "sandbox fault");
+    }
     let fingerprint = serde_json::to_string(&body).unwrap_or_default();
-    sandbox.idempotent("authorize", key, fingerprint, move |ledger| {
+    let response = sandbox.idempotent("authorize", key, fingerprint, move |ledger| {
         let id = format!("auth_{}", Uuid::new_v4().simple());
         let now = Utc::now();
         let (status, decline_code, risk_score) = match body.token.as_str() {
@@ -238,7 +293,15 @@ async fn authorize(
                 "expiresAt": (status == "authorized").then_some(expires_at),
             }),
         )
-    })
+    });
+    match fault {
+        Some(f) => error(
+            f.status,
+            "injected_fault",
+            "sandbox fault (after the effect)",
+        ),
+        None => response,
+    }
 }
 
 async fn operate(
@@ -272,20 +335,24 @@ async fn operate(
             )
         }
     };
+    let fault = sandbox.fault_for(kind);
+    if let Some(f) = fault.as_ref().filter(|f| !f.after_effect) {
+        return error(f.status, "injected_fault", "sandbox fault");
+    }
     let fingerprint = format!("{id}|{:?}", body.amount);
-    sandbox.idempotent(kind, key, fingerprint, move |ledger| {
+    let response = sandbox.idempotent(kind, key, fingerprint, move |ledger| {
         let Some(auth) = ledger.authorizations.get(&id).cloned() else {
             return (StatusCode::NOT_FOUND, json!({"error": {"code": "not_found", "message": "no such authorization"}}));
         };
         if kind == "capture" && auth.expires_at <= Utc::now() {
             return (
-                StatusCode::CONFLICT,
+                StatusCode::BAD_REQUEST,
                 json!({"error": {"code": "authorization_expired", "message": "the authorization has expired"}}),
             );
         }
         if auth.status != from {
             return (
-                StatusCode::CONFLICT,
+                StatusCode::BAD_REQUEST,
                 json!({"error": {"code": "invalid_state", "message": format!("authorization is {}", auth.status)}}),
             );
         }
@@ -318,7 +385,59 @@ async fn operate(
             at: Utc::now(),
         });
         (StatusCode::OK, json!({"id": entry_id, "authorizationId": id, "status": to, "amount": amount.to_string()}))
-    })
+    });
+    match fault {
+        Some(f) => error(
+            f.status,
+            "injected_fault",
+            "sandbox fault (after the effect)",
+        ),
+        None => response,
+    }
+}
+
+async fn set_fault(State(sandbox): State<Sandbox>, Json(body): Json<FaultBody>) -> Response {
+    let Ok(status) = StatusCode::from_u16(body.status) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_status",
+            "not an HTTP status",
+        );
+    };
+    let fault = Fault {
+        status,
+        until: body
+            .for_ms
+            .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms)),
+        remaining: body.count,
+        operations: body.operations,
+        after_effect: body.after_effect,
+    };
+    match sandbox.ledger.lock() {
+        Ok(mut ledger) => {
+            ledger.fault = Some(fault);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "ledger poisoned",
+        ),
+    }
+}
+
+async fn clear_fault(State(sandbox): State<Sandbox>) -> Response {
+    match sandbox.ledger.lock() {
+        Ok(mut ledger) => {
+            ledger.fault = None;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "ledger poisoned",
+        ),
+    }
 }
 
 async fn ledger(State(sandbox): State<Sandbox>, Query(query): Query<LedgerQuery>) -> Response {
@@ -349,17 +468,24 @@ async fn authorizations(
             "ledger poisoned",
         );
     };
+    let mut counts: HashMap<(&str, &str), usize> = HashMap::new();
+    for x in &ledger.entries {
+        *counts
+            .entry((x.kind, x.authorization_id.as_str()))
+            .or_default() += 1;
+    }
     let found: Vec<Value> = ledger
         .entries
         .iter()
         .filter(|e| e.kind == "authorization")
         .filter(|e| query.reference.as_deref().is_none_or(|r| r == e.reference))
         .map(|e| {
-            let status = ledger
-                .authorizations
-                .get(&e.id)
-                .map_or(e.status.as_str(), |a| a.status);
-            json!({"id": e.id, "status": status, "amount": e.amount, "currency": e.currency})
+            let auth = ledger.authorizations.get(&e.id);
+            let status = auth.map_or(e.status.as_str(), |a| a.status);
+            let count = |kind: &str| counts.get(&(kind, e.id.as_str())).copied().unwrap_or(0);
+            json!({"id": e.id, "status": status, "amount": e.amount, "currency": e.currency,
+                   "reference": e.reference, "expiresAt": auth.map(|a| a.expires_at),
+                   "captures": count("capture"), "refunds": count("refund")})
         })
         .collect();
     Json(json!({ "authorizations": found })).into_response()

@@ -76,9 +76,16 @@ pub async fn add_item(
     })?;
     let product = product(&state, &sku).await?;
     Ok(Json(
-        cart::add_item(&state.pool, &caller.user_id, &product, qty, &state.catalog)
-            .await?
-            .into(),
+        cart::add_item(
+            &state.pool,
+            &caller.user_id,
+            &product,
+            qty,
+            &state.cart_limits,
+            &state.catalog,
+        )
+        .await?
+        .into(),
     ))
 }
 
@@ -92,9 +99,16 @@ pub async fn set_item(
     let qty = quantity(&body.qty, true)?;
     let product = product(&state, &sku).await?;
     Ok(Json(
-        cart::set_item(&state.pool, &caller.user_id, &product, qty, &state.catalog)
-            .await?
-            .into(),
+        cart::set_item(
+            &state.pool,
+            &caller.user_id,
+            &product,
+            qty,
+            &state.cart_limits,
+            &state.catalog,
+        )
+        .await?
+        .into(),
     ))
 }
 

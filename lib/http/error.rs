@@ -103,6 +103,7 @@ impl From<CartError> for ApiError {
             CartError::CurrencyMismatch { .. } => {
                 Self::unprocessable("currency_mismatch", e.to_string())
             }
+            CartError::TooManyLines { .. } => Self::unprocessable("too_many_lines", e.to_string()),
             CartError::NotInCart(_) => Self::not_found("not_in_cart", e.to_string()),
             CartError::Inactive(_) => Self::unprocessable("product_inactive", e.to_string()),
             CartError::ShippingUnavailable(_) => {

@@ -17,9 +17,11 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::bus::Bus;
+use crate::cart::CartLimits;
 use crate::catalog::CatalogCache;
 use crate::checkout::Checkouts;
 use crate::config::Secret;
+use crate::outbox::Outbox;
 use crate::pricing::destination::RatesCache;
 
 /// What every handler can reach.
@@ -28,6 +30,9 @@ pub struct AppState {
     pub pool: PgPool,
     pub bus: Bus,
     pub checkouts: Checkouts,
+    /// Publishes ship, cancel and refund requests staged with their order locks.
+    pub outbox: Outbox,
+    pub cart_limits: CartLimits,
     pub catalog: CatalogCache,
     pub rates: RatesCache,
     pub jwt_secret: Secret,

@@ -14,6 +14,7 @@ use super::views::money;
 use super::AppState;
 use crate::auth::Principal;
 use crate::orders::{Action, ActionRequest};
+use crate::outbox::Outbox;
 use crate::payments::PaymentView;
 use crate::saga::events::Event;
 use crate::saga::runner::Outgoing;
@@ -204,22 +205,22 @@ async fn request(
             "the payment authorization has expired and cannot be captured; ask the buyer to pay again",
         ));
     }
-    let status = match orders::request_action(&state.pool, order_id, action).await? {
+    // The lock and the request's outbox row commit together: once the lock is taken, the
+    // request reaches JetStream even if this process dies right after.
+    let mut tx = state.pool.begin().await?;
+    let status = match orders::request_action(&mut tx, order_id, action).await? {
         ActionRequest::AlreadyDone => "done",
-        ActionRequest::Accepted => {
+        ActionRequest::Accepted { attempt } => {
             let event = match action {
-                Action::Ship => Event::ShipRequested { checkout },
-                Action::Cancel => Event::CancelRequested { checkout },
-                Action::Refund => Event::RefundRequested { checkout },
+                Action::Ship => Event::ShipRequested { checkout, attempt },
+                Action::Cancel => Event::CancelRequested { checkout, attempt },
+                Action::Refund => Event::RefundRequested { checkout, attempt },
             };
             let out = Outgoing::new(&event, Some(&TraceParent::new_root()))
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
-            // The lock stays if this fails; the client's retry publishes again (same id).
-            state
-                .bus
-                .publish(&out)
-                .await
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            Outbox::stage(&mut tx, &out).await?;
+            tx.commit().await?;
+            state.outbox.publish(&out).await;
             "accepted"
         }
         ActionRequest::Refused { status } => {

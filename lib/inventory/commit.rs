@@ -53,6 +53,25 @@ impl Step for CommitStep {
                 Claim::Done(events) => return Ok(events),
                 Claim::Fresh(tx) => tx,
             };
+        // Lock the order's holds first, so a concurrent compensation either ran before (its
+        // holds are `released`: the order was unwound, commit nothing) or waits for us.
+        let statuses: Vec<(String,)> = sqlx::query_as(
+            "SELECT status FROM inventory.inventory_reservations WHERE order_id = $1 FOR UPDATE",
+        )
+        .bind(order_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if statuses.iter().any(|(s,)| s == "released") {
+            tx.rollback().await?;
+            tracing::warn!("the order was unwound before its stock was committed");
+            let outputs = vec![Event::Rejected {
+                checkout,
+                reason: FailureReason::TimedOut,
+                detail: "the order was unwound before its stock was committed".into(),
+            }];
+            let id = &delivery.event_id;
+            return Ok(inbox::record_alone(&self.pool, table, DURABLE, id, outputs).await?);
+        }
         let held: HashMap<String, i32> = sqlx::query_as::<_, (String, i32)>(
             "UPDATE inventory.inventory_reservations SET status = 'committed', updated_at = now()
              WHERE order_id = $1 AND status = 'held' RETURNING sku, qty",

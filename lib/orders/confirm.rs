@@ -52,7 +52,18 @@ impl Step for OrderStep {
         };
         let outputs = match refusal {
             None => {
-                record::insert(&mut tx, &checkout, "confirmed", None).await?;
+                if !record::insert(&mut tx, &checkout, "confirmed", None).await? {
+                    // The watchdog failed the order first: its stock and payment go back.
+                    tx.rollback().await?;
+                    tracing::warn!("order already failed (timed out); not confirming it");
+                    let outputs = vec![Event::Rejected {
+                        checkout,
+                        reason: FailureReason::TimedOut,
+                        detail: "the order timed out before it could be confirmed".into(),
+                    }];
+                    let id = &delivery.event_id;
+                    return Ok(inbox::record_alone(&self.pool, table, DURABLE, id, outputs).await?);
+                }
                 confirmed
             }
             Some(refusal) => {

@@ -46,37 +46,45 @@ impl Action {
 /// The answer to a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ActionRequest {
-    /// Locked for this action now (or already, by an earlier identical request): publish.
-    Accepted,
+    /// Locked for this action now (or already, by an earlier identical request): publish the
+    /// request of this attempt (a new number each time the lock is taken afresh).
+    Accepted { attempt: u32 },
     /// Already done: nothing more to do.
     AlreadyDone,
     /// The order is in a state that does not allow it (or another action is in flight).
     Refused { status: String },
 }
 
-/// Locks the order for `action` if its state allows it.
+/// Locks the order for `action` if its state allows it, inside the caller's transaction (which
+/// also stages the request in the edge's outbox). Taking a free lock starts a new attempt;
+/// asking again while it is held repeats the current one.
 pub async fn request_action(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     order_id: Uuid,
     action: Action,
 ) -> Result<ActionRequest, sqlx::Error> {
-    let locked = sqlx::query(
-        "UPDATE orders.orders SET pending_action = $2, updated_at = now()
-         WHERE order_id = $1 AND status = $3 AND (pending_action IS NULL OR pending_action = $2)",
+    // In SET, `pending_action` is the old value: a free lock starts a new attempt.
+    let locked: Option<(i32,)> = sqlx::query_as(
+        "UPDATE orders.orders SET pending_action = $2,
+             action_attempt = action_attempt + CASE WHEN pending_action IS NULL THEN 1 ELSE 0 END,
+             updated_at = now()
+         WHERE order_id = $1 AND status = $3 AND (pending_action IS NULL OR pending_action = $2)
+         RETURNING action_attempt",
     )
     .bind(order_id)
     .bind(action.as_str())
     .bind(action.required_status())
-    .execute(pool)
-    .await?
-    .rows_affected();
-    if locked == 1 {
-        return Ok(ActionRequest::Accepted);
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((attempt,)) = locked {
+        return Ok(ActionRequest::Accepted {
+            attempt: u32::try_from(attempt).unwrap_or(0),
+        });
     }
     let row: Option<(String, Option<String>)> =
         sqlx::query_as("SELECT status, pending_action FROM orders.orders WHERE order_id = $1")
             .bind(order_id)
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await?;
     Ok(match row {
         Some((status, _)) if status == action.final_status() => ActionRequest::AlreadyDone,
@@ -110,18 +118,21 @@ async fn finish_action(
     Ok(())
 }
 
-/// Releases an action's lock without changing the status (the provider refused it).
-async fn release_action(
+/// Releases an action attempt's lock without changing the status (the provider refused it),
+/// so the action can be asked for again (as the next attempt).
+pub async fn release_action(
     conn: &mut PgConnection,
     order_id: Uuid,
     action: Action,
+    attempt: u32,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE orders.orders SET pending_action = NULL, updated_at = now()
-         WHERE order_id = $1 AND pending_action = $2",
+         WHERE order_id = $1 AND pending_action = $2 AND (action_attempt = $3 OR $3 = 0)",
     )
     .bind(order_id)
     .bind(action.as_str())
+    .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
     .execute(conn)
     .await?;
     Ok(())
@@ -151,8 +162,13 @@ impl Step for LifecycleStep {
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
+        let attempt = event.attempt();
         let (action, done, outputs) = match event {
-            Event::Captured { checkout } => (Action::Ship, true, vec![Event::Shipped { checkout }]),
+            Event::Captured { checkout, attempt } => (
+                Action::Ship,
+                true,
+                vec![Event::Shipped { checkout, attempt }],
+            ),
             Event::Refunded { .. } => (Action::Refund, true, Vec::new()),
             Event::CaptureFailed { .. } => (Action::Ship, false, Vec::new()),
             Event::RefundFailed { .. } => (Action::Refund, false, Vec::new()),
@@ -174,7 +190,7 @@ impl Step for LifecycleStep {
         if done {
             finish_action(&mut tx, order_id, action, None).await?;
         } else {
-            release_action(&mut tx, order_id, action).await?;
+            release_action(&mut tx, order_id, action, attempt).await?;
         }
         tx.commit().await?;
         Ok(outputs)

@@ -4,7 +4,12 @@
 mod confirm;
 mod lifecycle;
 mod record;
+pub mod watchdog;
 
 pub use confirm::OrderStep;
-pub use lifecycle::{finish_cancel, request_action, Action, ActionRequest, LifecycleStep};
-pub use record::{get_order, insert_failed, is_failed, OrderItem, OrderRecord};
+pub use lifecycle::{
+    finish_cancel, release_action, request_action, Action, ActionRequest, LifecycleStep,
+};
+pub use record::{
+    fence_timed_out, get_order, insert_failed, is_failed, Fence, OrderItem, OrderRecord,
+};

@@ -85,6 +85,33 @@ pub async fn insert_failed(
     insert(conn, checkout, "failed", Some(reason)).await
 }
 
+/// Whether the watchdog may unwind an order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fence {
+    /// The order is now (or was already) failed with `timed_out`: unwind it.
+    Fenced,
+    /// It settled first (confirmed, or failed for another reason): leave it.
+    Settled(String),
+}
+
+/// Records a pending order as failed with `timed_out`, unless it settled first. Once this
+/// row exists the order step cannot confirm the order (its insert finds the row).
+pub async fn fence_timed_out(pool: &PgPool, checkout: &Checkout) -> Result<Fence, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    if insert(&mut conn, checkout, "failed", Some(FailureReason::TimedOut)).await? {
+        return Ok(Fence::Fenced);
+    }
+    let (status, reason): (String, Option<String>) =
+        sqlx::query_as("SELECT status, reason FROM orders.orders WHERE order_id = $1")
+            .bind(checkout.order_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    if status == "failed" && reason.as_deref() == Some(FailureReason::TimedOut.as_str()) {
+        return Ok(Fence::Fenced);
+    }
+    Ok(Fence::Settled(status))
+}
+
 /// An order with its items.
 pub async fn get_order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderRecord>, sqlx::Error> {
     let order: Option<OrderRecord> = sqlx::query_as(

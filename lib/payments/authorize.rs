@@ -1,10 +1,21 @@
 //! The authorize step: hold the checkout's total at the provider, exactly once per order.
+//!
+//! Only an explicit decline is a decline. Provider trouble (timeouts, 5xx, 401/403/409/429)
+//! is retried with the same idempotency key, and the order fails with `payment_unavailable`
+//! only after `payments.max_attempts` failed calls spread over at least
+//! `payments.retry_window`. Before failing an order whose outcome is unknown (we gave up, or
+//! the provider refused the request itself), the provider's own records decide: an
+//! authorization it holds for the order is ours and the checkout goes on with it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
+use super::void::is_abandoned;
 use super::{idempotency_key, payment_id_for};
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, InboxTable};
@@ -14,8 +25,10 @@ use crate::saga::runner::{Delivery, Step, StepError};
 pub struct AuthorizeStep {
     pub pool: PgPool,
     pub provider: Arc<dyn PaymentProvider>,
-    /// Failed provider calls allowed per order.
+    /// Failed provider calls allowed per order (together with `retry_window`).
     pub max_attempts: i32,
+    /// How long provider trouble is retried for one order (together with `max_attempts`).
+    pub retry_window: Duration,
     /// Risk scores at or above this are refused (the authorization is voided).
     pub max_risk_score: u8,
     /// Fault injection: fail once after the provider answered, before committing.
@@ -26,11 +39,11 @@ const DURABLE: &str = "authorize";
 
 /// What to record and emit.
 enum Decision {
-    Approved(String, Option<chrono::DateTime<chrono::Utc>>),
+    Approved(String, Option<DateTime<Utc>>),
     Refused {
         status: &'static str,
         auth_id: Option<String>,
-        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        expires_at: Option<DateTime<Utc>>,
         code: String,
         reason: FailureReason,
     },
@@ -45,12 +58,6 @@ impl Step for AuthorizeStep {
         vec![EventKind::Reserved]
     }
 
-    /// Unlimited deliveries: the attempt budget counts real provider failures, not the
-    /// naks of an open breaker (an outage must not dead-letter paying customers).
-    fn max_deliver(&self) -> Option<i64> {
-        Some(-1)
-    }
-
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
         let Event::Reserved { checkout, .. } = event else {
             return Err(StepError::Permanent(format!(
@@ -60,17 +67,23 @@ impl Step for AuthorizeStep {
         };
         // The provider call cannot sit inside a transaction, so look first: a redelivery of
         // a handled event must not even reach the provider.
-        if let Some(events) = inbox::lookup(
-            &self.pool,
-            InboxTable::Payments,
-            DURABLE,
-            &delivery.event_id,
-        )
-        .await?
-        {
+        let table = InboxTable::Payments;
+        if let Some(events) = inbox::lookup(&self.pool, table, DURABLE, &delivery.event_id).await? {
             return Ok(events);
         }
         let order_id = checkout.order_id;
+        if is_abandoned(&self.pool, order_id).await? {
+            // The watchdog failed this order before its payment started: do not start one.
+            let outputs = abandoned(checkout);
+            return Ok(inbox::record_alone(
+                &self.pool,
+                table,
+                DURABLE,
+                &delivery.event_id,
+                outputs,
+            )
+            .await?);
+        }
         let request = AuthorizeRequest {
             order_id,
             amount: checkout.total,
@@ -80,7 +93,49 @@ impl Step for AuthorizeStep {
             // so a crash between its answer and our commit never authorizes twice.
             idempotency_key: idempotency_key(order_id, "authorize"),
         };
-        let decision = match self.provider.authorize(&request).await {
+        let decision = self.decide(&request).await?;
+        if self.fail_after_provider_call && delivery.delivered == 1 {
+            return Err(StepError::Transient(
+                "chaos: failing after the provider call".into(),
+            ));
+        }
+        let (record, outputs) = outcome(&checkout, decision, self.provider.name());
+        if claim_and_record(&self.pool, &delivery.event_id, &outputs, &checkout, &record).await? {
+            return Ok(outputs);
+        }
+        if let Some(events) = inbox::lookup(&self.pool, table, DURABLE, &delivery.event_id).await? {
+            // A concurrent delivery recorded first: emit what it recorded.
+            return Ok(events);
+        }
+        // The order was abandoned while the provider was answering: give the hold back.
+        if let Some(auth_id) = record.auth_id.as_deref() {
+            match self
+                .provider
+                .void(auth_id, &idempotency_key(order_id, "void"))
+                .await
+            {
+                Ok(()) => {
+                    tracing::warn!(%auth_id, "voided an authorization that completed after the order was abandoned");
+                }
+                Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
+                Err(ProviderError::Unavailable(e)) => {
+                    return Err(StepError::Transient(format!("void after abandonment: {e}")))
+                }
+                // The reconciler looks at abandoned payments again later.
+                Err(ProviderError::Rejected(e)) => {
+                    tracing::error!(%auth_id, error = %e, "the provider refused to void a late authorization");
+                }
+            }
+        }
+        let outputs = abandoned(checkout);
+        Ok(inbox::record_alone(&self.pool, table, DURABLE, &delivery.event_id, outputs).await?)
+    }
+}
+
+impl AuthorizeStep {
+    /// Asks the provider and turns its answer into a decision, or into a retry.
+    async fn decide(&self, request: &AuthorizeRequest) -> Result<Decision, StepError> {
+        match self.provider.authorize(request).await {
             Ok(AuthorizeOutcome::Approved {
                 auth_id,
                 expires_at,
@@ -91,142 +146,164 @@ impl Step for AuthorizeStep {
                         risk_score = score,
                         "fraud suspected; the authorization will be voided"
                     );
-                    Decision::Refused {
+                    Ok(Decision::Refused {
                         status: "authorized",
                         auth_id: Some(auth_id),
                         expires_at,
                         code: "fraud_suspected".into(),
                         reason: FailureReason::FraudSuspected,
-                    }
+                    })
                 }
-                _ => Decision::Approved(auth_id, expires_at),
+                _ => Ok(Decision::Approved(auth_id, expires_at)),
             },
-            Ok(AuthorizeOutcome::Declined { code }) => Decision::Refused {
+            Ok(AuthorizeOutcome::Declined { code }) => Ok(Decision::Refused {
                 status: "declined",
                 auth_id: None,
                 expires_at: None,
                 code,
                 reason: FailureReason::PaymentDeclined,
-            },
-            Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
+            }),
+            Err(ProviderError::Deferred(wait)) => Err(StepError::RetryAfter(wait)),
             Err(ProviderError::Unavailable(e)) => {
-                let failures = record_failure(&self.pool, order_id, &e).await?;
-                if failures < self.max_attempts {
-                    return Err(StepError::Transient(format!(
-                        "provider unavailable (attempt {failures} of {}): {e}",
-                        self.max_attempts
-                    )));
+                let spent = record_failure(
+                    &self.pool,
+                    request.order_id,
+                    &e,
+                    self.max_attempts,
+                    self.retry_window,
+                )
+                .await?;
+                if !spent {
+                    return Err(StepError::Transient(format!("provider unavailable: {e}")));
                 }
-                tracing::warn!(failures, "giving up on the provider");
-                // The outcome is unknown (a timeout may have authorized): status `failed`
-                // makes compensation ask the provider and void whatever it holds.
-                Decision::Refused {
-                    status: "failed",
-                    auth_id: None,
-                    expires_at: None,
-                    code: "payment_unavailable".into(),
-                    reason: FailureReason::PaymentUnavailable,
-                }
+                tracing::warn!(error = %e, "giving up on the provider for this order");
+                self.settle_unknown(request.order_id, "payment_unavailable".into())
+                    .await
             }
-            Err(ProviderError::Rejected(e)) => Decision::Refused {
-                status: "declined",
-                auth_id: None,
-                expires_at: None,
-                code: format!(
+            Err(ProviderError::Rejected(e)) => {
+                tracing::warn!(error = %e, "the provider refused the authorization request");
+                let code = format!(
                     "provider_rejected: {}",
                     e.chars().take(200).collect::<String>()
-                ),
-                reason: FailureReason::PaymentDeclined,
-            },
-        };
-        if self.fail_after_provider_call && delivery.delivered == 1 {
-            return Err(StepError::Transient(
-                "chaos: failing after the provider call".into(),
-            ));
+                );
+                self.settle_unknown(request.order_id, code).await
+            }
         }
-        let payment_id = payment_id_for(order_id);
-        let (status, auth_id, decline_code, expires_at, outputs) = match decision {
-            Decision::Approved(auth_id, expires_at) => (
-                "authorized",
-                Some(auth_id.clone()),
-                None,
-                expires_at,
-                vec![Event::Authorized {
-                    checkout: checkout.clone(),
-                    payment_id,
-                    auth_id,
-                }],
-            ),
-            Decision::Refused {
-                status,
-                auth_id,
-                expires_at,
-                code,
-                reason,
-            } => {
-                tracing::info!(decline_code = %code, reason = reason.as_str(), "payment refused");
-                (
-                    status,
-                    auth_id,
-                    Some(code.clone()),
-                    expires_at,
-                    vec![Event::Declined {
-                        checkout: checkout.clone(),
-                        decline_code: code,
-                        reason,
-                    }],
-                )
+    }
+
+    /// The outcome is unknown: the provider's records decide. An authorization it holds for
+    /// the order is adopted; otherwise the order fails with `payment_unavailable`, recorded
+    /// as `failed` so that the reconciler looks again later for one that completes late.
+    async fn settle_unknown(&self, order_id: Uuid, code: String) -> Result<Decision, StepError> {
+        let found = match self.provider.authorizations_for(order_id).await {
+            Ok(found) => found,
+            Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
+            Err(e) => {
+                return Err(StepError::Transient(format!(
+                    "cannot read the provider's records: {e}"
+                )))
             }
         };
-        let record = PaymentRecord {
-            provider: self.provider.name(),
-            status,
-            auth_id: auth_id.as_deref(),
-            decline_code: decline_code.as_deref(),
-            expires_at,
-        };
-        if !claim_and_record(&self.pool, &delivery.event_id, &outputs, &checkout, &record).await? {
-            // A concurrent delivery recorded first: emit what it recorded.
-            let table = InboxTable::Payments;
-            return Ok(
-                inbox::lookup(&self.pool, table, DURABLE, &delivery.event_id)
-                    .await?
-                    .unwrap_or_default(),
-            );
+        if let Some(held) = found.into_iter().find(|a| a.status == "authorized") {
+            tracing::warn!(auth_id = %held.auth_id, "adopting the authorization the provider holds");
+            return Ok(Decision::Approved(held.auth_id, held.expires_at));
         }
-        Ok(outputs)
+        Ok(Decision::Refused {
+            status: "failed",
+            auth_id: None,
+            expires_at: None,
+            code,
+            reason: FailureReason::PaymentUnavailable,
+        })
     }
 }
 
-/// What the payments row records of the provider's answer.
-struct PaymentRecord<'a> {
-    provider: &'a str,
-    status: &'a str,
-    auth_id: Option<&'a str>,
-    decline_code: Option<&'a str>,
-    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+fn abandoned(checkout: Checkout) -> Vec<Event> {
+    vec![Event::Declined {
+        checkout,
+        decline_code: "abandoned".into(),
+        reason: FailureReason::TimedOut,
+    }]
 }
 
-/// Claims the event and records the payment in one statement (one round trip, one implicit
-/// transaction). Returns false, with no effect, if the event was claimed before.
+/// What the payments row records of the provider's answer.
+struct PaymentRecord {
+    provider: &'static str,
+    status: &'static str,
+    auth_id: Option<String>,
+    decline_code: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+fn outcome(
+    checkout: &Checkout,
+    decision: Decision,
+    provider: &'static str,
+) -> (PaymentRecord, Vec<Event>) {
+    let payment_id = payment_id_for(checkout.order_id);
+    match decision {
+        Decision::Approved(auth_id, expires_at) => (
+            PaymentRecord {
+                provider,
+                status: "authorized",
+                auth_id: Some(auth_id.clone()),
+                decline_code: None,
+                expires_at,
+            },
+            vec![Event::Authorized {
+                checkout: checkout.clone(),
+                payment_id,
+                auth_id,
+            }],
+        ),
+        Decision::Refused {
+            status,
+            auth_id,
+            expires_at,
+            code,
+            reason,
+        } => {
+            tracing::info!(decline_code = %code, reason = reason.as_str(), "payment refused");
+            (
+                PaymentRecord {
+                    provider,
+                    status,
+                    auth_id,
+                    decline_code: Some(code.clone()),
+                    expires_at,
+                },
+                vec![Event::Declined {
+                    checkout: checkout.clone(),
+                    decline_code: code,
+                    reason,
+                }],
+            )
+        }
+    }
+}
+
+/// Records the payment and claims the event in one statement (one round trip). Returns false,
+/// with no effect, if the order already has a payment row: a concurrent delivery recorded
+/// first, or the order was abandoned.
 async fn claim_and_record(
     pool: &PgPool,
     event_id: &str,
     outputs: &[Event],
     checkout: &Checkout,
-    record: &PaymentRecord<'_>,
+    record: &PaymentRecord,
 ) -> Result<bool, StepError> {
     let bytes = rmp_serde::to_vec_named(outputs)
         .map_err(|e| StepError::Permanent(format!("outputs do not encode: {e}")))?;
     let (claimed,): (bool,) = sqlx::query_as(
-        "WITH c AS (
-             INSERT INTO payments.inbox (consumer, event_id, outputs) VALUES ($1, $2, $3)
-             ON CONFLICT DO NOTHING RETURNING 1),
-         p AS (
+        "WITH p AS (
              INSERT INTO payments.payments
                  (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
-             SELECT $4, $5, $6, $7, $8, $9, $10, $11, $12 WHERE EXISTS (SELECT 1 FROM c)
-             ON CONFLICT (order_id) DO NOTHING)
+             VALUES ($4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT (order_id) DO NOTHING RETURNING 1),
+         c AS (
+             INSERT INTO payments.inbox (consumer, event_id, outputs)
+             SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM p)
+             ON CONFLICT DO NOTHING RETURNING 1)
          SELECT EXISTS (SELECT 1 FROM c)",
     )
     .bind(DURABLE)
@@ -236,31 +313,36 @@ async fn claim_and_record(
     .bind(checkout.order_id)
     .bind(record.provider)
     .bind(record.status)
-    .bind(record.auth_id)
+    .bind(record.auth_id.as_deref())
     .bind(checkout.total)
     .bind(&checkout.currency)
-    .bind(record.decline_code)
+    .bind(record.decline_code.as_deref())
     .bind(record.expires_at)
     .fetch_one(pool)
     .await?;
     Ok(claimed)
 }
 
-/// Counts a failed provider call; returns the order's failures so far.
+/// Counts a failed provider call; true once the order's retry budget is spent (at least
+/// `max_attempts` failures and at least `window` since the first).
 async fn record_failure(
     pool: &PgPool,
-    order_id: uuid::Uuid,
+    order_id: Uuid,
     error: &str,
-) -> Result<i32, sqlx::Error> {
-    let (failures,): (i32,) = sqlx::query_as(
+    max_attempts: i32,
+    window: Duration,
+) -> Result<bool, sqlx::Error> {
+    let (spent,): (bool,) = sqlx::query_as(
         "INSERT INTO payments.attempts (order_id, failures, last_error) VALUES ($1, 1, $2)
          ON CONFLICT (order_id) DO UPDATE SET failures = payments.attempts.failures + 1,
              last_error = EXCLUDED.last_error, updated_at = now()
-         RETURNING failures",
+         RETURNING failures >= $3 AND now() - first_failed_at >= $4::interval",
     )
     .bind(order_id)
     .bind(error.chars().take(500).collect::<String>())
+    .bind(max_attempts)
+    .bind(format!("{} milliseconds", window.as_millis()))
     .fetch_one(pool)
     .await?;
-    Ok(failures)
+    Ok(spent)
 }

@@ -1,6 +1,6 @@
 //! Protection around a provider: a per-process rate limit and a circuit breaker. When the
-//! provider keeps failing the breaker opens and calls are deferred (the authorize consumer
-//! naks them with a delay) until a half-open probe succeeds.
+//! provider keeps failing the breaker opens and calls are deferred (the consumer naks them
+//! with a delay) until a batch of half-open probes shows the provider answering again.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,39 +25,98 @@ pub enum BreakerState {
 
 struct Breaker {
     state: BreakerState,
+    /// Bumped on every state change: an outcome that was admitted under an older state
+    /// (a slow call that started before the breaker opened) does not decide anything.
+    generation: u64,
     window_started: Instant,
     calls: u32,
     failures: u32,
     open_until: Instant,
-    probing: bool,
+    /// Half-open: probes admitted and not finished, and the finished probes' outcomes.
+    probes_out: u32,
+    probe_successes: u32,
+    probe_failures: u32,
 }
 
-/// A circuit breaker over a sliding window of calls.
+impl Breaker {
+    fn enter(&mut self, state: BreakerState, now: Instant) {
+        self.state = state;
+        self.generation += 1;
+        self.window_started = now;
+        self.calls = 0;
+        self.failures = 0;
+        self.probes_out = 0;
+        self.probe_successes = 0;
+        self.probe_failures = 0;
+    }
+}
+
+/// A circuit breaker over a sliding window of calls. Half-open, it lets a small batch of
+/// probes through and judges their failure rate, so one unlucky request (a card that fails
+/// per request, a slow call from before the outage) cannot keep it open.
 pub struct CircuitBreaker {
     inner: Mutex<Breaker>,
     window: Duration,
     min_calls: u32,
     failure_rate: f64,
     cooldown: Duration,
+    probes: u32,
+}
+
+/// Leave to make one call. Record its outcome with [`Permit::record`]; a permit dropped without
+/// an outcome (the call was not sent, or its future was dropped) decides nothing and gives a
+/// half-open probe slot back.
+pub struct Permit<'a> {
+    breaker: &'a CircuitBreaker,
+    generation: u64,
+    probe: bool,
+    recorded: bool,
+}
+
+impl Permit<'_> {
+    /// Records the call's outcome (`true` when the provider answered).
+    pub fn record(mut self, success: bool) {
+        self.recorded = true;
+        self.breaker
+            .record(self.generation, self.probe, Some(success));
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.breaker.record(self.generation, self.probe, None);
+        }
+    }
 }
 
 impl CircuitBreaker {
     /// A closed breaker.
-    pub fn new(window: Duration, min_calls: u32, failure_rate: f64, cooldown: Duration) -> Self {
+    pub fn new(
+        window: Duration,
+        min_calls: u32,
+        failure_rate: f64,
+        cooldown: Duration,
+        probes: u32,
+    ) -> Self {
         let now = Instant::now();
         Self {
             inner: Mutex::new(Breaker {
                 state: BreakerState::Closed,
+                generation: 0,
                 window_started: now,
                 calls: 0,
                 failures: 0,
                 open_until: now,
-                probing: false,
+                probes_out: 0,
+                probe_successes: 0,
+                probe_failures: 0,
             }),
             window,
             min_calls: min_calls.max(1),
-            failure_rate,
+            failure_rate: failure_rate.clamp(0.01, 1.0),
             cooldown,
+            probes: probes.max(1),
         }
     }
 
@@ -66,49 +125,81 @@ impl CircuitBreaker {
         self.inner.lock().map_or(BreakerState::Open, |b| b.state)
     }
 
+    /// Failed probes that reopen a half-open breaker.
+    fn failures_to_reopen(&self) -> u32 {
+        let needed = (f64::from(self.probes) * self.failure_rate).ceil();
+        // Bounded by `probes` (a u32), so the cast cannot truncate.
+        (needed as u32).clamp(1, self.probes)
+    }
+
     /// May a call go out now? `Err(wait)` when it must not.
-    pub fn admit(&self) -> Result<(), Duration> {
+    pub fn admit(&self) -> Result<Permit<'_>, Duration> {
         let Ok(mut b) = self.inner.lock() else {
             return Err(self.cooldown);
         };
         let now = Instant::now();
-        match b.state {
-            BreakerState::Closed => Ok(()),
-            BreakerState::Open if now < b.open_until => Err(b.open_until - now),
-            BreakerState::Open | BreakerState::HalfOpen => {
-                if b.probing {
-                    // One probe at a time; the others wait a little and ask again.
-                    return Err(Duration::from_millis(250).min(self.cooldown));
-                }
-                if b.state == BreakerState::Open {
-                    tracing::warn!("payment provider breaker half-open: probing");
-                }
-                b.state = BreakerState::HalfOpen;
-                b.probing = true;
-                Ok(())
+        if b.state == BreakerState::Open {
+            if now < b.open_until {
+                return Err(b.open_until - now);
             }
+            tracing::warn!(
+                probes = self.probes,
+                "payment provider breaker half-open: probing"
+            );
+            b.enter(BreakerState::HalfOpen, now);
         }
+        let probe = b.state == BreakerState::HalfOpen;
+        if probe {
+            if b.probes_out + b.probe_successes + b.probe_failures >= self.probes {
+                // Every probe slot is taken; the others wait a little and ask again.
+                return Err(
+                    Duration::from_millis(250).min(self.cooldown.max(Duration::from_millis(10)))
+                );
+            }
+            b.probes_out += 1;
+        }
+        Ok(Permit {
+            breaker: self,
+            generation: b.generation,
+            probe,
+            recorded: false,
+        })
     }
 
-    /// Records a call's outcome (`true` when the provider answered).
-    pub fn record(&self, success: bool) {
+    fn record(&self, generation: u64, probe: bool, outcome: Option<bool>) {
         let Ok(mut b) = self.inner.lock() else { return };
+        if b.generation != generation {
+            return;
+        }
         let now = Instant::now();
-        if b.state == BreakerState::HalfOpen {
-            b.probing = false;
-            if success {
-                tracing::warn!("payment provider breaker closed");
-                b.state = BreakerState::Closed;
-                b.window_started = now;
-                b.calls = 0;
-                b.failures = 0;
-            } else {
-                tracing::warn!(cooldown = ?self.cooldown, "payment provider breaker reopened");
-                b.state = BreakerState::Open;
+        if probe {
+            b.probes_out = b.probes_out.saturating_sub(1);
+            match outcome {
+                None => {}
+                Some(true) => b.probe_successes += 1,
+                Some(false) => b.probe_failures += 1,
+            }
+            let reopen_at = self.failures_to_reopen();
+            if b.probe_failures >= reopen_at {
+                tracing::warn!(
+                    failed = b.probe_failures,
+                    succeeded = b.probe_successes,
+                    cooldown = ?self.cooldown,
+                    "payment provider breaker reopened"
+                );
+                b.enter(BreakerState::Open, now);
                 b.open_until = now + self.cooldown;
+            } else if b.probe_successes > self.probes - reopen_at {
+                tracing::warn!(
+                    failed = b.probe_failures,
+                    succeeded = b.probe_successes,
+                    "payment provider breaker closed"
+                );
+                b.enter(BreakerState::Closed, now);
             }
             return;
         }
+        let Some(success) = outcome else { return };
         if now.duration_since(b.window_started) > self.window {
             b.window_started = now;
             b.calls = 0;
@@ -119,15 +210,14 @@ impl CircuitBreaker {
             b.failures += 1;
         }
         let rate = f64::from(b.failures) / f64::from(b.calls);
-        if b.state == BreakerState::Closed && b.calls >= self.min_calls && rate >= self.failure_rate
-        {
+        if b.calls >= self.min_calls && rate >= self.failure_rate {
             tracing::warn!(
                 calls = b.calls,
                 failures = b.failures,
                 cooldown = ?self.cooldown,
                 "payment provider breaker opened"
             );
-            b.state = BreakerState::Open;
+            b.enter(BreakerState::Open, now);
             b.open_until = now + self.cooldown;
         }
     }
@@ -195,6 +285,7 @@ impl GuardedProvider {
                 settings.breaker_min_calls,
                 settings.breaker_failure_rate,
                 settings.breaker_cooldown,
+                settings.breaker_half_open_probes,
             )),
             limiter: RateLimiter::new(settings.rate_limit_per_s, Duration::from_secs(1)),
         }
@@ -209,15 +300,14 @@ impl GuardedProvider {
         &self,
         call: impl std::future::Future<Output = Result<T, ProviderError>>,
     ) -> Result<T, ProviderError> {
-        self.breaker.admit().map_err(ProviderError::Deferred)?;
-        if let Err(wait) = self.limiter.acquire().await {
-            // Not sent: a half-open probe slot must be given back.
-            self.breaker.record(true);
-            return Err(ProviderError::Deferred(wait));
-        }
+        let permit = self.breaker.admit().map_err(ProviderError::Deferred)?;
+        // Not sent: the permit is dropped unrecorded, which is neither success nor failure.
+        self.limiter
+            .acquire()
+            .await
+            .map_err(ProviderError::Deferred)?;
         let result = call.await;
-        self.breaker
-            .record(!matches!(result, Err(ProviderError::Unavailable(_))));
+        permit.record(!matches!(result, Err(ProviderError::Unavailable(_))));
         result
     }
 }
@@ -258,33 +348,95 @@ impl PaymentProvider for GuardedProvider {
     async fn refund(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
         self.guarded(self.inner.refund(auth_id, amount, key)).await
     }
+
+    async fn report(&self) -> Result<Vec<ProviderAuthorization>, ProviderError> {
+        self.inner.report().await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn opens_on_failures_and_closes_after_a_good_probe() {
-        let b = CircuitBreaker::new(Duration::from_secs(60), 4, 0.5, Duration::from_millis(0));
-        for _ in 0..4 {
-            assert!(b.admit().is_ok());
-            b.record(false);
+    fn breaker(min_calls: u32, cooldown_ms: u64, probes: u32) -> CircuitBreaker {
+        CircuitBreaker::new(
+            Duration::from_secs(60),
+            min_calls,
+            0.5,
+            Duration::from_millis(cooldown_ms),
+            probes,
+        )
+    }
+
+    fn fail(b: &CircuitBreaker, n: usize) {
+        for _ in 0..n {
+            b.admit().expect("admitted").record(false);
         }
+    }
+
+    #[test]
+    fn opens_on_failures_and_closes_after_good_probes() {
+        let b = breaker(4, 0, 3);
+        fail(&b, 4);
         assert_eq!(b.state(), BreakerState::Open);
-        // Cooldown of zero: the next call is the probe, others wait while it runs.
-        assert!(b.admit().is_ok());
+        // Cooldown of zero: three probes go out at once, a fourth call waits.
+        let probes: Vec<_> = (0..3).map(|_| b.admit().expect("probe")).collect();
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert!(b.admit().is_err());
-        b.record(true);
+        let mut probes = probes.into_iter();
+        probes.next().expect("probe").record(true);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        probes.next().expect("probe").record(true);
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]
-    fn a_failed_probe_reopens() {
-        let b = CircuitBreaker::new(Duration::from_secs(60), 1, 0.5, Duration::from_secs(30));
-        b.record(false);
-        assert!(b.admit().is_err());
+    fn one_failed_probe_among_good_ones_does_not_reopen() {
+        let b = breaker(4, 0, 5);
+        fail(&b, 4);
+        let probes: Vec<_> = (0..5).map(|_| b.admit().expect("probe")).collect();
+        let mut outcomes = [false, true, false, true, true].into_iter();
+        for p in probes {
+            p.record(outcomes.next().expect("outcome"));
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_failure_rate_among_probes_reopens() {
+        let b = breaker(4, 0, 5);
+        fail(&b, 4);
+        let probes: Vec<_> = (0..5).map(|_| b.admit().expect("probe")).collect();
+        for p in probes.into_iter().take(3) {
+            p.record(false);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn a_dropped_probe_gives_its_slot_back() {
+        let b = breaker(1, 0, 1);
+        fail(&b, 1);
+        let probe = b.admit().expect("probe");
+        assert!(b.admit().is_err(), "one probe at a time");
+        drop(probe);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        b.admit().expect("the slot is free again").record(true);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn outcomes_from_before_a_state_change_decide_nothing() {
+        let b = breaker(2, 0, 1);
+        // A slow call admitted while closed...
+        let slow = b.admit().expect("admitted");
+        fail(&b, 2);
+        assert_eq!(b.state(), BreakerState::Open);
+        let probe = b.admit().expect("probe");
+        // ...finishes while half-open: it is not the probe, so it neither closes nor reopens.
+        slow.record(true);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        probe.record(false);
         assert_eq!(b.state(), BreakerState::Open);
     }
 

@@ -40,6 +40,17 @@ async fn authorization(
     }
 }
 
+/// The provider's idempotency key for one attempt of an operation. A new attempt only starts
+/// after the provider refused the previous one outright (a refusal the provider remembers
+/// under its key), so it needs a key of its own; retries within an attempt reuse it.
+fn attempt_key(order_id: uuid::Uuid, operation: &str, attempt: u32) -> String {
+    if attempt <= 1 {
+        idempotency_key(order_id, operation)
+    } else {
+        idempotency_key(order_id, &format!("{operation}:{attempt}"))
+    }
+}
+
 /// A payment status change driven by one provider call.
 struct Transition {
     durable: &'static str,
@@ -105,7 +116,7 @@ impl Step for CaptureStep {
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        let Event::ShipRequested { checkout } = event else {
+        let Event::ShipRequested { checkout, attempt } = event else {
             return Err(StepError::Permanent(format!(
                 "capture cannot handle {:?}",
                 event.kind()
@@ -113,7 +124,7 @@ impl Step for CaptureStep {
         };
         let order_id = checkout.order_id;
         let (auth_id, amount) = authorization(&self.pool, order_id).await?;
-        let key = idempotency_key(order_id, "capture");
+        let key = attempt_key(order_id, "capture", attempt);
         let call = self.provider.capture(&auth_id, amount, &key);
         run(
             &self.pool,
@@ -127,8 +138,13 @@ impl Step for CaptureStep {
             call,
             Event::Captured {
                 checkout: checkout.clone(),
+                attempt,
             },
-            |detail| Event::CaptureFailed { checkout, detail },
+            |detail| Event::CaptureFailed {
+                checkout,
+                detail,
+                attempt,
+            },
         )
         .await
     }
@@ -144,7 +160,7 @@ impl Step for RefundStep {
     }
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        let Event::RefundRequested { checkout } = event else {
+        let Event::RefundRequested { checkout, attempt } = event else {
             return Err(StepError::Permanent(format!(
                 "refund cannot handle {:?}",
                 event.kind()
@@ -152,7 +168,7 @@ impl Step for RefundStep {
         };
         let order_id = checkout.order_id;
         let (auth_id, amount) = authorization(&self.pool, order_id).await?;
-        let key = idempotency_key(order_id, "refund");
+        let key = attempt_key(order_id, "refund", attempt);
         let call = self.provider.refund(&auth_id, amount, &key);
         run(
             &self.pool,
@@ -166,8 +182,13 @@ impl Step for RefundStep {
             call,
             Event::Refunded {
                 checkout: checkout.clone(),
+                attempt,
             },
-            |detail| Event::RefundFailed { checkout, detail },
+            |detail| Event::RefundFailed {
+                checkout,
+                detail,
+                attempt,
+            },
         )
         .await
     }

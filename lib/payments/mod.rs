@@ -1,16 +1,18 @@
-//! Payments: the provider adapter, the authorize step, and voids for compensation.
+//! Payments: the provider adapter, the authorize step, voids for compensation, and the
+//! reconciliation of payments whose outcome was unknown.
 
 mod authorize;
 pub mod guard;
 mod lifecycle;
 pub mod provider;
+pub mod reconcile;
 pub mod sandbox;
 pub mod void;
 
 pub use authorize::AuthorizeStep;
 pub use lifecycle::{CaptureStep, RefundStep};
 pub use provider::{PaymentProvider, ProviderError};
-pub use void::void_for_order;
+pub use void::{abandon, void_for_order, VoidOutcome};
 
 use sqlx::PgPool;
 use uuid::Uuid;

@@ -31,10 +31,14 @@ pub enum AuthorizeOutcome {
 /// Why a provider call did not produce an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    /// Timeouts, connection failures, 5xx, 429: retry with the same idempotency key.
+    /// Provider trouble, whatever the provider's state now is: timeouts, connection failures,
+    /// 5xx, 429, 401/403 (our credentials, e.g. a key rotation), 409 (the same idempotency
+    /// key still in flight), an unreadable reply. Retry with the same idempotency key; these
+    /// count against the breaker. Never a decline.
     #[error("provider unavailable: {0}")]
     Unavailable(String),
-    /// The provider refused the request itself (a bug on our side or theirs).
+    /// The provider refused this request outright (400, 404, 422: a wrong state, an expired
+    /// authorization, a bug on our side or theirs). Repeating it cannot help.
     #[error("provider rejected the request: {0}")]
     Rejected(String),
     /// Not sent: the circuit breaker is open or the rate limit is spent; try after this.
@@ -46,7 +50,14 @@ pub enum ProviderError {
 #[derive(Debug, Clone)]
 pub struct ProviderAuthorization {
     pub auth_id: String,
+    /// `authorized`, `captured`, `voided` or `refunded`.
     pub status: String,
+    /// Our order id, as sent with the authorization.
+    pub reference: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Captures and refunds the provider made on it (more than one of either is a bug).
+    pub captures: u32,
+    pub refunds: u32,
 }
 
 /// A payment service provider.
@@ -73,6 +84,8 @@ pub trait PaymentProvider: Send + Sync {
         &self,
         order_id: uuid::Uuid,
     ) -> Result<Vec<ProviderAuthorization>, ProviderError>;
+    /// Every authorization the provider holds for us (its reporting API), for the audit.
+    async fn report(&self) -> Result<Vec<ProviderAuthorization>, ProviderError>;
     /// Refunds a captured amount.
     async fn refund(
         &self,

@@ -1,5 +1,9 @@
 //! The HTTP client for the sandbox PSP (`checkout run psp`), spoken to as a real adapter
 //! speaks to Stripe: JSON over HTTP, an `Idempotency-Key` on every mutating call.
+//!
+//! How answers map: 2xx is the answer; 402 to an authorization is an explicit decline; 401,
+//! 403, 409, 429, 5xx, timeouts and unreadable replies are provider trouble (retried with the
+//! same key, counted by the breaker, never a decline); other 4xx are refusals.
 
 use std::time::Duration;
 
@@ -37,9 +41,53 @@ struct AuthorizationReply {
     risk_score: Option<u8>,
 }
 
+#[derive(Deserialize)]
+struct ErrorReply {
+    error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    code: String,
+}
+
 #[derive(Serialize)]
 struct AmountBody {
     amount: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Listed {
+    authorizations: Vec<ListedItem>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListedItem {
+    id: String,
+    status: String,
+    #[serde(default)]
+    reference: String,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    captures: u32,
+    #[serde(default)]
+    refunds: u32,
+}
+
+/// Whether a status means the provider is in trouble (its state unknown to us).
+fn is_trouble(status: StatusCode) -> bool {
+    status.is_server_error()
+        || matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::CONFLICT
+                | StatusCode::REQUEST_TIMEOUT
+        )
 }
 
 impl SandboxClient {
@@ -56,7 +104,8 @@ impl SandboxClient {
         })
     }
 
-    async fn post<B: Serialize>(
+    /// Sends a mutating call; returns the response unless the provider is in trouble.
+    async fn send<B: Serialize>(
         &self,
         path: &str,
         key: &str,
@@ -71,16 +120,63 @@ impl SandboxClient {
             .await
             .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
         let status = response.status();
-        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        if is_trouble(status) {
             return Err(ProviderError::Unavailable(format!("{path}: HTTP {status}")));
         }
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            return Err(ProviderError::Rejected(format!(
-                "{path}: HTTP {status}: {text}"
+        Ok(response)
+    }
+
+    /// A mutating call whose only answer is success or refusal.
+    async fn operate<B: Serialize>(
+        &self,
+        path: &str,
+        key: &str,
+        body: &B,
+    ) -> Result<(), ProviderError> {
+        let response = self.send(path, key, body).await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        Err(ProviderError::Rejected(format!(
+            "{path}: HTTP {status}: {text}"
+        )))
+    }
+
+    async fn list(
+        &self,
+        query: &[(&str, String)],
+    ) -> Result<Vec<ProviderAuthorization>, ProviderError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/authorizations", self.base))
+            .query(query)
+            .send()
+            .await
+            .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(ProviderError::Unavailable(format!(
+                "authorizations: HTTP {}",
+                response.status()
             )));
         }
-        Ok(response)
+        let found: Listed = response
+            .json()
+            .await
+            .map_err(|e| ProviderError::Unavailable(format!("bad reply: {e}")))?;
+        Ok(found
+            .authorizations
+            .into_iter()
+            .map(|i| ProviderAuthorization {
+                auth_id: i.id,
+                status: i.status,
+                reference: i.reference,
+                expires_at: i.expires_at,
+                captures: i.captures,
+                refunds: i.refunds,
+            })
+            .collect())
     }
 }
 
@@ -100,72 +196,61 @@ impl PaymentProvider for SandboxClient {
             token: &request.token,
             reference: request.order_id.to_string(),
         };
-        let reply: AuthorizationReply = self
-            .post("/v1/authorizations", &request.idempotency_key, &body)
-            .await?
+        let path = "/v1/authorizations";
+        let response = self.send(path, &request.idempotency_key, &body).await?;
+        let status = response.status();
+        if status == StatusCode::PAYMENT_REQUIRED {
+            // An explicit decline, as Stripe answers a card error.
+            let code = response
+                .json::<ErrorReply>()
+                .await
+                .map_or_else(|_| "declined".to_owned(), |e| e.error.code);
+            return Ok(AuthorizeOutcome::Declined { code });
+        }
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(ProviderError::Rejected(format!(
+                "{path}: HTTP {status}: {text}"
+            )));
+        }
+        // A 2xx we cannot read leaves the provider's state unknown: trouble, not a decline.
+        let reply: AuthorizationReply = response
             .json()
             .await
             .map_err(|e| ProviderError::Unavailable(format!("bad reply: {e}")))?;
-        Ok(match reply.status.as_str() {
-            "authorized" => AuthorizeOutcome::Approved {
+        match reply.status.as_str() {
+            "authorized" => Ok(AuthorizeOutcome::Approved {
                 auth_id: reply.id,
                 expires_at: reply.expires_at,
                 risk_score: reply.risk_score,
-            },
-            _ => AuthorizeOutcome::Declined {
+            }),
+            "declined" => Ok(AuthorizeOutcome::Declined {
                 code: reply.decline_code.unwrap_or_else(|| "declined".into()),
-            },
-        })
+            }),
+            other => Err(ProviderError::Unavailable(format!(
+                "unexpected authorization status {other}"
+            ))),
+        }
     }
 
     async fn void(&self, auth_id: &str, key: &str) -> Result<(), ProviderError> {
-        self.post(
+        self.operate(
             &format!("/v1/authorizations/{auth_id}/void"),
             key,
             &serde_json::json!({}),
         )
         .await
-        .map(|_| ())
     }
 
     async fn authorizations_for(
         &self,
         order_id: uuid::Uuid,
     ) -> Result<Vec<ProviderAuthorization>, ProviderError> {
-        #[derive(Deserialize)]
-        struct Found {
-            authorizations: Vec<Item>,
-        }
-        #[derive(Deserialize)]
-        struct Item {
-            id: String,
-            status: String,
-        }
-        let response = self
-            .http
-            .get(format!("{}/v1/authorizations", self.base))
-            .query(&[("reference", order_id.to_string())])
-            .send()
-            .await
-            .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(ProviderError::Unavailable(format!(
-                "authorizations: HTTP {}",
-                response.status()
-            )));
-        }
-        let found: Found = response
-            .json()
-            .await
-            .map_err(|e| ProviderError::Unavailable(format!("bad reply: {e}")))?;
-        Ok(found
-            .authorizations
-            .into_iter()
-            .map(|i| ProviderAuthorization {
-                auth_id: i.id,
-                status: i.status,
-            })
-            .collect())
+        self.list(&[("reference", order_id.to_string())]).await
+    }
+
+    async fn report(&self) -> Result<Vec<ProviderAuthorization>, ProviderError> {
+        self.list(&[]).await
     }
 
     async fn capture(
@@ -177,17 +262,15 @@ impl PaymentProvider for SandboxClient {
         let body = AmountBody {
             amount: amount.to_string(),
         };
-        self.post(&format!("/v1/authorizations/{auth_id}/capture"), key, &body)
+        self.operate(&format!("/v1/authorizations/{auth_id}/capture"), key, &body)
             .await
-            .map(|_| ())
     }
 
     async fn refund(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
         let body = AmountBody {
             amount: amount.to_string(),
         };
-        self.post(&format!("/v1/authorizations/{auth_id}/refund"), key, &body)
+        self.operate(&format!("/v1/authorizations/{auth_id}/refund"), key, &body)
             .await
-            .map(|_| ())
     }
 }

@@ -1,28 +1,41 @@
-//! Voiding an order's authorization (compensation), decided from our recorded state and,
-//! when that is unknown (the provider timed out), from the provider's own records.
+//! Releasing an order's money (compensation), decided from our recorded state and, when that
+//! is unknown (we gave up on the provider, or the order was abandoned while a call was in
+//! flight), from the provider's own records.
 
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::idempotency_key;
-use super::provider::PaymentProvider;
+use super::provider::{PaymentProvider, ProviderError};
+use super::{idempotency_key, payment_id_for};
+use crate::saga::events::Checkout;
 
-/// Why a void did not complete.
+/// Why a void did not complete (retry later).
 #[derive(Debug, thiserror::Error)]
 pub enum VoidError {
     #[error(transparent)]
-    Provider(#[from] super::ProviderError),
+    Provider(#[from] ProviderError),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
 
-/// Voids what the order holds at the provider; does nothing if it holds nothing.
-/// Idempotent: provider calls carry per-order keys, statuses move only forward.
+/// What a void did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoidOutcome {
+    /// The order holds nothing at the provider.
+    Nothing,
+    /// Its authorization is voided (now, or before).
+    Voided,
+    /// The provider refused, and its records say the authorization still stands.
+    Refused(String),
+}
+
+/// Voids what the order holds at the provider. Idempotent: provider calls carry per-order
+/// keys and statuses move only forward.
 pub async fn void_for_order(
     pool: &PgPool,
     provider: &dyn PaymentProvider,
     order_id: Uuid,
-) -> Result<bool, VoidError> {
+) -> Result<VoidOutcome, VoidError> {
     let row: Option<(String, Option<String>)> =
         sqlx::query_as("SELECT status, auth_id FROM payments.payments WHERE order_id = $1")
             .bind(order_id)
@@ -36,14 +49,14 @@ pub async fn void_for_order(
             {
                 Ok(()) => {}
                 // Refused: decide from the provider's actual state. Already voided there
-                // (by someone else) is what we wanted; anything else is for a person.
-                Err(super::ProviderError::Rejected(detail)) => {
+                // (by someone else) is what we wanted; anything else stands.
+                Err(ProviderError::Rejected(detail)) => {
                     let theirs = provider.authorizations_for(order_id).await?;
                     let already_void = theirs
                         .iter()
                         .any(|a| a.auth_id == auth_id && a.status == "voided");
                     if !already_void {
-                        return Err(super::ProviderError::Rejected(detail).into());
+                        return Ok(VoidOutcome::Refused(detail));
                     }
                 }
                 Err(other) => return Err(other.into()),
@@ -55,20 +68,69 @@ pub async fn void_for_order(
             .bind(order_id)
             .execute(pool)
             .await?;
-            Ok(true)
+            Ok(VoidOutcome::Voided)
         }
-        // We gave up on an answer that never came: the provider may hold an authorization.
-        Some((status, _)) if status == "failed" => {
-            let mut voided = false;
-            for found in provider.authorizations_for(order_id).await? {
-                if found.status == "authorized" {
-                    let key = idempotency_key(order_id, &format!("void:{}", found.auth_id));
-                    provider.void(&found.auth_id, &key).await?;
-                    voided = true;
-                }
-            }
-            Ok(voided)
+        Some((status, _)) if status == "voided" => Ok(VoidOutcome::Voided),
+        // The outcome is unknown: whatever the provider holds for the order is voided.
+        Some((status, _)) if status == "failed" || status == "abandoned" => {
+            void_what_the_provider_holds(provider, order_id).await
         }
-        _ => Ok(false),
+        _ => Ok(VoidOutcome::Nothing),
     }
+}
+
+/// Asks the provider what it holds for the order and voids every live authorization.
+pub async fn void_what_the_provider_holds(
+    provider: &dyn PaymentProvider,
+    order_id: Uuid,
+) -> Result<VoidOutcome, VoidError> {
+    let mut outcome = VoidOutcome::Nothing;
+    for found in provider.authorizations_for(order_id).await? {
+        if found.status != "authorized" {
+            continue;
+        }
+        let key = idempotency_key(order_id, &format!("void:{}", found.auth_id));
+        match provider.void(&found.auth_id, &key).await {
+            Ok(()) => {
+                tracing::warn!(%order_id, auth_id = %found.auth_id,
+                    "voided an authorization the order was not recorded with");
+                outcome = VoidOutcome::Voided;
+            }
+            Err(ProviderError::Rejected(detail)) => return Ok(VoidOutcome::Refused(detail)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(outcome)
+}
+
+/// Marks an order's payment as abandoned (the order was failed before any authorization was
+/// recorded), so that the authorize step never starts one and voids one that completes late.
+/// Does nothing if the order already has a payment.
+pub async fn abandon(
+    pool: &PgPool,
+    provider: &dyn PaymentProvider,
+    checkout: &Checkout,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO payments.payments (payment_id, order_id, provider, status, amount, currency)
+         VALUES ($1, $2, $3, 'abandoned', $4, $5) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(payment_id_for(checkout.order_id))
+    .bind(checkout.order_id)
+    .bind(provider.name())
+    .bind(checkout.total)
+    .bind(&checkout.currency)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Whether the order's payment was abandoned.
+pub async fn is_abandoned(pool: &PgPool, order_id: Uuid) -> Result<bool, sqlx::Error> {
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT status FROM payments.payments WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(matches!(row, Some((s,)) if s == "abandoned"))
 }

@@ -1,6 +1,8 @@
 //! Saga events. Every event carries the full checkout snapshot (fat events), so each step
 //! can act without asking another service, and a replay from the stream alone is complete.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -8,8 +10,10 @@ use uuid::Uuid;
 
 use crate::domain::{Address, Sku};
 
-/// The payload schema version, also sent as the `Checkout-Schema` header.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The payload schema version, also sent as the `Checkout-Schema` header and as the payload's
+/// `v` field. 2 added attempt numbers to repeatable actions and the `timed_out` and
+/// `cancel_failed` events; version 1 payloads still decode (missing fields take defaults).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One priced line, frozen at checkout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +72,9 @@ pub enum FailureReason {
     PromoLimitReached,
     /// The buyer (or an admin) cancelled before shipment.
     CustomerCancelled,
+    /// The saga did not finish within the watchdog's limit (a step's message was lost or
+    /// dead-lettered); compensation unwound whatever had happened.
+    TimedOut,
 }
 
 impl FailureReason {
@@ -82,6 +89,7 @@ impl FailureReason {
             Self::PromoExhausted => "promo_exhausted",
             Self::PromoLimitReached => "promo_limit_reached",
             Self::CustomerCancelled => "customer_cancelled",
+            Self::TimedOut => "timed_out",
         }
     }
 }
@@ -136,24 +144,75 @@ pub enum Event {
         reason: FailureReason,
     },
     /// edge -> capture (authorize role): an admin shipped the order; capture the payment.
-    ShipRequested { checkout: Checkout },
+    /// `attempt` numbers the requests of one order (a second ship after a refused capture is
+    /// attempt 2), so each has its own message id and inbox key.
+    ShipRequested {
+        checkout: Checkout,
+        #[serde(default)]
+        attempt: u32,
+    },
     /// capture -> order-lifecycle: the authorized amount was captured.
-    Captured { checkout: Checkout },
+    Captured {
+        checkout: Checkout,
+        #[serde(default)]
+        attempt: u32,
+    },
     /// order-lifecycle -> anyone watching: the order is shipped.
-    Shipped { checkout: Checkout },
+    Shipped {
+        checkout: Checkout,
+        #[serde(default)]
+        attempt: u32,
+    },
     /// edge -> compensate: the buyer or an admin cancelled before shipment.
-    CancelRequested { checkout: Checkout },
-    /// compensate -> anyone watching: stock returned, authorization voided, order cancelled.
-    Cancelled { checkout: Checkout },
+    CancelRequested {
+        checkout: Checkout,
+        #[serde(default)]
+        attempt: u32,
+    },
+    /// compensate -> anyone watching: authorization voided, stock returned, order cancelled.
+    Cancelled {
+        checkout: Checkout,
+        #[serde(default)]
+        attempt: u32,
+    },
+    /// compensate -> anyone watching: the provider refused the void; nothing was restocked,
+    /// the order stays `confirmed` and its cancel lock is released.
+    CancelFailed {
+        checkout: Checkout,
+        detail: String,
+        #[serde(default)]
+        attempt: u32,
+    },
     /// edge -> refund (authorize role): an admin refunded a shipped order.
-    RefundRequested { checkout: Checkout },
+    RefundRequested {
+        checkout: Checkout,
+        #[serde(default)]
+        attempt: u32,
+    },
     /// refund -> order-lifecycle: the captured amount was refunded.
-    Refunded { checkout: Checkout },
+    Refunded {
+        checkout: Checkout,
+        #[serde(default)]
+        attempt: u32,
+    },
     /// capture -> order-lifecycle: the provider refused the capture; the order stays
     /// `confirmed` and its ship lock is released.
-    CaptureFailed { checkout: Checkout, detail: String },
+    CaptureFailed {
+        checkout: Checkout,
+        detail: String,
+        #[serde(default)]
+        attempt: u32,
+    },
     /// refund -> order-lifecycle: the provider refused the refund; the order stays `shipped`.
-    RefundFailed { checkout: Checkout, detail: String },
+    RefundFailed {
+        checkout: Checkout,
+        detail: String,
+        #[serde(default)]
+        attempt: u32,
+    },
+    /// watchdog -> compensate: the order is still pending past the watchdog's limit; fail it
+    /// (`timed_out`) and unwind whatever its steps did.
+    TimedOut { checkout: Checkout },
 }
 
 /// The event's kind, without its payload.
@@ -176,9 +235,39 @@ pub enum EventKind {
     Refunded,
     CaptureFailed,
     RefundFailed,
+    CancelFailed,
+    TimedOut,
 }
 
 impl EventKind {
+    /// Every kind, for parsing the `Checkout-Event` header.
+    pub const ALL: [EventKind; 19] = [
+        Self::Requested,
+        Self::Reserved,
+        Self::Rejected,
+        Self::Authorized,
+        Self::Committed,
+        Self::Declined,
+        Self::Confirmed,
+        Self::Failed,
+        Self::ShipRequested,
+        Self::Captured,
+        Self::Shipped,
+        Self::CancelRequested,
+        Self::Cancelled,
+        Self::RefundRequested,
+        Self::Refunded,
+        Self::CaptureFailed,
+        Self::RefundFailed,
+        Self::CancelFailed,
+        Self::TimedOut,
+    ];
+
+    /// The kind a subject token or header names, if this version knows it.
+    pub fn parse(token: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == token)
+    }
+
     /// The token used in subjects, message ids and the `Checkout-Event` header.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -199,6 +288,8 @@ impl EventKind {
             Self::Refunded => "refunded",
             Self::CaptureFailed => "capture_failed",
             Self::RefundFailed => "refund_failed",
+            Self::CancelFailed => "cancel_failed",
+            Self::TimedOut => "timed_out",
         }
     }
 }
@@ -209,6 +300,20 @@ pub fn order_id_of(event_id: &str) -> Option<Uuid> {
         .split('.')
         .next()
         .and_then(|s| Uuid::parse_str(s).ok())
+}
+
+/// The payload as it travels: the event's own fields plus `v`.
+#[derive(Serialize, Deserialize)]
+struct Versioned<'a> {
+    /// Payloads before version 2 carried no `v`.
+    #[serde(default = "first_version")]
+    v: u32,
+    #[serde(flatten)]
+    event: Cow<'a, Event>,
+}
+
+fn first_version() -> u32 {
+    1
 }
 
 /// A payload that is not a saga event of this schema.
@@ -242,6 +347,8 @@ impl Event {
             Self::Refunded { .. } => EventKind::Refunded,
             Self::CaptureFailed { .. } => EventKind::CaptureFailed,
             Self::RefundFailed { .. } => EventKind::RefundFailed,
+            Self::CancelFailed { .. } => EventKind::CancelFailed,
+            Self::TimedOut { .. } => EventKind::TimedOut,
         }
     }
 
@@ -256,25 +363,147 @@ impl Event {
             | Self::Declined { checkout, .. }
             | Self::Confirmed { checkout }
             | Self::Failed { checkout, .. }
-            | Self::ShipRequested { checkout }
-            | Self::Captured { checkout }
-            | Self::Shipped { checkout }
-            | Self::CancelRequested { checkout }
-            | Self::Cancelled { checkout }
-            | Self::RefundRequested { checkout }
-            | Self::Refunded { checkout }
+            | Self::ShipRequested { checkout, .. }
+            | Self::Captured { checkout, .. }
+            | Self::Shipped { checkout, .. }
+            | Self::CancelRequested { checkout, .. }
+            | Self::Cancelled { checkout, .. }
+            | Self::RefundRequested { checkout, .. }
+            | Self::Refunded { checkout, .. }
             | Self::CaptureFailed { checkout, .. }
-            | Self::RefundFailed { checkout, .. } => checkout,
+            | Self::RefundFailed { checkout, .. }
+            | Self::CancelFailed { checkout, .. }
+            | Self::TimedOut { checkout } => checkout,
         }
     }
 
-    /// MessagePack with field names, so `checkout decode` can print it as JSON.
-    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        Ok(rmp_serde::to_vec_named(self)?)
+    /// The attempt number of a repeatable action's events (ship, cancel, refund); 0 for the
+    /// checkout's own events, which happen at most once per order.
+    pub fn attempt(&self) -> u32 {
+        match self {
+            Self::ShipRequested { attempt, .. }
+            | Self::Captured { attempt, .. }
+            | Self::Shipped { attempt, .. }
+            | Self::CancelRequested { attempt, .. }
+            | Self::Cancelled { attempt, .. }
+            | Self::CancelFailed { attempt, .. }
+            | Self::RefundRequested { attempt, .. }
+            | Self::Refunded { attempt, .. }
+            | Self::CaptureFailed { attempt, .. }
+            | Self::RefundFailed { attempt, .. } => *attempt,
+            _ => 0,
+        }
     }
 
-    /// Reads a MessagePack payload.
+    /// The event's identity: its `Nats-Msg-Id` and every consumer's inbox key.
+    pub fn msg_id(&self) -> String {
+        crate::saga::subjects::event_msg_id(self.kind(), self.checkout().order_id, self.attempt())
+    }
+
+    /// MessagePack with field names (so `checkout decode` can print it as JSON), with the
+    /// schema version as the payload's `v` field.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        Ok(rmp_serde::to_vec_named(&Versioned {
+            v: SCHEMA_VERSION,
+            event: Cow::Borrowed(self),
+        })?)
+    }
+
+    /// Reads a MessagePack payload of this schema version or an older one.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Ok(rmp_serde::from_slice(bytes)?)
+        let versioned: Versioned<'static> = rmp_serde::from_slice(bytes)?;
+        Ok(versioned.event.into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkout() -> Checkout {
+        Checkout {
+            order_id: Uuid::nil(),
+            user_id: "alice".into(),
+            cart_id: Uuid::nil(),
+            items: vec![Line {
+                sku: Sku::parse("TEE.RED").expect("sku"),
+                qty: 2,
+                unit_price: Decimal::new(1250, 2),
+                line_total: Decimal::new(2500, 2),
+                discount: Decimal::ZERO,
+                tax: Decimal::new(500, 2),
+            }],
+            subtotal: Decimal::new(2500, 2),
+            discount: Decimal::ZERO,
+            tax: Decimal::new(500, 2),
+            shipping: Decimal::ZERO,
+            total: Decimal::new(3000, 2),
+            currency: "USD".into(),
+            payment_token: "tok_visa".into(),
+            address: Address {
+                name: "Ada".into(),
+                line1: "1 Main St".into(),
+                city: "London".into(),
+                region: None,
+                postal_code: "N1".into(),
+                country: "GB".into(),
+            },
+            requested_at: Utc::now(),
+            promo_code: None,
+            shipping_method: None,
+        }
+    }
+
+    #[test]
+    fn events_round_trip_with_their_version() {
+        let event = Event::CaptureFailed {
+            checkout: checkout(),
+            detail: "expired".into(),
+            attempt: 3,
+        };
+        let bytes = event.encode().expect("encodes");
+        #[derive(Deserialize)]
+        struct Head {
+            v: u32,
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        let head: Head = rmp_serde::from_slice(&bytes).expect("a map");
+        assert_eq!(head.v, SCHEMA_VERSION);
+        assert_eq!(head.kind, "capture_failed");
+        assert_eq!(Event::decode(&bytes).expect("decodes"), event);
+        assert_eq!(
+            event.msg_id(),
+            "00000000-0000-0000-0000-000000000000.capture_failed.3"
+        );
+    }
+
+    #[test]
+    fn version_1_payloads_still_decode() {
+        // Version 1 wrote the bare event: no `v`, no attempt numbers.
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum V1 {
+            ShipRequested { checkout: Checkout },
+        }
+        let bytes = rmp_serde::to_vec_named(&V1::ShipRequested {
+            checkout: checkout(),
+        })
+        .expect("encodes");
+        let event = Event::decode(&bytes).expect("decodes");
+        assert_eq!(event.kind(), EventKind::ShipRequested);
+        assert_eq!(event.attempt(), 0);
+        assert_eq!(
+            event.msg_id(),
+            "00000000-0000-0000-0000-000000000000.ship_requested"
+        );
+    }
+
+    #[test]
+    fn every_kind_parses_from_its_token() {
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(EventKind::parse("teleported"), None);
     }
 }

@@ -1,14 +1,29 @@
 //! Runs one saga step as a durable pull consumer: decode, handle, publish what the step
-//! emitted (awaiting PublishAcks), then double-ack. Transient failures nak with a growing
-//! delay; undecodable or impossible messages are dead-lettered and terminated, never looped.
+//! emitted (awaiting PublishAcks), then ack.
+//!
+//! The retry rules (subjects.md, "Retries and dead letters"):
+//! - A pull never asks for more messages than there are free handler slots, so a message is
+//!   never parked inside the process while its `ack_wait` runs out.
+//! - While a handler runs (waiting on the pool, the rate limit, the provider) the runner sends
+//!   progress acks, so the server never redelivers a message that is still being worked on.
+//! - Transient failures nak with a delay that doubles up to `consumer.nak_max_delay`, forever:
+//!   an accepted checkout is never given up because a database or provider was away.
+//! - `RetryAfter` (breaker open, rate limit spent) naks with the step's delay.
+//! - Permanent failures, undecodable payloads and panics are dead-lettered and terminated.
+//! - A message from a newer schema is handed back with a delay, not dead-lettered.
+//! - With a finite `max_deliver`, the runner dead-letters a message itself rather than letting
+//!   the server drop it silently.
+//! - On shutdown the runner stops pulling, hands back what arrives with an immediate nak,
+//!   and gives in-flight handlers `consumer.drain_timeout` to finish.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
-use tokio::sync::Semaphore;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -16,10 +31,11 @@ use uuid::Uuid;
 
 use crate::bus::{Bus, BusError, ConsumerSpec};
 use crate::config::{ConsumerSettings, Redeliver};
-use crate::saga::events::{Event, EventKind};
+use crate::saga::events::{Event, EventKind, SCHEMA_VERSION};
 use crate::saga::inbox::InboxError;
 use crate::saga::subjects::{
-    deadletter_msg_id, deadletter_subject, event_msg_id, event_subject, HEADER_TRACEPARENT,
+    deadletter_msg_id, deadletter_subject, event_subject, HEADER_EVENT, HEADER_SCHEMA,
+    HEADER_TRACEPARENT,
 };
 use crate::saga::trace::TraceParent;
 
@@ -46,7 +62,7 @@ impl Outgoing {
             kind,
             order_id,
             subject: event_subject(kind, order_id),
-            msg_id: event_msg_id(kind, order_id),
+            msg_id: event.msg_id(),
             payload: event.encode()?,
             traceparent: trace.map(TraceParent::header_value),
         })
@@ -85,7 +101,7 @@ impl From<InboxError> for StepError {
 /// What a delivery tells a step besides the event.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    /// The event's identity, `<order_id>.<event>`, the inbox key.
+    /// The event's identity (its `Nats-Msg-Id`), the inbox key.
     pub event_id: String,
     /// 1 on the first delivery.
     pub delivered: i64,
@@ -98,16 +114,24 @@ pub trait Step: Send + Sync + 'static {
     fn durable(&self) -> &'static str;
     /// The event kinds this step consumes.
     fn consumes(&self) -> Vec<EventKind>;
-    /// Overrides `nats.max_deliver` for this durable (`-1`: unlimited).
-    fn max_deliver(&self) -> Option<i64> {
-        None
-    }
     /// Does the step's work idempotently and returns the events to emit.
     fn handle(
         &self,
         event: Event,
         delivery: &Delivery,
     ) -> impl Future<Output = Result<Vec<Event>, StepError>> + Send;
+}
+
+/// What the runner needs besides the step: where it pulls, how it retries.
+#[derive(Clone)]
+struct Policy {
+    durable: String,
+    settings: ConsumerSettings,
+    chaos: Redeliver,
+    /// The runner's limit (`-1`: unlimited); the server is told one more.
+    max_deliver: i64,
+    /// How often a running handler tells the server it is still working.
+    progress_every: Duration,
 }
 
 /// Runs a step until `shutdown` is cancelled, then finishes in-flight messages.
@@ -118,6 +142,7 @@ pub async fn run<S: Step>(
     chaos: Redeliver,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
+    let max_deliver = bus.settings().max_deliver;
     let spec = ConsumerSpec {
         durable: step.durable().to_owned(),
         filter_subjects: step
@@ -125,11 +150,19 @@ pub async fn run<S: Step>(
             .into_iter()
             .map(crate::saga::subjects::event_filter)
             .collect(),
-        max_deliver: step.max_deliver(),
+        // One more than the runner's limit: the runner dead-letters at its limit, so the
+        // server's own (silent) limit is only reached if the last delivery's process died.
+        max_deliver: if max_deliver > 0 { max_deliver + 1 } else { -1 },
     };
-    let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+    let policy = Arc::new(Policy {
+        durable: spec.durable.clone(),
+        settings: settings.clone(),
+        chaos,
+        max_deliver,
+        progress_every: (bus.settings().ack_wait / 3).max(Duration::from_millis(100)),
+    });
+    let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     let mut tasks = JoinSet::new();
-    let max_deliver = spec.max_deliver.unwrap_or(bus.settings().max_deliver);
     info!(consumer = spec.durable, "consumer started");
     'outer: while !shutdown.is_cancelled() {
         let consumer = match bus.ensure_consumer(&spec).await {
@@ -142,80 +175,155 @@ pub async fn run<S: Step>(
                 }
             }
         };
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(settings.batch.max(1))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(consumer = spec.durable, error = %e, "pull failed, retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        loop {
+            while tasks.try_join_next().is_some() {}
+            // Wait for one free slot, then take every other free one (up to a batch).
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break 'outer,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break 'outer,
+                },
+            };
+            let mut permits = vec![first];
+            while permits.len() < settings.batch.max(1) {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
                 }
             }
-        };
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                next = messages.next() => next,
-            };
-            let message = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    warn!(consumer = spec.durable, error = %e, "pull stream error");
-                    // Missing heartbeats recover by themselves; a deleted consumer needs a
-                    // new pull, which the outer loop provides.
-                    if e.to_string().contains("deleted") {
-                        break;
-                    }
-                    continue;
-                }
-                None => break,
-            };
-            while tasks.try_join_next().is_some() {}
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break 'outer;
-            };
-            let step = step.clone();
-            let bus = bus.clone();
-            let settings = settings.clone();
-            let durable = spec.durable.clone();
-            tasks.spawn(async move {
-                process(
-                    &*step,
-                    &bus,
-                    &settings,
-                    chaos,
-                    max_deliver,
-                    &durable,
-                    message,
-                )
+            let pull = consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(settings.pull_expires)
+                .messages()
                 .await;
-                drop(permit);
-            });
+            let mut batch = match pull {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(consumer = spec.durable, error = %e, "pull failed, retrying");
+                    drop(permits);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'outer,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'outer,
+                    }
+                }
+            };
+            while let Some(next) = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    hand_back(&mut batch, settings.pull_expires).await;
+                    break 'outer;
+                }
+                next = batch.next() => next,
+            } {
+                match next {
+                    Ok(message) => {
+                        // The pull asked for exactly as many messages as permits were taken.
+                        let Some(permit) = permits.pop() else {
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                            continue;
+                        };
+                        spawn(
+                            &mut tasks,
+                            step.clone(),
+                            bus.clone(),
+                            policy.clone(),
+                            message,
+                            permit,
+                        );
+                    }
+                    Err(e) => {
+                        // A deleted consumer, a leader change or a lost pull: pull anew,
+                        // re-declaring the consumer (cheap, idempotent).
+                        warn!(consumer = spec.durable, error = %e, "pull interrupted");
+                        continue 'outer;
+                    }
+                }
+            }
         }
     }
-    // Finish what was pulled, then make sure every ack has left the client.
-    while tasks.join_next().await.is_some() {}
+    drain(&mut tasks, settings.drain_timeout, &spec.durable).await;
     let _ = bus.client().flush().await;
     info!(consumer = spec.durable, "consumer stopped");
     Ok(())
 }
 
-async fn process<S: Step>(
-    step: &S,
-    bus: &Bus,
-    settings: &ConsumerSettings,
-    chaos: Redeliver,
-    max_deliver: i64,
-    durable: &str,
+fn spawn<S: Step>(
+    tasks: &mut JoinSet<()>,
+    step: Arc<S>,
+    bus: Bus,
+    policy: Arc<Policy>,
     message: jetstream::Message,
+    permit: OwnedSemaphorePermit,
 ) {
+    tasks.spawn(async move {
+        process(&*step, &bus, &policy, message).await;
+        drop(permit);
+    });
+}
+
+/// Messages that arrive after shutdown began go straight back to the server.
+async fn hand_back(batch: &mut jetstream::consumer::pull::Batch, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, batch.next()).await {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// Waits for in-flight handlers; after `timeout` the rest are abandoned (their messages are
+/// redelivered after ack_wait, and every handler is idempotent).
+async fn drain(tasks: &mut JoinSet<()>, timeout: Duration, durable: &str) {
+    let finished = tokio::time::timeout(timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        warn!(
+            consumer = durable,
+            abandoned = tasks.len(),
+            "handlers still running at the drain deadline; their messages will be redelivered"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// The verdict on one delivery before its step runs.
+enum Admission {
+    Handle(Box<Event>),
+    /// Published by a newer version of us: leave it for one that understands it.
+    Later(String),
+    /// Can never be handled.
+    Dead(String),
+}
+
+fn admit(message: &jetstream::Message) -> Admission {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    if let Some(schema) = header(HEADER_SCHEMA).and_then(|v| v.parse::<u32>().ok()) {
+        if schema > SCHEMA_VERSION {
+            return Admission::Later(format!(
+                "payload schema {schema} is newer than this process's {SCHEMA_VERSION}"
+            ));
+        }
+    }
+    match Event::decode(&message.payload) {
+        Ok(event) => Admission::Handle(Box::new(event)),
+        Err(e) => match header(HEADER_EVENT) {
+            Some(kind) if EventKind::parse(&kind).is_none() => {
+                Admission::Later(format!("event kind {kind} is unknown to this version"))
+            }
+            _ => Admission::Dead(e.to_string()),
+        },
+    }
+}
+
+async fn process<S: Step>(step: &S, bus: &Bus, policy: &Policy, message: jetstream::Message) {
     let (delivered, stream_seq) = match message.info() {
         Ok(info) => (info.delivered, info.stream_sequence),
         Err(_) => (1, 0),
@@ -229,7 +337,7 @@ async fn process<S: Step>(
     let hop = trace.child();
     let span = info_span!(
         "saga_step",
-        consumer = durable,
+        consumer = policy.durable,
         subject = %message.subject,
         stream_seq,
         delivered,
@@ -238,80 +346,73 @@ async fn process<S: Step>(
         parent_span_id = %trace.parent_id,
         order_id = tracing::field::Empty,
     );
+    let letter = DeadLetter {
+        bus,
+        durable: &policy.durable,
+        message: &message,
+        stream_seq,
+        delivered,
+    };
     async {
-        let event = match Event::decode(&message.payload) {
-            Ok(event) => event,
-            Err(e) => {
-                dead_letter(
-                    bus,
-                    durable,
-                    &message,
-                    stream_seq,
-                    delivered,
-                    &e.to_string(),
-                )
-                .await;
+        if policy.max_deliver > 0 && delivered > policy.max_deliver {
+            let reason = format!(
+                "delivered {delivered} times (max_deliver {}); the last attempts ended without a verdict",
+                policy.max_deliver
+            );
+            letter.send(&reason).await;
+            return;
+        }
+        let event = match admit(&message) {
+            Admission::Handle(event) => *event,
+            Admission::Later(why) => {
+                warn!(%why, delay = ?policy.settings.newer_schema_delay,
+                    "handing the message back for a newer version of this consumer");
+                nak_after(&message, policy.settings.newer_schema_delay).await;
+                return;
+            }
+            Admission::Dead(why) => {
+                letter.send(&why).await;
                 return;
             }
         };
         let order_id = event.checkout().order_id;
         tracing::Span::current().record("order_id", tracing::field::display(order_id));
         let delivery = Delivery {
-            event_id: event_msg_id(event.kind(), order_id),
+            event_id: event.msg_id(),
             delivered,
             trace: hop.clone(),
         };
-        match step.handle(event, &delivery).await {
-            Ok(outputs) => {
-                let first = delivered == 1;
-                if chaos == Redeliver::BeforePublish && first {
-                    warn!("chaos: dying after commit, before publish");
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                    return;
-                }
-                for event in &outputs {
-                    let out = match Outgoing::new(event, Some(&hop)) {
-                        Ok(out) => out,
-                        Err(e) => {
-                            error!(error = %e, "cannot encode an output event");
-                            nak(&message, settings, delivered).await;
-                            return;
-                        }
-                    };
-                    if let Err(e) = bus.publish(&out).await {
-                        // Effects are committed; the redelivery republishes from the inbox.
-                        warn!(error = %e, "publish failed, will redeliver");
-                        nak(&message, settings, delivered).await;
-                        return;
-                    }
-                }
-                if chaos == Redeliver::AfterPublish && first {
-                    warn!("chaos: dying after publish, before ack");
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                    return;
-                }
-                if let Err(e) = message.double_ack().await {
-                    // The server will redeliver after ack_wait; the inbox makes that harmless.
-                    warn!(error = %e, "ack not confirmed");
-                }
+        let result = with_progress(
+            &message,
+            policy,
+            AssertUnwindSafe(step.handle(event, &delivery)).catch_unwind(),
+        )
+        .await;
+        let result = match result {
+            Some(Ok(result)) => result,
+            Some(Err(_panic)) => Err(StepError::Permanent("the handler panicked".into())),
+            None => Err(StepError::Transient(format!(
+                "the handler ran longer than {:?}",
+                policy.settings.handler_timeout
+            ))),
+        };
+        let last_chance = policy.max_deliver > 0 && delivered >= policy.max_deliver;
+        match result {
+            Ok(outputs) => finish(bus, policy, &message, &hop, delivered, &outputs).await,
+            Err(StepError::Permanent(reason)) => letter.send(&reason).await,
+            Err(e) if last_chance => {
+                letter
+                    .send(&format!("gave up after {delivered} deliveries: {e}"))
+                    .await;
             }
             Err(StepError::RetryAfter(delay)) => {
                 tracing::debug!(?delay, "step deferred");
-                let delay = delay.max(Duration::from_millis(10));
-                if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
-                    warn!(error = %e, "nak failed; the server redelivers after ack_wait");
-                }
-            }
-            Err(StepError::Transient(reason)) if delivered < max_deliver || max_deliver < 1 => {
-                warn!(%reason, "step failed, will retry");
-                nak(&message, settings, delivered).await;
+                nak_after(&message, delay.max(Duration::from_millis(10))).await;
             }
             Err(StepError::Transient(reason)) => {
-                let reason = format!("gave up after {delivered} deliveries: {reason}");
-                dead_letter(bus, durable, &message, stream_seq, delivered, &reason).await;
-            }
-            Err(StepError::Permanent(reason)) => {
-                dead_letter(bus, durable, &message, stream_seq, delivered, &reason).await;
+                let delay = backoff(&policy.settings, delivered);
+                warn!(%reason, ?delay, "step failed, will retry");
+                nak_after(&message, delay).await;
             }
         }
     }
@@ -319,50 +420,132 @@ async fn process<S: Step>(
     .await;
 }
 
-async fn nak(message: &jetstream::Message, settings: &ConsumerSettings, delivered: i64) {
+/// Runs the handler, telling the server every `progress_every` that the message is still
+/// being worked on. `None` if it ran past the handler timeout.
+async fn with_progress<T>(
+    message: &jetstream::Message,
+    policy: &Policy,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    let deadline = tokio::time::sleep(policy.settings.handler_timeout);
+    tokio::pin!(work, deadline);
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + policy.progress_every,
+        policy.progress_every,
+    );
+    loop {
+        tokio::select! {
+            result = &mut work => return Some(result),
+            _ = &mut deadline => return None,
+            _ = ticker.tick() => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    warn!(error = %e, "progress ack not sent");
+                }
+            }
+        }
+    }
+}
+
+/// Publishes what the step emitted, then acks. Effects are committed: on any failure here
+/// the redelivery finds them in the inbox and republishes the same events.
+async fn finish(
+    bus: &Bus,
+    policy: &Policy,
+    message: &jetstream::Message,
+    hop: &TraceParent,
+    delivered: i64,
+    outputs: &[Event],
+) {
+    let first = delivered == 1;
+    if policy.chaos == Redeliver::BeforePublish && first {
+        warn!("chaos: dying after commit, before publish");
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        return;
+    }
+    for event in outputs {
+        let out = match Outgoing::new(event, Some(hop)) {
+            Ok(out) => out,
+            Err(e) => {
+                error!(error = %e, "cannot encode an output event");
+                nak_after(message, backoff(&policy.settings, delivered)).await;
+                return;
+            }
+        };
+        if let Err(e) = bus.publish(&out).await {
+            warn!(error = %e, "publish failed, will redeliver");
+            nak_after(message, backoff(&policy.settings, delivered)).await;
+            return;
+        }
+    }
+    if policy.chaos == Redeliver::AfterPublish && first {
+        warn!("chaos: dying after publish, before ack");
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        return;
+    }
+    if let Err(e) = message.double_ack().await {
+        // The server will redeliver after ack_wait; the inbox makes that harmless.
+        warn!(error = %e, "ack not confirmed");
+    }
+}
+
+/// The nak delay after `delivered` deliveries: doubling from the base, capped, forever.
+fn backoff(settings: &ConsumerSettings, delivered: i64) -> Duration {
     let exponent = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
-    let delay = settings
+    settings
         .nak_base_delay
         .saturating_mul(2u32.saturating_pow(exponent))
-        .min(settings.nak_max_delay);
+        .min(settings.nak_max_delay)
+}
+
+async fn nak_after(message: &jetstream::Message, delay: Duration) {
     if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
         warn!(error = %e, "nak failed; the server redelivers after ack_wait");
     }
 }
 
-/// Records the message on `deadletter.<consumer>` with why, then terminates it.
-async fn dead_letter(
-    bus: &Bus,
-    durable: &str,
-    message: &jetstream::Message,
+/// Where a message that cannot be handled goes.
+struct DeadLetter<'a> {
+    bus: &'a Bus,
+    durable: &'a str,
+    message: &'a jetstream::Message,
     stream_seq: u64,
     delivered: i64,
-    reason: &str,
-) {
-    error!(%reason, "dead-lettering message");
-    let mut headers = message.headers.clone().unwrap_or_default();
-    headers.insert("Checkout-Dead-Consumer", durable);
-    headers.insert("Checkout-Dead-Subject", message.subject.as_str());
-    headers.insert("Checkout-Dead-Stream-Seq", stream_seq.to_string().as_str());
-    headers.insert("Checkout-Dead-Delivered", delivered.to_string().as_str());
-    headers.insert("Checkout-Dead-Reason", truncate(reason, 512));
-    let publish = jetstream::message::PublishMessage::build()
-        .payload(message.payload.clone())
-        .headers(headers)
-        .message_id(deadletter_msg_id(durable, stream_seq));
-    if let Err(e) = bus
-        .publish_message(&deadletter_subject(durable), publish)
-        .await
-    {
-        // Not recorded yet: leave the message to be redelivered rather than lose it.
-        warn!(error = %e, "dead letter not stored, will redeliver");
-        let _ = message
-            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-            .await;
-        return;
-    }
-    if let Err(e) = message.double_ack_with(AckKind::Term).await {
-        warn!(error = %e, "term not confirmed");
+}
+
+impl DeadLetter<'_> {
+    /// Records the message on `deadletter.<consumer>` with why, then terminates it.
+    async fn send(&self, reason: &str) {
+        error!(%reason, "dead-lettering message");
+        let message = self.message;
+        let mut headers = message.headers.clone().unwrap_or_default();
+        headers.insert("Checkout-Dead-Consumer", self.durable);
+        headers.insert("Checkout-Dead-Subject", message.subject.as_str());
+        headers.insert(
+            "Checkout-Dead-Stream-Seq",
+            self.stream_seq.to_string().as_str(),
+        );
+        headers.insert(
+            "Checkout-Dead-Delivered",
+            self.delivered.to_string().as_str(),
+        );
+        headers.insert("Checkout-Dead-Reason", truncate(reason, 512));
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(message.payload.clone())
+            .headers(headers)
+            .message_id(deadletter_msg_id(self.durable, self.stream_seq));
+        if let Err(e) = self
+            .bus
+            .publish_message(&deadletter_subject(self.durable), publish)
+            .await
+        {
+            // Not recorded yet: leave the message to be redelivered rather than lose it.
+            warn!(error = %e, "dead letter not stored, will redeliver");
+            nak_after(message, Duration::from_secs(5)).await;
+            return;
+        }
+        if let Err(e) = message.double_ack_with(AckKind::Term).await {
+            warn!(error = %e, "term not confirmed");
+        }
     }
 }
 
@@ -375,4 +558,27 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_backoff_doubles_and_stays_at_its_cap() {
+        let settings = ConsumerSettings {
+            concurrency: 1,
+            batch: 1,
+            pull_expires: Duration::from_secs(2),
+            nak_base_delay: Duration::from_millis(250),
+            nak_max_delay: Duration::from_secs(30),
+            newer_schema_delay: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(5),
+        };
+        assert_eq!(backoff(&settings, 1), Duration::from_millis(250));
+        assert_eq!(backoff(&settings, 3), Duration::from_secs(1));
+        assert_eq!(backoff(&settings, 50), Duration::from_secs(30));
+        assert_eq!(backoff(&settings, 5_000), Duration::from_secs(30));
+    }
 }

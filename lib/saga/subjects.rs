@@ -32,10 +32,16 @@ pub fn event_filter(kind: EventKind) -> String {
     format!("checkout.{}.*", kind.as_str())
 }
 
-/// The dedup id of one order's event: `<order_id>.<event>`. An order emits each kind at most
-/// once, so a republish after a crash carries the same id and JetStream drops it.
-pub fn event_msg_id(kind: EventKind, order_id: Uuid) -> String {
-    format!("{}.{}", order_id, kind.as_str())
+/// The dedup id of one order's event: `<order_id>.<event>`, or `<order_id>.<event>.<attempt>`
+/// for the events of a repeatable action (ship, cancel, refund). The checkout's own events
+/// happen at most once per order and each action attempt at most once, so a republish after a
+/// crash carries the same id and JetStream drops it.
+pub fn event_msg_id(kind: EventKind, order_id: Uuid, attempt: u32) -> String {
+    if attempt == 0 {
+        format!("{}.{}", order_id, kind.as_str())
+    } else {
+        format!("{}.{}.{}", order_id, kind.as_str(), attempt)
+    }
 }
 
 /// The dead-letter subject of a consumer.
@@ -60,8 +66,12 @@ mod tests {
             "checkout.reserved.00000000-0000-0000-0000-000000000000"
         );
         assert_eq!(
-            event_msg_id(EventKind::Reserved, id),
+            event_msg_id(EventKind::Reserved, id, 0),
             "00000000-0000-0000-0000-000000000000.reserved"
+        );
+        assert_eq!(
+            event_msg_id(EventKind::ShipRequested, id, 2),
+            "00000000-0000-0000-0000-000000000000.ship_requested.2"
         );
         assert_eq!(event_filter(EventKind::Failed), "checkout.failed.*");
     }

@@ -69,6 +69,7 @@ async fn a_provider_that_never_answers_fails_the_order_after_bounded_attempts() 
     let app = TestApp::spawn_with(|s| {
         s.psp.timeout = Duration::from_millis(300);
         s.payments.max_attempts = 3;
+        s.payments.retry_window = Duration::ZERO;
     })
     .await;
     app.product("TEE", "10.00", 5).await;
@@ -128,6 +129,7 @@ async fn the_breaker_opens_on_failures_and_closes_after_a_good_probe() {
         s.payments.breaker_min_calls = 2;
         s.payments.breaker_failure_rate = 0.5;
         s.payments.breaker_cooldown = Duration::from_millis(1500);
+        s.payments.breaker_half_open_probes = 1;
     })
     .await;
     app.product("TEE", "10.00", 5).await;

@@ -1,0 +1,284 @@
+//! `checkout audit`: read-only checks that every promise held, for an operator to run at any
+//! time (and for the fault tests to run after their faults). Each check prints one line;
+//! any finding makes the command exit non-zero.
+//!
+//! 1. Every accepted checkout has an order, or is still within the watchdog's limit.
+//! 2. No ship, cancel or refund is in flight past that limit, and the outbox is drained.
+//! 3. Stock matches its movement ledger (on hand and reserved, per SKU) and the held
+//!    reservations.
+//! 4. Every authorization the provider holds belongs to an order that should hold it
+//!    (confirmed, or still pending), or was voided, captured for a shipped order, or refunded.
+//! 5. No authorization was captured or refunded twice.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::payments::provider::ProviderAuthorization;
+use crate::payments::{PaymentProvider, ProviderError};
+
+/// Why the audit could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("provider: {0}")]
+    Provider(#[from] ProviderError),
+}
+
+/// One check's result.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub findings: usize,
+    pub summary: String,
+    /// A few examples of what was found.
+    pub examples: Vec<String>,
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.findings == 0 { "ok  " } else { "FAIL" };
+        write!(f, "{verdict} {}: {}", self.name, self.summary)?;
+        if !self.examples.is_empty() {
+            write!(f, " (e.g. {})", self.examples.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Every check's result.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// True when nothing was found.
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.findings == 0)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in &self.checks {
+            writeln!(f, "{check}")?;
+        }
+        Ok(())
+    }
+}
+
+const EXAMPLES: usize = 5;
+
+fn interval(d: Duration) -> String {
+    format!("{} milliseconds", d.as_millis())
+}
+
+/// Runs every check.
+pub async fn run(
+    pool: &PgPool,
+    provider: &dyn PaymentProvider,
+    pending_limit: Duration,
+) -> Result<Report, AuditError> {
+    let theirs = provider.report().await?;
+    Ok(Report {
+        checks: vec![
+            checkouts(pool, pending_limit).await?,
+            in_flight(pool, pending_limit).await?,
+            stock(pool).await?,
+            authorizations(pool, &theirs, pending_limit).await?,
+            captures(&theirs),
+        ],
+    })
+}
+
+async fn checkouts(pool: &PgPool, limit: Duration) -> Result<Check, AuditError> {
+    let (accepted, settled, overdue): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(o.order_id),
+                count(*) FILTER (WHERE o.order_id IS NULL AND c.created_at < now() - $1::interval)
+         FROM edge.checkouts c LEFT JOIN orders.orders o USING (order_id)",
+    )
+    .bind(interval(limit))
+    .fetch_one(pool)
+    .await?;
+    let examples: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT c.order_id FROM edge.checkouts c LEFT JOIN orders.orders o USING (order_id)
+         WHERE o.order_id IS NULL AND c.created_at < now() - $1::interval
+         ORDER BY c.created_at LIMIT $2",
+    )
+    .bind(interval(limit))
+    .bind(EXAMPLES as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(Check {
+        name: "checkouts",
+        findings: usize::try_from(overdue).unwrap_or(usize::MAX),
+        summary: format!(
+            "{accepted} accepted, {settled} with an order, {} pending within {limit:?}, {overdue} pending past it",
+            accepted - settled - overdue
+        ),
+        examples: examples.into_iter().map(|(id,)| id.to_string()).collect(),
+    })
+}
+
+async fn in_flight(pool: &PgPool, limit: Duration) -> Result<Check, AuditError> {
+    let stuck: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT order_id, pending_action FROM orders.orders
+         WHERE pending_action IS NOT NULL AND updated_at < now() - $1::interval
+         ORDER BY updated_at",
+    )
+    .bind(interval(limit))
+    .fetch_all(pool)
+    .await?;
+    let (unpublished, old): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE created_at < now() - $1::interval)
+         FROM edge.outbox WHERE published_at IS NULL",
+    )
+    .bind(interval(limit))
+    .fetch_one(pool)
+    .await?;
+    let old = usize::try_from(old).unwrap_or(usize::MAX);
+    Ok(Check {
+        name: "in flight",
+        findings: stuck.len() + old,
+        summary: format!(
+            "{} ship/cancel/refund locks held past {limit:?}; {unpublished} outbox rows unpublished, {old} of them past it",
+            stuck.len()
+        ),
+        examples: stuck
+            .iter()
+            .take(EXAMPLES)
+            .map(|(id, action)| format!("{id} {action}"))
+            .collect(),
+    })
+}
+
+async fn stock(pool: &PgPool) -> Result<Check, AuditError> {
+    let rows: Vec<(String, i32, i32, i64, i64, i64)> = sqlx::query_as(
+        "SELECT s.sku, s.on_hand, s.reserved,
+                coalesce(m.on_hand, 0), coalesce(m.reserved, 0), coalesce(h.held, 0)
+         FROM inventory.stock s
+         LEFT JOIN (SELECT sku, sum(on_hand_delta) AS on_hand, sum(reserved_delta) AS reserved
+                    FROM inventory.stock_movements GROUP BY sku) m USING (sku)
+         LEFT JOIN (SELECT sku, sum(qty) AS held FROM inventory.inventory_reservations
+                    WHERE status = 'held' GROUP BY sku) h USING (sku)
+         ORDER BY s.sku",
+    )
+    .fetch_all(pool)
+    .await?;
+    let skus = rows.len();
+    let wrong: Vec<String> = rows
+        .into_iter()
+        .filter(|(_, on_hand, reserved, m_on_hand, m_reserved, held)| {
+            i64::from(*on_hand) != *m_on_hand
+                || i64::from(*reserved) != *m_reserved
+                || i64::from(*reserved) != *held
+        })
+        .map(|(sku, on_hand, reserved, m_on_hand, m_reserved, held)| {
+            format!("{sku} on_hand {on_hand}/ledger {m_on_hand}, reserved {reserved}/ledger {m_reserved}/held {held}")
+        })
+        .collect();
+    Ok(Check {
+        name: "stock",
+        findings: wrong.len(),
+        summary: format!(
+            "{skus} SKUs, {} disagree with their movement ledger or held reservations",
+            wrong.len()
+        ),
+        examples: wrong.into_iter().take(EXAMPLES).collect(),
+    })
+}
+
+async fn authorizations(
+    pool: &PgPool,
+    theirs: &[ProviderAuthorization],
+    limit: Duration,
+) -> Result<Check, AuditError> {
+    let ids: Vec<Uuid> = theirs
+        .iter()
+        .filter_map(|a| Uuid::parse_str(&a.reference).ok())
+        .collect();
+    // Each referenced order's status, or pending (accepted, no order yet, within the limit).
+    let ours: HashMap<Uuid, (String, Option<String>)> =
+        sqlx::query_as::<_, (Uuid, String, Option<String>)>(
+            "SELECT r.id,
+                coalesce(o.status, CASE WHEN c.created_at >= now() - $2::interval THEN 'pending'
+                                        ELSE 'overdue' END),
+                o.pending_action
+         FROM unnest($1::uuid[]) AS r(id)
+         LEFT JOIN orders.orders o ON o.order_id = r.id
+         LEFT JOIN edge.checkouts c ON c.order_id = r.id",
+        )
+        .bind(&ids)
+        .bind(interval(limit))
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(id, status, action)| (id, (status, action)))
+        .collect();
+    let mut wrong = Vec::new();
+    let mut live = 0;
+    for auth in theirs {
+        let order = Uuid::parse_str(&auth.reference)
+            .ok()
+            .and_then(|id| ours.get(&id));
+        let (status, action) = match order {
+            Some((s, a)) => (s.as_str(), a.as_deref()),
+            None => ("unknown", None),
+        };
+        let fine = match auth.status.as_str() {
+            "voided" => true,
+            "authorized" => {
+                live += 1;
+                matches!(status, "confirmed" | "pending")
+            }
+            "captured" => status == "shipped" || (status == "confirmed" && action == Some("ship")),
+            "refunded" => status == "refunded" || (status == "shipped" && action == Some("refund")),
+            _ => false,
+        };
+        if !fine {
+            wrong.push(format!(
+                "{} {} for order {} ({status})",
+                auth.auth_id, auth.status, auth.reference
+            ));
+        }
+    }
+    Ok(Check {
+        name: "authorizations",
+        findings: wrong.len(),
+        summary: format!(
+            "{} at the provider, {live} live; {} not owned by an order that should hold them",
+            theirs.len(),
+            wrong.len()
+        ),
+        examples: wrong.into_iter().take(EXAMPLES).collect(),
+    })
+}
+
+fn captures(theirs: &[ProviderAuthorization]) -> Check {
+    let twice: Vec<String> = theirs
+        .iter()
+        .filter(|a| a.captures > 1 || a.refunds > 1)
+        .map(|a| {
+            format!(
+                "{} captured {}x, refunded {}x",
+                a.auth_id, a.captures, a.refunds
+            )
+        })
+        .collect();
+    let captured: u32 = theirs.iter().map(|a| a.captures).sum();
+    let refunded: u32 = theirs.iter().map(|a| a.refunds).sum();
+    Check {
+        name: "captures",
+        findings: twice.len(),
+        summary: format!(
+            "{captured} captures, {refunded} refunds; {} authorizations charged or refunded twice",
+            twice.len()
+        ),
+        examples: twice.into_iter().take(EXAMPLES).collect(),
+    }
+}
