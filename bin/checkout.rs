@@ -29,9 +29,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one role (edge, reserve, authorize, order, compensate, psp) or all of them.
+    /// Run one role (edge, reserve, authorize, order, compensate, psp), several
+    /// (comma-separated, e.g. `edge,reserve`), or all of them.
     Run {
-        /// edge | reserve | authorize | order | compensate | psp | all
+        /// edge | reserve | authorize | order | compensate | psp | all, or a comma-separated list
         role: String,
     },
     /// Create the database if missing and apply the embedded migrations.
@@ -167,7 +168,9 @@ async fn main() -> Result<()> {
             let roles: Vec<Role> = if role == "all" {
                 Role::ALL.to_vec()
             } else {
-                vec![role.parse::<Role>().map_err(anyhow::Error::msg)?]
+                role.split(',')
+                    .map(|r| r.trim().parse::<Role>().map_err(anyhow::Error::msg))
+                    .collect::<Result<_>>()?
             };
             let app = App::build(settings, &roles)
                 .await

@@ -231,7 +231,7 @@ async fn authorizations(
             None => ("unknown", None),
         };
         let fine = match auth.status.as_str() {
-            "voided" => true,
+            "voided" | "declined" => true,
             "authorized" => {
                 live += 1;
                 matches!(status, "confirmed" | "pending")

@@ -195,8 +195,28 @@ impl Sandbox {
     }
 }
 
+/// Like a real provider, the sandbox finishes what it started even when the client gave up
+/// waiting (a timeout on our side is not a cancellation on theirs).
+async fn detached(work: impl std::future::Future<Output = Response> + Send + 'static) -> Response {
+    tokio::spawn(work).await.unwrap_or_else(|_| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "handler failed",
+        )
+    })
+}
+
 async fn authorize(
     State(sandbox): State<Sandbox>,
+    headers: HeaderMap,
+    body: Option<Json<AuthorizeBody>>,
+) -> Response {
+    detached(authorize_detached(sandbox, headers, body)).await
+}
+
+async fn authorize_detached(
+    sandbox: Sandbox,
     headers: HeaderMap,
     body: Option<Json<AuthorizeBody>>,
 ) -> Response {

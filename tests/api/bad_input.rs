@@ -336,3 +336,42 @@ async fn invalid_checkouts_are_refused_without_an_order() {
     let (status, body) = app.checkout(&alice, "k2", &cart, "tok_visa").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
+
+#[tokio::test]
+async fn carts_are_capped_so_no_saga_event_outgrows_the_server() {
+    let app = TestApp::spawn_with(|s| s.edge.cart_max_lines = 2).await;
+    for sku in ["A", "B", "C"] {
+        app.product(sku, "1.00", 10).await;
+    }
+    let alice = app.token("alice");
+    app.add(&alice, "A", 1).await;
+    app.add(&alice, "B", 1).await;
+    let (status, reply) = app
+        .call(
+            Method::POST,
+            "/api/cart/items",
+            Some(&alice),
+            Some(json!({"sku": "C", "qty": 1})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(code(&reply), "too_many_lines");
+    let (status, reply) = app
+        .call(
+            Method::PUT,
+            "/api/cart/items/C",
+            Some(&alice),
+            Some(json!({"qty": 1})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    // Lines already in the cart can still change.
+    let cart = app.add(&alice, "A", 2).await;
+    let (_, body) = app
+        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
+        .await;
+    assert_eq!(body["cartId"], cart.as_str());
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "{body}");
+}

@@ -126,7 +126,11 @@ fn base_url() -> String {
 impl TestDb {
     /// A name for a fresh database (created by the app's `create_if_missing`).
     pub fn new() -> Self {
-        let base = base_url();
+        Self::on(&base_url())
+    }
+
+    /// A fresh database on another server (`postgres://user@host:port`).
+    pub fn on(base: &str) -> Self {
         let name = format!("checkout_test_{}", Uuid::new_v4().simple());
         Self {
             url: format!("{base}/{name}"),
@@ -210,9 +214,13 @@ impl TestApp {
 
     /// Starts some roles (the edge and the PSP among them).
     pub async fn spawn_roles(roles: &[Role], tweak: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_on(TestDb::new(), roles, tweak).await
+    }
+
+    /// Starts some roles against a database of the caller's choosing.
+    pub async fn spawn_on(db: TestDb, roles: &[Role], tweak: impl FnOnce(&mut Settings)) -> Self {
         init_telemetry();
         let nats = NatsServer::start();
-        let db = TestDb::new();
         let mut settings = test_settings(&nats, &db);
         tweak(&mut settings);
         let app = App::build(settings.clone(), roles)
@@ -238,6 +246,30 @@ impl TestApp {
     pub async fn attach(app: App, settings: Settings, nats: NatsServer, db: TestDb) -> Self {
         init_telemetry();
         let base = format!("http://{}", app.http_addr().expect("edge runs"));
+        let psp = format!("http://{}", app.psp_addr().expect("psp runs"));
+        let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
+        Self {
+            app: Some(app),
+            base,
+            psp,
+            http: reqwest::Client::new(),
+            settings,
+            pool,
+            nats,
+            db,
+        }
+    }
+
+    /// Wraps roles that run in another process (the edge at `base`), with `app` running the
+    /// PSP in this one.
+    pub async fn remote(
+        app: App,
+        base: String,
+        settings: Settings,
+        nats: NatsServer,
+        db: TestDb,
+    ) -> Self {
+        init_telemetry();
         let psp = format!("http://{}", app.psp_addr().expect("psp runs"));
         let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
         Self {
@@ -477,4 +509,309 @@ pub fn checkout_body(cart_id: &str, card: &str) -> Value {
         "address": {"name": "Ada Lovelace", "line1": "1 Analytical St", "city": "London",
                     "postalCode": "N1 9GU", "country": "GB"}
     })
+}
+
+impl TestApp {
+    /// Asks to ship an order (admin).
+    pub async fn ship(&self, order_id: &str) -> (StatusCode, Value) {
+        let path = format!("/api/orders/{order_id}/ship");
+        self.call(reqwest::Method::POST, &path, Some(&self.admin()), None, &[])
+            .await
+    }
+
+    /// Asks to cancel an order, as `token`.
+    pub async fn cancel(&self, token: &str, order_id: &str) -> (StatusCode, Value) {
+        let path = format!("/api/orders/{order_id}/cancel");
+        self.call(reqwest::Method::POST, &path, Some(token), None, &[])
+            .await
+    }
+
+    /// Makes the sandbox PSP misbehave (see `lib/psp.rs`).
+    pub async fn psp_fault(&self, fault: Value) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/sandbox/faults", self.psp))
+            .json(&fault)
+            .send()
+            .await
+            .expect("fault set");
+        assert!(resp.status().is_success(), "{}", resp.status());
+    }
+
+    /// Puts one unit of `sku` in a new buyer's cart and checks out; the order id.
+    pub async fn buy(&self, user: &str, sku: &str, card: &str) -> (String, String) {
+        let token = self.token(user);
+        let cart = self.add(&token, sku, 1).await;
+        let (status, body) = self.checkout(&token, "k", &cart, card).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        (token, body["orderId"].as_str().expect("id").to_owned())
+    }
+
+    /// Messages in the dead-letter stream.
+    pub async fn dead_letters(&self) -> u64 {
+        let js = self.jetstream().await;
+        let mut stream = js
+            .get_stream("DEADLETTER")
+            .await
+            .expect("dead-letter stream");
+        stream.info().await.expect("info").state.messages
+    }
+
+    /// Runs `checkout audit`'s checks and fails the test on any finding.
+    pub async fn audit(&self) {
+        audit(&self.pool, &self.psp, &self.settings).await;
+    }
+}
+
+/// Runs the audit against a database and a PSP, failing the test on any finding.
+pub async fn audit(pool: &sqlx::PgPool, psp: &str, settings: &Settings) {
+    let provider = checkout::payments::sandbox::SandboxClient::new(psp, Duration::from_secs(5))
+        .expect("psp client");
+    let report = checkout::audit::run(pool, &provider, settings.watchdog.pending_limit)
+        .await
+        .expect("the audit runs");
+    assert!(report.ok(), "audit findings:\n{report}");
+}
+
+/// Polls `check` until it holds, with a deadline.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `checkout run <roles>` process, for tests that kill or stop it for real.
+pub struct CheckoutProcess {
+    child: Option<Child>,
+    roles: String,
+    env: Vec<(String, String)>,
+}
+
+impl CheckoutProcess {
+    /// Starts `checkout run <roles>` with the settings as environment variables.
+    pub fn start(roles: &str, env: Vec<(String, String)>) -> Self {
+        let mut p = Self {
+            child: None,
+            roles: roles.to_owned(),
+            env,
+        };
+        p.restart();
+        p
+    }
+
+    /// Starts it again with the same roles and environment.
+    pub fn restart(&mut self) {
+        let log = std::env::var("TEST_LOG").is_ok();
+        let child = Command::new(env!("CARGO_BIN_EXE_checkout"))
+            .args(["run", &self.roles])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", if log { "info" } else { "error" })
+            .stdout(Stdio::null())
+            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .expect("checkout process");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then how long it took to exit and its exit status (or None if it had not
+    /// exited within `within`; it is killed then).
+    pub fn terminate(&mut self, within: Duration) -> Option<(Duration, std::process::ExitStatus)> {
+        let mut child = self.child.take()?;
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        while started.elapsed() < within {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some((started.elapsed(), status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for CheckoutProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The environment that points a `checkout` process at a test's servers.
+pub fn process_env(settings: &Settings, http_port: u16, psp: &str) -> Vec<(String, String)> {
+    let s = settings;
+    [
+        ("CHECKOUT__NATS__URL", s.nats.url.clone()),
+        (
+            "CHECKOUT__DATABASE__URL",
+            s.database.url.expose().to_owned(),
+        ),
+        ("CHECKOUT__HTTP__ADDR", format!("127.0.0.1:{http_port}")),
+        ("CHECKOUT__PSP__URL", psp.to_owned()),
+        (
+            "CHECKOUT__AUTH__JWT_SECRET",
+            s.auth.jwt_secret.expose().to_owned(),
+        ),
+        (
+            "CHECKOUT__NATS__ACK_WAIT",
+            humantime::format_duration(s.nats.ack_wait).to_string(),
+        ),
+        (
+            "CHECKOUT__CONSUMER__NAK_BASE_DELAY",
+            humantime::format_duration(s.consumer.nak_base_delay).to_string(),
+        ),
+        (
+            "CHECKOUT__CONSUMER__NAK_MAX_DELAY",
+            humantime::format_duration(s.consumer.nak_max_delay).to_string(),
+        ),
+        (
+            "CHECKOUT__EDGE__OUTBOX_INTERVAL",
+            humantime::format_duration(s.edge.outbox_interval).to_string(),
+        ),
+        (
+            "CHECKOUT__EDGE__OUTBOX_GRACE",
+            humantime::format_duration(s.edge.outbox_grace).to_string(),
+        ),
+        (
+            "CHECKOUT__PAYMENTS__RATE_LIMIT_PER_S",
+            s.payments.rate_limit_per_s.to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn port() -> u16 {
+    free_port()
+}
+
+/// A PostgreSQL server of the test's own (its own data directory and port), so a test can
+/// stop and start it without disturbing other tests. Runs as the `postgres` user when the
+/// tests run as root (PostgreSQL refuses root).
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    as_postgres: bool,
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .last()
+        .map(|v| v.join("bin").join(name))
+        .unwrap_or_else(|| name.into())
+}
+
+impl PgServer {
+    /// Creates a cluster (trust auth) and starts it.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let server = Self {
+            dir,
+            port: free_port(),
+            as_postgres,
+        };
+        if as_postgres {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(server.dir.path())
+                .status();
+        }
+        let data = server.data();
+        let ok = server
+            .command(
+                &pg_bin("initdb"),
+                &["-A", "trust", "-U", "postgres", "--no-sync", "-D", &data],
+            )
+            .status()
+            .expect("initdb runs")
+            .success();
+        assert!(ok, "initdb failed");
+        server.up();
+        server
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn command(&self, bin: &PathBuf, args: &[&str]) -> Command {
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin);
+            c
+        } else {
+            Command::new(bin)
+        };
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd
+    }
+
+    /// The base URL (no database name).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn up(&self) {
+        let opts = format!(
+            "-p {} -k {} -c fsync=off -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let data = self.data();
+        let log = self.dir.path().join("pg.log").display().to_string();
+        let ok = self
+            .command(
+                &pg_bin("pg_ctl"),
+                &["-D", &data, "-l", &log, "-o", &opts, "-w", "start"],
+            )
+            .status()
+            .expect("pg_ctl runs")
+            .success();
+        assert!(ok, "postgres did not start");
+    }
+
+    /// Stops it the way a crash does (`immediate`: no checkpoint, connections cut).
+    pub fn stop(&self) {
+        let data = self.data();
+        let _ = self
+            .command(
+                &pg_bin("pg_ctl"),
+                &["-D", &data, "-m", "immediate", "-w", "stop"],
+            )
+            .status();
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -3,9 +3,11 @@
 
 mod bad_input;
 mod checkout_flow;
+mod endings;
 mod faults;
 mod helpers;
 mod idempotency;
 mod inventory;
+mod outages;
 mod payments;
 mod pricing;

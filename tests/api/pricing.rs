@@ -375,9 +375,10 @@ async fn a_price_change_reaches_every_edge_within_a_second_and_never_changes_an_
     let app = TestApp::spawn().await;
     let second = app.start_roles(&[Role::Edge]).await;
     let second_base = format!("http://{}", second.http_addr().expect("second edge"));
-    app.product("TEE", "20.00", 10).await;
+    // A dotted SKU: its change notice must still reach every edge.
+    app.product("TEE.RED.L", "20.00", 10).await;
     let alice = app.token("alice");
-    let cart = app.add(&alice, "TEE", 1).await;
+    let cart = app.add(&alice, "TEE.RED.L", 1).await;
     let cart_on_second = || async {
         let r = app
             .http
@@ -399,14 +400,14 @@ async fn a_price_change_reaches_every_edge_within_a_second_and_never_changes_an_
     let (status, _) = app
         .call(
             Method::PUT,
-            "/api/admin/products/TEE",
+            "/api/admin/products/TEE.RED.L",
             Some(&app.admin()),
             Some(json!({"name": "Tee", "price": "25.00", "currency": "USD", "weightGrams": 100})),
             &[],
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    app.add(&alice, "TEE", 1).await;
+    app.add(&alice, "TEE.RED.L", 1).await;
     // ...and the second edge shows it within a second, far inside its cache TTL.
     let changed = Instant::now();
     loop {

@@ -1,0 +1,267 @@
+//! Outages and crashes of whole processes under load: SIGKILL and restart, SIGTERM, and a
+//! PostgreSQL outage longer than any retry budget. Every accepted order ends, nothing is
+//! charged or taken from stock twice, and the audit finds nothing.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use checkout::app::{App, Role};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{
+    eventually, port, process_env, test_settings, CheckoutProcess, NatsServer, PgServer, TestApp,
+    TestDb,
+};
+
+/// Buyers that keep checking out one unit each until stopped, through whatever happens.
+struct Load {
+    accepted: Arc<Mutex<Vec<String>>>,
+    refused: Arc<Mutex<usize>>,
+    stop: CancellationToken,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(app: &TestApp, workers: usize, cards: &'static [&'static str]) -> Self {
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(Mutex::new(0));
+        let stop = CancellationToken::new();
+        let handles = (0..workers)
+            .map(|w| {
+                let (accepted, refused, stop) = (accepted.clone(), refused.clone(), stop.clone());
+                let base = app.base.clone();
+                let secret = app.settings.auth.jwt_secret.expose().to_owned();
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("client");
+                tokio::spawn(async move {
+                    let mut n = 0usize;
+                    while !stop.is_cancelled() {
+                        n += 1;
+                        let user = format!("w{w}-{n}");
+                        let card = cards[n % cards.len()];
+                        match buy_once(&http, &base, &secret, &user, card).await {
+                            Some(id) => accepted.lock().expect("lock").push(id),
+                            None => {
+                                *refused.lock().expect("lock") += 1;
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            accepted,
+            refused,
+            stop,
+            workers: handles,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.lock().expect("lock").len()
+    }
+
+    /// Stops the buyers; the ids of the checkouts that were accepted (202).
+    async fn finish(self) -> (Vec<String>, usize) {
+        self.stop.cancel();
+        for w in self.workers {
+            let _ = w.await;
+        }
+        let refused = *self.refused.lock().expect("lock");
+        let accepted = self.accepted.lock().expect("lock").clone();
+        (accepted, refused)
+    }
+}
+
+/// Adds one unit to a cart and checks out; the order id if the checkout was accepted.
+async fn buy_once(
+    http: &reqwest::Client,
+    base: &str,
+    secret: &str,
+    user: &str,
+    card: &str,
+) -> Option<String> {
+    let token = checkout::auth::mint(secret, user, false, Duration::from_secs(3600)).ok()?;
+    let added: serde_json::Value = http
+        .post(format!("{base}/api/cart/items"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"sku": "TEE", "qty": 1}))
+        .send()
+        .await
+        .ok()
+        .filter(|r| r.status().is_success())?
+        .json()
+        .await
+        .ok()?;
+    let cart = added["cartId"].as_str()?;
+    let reply = http
+        .post(format!("{base}/api/checkout"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "k")
+        .json(&crate::helpers::checkout_body(cart, card))
+        .send()
+        .await
+        .ok()?;
+    assert!(
+        reply.status() == 202 || reply.status() == 503,
+        "a checkout is accepted or refused as unavailable, never {}",
+        reply.status()
+    );
+    if reply.status() != 202 {
+        return None;
+    }
+    let body: serde_json::Value = reply.json().await.ok()?;
+    body["orderId"].as_str().map(str::to_owned)
+}
+
+/// Every checkout in the database has its order, each order at most one authorization at
+/// the provider, stock matches its ledger, and nothing is dead-lettered.
+async fn assert_every_order_ended(app: &TestApp, within: Duration) -> Duration {
+    let started = Instant::now();
+    eventually(
+        "every accepted checkout to have an order",
+        within,
+        || async {
+            app.count(
+                "SELECT count(*) FROM edge.checkouts c
+             WHERE NOT EXISTS (SELECT 1 FROM orders.orders o WHERE o.order_id = c.order_id)",
+            )
+            .await
+                == 0
+        },
+    )
+    .await;
+    let drained = started.elapsed();
+    assert_eq!(app.dead_letters().await, 0, "nothing dead-lettered");
+    app.audit().await;
+    drained
+}
+
+/// A PSP in the test process, and every other role in a real `checkout` process.
+async fn harness() -> (TestApp, CheckoutProcess) {
+    let nats = NatsServer::start();
+    let db = TestDb::new();
+    let mut settings = test_settings(&nats, &db);
+    settings.payments.rate_limit_per_s = 100_000.0;
+    let psp = App::build(settings.clone(), &[Role::Psp])
+        .await
+        .expect("psp starts");
+    let psp_url = format!("http://{}", psp.psp_addr().expect("psp"));
+    settings.psp.url = psp_url.clone();
+    let http_port = port();
+    let env = process_env(&settings, http_port, &psp_url);
+    let process = CheckoutProcess::start("edge,reserve,authorize,order,compensate", env);
+    let base = format!("http://127.0.0.1:{http_port}");
+    // Ready means migrated: the process creates the database.
+    wait_ready(&reqwest::Client::new(), &base).await;
+    let app = TestApp::remote(psp, base, settings, nats, db).await;
+    (app, process)
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    eventually(
+        "the process to be ready",
+        Duration::from_secs(30),
+        || async {
+            http.get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sigkill_under_load_then_restart_ends_every_order_within_ack_wait() {
+    let (app, mut process) = harness().await;
+    app.product("TEE", "5.00", 100_000).await;
+    // Flaky cards fail twice per order: the backlog after the crash is full of retries.
+    let load = Load::start(
+        &app,
+        12,
+        &["tok_visa", "tok_visa", "tok_flaky", "tok_declined"],
+    );
+    eventually("a backlog in flight", Duration::from_secs(30), || async {
+        load.accepted() >= 150
+    })
+    .await;
+    process.kill();
+    let (accepted, _) = load.finish().await;
+    process.restart();
+    wait_ready(&app.http, &app.base).await;
+    // Redelivery of what the dead process held waits ack_wait (3 s in tests); then the
+    // backlog drains in seconds, not minutes.
+    let drained = assert_every_order_ended(&app, Duration::from_secs(30)).await;
+    assert!(
+        drained < app.settings.nats.ack_wait + Duration::from_secs(12),
+        "drained in {drained:?}"
+    );
+    for id in accepted.iter().take(40) {
+        assert!(app.ledger_count(id, "authorization").await <= 1, "{id}");
+    }
+    let (confirmed,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM orders.orders WHERE status = 'confirmed'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert!(confirmed > 0);
+}
+
+#[tokio::test]
+async fn sigterm_stops_within_seconds_and_what_was_in_flight_ends_after_restart() {
+    let (app, mut process) = harness().await;
+    app.product("TEE", "5.00", 100_000).await;
+    let load = Load::start(&app, 8, &["tok_visa", "tok_slow", "tok_flaky"]);
+    eventually("work in flight", Duration::from_secs(30), || async {
+        load.accepted() >= 40
+    })
+    .await;
+    let stopped = process.terminate(Duration::from_secs(15));
+    let (accepted, _) = load.finish().await;
+    let (took, status) = stopped.expect("the process exits after SIGTERM");
+    assert!(status.success(), "clean exit: {status}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(!accepted.is_empty());
+    process.restart();
+    wait_ready(&app.http, &app.base).await;
+    // Handed back (nak) or finished: nothing waits for ack_wait, nothing is lost.
+    assert_every_order_ended(&app, Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn a_database_outage_longer_than_any_retry_budget_strands_nothing() {
+    let pg = PgServer::start();
+    let app = TestApp::spawn_on(TestDb::on(&pg.url()), &Role::ALL, |s| {
+        s.payments.rate_limit_per_s = 100_000.0;
+    })
+    .await;
+    app.product("TEE", "5.00", 100_000).await;
+    let load = Load::start(&app, 8, &["tok_visa", "tok_declined"]);
+    eventually("work in flight", Duration::from_secs(30), || async {
+        load.accepted() >= 60
+    })
+    .await;
+    pg.stop();
+    // Longer than the old budget (ten deliveries) and than ack_wait: every step keeps
+    // failing and retrying, and the edge answers 503.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    pg.up();
+    let before = load.accepted();
+    eventually(
+        "checkouts accepted again",
+        Duration::from_secs(30),
+        || async { load.accepted() >= before + 10 },
+    )
+    .await;
+    let (accepted, refused) = load.finish().await;
+    assert!(
+        refused > 0,
+        "the edge refused checkouts while the database was down"
+    );
+    assert!(accepted.len() >= 60);
+    assert_every_order_ended(&app, Duration::from_secs(40)).await;
+}
