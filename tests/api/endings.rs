@@ -356,3 +356,38 @@ async fn a_ship_accepted_while_nats_is_down_goes_out_when_it_returns() {
     assert_eq!(app.ledger_count(&id, "capture").await, 1);
     app.audit().await;
 }
+
+#[tokio::test]
+async fn checkout_audit_exits_non_zero_on_a_finding() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    // tokio's Command: the PSP it asks runs on this test's runtime.
+    let audit = || async {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_checkout"))
+            .arg("audit")
+            .env(
+                "CHECKOUT__DATABASE__URL",
+                app.settings.database.url.expose(),
+            )
+            .env("CHECKOUT__PSP__URL", &app.psp)
+            .output()
+            .await
+            .expect("checkout audit runs")
+    };
+    let clean = audit().await;
+    let out = String::from_utf8_lossy(&clean.stdout).to_string();
+    let err = String::from_utf8_lossy(&clean.stderr);
+    assert!(clean.status.success(), "{out}{err}");
+    assert_eq!(out.lines().count(), 5, "one line per check: {out}");
+    // A unit appears without a movement: the ledger no longer explains the stock.
+    sqlx::query("UPDATE inventory.stock SET on_hand = on_hand + 1 WHERE sku = 'TEE'")
+        .execute(&app.pool)
+        .await
+        .expect("corrupted");
+    let dirty = audit().await;
+    let out = String::from_utf8_lossy(&dirty.stdout).to_string();
+    assert_eq!(dirty.status.code(), Some(1), "{out}");
+    assert!(out.contains("FAIL stock"), "{out}");
+}

@@ -629,17 +629,22 @@ impl CheckoutProcess {
 
     /// SIGTERM, then how long it took to exit and its exit status (or None if it had not
     /// exited within `within`; it is killed then).
-    pub fn terminate(&mut self, within: Duration) -> Option<(Duration, std::process::ExitStatus)> {
+    /// Waits without blocking the test's runtime (its PSP may be serving the process).
+    pub async fn terminate(
+        &mut self,
+        within: Duration,
+    ) -> Option<(Duration, std::process::ExitStatus)> {
         let mut child = self.child.take()?;
         let started = Instant::now();
-        let _ = Command::new("kill")
+        let _ = tokio::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
-            .status();
+            .status()
+            .await;
         while started.elapsed() < within {
             if let Ok(Some(status)) = child.try_wait() {
                 return Some((started.elapsed(), status));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = child.kill();
         let _ = child.wait();

@@ -220,7 +220,7 @@ async fn sigterm_stops_within_seconds_and_what_was_in_flight_ends_after_restart(
         load.accepted() >= 40
     })
     .await;
-    let stopped = process.terminate(Duration::from_secs(15));
+    let stopped = process.terminate(Duration::from_secs(15)).await;
     let (accepted, _) = load.finish().await;
     let (took, status) = stopped.expect("the process exits after SIGTERM");
     assert!(status.success(), "clean exit: {status}");
