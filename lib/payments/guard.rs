@@ -2,6 +2,7 @@
 //! provider keeps failing the breaker opens and calls are deferred (the consumer naks them
 //! with a delay) until a batch of half-open probes shows the provider answering again.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,8 +30,16 @@ struct Breaker {
     /// (a slow call that started before the breaker opened) does not decide anything.
     generation: u64,
     window_started: Instant,
-    calls: u32,
-    failures: u32,
+    /// Closed: each request's latest outcome in this window (by idempotency key), and how
+    /// many are failing. A request retried after failures is one request, not several: a few
+    /// cards that fail per request cannot open the breaker, an outage that fails every
+    /// request does.
+    latest: HashMap<String, bool>,
+    failing: u32,
+    /// Requests whose last call failed, and when (kept across state changes for one window).
+    /// Such a request failing again says nothing new about the provider (a card that fails
+    /// per request, retried): it counts neither toward opening nor as a failed probe.
+    suspects: HashMap<String, Instant>,
     open_until: Instant,
     /// Half-open: probes admitted and not finished, and the finished probes' outcomes.
     probes_out: u32,
@@ -43,17 +52,19 @@ impl Breaker {
         self.state = state;
         self.generation += 1;
         self.window_started = now;
-        self.calls = 0;
-        self.failures = 0;
+        self.latest.clear();
+        self.failing = 0;
         self.probes_out = 0;
         self.probe_successes = 0;
         self.probe_failures = 0;
     }
 }
 
-/// A circuit breaker over a sliding window of calls. Half-open, it lets a small batch of
-/// probes through and judges their failure rate, so one unlucky request (a card that fails
-/// per request, a slow call from before the outage) cannot keep it open.
+/// A circuit breaker over a window of requests. Closed, it opens when at least `min_calls`
+/// requests were made in the window and at least `failure_rate` of them are failing. Half-open,
+/// it lets a small batch of probes through and judges their failure rate, so one unlucky
+/// request (a card that fails per request, a slow call from before the outage) cannot keep it
+/// open.
 pub struct CircuitBreaker {
     inner: Mutex<Breaker>,
     window: Duration,
@@ -71,21 +82,24 @@ pub struct Permit<'a> {
     generation: u64,
     probe: bool,
     recorded: bool,
+    key: String,
 }
 
 impl Permit<'_> {
     /// Records the call's outcome (`true` when the provider answered).
     pub fn record(mut self, success: bool) {
         self.recorded = true;
+        let key = std::mem::take(&mut self.key);
         self.breaker
-            .record(self.generation, self.probe, Some(success));
+            .record(self.generation, self.probe, Some(success), key);
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.recorded {
-            self.breaker.record(self.generation, self.probe, None);
+            let key = std::mem::take(&mut self.key);
+            self.breaker.record(self.generation, self.probe, None, key);
         }
     }
 }
@@ -105,8 +119,9 @@ impl CircuitBreaker {
                 state: BreakerState::Closed,
                 generation: 0,
                 window_started: now,
-                calls: 0,
-                failures: 0,
+                latest: HashMap::new(),
+                failing: 0,
+                suspects: HashMap::new(),
                 open_until: now,
                 probes_out: 0,
                 probe_successes: 0,
@@ -132,8 +147,9 @@ impl CircuitBreaker {
         (needed as u32).clamp(1, self.probes)
     }
 
-    /// May a call go out now? `Err(wait)` when it must not.
-    pub fn admit(&self) -> Result<Permit<'_>, Duration> {
+    /// May a call for the request `key` (its idempotency key) go out now? `Err(wait)` when
+    /// it must not.
+    pub fn admit(&self, key: &str) -> Result<Permit<'_>, Duration> {
         let Ok(mut b) = self.inner.lock() else {
             return Err(self.cooldown);
         };
@@ -163,19 +179,42 @@ impl CircuitBreaker {
             generation: b.generation,
             probe,
             recorded: false,
+            key: key.to_owned(),
         })
     }
 
-    fn record(&self, generation: u64, probe: bool, outcome: Option<bool>) {
+    fn record(&self, generation: u64, probe: bool, outcome: Option<bool>, key: String) {
         let Ok(mut b) = self.inner.lock() else { return };
+        let now = Instant::now();
+        let repeated_failure = outcome == Some(false)
+            && b.suspects
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < self.window);
+        match outcome {
+            Some(true) => {
+                b.suspects.remove(&key);
+            }
+            Some(false) => {
+                if b.suspects.len() >= MAX_TRACKED {
+                    let window = self.window;
+                    b.suspects.retain(|_, t| now.duration_since(*t) < window);
+                }
+                if b.suspects.len() < MAX_TRACKED {
+                    b.suspects.insert(key.clone(), now);
+                }
+            }
+            None => {}
+        }
         if b.generation != generation {
             return;
         }
-        let now = Instant::now();
         if probe {
             b.probes_out = b.probes_out.saturating_sub(1);
             match outcome {
+                // No answer, or a request known to fail failing again: the slot is free for
+                // another probe and nothing is decided.
                 None => {}
+                Some(false) if repeated_failure => {}
                 Some(true) => b.probe_successes += 1,
                 Some(false) => b.probe_failures += 1,
             }
@@ -200,20 +239,29 @@ impl CircuitBreaker {
             return;
         }
         let Some(success) = outcome else { return };
+        if repeated_failure {
+            return;
+        }
         if now.duration_since(b.window_started) > self.window {
             b.window_started = now;
-            b.calls = 0;
-            b.failures = 0;
+            b.latest.clear();
+            b.failing = 0;
         }
-        b.calls += 1;
-        if !success {
-            b.failures += 1;
+        if b.latest.len() >= MAX_TRACKED && !b.latest.contains_key(&key) {
+            return;
         }
-        let rate = f64::from(b.failures) / f64::from(b.calls);
-        if b.calls >= self.min_calls && rate >= self.failure_rate {
+        match b.latest.insert(key, success) {
+            None if !success => b.failing += 1,
+            Some(true) if !success => b.failing += 1,
+            Some(false) if success => b.failing = b.failing.saturating_sub(1),
+            _ => {}
+        }
+        let requests = u32::try_from(b.latest.len()).unwrap_or(u32::MAX);
+        let rate = f64::from(b.failing) / f64::from(requests.max(1));
+        if requests >= self.min_calls && rate >= self.failure_rate {
             tracing::warn!(
-                calls = b.calls,
-                failures = b.failures,
+                requests,
+                failing = b.failing,
                 cooldown = ?self.cooldown,
                 "payment provider breaker opened"
             );
@@ -222,6 +270,9 @@ impl CircuitBreaker {
         }
     }
 }
+
+/// Requests tracked per window; past it new requests are not counted (bounded memory).
+const MAX_TRACKED: usize = 100_000;
 
 /// A token bucket: `rate` calls per second with bursts of up to `rate`.
 pub struct RateLimiter {
@@ -298,9 +349,10 @@ impl GuardedProvider {
 
     async fn guarded<T>(
         &self,
+        key: &str,
         call: impl std::future::Future<Output = Result<T, ProviderError>>,
     ) -> Result<T, ProviderError> {
-        let permit = self.breaker.admit().map_err(ProviderError::Deferred)?;
+        let permit = self.breaker.admit(key).map_err(ProviderError::Deferred)?;
         // Not sent: the permit is dropped unrecorded, which is neither success nor failure.
         self.limiter
             .acquire()
@@ -322,11 +374,12 @@ impl PaymentProvider for GuardedProvider {
         &self,
         request: &AuthorizeRequest,
     ) -> Result<AuthorizeOutcome, ProviderError> {
-        self.guarded(self.inner.authorize(request)).await
+        self.guarded(&request.idempotency_key, self.inner.authorize(request))
+            .await
     }
 
     async fn void(&self, auth_id: &str, key: &str) -> Result<(), ProviderError> {
-        self.guarded(self.inner.void(auth_id, key)).await
+        self.guarded(key, self.inner.void(auth_id, key)).await
     }
 
     async fn capture(
@@ -335,18 +388,22 @@ impl PaymentProvider for GuardedProvider {
         amount: Decimal,
         key: &str,
     ) -> Result<(), ProviderError> {
-        self.guarded(self.inner.capture(auth_id, amount, key)).await
+        self.guarded(key, self.inner.capture(auth_id, amount, key))
+            .await
     }
 
     async fn authorizations_for(
         &self,
         order_id: Uuid,
     ) -> Result<Vec<ProviderAuthorization>, ProviderError> {
-        self.guarded(self.inner.authorizations_for(order_id)).await
+        let key = format!("{order_id}:lookup");
+        self.guarded(&key, self.inner.authorizations_for(order_id))
+            .await
     }
 
     async fn refund(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
-        self.guarded(self.inner.refund(auth_id, amount, key)).await
+        self.guarded(key, self.inner.refund(auth_id, amount, key))
+            .await
     }
 
     async fn report(&self) -> Result<Vec<ProviderAuthorization>, ProviderError> {
@@ -369,8 +426,8 @@ mod tests {
     }
 
     fn fail(b: &CircuitBreaker, n: usize) {
-        for _ in 0..n {
-            b.admit().expect("admitted").record(false);
+        for i in 0..n {
+            b.admit(&format!("k{i}")).expect("admitted").record(false);
         }
     }
 
@@ -380,9 +437,11 @@ mod tests {
         fail(&b, 4);
         assert_eq!(b.state(), BreakerState::Open);
         // Cooldown of zero: three probes go out at once, a fourth call waits.
-        let probes: Vec<_> = (0..3).map(|_| b.admit().expect("probe")).collect();
+        let probes: Vec<_> = (0..3)
+            .map(|i| b.admit(&format!("p{i}")).expect("probe"))
+            .collect();
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert!(b.admit().is_err());
+        assert!(b.admit("p").is_err());
         let mut probes = probes.into_iter();
         probes.next().expect("probe").record(true);
         assert_eq!(b.state(), BreakerState::HalfOpen);
@@ -394,7 +453,9 @@ mod tests {
     fn one_failed_probe_among_good_ones_does_not_reopen() {
         let b = breaker(4, 0, 5);
         fail(&b, 4);
-        let probes: Vec<_> = (0..5).map(|_| b.admit().expect("probe")).collect();
+        let probes: Vec<_> = (0..5)
+            .map(|i| b.admit(&format!("p{i}")).expect("probe"))
+            .collect();
         let mut outcomes = [false, true, false, true, true].into_iter();
         for p in probes {
             p.record(outcomes.next().expect("outcome"));
@@ -406,7 +467,9 @@ mod tests {
     fn a_failure_rate_among_probes_reopens() {
         let b = breaker(4, 0, 5);
         fail(&b, 4);
-        let probes: Vec<_> = (0..5).map(|_| b.admit().expect("probe")).collect();
+        let probes: Vec<_> = (0..5)
+            .map(|i| b.admit(&format!("p{i}")).expect("probe"))
+            .collect();
         for p in probes.into_iter().take(3) {
             p.record(false);
         }
@@ -417,11 +480,11 @@ mod tests {
     fn a_dropped_probe_gives_its_slot_back() {
         let b = breaker(1, 0, 1);
         fail(&b, 1);
-        let probe = b.admit().expect("probe");
-        assert!(b.admit().is_err(), "one probe at a time");
+        let probe = b.admit("p").expect("probe");
+        assert!(b.admit("p").is_err(), "one probe at a time");
         drop(probe);
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        b.admit().expect("the slot is free again").record(true);
+        b.admit("p").expect("the slot is free again").record(true);
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
@@ -429,15 +492,68 @@ mod tests {
     fn outcomes_from_before_a_state_change_decide_nothing() {
         let b = breaker(2, 0, 1);
         // A slow call admitted while closed...
-        let slow = b.admit().expect("admitted");
+        let slow = b.admit("slow").expect("admitted");
         fail(&b, 2);
         assert_eq!(b.state(), BreakerState::Open);
-        let probe = b.admit().expect("probe");
+        let probe = b.admit("p").expect("probe");
         // ...finishes while half-open: it is not the probe, so it neither closes nor reopens.
         slow.record(true);
         assert_eq!(b.state(), BreakerState::HalfOpen);
         probe.record(false);
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn a_few_requests_failing_again_and_again_do_not_open_it() {
+        let b = breaker(10, 60_000, 5);
+        // 8 healthy requests and 2 that fail on every retry (cards failing per request).
+        for i in 0..8 {
+            b.admit(&format!("ok{i}")).expect("admitted").record(true);
+        }
+        for _ in 0..20 {
+            for key in ["flaky1", "flaky2"] {
+                b.admit(key).expect("admitted").record(false);
+            }
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        // A request that failed and then went through is no longer failing.
+        b.admit("flaky1").expect("admitted").record(true);
+        assert_eq!(b.state(), BreakerState::Closed);
+        for i in 0..3 {
+            b.admit(&format!("new{i}")).expect("admitted").record(false);
+        }
+        // 13 requests, 4 failing: still closed. An outage fails new requests too.
+        assert_eq!(b.state(), BreakerState::Closed);
+        for i in 0..10 {
+            if let Ok(permit) = b.admit(&format!("down{i}")) {
+                permit.record(false);
+            }
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn probes_that_are_retries_of_failing_requests_decide_nothing() {
+        let b = breaker(4, 0, 3);
+        fail(&b, 4);
+        assert_eq!(b.state(), BreakerState::Open);
+        // The backlog's retries fail again (they fail per request): no verdict, the slots
+        // go round.
+        for i in 0..4 {
+            b.admit(&format!("k{i}")).expect("probe").record(false);
+        }
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        // Fresh requests decide: two good ones close it.
+        b.admit("fresh1").expect("probe").record(true);
+        b.admit("fresh2").expect("probe").record(true);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // After it closed, the same retries failing again do not reopen it.
+        for _ in 0..3 {
+            for i in 0..4 {
+                b.admit(&format!("k{i}")).expect("admitted").record(false);
+            }
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[tokio::test]

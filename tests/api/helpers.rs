@@ -612,7 +612,7 @@ impl CheckoutProcess {
             .args(["run", &self.roles])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", if log { "info" } else { "error" })
-            .stdout(Stdio::null())
+            .stdout(if log { Stdio::inherit() } else { Stdio::null() })
             .stderr(if log { Stdio::inherit() } else { Stdio::null() })
             .spawn()
             .expect("checkout process");
