@@ -28,6 +28,7 @@ use crate::payments::{
 };
 use crate::pricing::destination::RatesCache;
 use crate::psp::Sandbox;
+use crate::saga::batch::BatchStep;
 use crate::saga::runner::{self, Step};
 
 /// A long-running process kind. Consumer roles may run in any number of processes.
@@ -149,12 +150,15 @@ impl App {
                     Role::Reserve => {
                         spawn_step(
                             &mut tasks,
-                            Arc::new(ReserveStep {
+                            Arc::new(Batch(Arc::new(ReserveStep {
                                 pool: pool.clone(),
                                 ttl: settings.inventory.reservation_ttl,
-                            }),
+                            }))),
                         );
-                        spawn_step(&mut tasks, Arc::new(CommitStep { pool: pool.clone() }));
+                        spawn_step(
+                            &mut tasks,
+                            Arc::new(Batch(Arc::new(CommitStep { pool: pool.clone() }))),
+                        );
                         let (pool, token) = (pool.clone(), shutdown.clone());
                         let inv = settings.inventory.clone();
                         tasks.spawn(async move {
@@ -203,7 +207,10 @@ impl App {
                         });
                     }
                     Role::Order => {
-                        spawn_step(&mut tasks, Arc::new(OrderStep { pool: pool.clone() }));
+                        spawn_step(
+                            &mut tasks,
+                            Arc::new(Batch(Arc::new(OrderStep { pool: pool.clone() }))),
+                        );
                         spawn_step(&mut tasks, Arc::new(LifecycleStep { pool: pool.clone() }));
                     }
                     Role::Compensate => {
@@ -405,6 +412,32 @@ trait StepLauncher: Send + Sync {
         settings: Settings,
         token: CancellationToken,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + Send>>;
+}
+
+/// A batch-native step, launched through the same closure.
+struct Batch<S>(Arc<S>);
+
+impl<S: BatchStep> StepLauncher for Batch<S> {
+    fn launch(
+        self: Arc<Self>,
+        bus: Bus,
+        settings: Settings,
+        token: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + Send>> {
+        Box::pin(async move {
+            let name = self.0.durable().to_owned();
+            let result = crate::saga::batch::run(
+                self.0.clone(),
+                bus,
+                settings.consumer,
+                settings.chaos.redeliver,
+                token,
+            )
+            .await
+            .map_err(|e| e.to_string());
+            (name, result)
+        })
+    }
 }
 
 impl<S: Step> StepLauncher for S {

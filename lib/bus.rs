@@ -167,6 +167,38 @@ impl Bus {
     /// Publishes one event and waits for its PublishAck. A duplicate (same `Nats-Msg-Id`
     /// within the window) is success: the message is already stored.
     pub async fn publish(&self, out: &Outgoing) -> Result<(), BusError> {
+        self.publish_message(&out.subject, Self::message(out)).await
+    }
+
+    /// Publishes many events pipelined: every publish is sent before any PublishAck is
+    /// awaited, so a batch costs about one round trip, not one per event.
+    pub async fn publish_all(&self, outs: &[Outgoing]) -> Vec<Result<(), BusError>> {
+        let mut pending = Vec::with_capacity(outs.len());
+        for out in outs {
+            let sent = self
+                .js
+                .send_publish(out.subject.clone(), Self::message(out))
+                .await;
+            pending.push(sent);
+        }
+        let acks = pending.into_iter().zip(outs).map(|(sent, out)| async move {
+            let err = |message: String| BusError::Publish {
+                subject: out.subject.clone(),
+                message,
+            };
+            match sent {
+                Err(e) => Err(err(e.to_string())),
+                Ok(ack) => match ack.await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+                    Err(e) => Err(err(e.to_string())),
+                },
+            }
+        });
+        futures::future::join_all(acks).await
+    }
+
+    fn message(out: &Outgoing) -> jetstream::message::PublishMessage {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_EVENT, out.kind.as_str());
         headers.insert(HEADER_ORDER_ID, out.order_id.to_string().as_str());
@@ -177,11 +209,10 @@ impl Bus {
         if let Some(tp) = &out.traceparent {
             headers.insert(HEADER_TRACEPARENT, tp.as_str());
         }
-        let message = jetstream::message::PublishMessage::build()
+        jetstream::message::PublishMessage::build()
             .payload(out.payload.clone().into())
             .headers(headers)
-            .message_id(&out.msg_id);
-        self.publish_message(&out.subject, message).await
+            .message_id(&out.msg_id)
     }
 
     /// Publishes a prepared message and waits for its PublishAck.

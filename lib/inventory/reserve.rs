@@ -1,20 +1,22 @@
 //! The reserve step: hold stock for every line of a checkout, all or nothing.
 //!
-//! Race-free with any number of reserve processes: a hold is one conditional
-//! `UPDATE stock SET reserved = reserved + qty WHERE on_hand - reserved >= qty`, and rows are
-//! taken in SKU order so that two orders never deadlock. The stock row lock is taken last,
-//! just before commit, so a hot SKU's row is held for as short a time as possible; an
-//! unlocked pre-check turns buyers away without queueing on that lock once it is sold out.
+//! Batch-native and race-free with any number of reserve processes: a batch locks every
+//! stock row it touches in SKU order (like every other writer, so two batches never
+//! deadlock), decides each checkout in arrival order against the stock it sees under those
+//! locks, then writes every hold with set-based statements. A checkout that cannot be held
+//! in full holds nothing and is rejected `out_of_stock`.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::saga::batch::BatchStep;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
-use crate::saga::inbox::{self, Claim, InboxTable};
-use crate::saga::runner::{Delivery, Step, StepError};
+use crate::saga::inbox::InboxTable;
+use crate::saga::runner::StepError;
 
 /// Consumes `checkout.requested`, emits `checkout.reserved` or `checkout.rejected`.
 pub struct ReserveStep {
@@ -22,132 +24,140 @@ pub struct ReserveStep {
     pub ttl: Duration,
 }
 
-const DURABLE: &str = "reserve";
+/// The holds a batch writes, as parallel columns for `unnest`.
+#[derive(Default)]
+struct Holds {
+    ids: Vec<Uuid>,
+    orders: Vec<Uuid>,
+    skus: Vec<String>,
+    qtys: Vec<i32>,
+}
 
-impl Step for ReserveStep {
+impl BatchStep for ReserveStep {
+    type Input = Checkout;
+
     fn durable(&self) -> &'static str {
-        DURABLE
+        "reserve"
     }
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::Requested]
     }
 
-    async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        let Event::Requested { checkout } = event else {
-            return Err(StepError::Permanent(format!(
-                "reserve cannot handle {:?}",
-                event.kind()
-            )));
-        };
+    fn inbox(&self) -> InboxTable {
+        InboxTable::Inventory
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn input(&self, event: Event) -> Result<Checkout, String> {
+        match event {
+            Event::Requested { checkout } => Ok(checkout),
+            other => Err(format!("reserve cannot handle {:?}", other.kind())),
+        }
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        inputs: &[&Checkout],
+    ) -> Result<Vec<Vec<Event>>, StepError> {
         let ttl = chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::minutes(10));
         let expires_at = Utc::now() + ttl;
-        let mut lines: Vec<(String, i32)> = checkout
-            .items
+        let skus: BTreeSet<&str> = inputs
             .iter()
-            .map(|l| (l.sku.as_str().to_owned(), l.qty))
+            .flat_map(|c| c.items.iter().map(|l| l.sku.as_str()))
             .collect();
-        lines.sort();
-        let skus: Vec<String> = lines.iter().map(|(s, _)| s.clone()).collect();
-        let qtys: Vec<i32> = lines.iter().map(|(_, q)| *q).collect();
-        let table = InboxTable::Inventory;
-
-        let short = shortfall_without_locks(&self.pool, &skus, &qtys).await?;
-        if !short.is_empty() {
-            let outputs = rejected(checkout, short);
-            return Ok(inbox::record_alone(
-                &self.pool,
-                table,
-                DURABLE,
-                &delivery.event_id,
-                outputs,
-            )
-            .await?);
+        let skus: Vec<&str> = skus.into_iter().collect();
+        let mut available: HashMap<String, i64> = sqlx::query_as::<_, (String, i32, i32)>(
+            "SELECT sku, on_hand, reserved FROM inventory.stock
+             WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        )
+        .bind(&skus)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(sku, on_hand, reserved)| (sku, i64::from(on_hand) - i64::from(reserved)))
+        .collect();
+        let mut outputs = Vec::with_capacity(inputs.len());
+        let mut holds = Holds::default();
+        let mut taken: BTreeMap<String, i32> = BTreeMap::new();
+        for checkout in inputs {
+            let demand = demand(checkout);
+            let short: Vec<String> = demand
+                .iter()
+                .filter(|(sku, qty)| available.get(*sku).copied().unwrap_or(0) < i64::from(**qty))
+                .map(|(sku, _)| sku.clone())
+                .collect();
+            if !short.is_empty() {
+                outputs.push(rejected((*checkout).clone(), short));
+                continue;
+            }
+            for (sku, qty) in demand {
+                *available.entry(sku.clone()).or_default() -= i64::from(qty);
+                *taken.entry(sku.clone()).or_default() += qty;
+                holds
+                    .ids
+                    .push(Uuid::new_v5(&checkout.order_id, sku.as_bytes()));
+                holds.orders.push(checkout.order_id);
+                holds.skus.push(sku);
+                holds.qtys.push(qty);
+            }
+            outputs.push(vec![Event::Reserved {
+                checkout: (*checkout).clone(),
+                expires_at,
+            }]);
         }
-        let reserved = vec![Event::Reserved {
-            checkout: checkout.clone(),
-            expires_at,
-        }];
-        let mut tx =
-            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &reserved).await? {
-                Claim::Done(events) => return Ok(events),
-                Claim::Fresh(tx) => tx,
-            };
-        let ids: Vec<Uuid> = skus
-            .iter()
-            .map(|sku| Uuid::new_v5(&checkout.order_id, sku.as_bytes()))
-            .collect();
+        if holds.ids.is_empty() {
+            return Ok(outputs);
+        }
+        let (taken_skus, taken_qtys): (Vec<String>, Vec<i32>) = taken.into_iter().unzip();
+        sqlx::query(
+            "UPDATE inventory.stock s SET reserved = s.reserved + d.qty, updated_at = now()
+             FROM unnest($1::text[], $2::int[]) AS d(sku, qty) WHERE s.sku = d.sku",
+        )
+        .bind(&taken_skus)
+        .bind(&taken_qtys)
+        .execute(&mut *conn)
+        .await?;
         sqlx::query(
             "WITH held AS (
                  INSERT INTO inventory.inventory_reservations
                      (reservation_id, order_id, sku, qty, status, expires_at)
-                 SELECT id, $2, sku, qty, 'held', $5
-                 FROM unnest($1::uuid[], $3::text[], $4::int[]) AS r(id, sku, qty)
-                 RETURNING sku, qty)
+                 SELECT id, order_id, sku, qty, 'held', $5
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[])
+                      AS r(id, order_id, sku, qty)
+                 RETURNING order_id, sku, qty)
              INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
-             SELECT sku, 'reserve', $2, 0, qty FROM held",
+             SELECT sku, 'reserve', order_id, 0, qty FROM held",
         )
-        .bind(&ids)
-        .bind(checkout.order_id)
-        .bind(&skus)
-        .bind(&qtys)
+        .bind(&holds.ids)
+        .bind(&holds.orders)
+        .bind(&holds.skus)
+        .bind(&holds.qtys)
         .bind(expires_at)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-        for (sku, qty) in &lines {
-            let held = sqlx::query(
-                "UPDATE inventory.stock SET reserved = reserved + $2, updated_at = now()
-                 WHERE sku = $1 AND on_hand - reserved >= $2",
-            )
-            .bind(sku)
-            .bind(qty)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if held == 0 {
-                // Lost the race for the last units: nothing of a partial hold survives.
-                tx.rollback().await?;
-                let outputs = rejected(checkout, vec![sku.clone()]);
-                return Ok(inbox::record_alone(
-                    &self.pool,
-                    table,
-                    DURABLE,
-                    &delivery.event_id,
-                    outputs,
-                )
-                .await?);
-            }
-        }
-        tx.commit().await?;
-        Ok(reserved)
+        Ok(outputs)
     }
 }
 
+/// A checkout's quantities per SKU, in SKU order.
+fn demand(checkout: &Checkout) -> BTreeMap<String, i32> {
+    let mut demand = BTreeMap::new();
+    for line in &checkout.items {
+        *demand.entry(line.sku.as_str().to_owned()).or_insert(0) += line.qty;
+    }
+    demand
+}
+
 fn rejected(checkout: Checkout, short: Vec<String>) -> Vec<Event> {
-    tracing::info!(skus = ?short, "out of stock");
+    tracing::info!(order_id = %checkout.order_id, skus = ?short, "out of stock");
     vec![Event::Rejected {
         checkout,
         reason: FailureReason::OutOfStock,
         detail: format!("not enough stock for {}", short.join(", ")),
     }]
-}
-
-/// SKUs that visibly lack stock (a snapshot read, no locks). Passing it is not a promise:
-/// the conditional update decides.
-async fn shortfall_without_locks(
-    conn: &PgPool,
-    skus: &[String],
-    qtys: &[i32],
-) -> Result<Vec<String>, sqlx::Error> {
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT r.sku FROM unnest($1::text[], $2::int[]) AS r(sku, qty)
-         LEFT JOIN inventory.stock s ON s.sku = r.sku
-         WHERE s.sku IS NULL OR s.on_hand - s.reserved < r.qty
-         ORDER BY r.sku",
-    )
-    .bind(skus)
-    .bind(qtys)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().map(|(s,)| s).collect())
 }

@@ -76,6 +76,61 @@ pub(crate) async fn insert(
     Ok(inserted)
 }
 
+/// Inserts confirmed orders and their items in one statement; returns the ids inserted (an
+/// order that already exists, e.g. failed by the watchdog, is left as it is).
+pub(crate) async fn insert_confirmed_many(
+    conn: &mut PgConnection,
+    checkouts: &[&Checkout],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if checkouts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let col = |f: fn(&Checkout) -> Decimal| checkouts.iter().map(|c| f(c)).collect::<Vec<_>>();
+    let ids: Vec<Uuid> = checkouts.iter().map(|c| c.order_id).collect();
+    let users: Vec<&str> = checkouts.iter().map(|c| c.user_id.as_str()).collect();
+    let currencies: Vec<&str> = checkouts.iter().map(|c| c.currency.as_str()).collect();
+    let lines = checkouts.iter().flat_map(|c| c.items.iter().map(move |l| (c.order_id, l)));
+    let (mut item_orders, mut skus, mut qtys, mut prices) = (vec![], vec![], vec![], vec![]);
+    for (order_id, line) in lines {
+        item_orders.push(order_id);
+        skus.push(line.sku.as_str());
+        qtys.push(line.qty);
+        prices.push(line.unit_price);
+    }
+    sqlx::query_scalar(
+        "WITH o AS (
+             INSERT INTO orders.orders
+                 (order_id, user_id, status, subtotal, discount, tax, shipping, total, currency)
+             SELECT order_id, user_id, 'confirmed', subtotal, discount, tax, shipping, total, currency
+             FROM unnest($1::uuid[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[],
+                         $6::numeric[], $7::numeric[], $8::text[])
+                  AS o(order_id, user_id, subtotal, discount, tax, shipping, total, currency)
+             ON CONFLICT (order_id) DO NOTHING
+             RETURNING order_id),
+         i AS (
+             INSERT INTO orders.order_items (order_id, sku, qty, price)
+             SELECT i.order_id, i.sku, i.qty, i.price
+             FROM unnest($9::uuid[], $10::text[], $11::int[], $12::numeric[])
+                  AS i(order_id, sku, qty, price)
+             JOIN o USING (order_id))
+         SELECT order_id FROM o",
+    )
+    .bind(&ids)
+    .bind(&users)
+    .bind(col(|c| c.subtotal))
+    .bind(col(|c| c.discount))
+    .bind(col(|c| c.tax))
+    .bind(col(|c| c.shipping))
+    .bind(col(|c| c.total))
+    .bind(&currencies)
+    .bind(&item_orders)
+    .bind(&skus)
+    .bind(&qtys)
+    .bind(&prices)
+    .fetch_all(conn)
+    .await
+}
+
 /// Records a failed order with its reason (compensation's last step).
 pub async fn insert_failed(
     conn: &mut PgConnection,

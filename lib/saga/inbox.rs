@@ -15,7 +15,8 @@ pub enum InboxTable {
 }
 
 impl InboxTable {
-    fn name(self) -> &'static str {
+    /// The table's qualified name.
+    pub fn name(self) -> &'static str {
         match self {
             Self::Inventory => "inventory.inbox",
             Self::Payments => "payments.inbox",

@@ -1,6 +1,7 @@
 //! The saga's contract and plumbing: events, subjects, the inbox that makes handlers
 //! idempotent, and the runner that turns a JetStream message into ack, nak or term.
 
+pub mod batch;
 pub mod events;
 pub mod inbox;
 pub mod runner;
@@ -8,4 +9,5 @@ pub mod subjects;
 pub mod trace;
 
 pub use events::{Checkout, Event, EventKind, FailureReason, Line};
+pub use batch::BatchStep;
 pub use runner::{Outgoing, Step, StepError};

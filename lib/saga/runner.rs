@@ -124,14 +124,33 @@ pub trait Step: Send + Sync + 'static {
 
 /// What the runner needs besides the step: where it pulls, how it retries.
 #[derive(Clone)]
-struct Policy {
-    durable: String,
-    settings: ConsumerSettings,
-    chaos: Redeliver,
+pub(crate) struct Policy {
+    pub durable: String,
+    pub settings: ConsumerSettings,
+    pub chaos: Redeliver,
     /// The runner's limit (`-1`: unlimited); the server is told one more.
-    max_deliver: i64,
+    pub max_deliver: i64,
     /// How often a running handler tells the server it is still working.
-    progress_every: Duration,
+    pub progress_every: Duration,
+}
+
+/// A message pulled for this process, with the handler slot it occupies.
+pub(crate) struct Pulled {
+    pub message: jetstream::Message,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Work for one group of pulled messages.
+pub(crate) type Work = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Turns a group of pulled messages (those that arrived together) into work.
+pub(crate) trait Dispatch: Send + Sync + 'static {
+    /// The durable consumer's name.
+    fn durable(&self) -> &'static str;
+    /// The event kinds it consumes.
+    fn consumes(&self) -> Vec<EventKind>;
+    /// Handles the group; every message is acked, naked or dead-lettered by the end.
+    fn dispatch(self: Arc<Self>, bus: Bus, policy: Arc<Policy>, group: Vec<Pulled>) -> Work;
 }
 
 /// Runs a step until `shutdown` is cancelled, then finishes in-flight messages.
@@ -142,10 +161,47 @@ pub async fn run<S: Step>(
     chaos: Redeliver,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
+    consume(Arc::new(PerMessage(step)), bus, settings, chaos, shutdown).await
+}
+
+/// Handles each message of a group on its own, concurrently.
+struct PerMessage<S>(Arc<S>);
+
+impl<S: Step> Dispatch for PerMessage<S> {
+    fn durable(&self) -> &'static str {
+        self.0.durable()
+    }
+
+    fn consumes(&self) -> Vec<EventKind> {
+        self.0.consumes()
+    }
+
+    fn dispatch(self: Arc<Self>, bus: Bus, policy: Arc<Policy>, group: Vec<Pulled>) -> Work {
+        Box::pin(async move {
+            let work = group.into_iter().map(|pulled| {
+                let (step, bus, policy) = (self.0.clone(), bus.clone(), policy.clone());
+                async move {
+                    process(&*step, &bus, &policy, pulled.message).await;
+                    drop(pulled.permit);
+                }
+            });
+            futures::future::join_all(work).await;
+        })
+    }
+}
+
+/// The pull loop shared by every kind of step.
+pub(crate) async fn consume(
+    handler: Arc<dyn Dispatch>,
+    bus: Bus,
+    settings: ConsumerSettings,
+    chaos: Redeliver,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
     let max_deliver = bus.settings().max_deliver;
     let spec = ConsumerSpec {
-        durable: step.durable().to_owned(),
-        filter_subjects: step
+        durable: handler.durable().to_owned(),
+        filter_subjects: handler
             .consumes()
             .into_iter()
             .map(crate::saga::subjects::event_filter)
@@ -209,35 +265,43 @@ pub async fn run<S: Step>(
                     }
                 }
             };
-            while let Some(next) = tokio::select! {
+            while let Some(first) = tokio::select! {
                 _ = shutdown.cancelled() => {
                     hand_back(&mut batch, settings.pull_expires).await;
                     break 'outer;
                 }
                 next = batch.next() => next,
             } {
-                match next {
-                    Ok(message) => {
-                        // The pull asked for exactly as many messages as permits were taken.
-                        let Some(permit) = permits.pop() else {
-                            let _ = message.ack_with(AckKind::Nak(None)).await;
-                            continue;
-                        };
-                        spawn(
-                            &mut tasks,
-                            step.clone(),
-                            bus.clone(),
-                            policy.clone(),
-                            message,
-                            permit,
-                        );
+                let mut group = Vec::new();
+                let mut interrupted = false;
+                let mut next = Some(first);
+                // Take this message and every one already received with it: they are
+                // handled together (one transaction for a batch step).
+                while let Some(item) = next.take() {
+                    match item {
+                        Ok(message) => match permits.pop() {
+                            Some(permit) => group.push(Pulled { message, permit }),
+                            // The pull asked for exactly as many messages as permits.
+                            None => {
+                                let _ = message.ack_with(AckKind::Nak(None)).await;
+                            }
+                        },
+                        Err(e) => {
+                            warn!(consumer = spec.durable, error = %e, "pull interrupted");
+                            interrupted = true;
+                            break;
+                        }
                     }
-                    Err(e) => {
-                        // A deleted consumer, a leader change or a lost pull: pull anew,
-                        // re-declaring the consumer (cheap, idempotent).
-                        warn!(consumer = spec.durable, error = %e, "pull interrupted");
-                        continue 'outer;
-                    }
+                    next = batch.next().now_or_never().flatten();
+                }
+                if !group.is_empty() {
+                    let work = handler.clone().dispatch(bus.clone(), policy.clone(), group);
+                    tasks.spawn(work);
+                }
+                if interrupted {
+                    // A deleted consumer, a leader change or a lost pull: pull anew,
+                    // re-declaring the consumer (cheap, idempotent).
+                    continue 'outer;
                 }
             }
         }
@@ -246,20 +310,6 @@ pub async fn run<S: Step>(
     let _ = bus.client().flush().await;
     info!(consumer = spec.durable, "consumer stopped");
     Ok(())
-}
-
-fn spawn<S: Step>(
-    tasks: &mut JoinSet<()>,
-    step: Arc<S>,
-    bus: Bus,
-    policy: Arc<Policy>,
-    message: jetstream::Message,
-    permit: OwnedSemaphorePermit,
-) {
-    tasks.spawn(async move {
-        process(&*step, &bus, &policy, message).await;
-        drop(permit);
-    });
 }
 
 /// Messages that arrive after shutdown began go straight back to the server.
@@ -289,7 +339,7 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration, durable: &str) {
 }
 
 /// The verdict on one delivery before its step runs.
-enum Admission {
+pub(crate) enum Admission {
     Handle(Box<Event>),
     /// Published by a newer version of us: leave it for one that understands it.
     Later(String),
@@ -297,7 +347,7 @@ enum Admission {
     Dead(String),
 }
 
-fn admit(message: &jetstream::Message) -> Admission {
+pub(crate) fn admit(message: &jetstream::Message) -> Admission {
     let header = |name: &str| {
         message
             .headers
@@ -482,14 +532,17 @@ async fn finish(
         let _ = message.ack_with(AckKind::Nak(None)).await;
         return;
     }
-    if let Err(e) = message.double_ack().await {
-        // The server will redeliver after ack_wait; the inbox makes that harmless.
-        warn!(error = %e, "ack not confirmed");
+    // A plain ack, not a double ack: the effects are committed and the outputs stored by
+    // JetStream, so an ack lost on the way only means a redelivery after ack_wait, which the
+    // inbox turns into a republish of the same events (deduplicated). A double ack would cost
+    // a round trip and a subscription per message for no extra safety.
+    if let Err(e) = message.ack().await {
+        warn!(error = %e, "ack not sent");
     }
 }
 
 /// The nak delay after `delivered` deliveries: doubling from the base, capped, forever.
-fn backoff(settings: &ConsumerSettings, delivered: i64) -> Duration {
+pub(crate) fn backoff(settings: &ConsumerSettings, delivered: i64) -> Duration {
     let exponent = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
     settings
         .nak_base_delay
@@ -497,24 +550,24 @@ fn backoff(settings: &ConsumerSettings, delivered: i64) -> Duration {
         .min(settings.nak_max_delay)
 }
 
-async fn nak_after(message: &jetstream::Message, delay: Duration) {
+pub(crate) async fn nak_after(message: &jetstream::Message, delay: Duration) {
     if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
         warn!(error = %e, "nak failed; the server redelivers after ack_wait");
     }
 }
 
 /// Where a message that cannot be handled goes.
-struct DeadLetter<'a> {
-    bus: &'a Bus,
-    durable: &'a str,
-    message: &'a jetstream::Message,
-    stream_seq: u64,
-    delivered: i64,
+pub(crate) struct DeadLetter<'a> {
+    pub bus: &'a Bus,
+    pub durable: &'a str,
+    pub message: &'a jetstream::Message,
+    pub stream_seq: u64,
+    pub delivered: i64,
 }
 
 impl DeadLetter<'_> {
     /// Records the message on `deadletter.<consumer>` with why, then terminates it.
-    async fn send(&self, reason: &str) {
+    pub(crate) async fn send(&self, reason: &str) {
         error!(%reason, "dead-lettering message");
         let message = self.message;
         let mut headers = message.headers.clone().unwrap_or_default();
