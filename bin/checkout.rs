@@ -91,6 +91,9 @@ struct BenchArgs {
     /// Skip the flash-sale comparison run.
     #[arg(long)]
     no_hot: bool,
+    /// Load before each measured run (then ANALYZE), so that plans fit a non-empty database.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
     /// Length of each ceiling measurement.
     #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
     ceiling: Duration,
@@ -137,6 +140,7 @@ async fn main() -> Result<()> {
                 runs,
                 with_hot: !args.no_hot,
                 ceiling_duration: args.ceiling,
+                warmup: args.warmup,
                 work_dir: ".run/bench".into(),
             };
             bench::run(settings, options).await?;

@@ -220,7 +220,7 @@ impl Outbox {
                          ELSE $4::interval END,
                      last_error = f.error
                  FROM unnest($1::text[], $2::text[]) AS f(msg_id, error)
-                 WHERE o.msg_id = f.msg_id",
+                 WHERE o.msg_id = f.msg_id AND o.msg_id = ANY($1)",
             )
             .bind(&failed)
             .bind(&errors)

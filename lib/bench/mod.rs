@@ -58,6 +58,9 @@ pub struct BenchOptions {
     /// Also run the flash sale after the main scenario, to compare hot with spread.
     pub with_hot: bool,
     pub ceiling_duration: Duration,
+    /// Spread load before measuring, then `ANALYZE`: a shop's database is not empty, and
+    /// plans made on empty tables (sequential scans) would be measured instead of ours.
+    pub warmup: Duration,
     pub work_dir: PathBuf,
 }
 
@@ -269,6 +272,27 @@ async fn one_run(
         );
     }
 
+    if !opts.warmup.is_zero() {
+        let warm = load::LoadOptions {
+            base: format!("http://127.0.0.1:{http_port}"),
+            nats_url: nats_url.clone(),
+            jwt_secret: settings.auth.jwt_secret.expose().to_owned(),
+            scenario: Scenario::Spread,
+            users: opts.users,
+            duration: opts.warmup,
+            rate: None,
+            seed: opts.seed.wrapping_add(1),
+            skus: opts.skus,
+            hot_units: opts.hot_units,
+            hot_buyers: opts.hot_buyers,
+            quiet: true,
+        };
+        load::drive(&warm).await?;
+        sqlx::query("ANALYZE")
+            .execute(&pool)
+            .await
+            .map_err(|e| BenchError::Setup(format!("analyze: {e}")))?;
+    }
     let cpu_before: Vec<f64> = roles.iter().map(|p| cpu_seconds(p.pid())).collect();
     let nats_before = cpu_seconds(nats.pid());
     let pg_before = cpu_seconds_of_command("postgres");

@@ -103,7 +103,10 @@ impl BatchStep for CommitStep {
         .fetch_all(&mut *conn)
         .await?;
         for (order_id, sku, qty, status) in rows {
-            holds.entry(order_id).or_default().insert(sku, (qty, status));
+            holds
+                .entry(order_id)
+                .or_default()
+                .insert(sku, (qty, status));
         }
         let skus: BTreeSet<&str> = inputs
             .iter()
@@ -224,7 +227,7 @@ async fn write(conn: &mut PgConnection, writes: &Writes) -> Result<(), sqlx::Err
         "UPDATE inventory.stock s SET on_hand = s.on_hand + d.on_hand,
              reserved = s.reserved + d.reserved, updated_at = now()
          FROM unnest($1::text[], $2::int[], $3::int[]) AS d(sku, on_hand, reserved)
-         WHERE s.sku = d.sku",
+         WHERE s.sku = d.sku AND s.sku = ANY($1)",
     )
     .bind(&skus)
     .bind(&on_hand)
@@ -235,7 +238,7 @@ async fn write(conn: &mut PgConnection, writes: &Writes) -> Result<(), sqlx::Err
         "WITH c AS (
              UPDATE inventory.inventory_reservations r SET status = 'committed', updated_at = now()
              FROM unnest($1::uuid[], $2::text[]) AS c(order_id, sku)
-             WHERE r.order_id = c.order_id AND r.sku = c.sku)
+             WHERE r.order_id = c.order_id AND r.sku = c.sku AND r.order_id = ANY($1))
          INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
          SELECT sku, 'commit', order_id, on_hand, reserved
          FROM unnest($3::text[], $4::uuid[], $5::int[], $6::int[]) AS m(sku, order_id, on_hand, reserved)",

@@ -116,7 +116,8 @@ impl BatchStep for ReserveStep {
         let (taken_skus, taken_qtys): (Vec<String>, Vec<i32>) = taken.into_iter().unzip();
         sqlx::query(
             "UPDATE inventory.stock s SET reserved = s.reserved + d.qty, updated_at = now()
-             FROM unnest($1::text[], $2::int[]) AS d(sku, qty) WHERE s.sku = d.sku",
+             FROM unnest($1::text[], $2::int[]) AS d(sku, qty)
+             WHERE s.sku = d.sku AND s.sku = ANY($1)",
         )
         .bind(&taken_skus)
         .bind(&taken_qtys)

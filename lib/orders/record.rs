@@ -89,7 +89,9 @@ pub(crate) async fn insert_confirmed_many(
     let ids: Vec<Uuid> = checkouts.iter().map(|c| c.order_id).collect();
     let users: Vec<&str> = checkouts.iter().map(|c| c.user_id.as_str()).collect();
     let currencies: Vec<&str> = checkouts.iter().map(|c| c.currency.as_str()).collect();
-    let lines = checkouts.iter().flat_map(|c| c.items.iter().map(move |l| (c.order_id, l)));
+    let lines = checkouts
+        .iter()
+        .flat_map(|c| c.items.iter().map(move |l| (c.order_id, l)));
     let (mut item_orders, mut skus, mut qtys, mut prices) = (vec![], vec![], vec![], vec![]);
     for (order_id, line) in lines {
         item_orders.push(order_id);

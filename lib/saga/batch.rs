@@ -1,6 +1,6 @@
 //! Batch-native steps: a step whose effects are database writes only declares its input and
 //! writes its effects for a whole batch of inputs inside one transaction. The runner owns the
-//! rest: decoding, the inbox (one claim statement for the batch, one for the outputs), the
+//! rest: decoding, the inbox (one read for the batch, one insert of its outputs), the
 //! commit, pipelined publishing, acks, retries and dead letters.
 //!
 //! A batch is what one pull delivered together, so under load one transaction (and one fsync)
@@ -22,8 +22,8 @@ use crate::config::{ConsumerSettings, Redeliver};
 use crate::saga::events::{Event, EventKind};
 use crate::saga::inbox::InboxTable;
 use crate::saga::runner::{
-    admit, backoff, consume, nak_after, Admission, DeadLetter, Dispatch, Outgoing, Policy,
-    Pulled, StepError, Work,
+    admit, backoff, consume, nak_after, Admission, DeadLetter, Dispatch, Outgoing, Policy, Pulled,
+    StepError, Work,
 };
 use crate::saga::subjects::HEADER_TRACEPARENT;
 use crate::saga::trace::TraceParent;
@@ -193,8 +193,7 @@ async fn handle<S: BatchStep>(step: &S, bus: &Bus, policy: &Policy, items: Vec<I
             let mut done = Vec::new();
             for item in &items {
                 let one = std::slice::from_ref(item);
-                let outcome =
-                    with_progress(&[item.message()], policy, attempt(step, one)).await;
+                let outcome = with_progress(&[item.message()], policy, attempt(step, one)).await;
                 match outcome {
                     Some(Ok(mut outputs)) => done.push((item, outputs.pop().unwrap_or_default())),
                     Some(Err(e)) => fail(bus, policy, item, e).await,
@@ -223,8 +222,10 @@ fn timed_out(policy: &Policy) -> StepError {
     ))
 }
 
-/// One transaction: claim the inbox for every item, apply the fresh ones, store their
-/// outputs, read the outputs of those handled before.
+/// One transaction: read which items were handled before (and what they emitted), apply the
+/// rest, and record them in the inbox with their outputs in one statement. Optimistic: if a
+/// concurrent delivery of one of them committed first, the insert finds its row and the whole
+/// attempt rolls back (the caller retries, and then reads what the other one emitted).
 async fn attempt<S: BatchStep>(
     step: &S,
     items: &[Item<S::Input>],
@@ -233,23 +234,28 @@ async fn attempt<S: BatchStep>(
     let durable = step.durable();
     let ids: Vec<&str> = items.iter().map(|i| i.event_id.as_str()).collect();
     let mut tx = step.pool().begin().await?;
-    let fresh: HashSet<String> = sqlx::query_scalar::<_, String>(&format!(
-        "INSERT INTO {table} (consumer, event_id) SELECT $1, unnest($2::text[])
-         ON CONFLICT DO NOTHING RETURNING event_id"
+    let mut stored: HashMap<String, Vec<Event>> = HashMap::new();
+    let rows: Vec<(String, Option<Vec<u8>>)> = sqlx::query_as(&format!(
+        "SELECT event_id, outputs FROM {table} WHERE consumer = $1 AND event_id = ANY($2)"
     ))
     .bind(durable)
     .bind(&ids)
     .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
-    // A duplicate inside one batch is claimed once: its first occurrence does the work.
-    let mut claimed = HashSet::new();
+    .await?;
+    for (id, bytes) in rows {
+        let events = match bytes {
+            None => Vec::new(),
+            Some(b) => rmp_serde::from_slice(&b)
+                .map_err(|e| StepError::Permanent(format!("stored outputs: {e}")))?,
+        };
+        stored.insert(id, events);
+    }
+    // A duplicate inside one batch is handled once: its first occurrence does the work.
+    let mut seen = HashSet::new();
     let todo: Vec<&Item<S::Input>> = items
         .iter()
-        .filter(|i| fresh.contains(&i.event_id) && claimed.insert(i.event_id.as_str()))
+        .filter(|i| !stored.contains_key(&i.event_id) && seen.insert(i.event_id.as_str()))
         .collect();
-    let mut stored: HashMap<String, Vec<Event>> = HashMap::new();
     if !todo.is_empty() {
         let inputs: Vec<&S::Input> = todo.iter().map(|i| &i.input).collect();
         let outputs = step.apply(&mut tx, &inputs).await?;
@@ -268,40 +274,24 @@ async fn attempt<S: BatchStep>(
             );
         }
         let todo_ids: Vec<&str> = todo.iter().map(|i| i.event_id.as_str()).collect();
-        sqlx::query(&format!(
-            "UPDATE {table} i SET outputs = o.outputs
-             FROM unnest($2::text[], $3::bytea[]) AS o(event_id, outputs)
-             WHERE i.consumer = $1 AND i.event_id = o.event_id"
+        let recorded: Vec<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO {table} (consumer, event_id, outputs)
+             SELECT $1, event_id, outputs FROM unnest($2::text[], $3::bytea[]) AS o(event_id, outputs)
+             ON CONFLICT DO NOTHING RETURNING event_id"
         ))
         .bind(durable)
         .bind(&todo_ids)
         .bind(&encoded)
-        .execute(&mut *tx)
-        .await?;
-        for (item, events) in todo.iter().zip(outputs) {
-            stored.insert(item.event_id.clone(), events);
-        }
-    }
-    let before: Vec<&str> = items
-        .iter()
-        .map(|i| i.event_id.as_str())
-        .filter(|id| !stored.contains_key(*id))
-        .collect();
-    if !before.is_empty() {
-        let rows: Vec<(String, Option<Vec<u8>>)> = sqlx::query_as(&format!(
-            "SELECT event_id, outputs FROM {table} WHERE consumer = $1 AND event_id = ANY($2)"
-        ))
-        .bind(durable)
-        .bind(&before)
         .fetch_all(&mut *tx)
         .await?;
-        for (id, bytes) in rows {
-            let events = match bytes {
-                None => Vec::new(),
-                Some(b) => rmp_serde::from_slice(&b)
-                    .map_err(|e| StepError::Permanent(format!("stored outputs: {e}")))?,
-            };
-            stored.insert(id, events);
+        if recorded.len() != todo.len() {
+            tx.rollback().await?;
+            return Err(StepError::Transient(
+                "a concurrent delivery handled part of this batch first".into(),
+            ));
+        }
+        for (item, events) in todo.iter().zip(outputs) {
+            stored.insert(item.event_id.clone(), events);
         }
     }
     tx.commit().await?;

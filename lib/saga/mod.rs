@@ -8,6 +8,6 @@ pub mod runner;
 pub mod subjects;
 pub mod trace;
 
-pub use events::{Checkout, Event, EventKind, FailureReason, Line};
 pub use batch::BatchStep;
+pub use events::{Checkout, Event, EventKind, FailureReason, Line};
 pub use runner::{Outgoing, Step, StepError};

@@ -84,8 +84,20 @@ pub enum StepError {
 }
 
 impl From<sqlx::Error> for StepError {
+    /// A data exception or an integrity violation (other than a unique violation, which a
+    /// concurrent delivery can cause) is the message's own fault: retrying cannot help.
+    /// Everything else (connections, deadlocks, serialization) is worth retrying.
     fn from(e: sqlx::Error) -> Self {
-        Self::Transient(format!("database: {e}"))
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .unwrap_or_default();
+        let permanent = code.starts_with("22") || (code.starts_with("23") && code != "23505");
+        if permanent {
+            Self::Permanent(format!("database refused the data: {e}"))
+        } else {
+            Self::Transient(format!("database: {e}"))
+        }
     }
 }
 

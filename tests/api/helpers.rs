@@ -547,6 +547,24 @@ impl TestApp {
         (token, body["orderId"].as_str().expect("id").to_owned())
     }
 
+    /// Publishes a saga event as its producer would (subject, message id, headers).
+    pub async fn bus_publish(
+        &self,
+        js: &async_nats::jetstream::Context,
+        out: &checkout::saga::runner::Outgoing,
+    ) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Checkout-Event", out.kind.as_str());
+        headers.insert("Checkout-Order-Id", out.order_id.to_string().as_str());
+        headers.insert("Checkout-Schema", "2");
+        headers.insert("Nats-Msg-Id", out.msg_id.as_str());
+        js.publish_with_headers(out.subject.clone(), headers, out.payload.clone().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+
     /// Messages in the dead-letter stream.
     pub async fn dead_letters(&self) -> u64 {
         let js = self.jetstream().await;

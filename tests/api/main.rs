@@ -2,6 +2,7 @@
 //! temporary directory) and its own PostgreSQL database, then runs the real roles.
 
 mod bad_input;
+mod batches;
 mod checkout_flow;
 mod endings;
 mod faults;
