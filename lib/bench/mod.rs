@@ -14,7 +14,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use load::Scenario;
-use procs::{cpu_seconds, cpu_seconds_of_command, free_port, nats_server_bin, wait_ready, Proc};
+use procs::{
+    cores, cpu_seconds, cpu_seconds_of_command, free_port, nats_server_bin, peak_rss_mib,
+    wait_ready, Proc,
+};
 pub use stats::RunStats;
 
 use crate::config::Settings;
@@ -72,6 +75,8 @@ struct RunReport {
     js_rate: f64,
     pg_rate: f64,
     cpu_ms_per_checkout: Vec<(String, f64)>,
+    /// Peak resident memory per process, MiB.
+    peak_rss_mib: Vec<(String, f64)>,
     note: String,
 }
 
@@ -210,6 +215,15 @@ async fn one_run(
             "false".to_owned(),
         ),
         ("RUST_LOG".to_owned(), "warn".to_owned()),
+        // The sandbox's protections must not be what the benchmark measures.
+        (
+            "CHECKOUT__PAYMENTS__RATE_LIMIT_PER_S".to_owned(),
+            BENCH_RATE_LIMIT.to_string(),
+        ),
+        (
+            "CHECKOUT__PAYMENTS__BREAKER_MIN_CALLS".to_owned(),
+            "1000000".to_owned(),
+        ),
     ];
     let exe = std::env::current_exe()?;
     let http = reqwest::Client::new();
@@ -294,6 +308,7 @@ async fn one_run(
             .map_err(|e| BenchError::Setup(format!("analyze: {e}")))?;
     }
     let cpu_before: Vec<f64> = roles.iter().map(|p| cpu_seconds(p.pid())).collect();
+    let me_before = cpu_seconds(std::process::id());
     let nats_before = cpu_seconds(nats.pid());
     let pg_before = cpu_seconds_of_command("postgres");
     let load = load::LoadOptions {
@@ -321,6 +336,10 @@ async fn one_run(
     }
     cpu.push(("nats-server".into(), cpu_seconds(nats.pid()) - nats_before));
     cpu.push((
+        "load generator".into(),
+        cpu_seconds(std::process::id()) - me_before,
+    ));
+    cpu.push((
         "postgres".into(),
         cpu_seconds_of_command("postgres") - pg_before,
     ));
@@ -330,6 +349,15 @@ async fn one_run(
         .map(|(n, s)| (n, s * 1000.0 / per))
         .collect();
 
+    let mut peak_rss: Vec<(String, f64)> = Vec::new();
+    for p in &roles {
+        let rss = peak_rss_mib(p.pid());
+        match peak_rss.iter_mut().find(|(n, _)| *n == p.name) {
+            Some((_, peak)) => *peak = peak.max(rss),
+            None => peak_rss.push((p.name.clone(), rss)),
+        }
+    }
+    peak_rss.push(("nats-server".into(), peak_rss_mib(nats.pid())));
     let mut note = String::new();
     if scenario == Scenario::Hot {
         note = hot_check(&pool, opts, &stats).await?;
@@ -352,9 +380,13 @@ async fn one_run(
         js_rate,
         pg_rate,
         cpu_ms_per_checkout,
+        peak_rss_mib: peak_rss,
         note,
     })
 }
+
+/// The payment rate limit the benchmark runs with: far above anything it can reach.
+const BENCH_RATE_LIMIT: f64 = 1_000_000.0;
 
 async fn wait_nats(port: u16) -> Result<(), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -453,8 +485,43 @@ fn sample_payload_size() -> usize {
         .unwrap_or(700)
 }
 
+/// Names what limited a run: the machine's CPU (and who used it), or waiting.
+fn binding(r: &mut RunReport) -> String {
+    let rate = r.stats.per_second();
+    let cores_used: f64 = r
+        .cpu_ms_per_checkout
+        .iter()
+        .map(|(_, ms)| ms * rate / 1000.0)
+        .sum();
+    let cores = cores();
+    let mut users: Vec<&(String, f64)> = r.cpu_ms_per_checkout.iter().collect();
+    users.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = users
+        .iter()
+        .take(3)
+        .map(|(n, ms)| format!("{n} {:.0}%", ms * rate / 10.0 / cores))
+        .collect();
+    if cores_used >= cores * 0.85 {
+        format!(
+            "CPU: {cores_used:.2} of {cores:.0} cores busy (of the machine: {})",
+            top.join(", ")
+        )
+    } else {
+        format!(
+            "not CPU ({cores_used:.2} of {cores:.0} cores busy): latency and waiting (locks, round trips, the closed loop's think time)"
+        )
+    }
+}
+
 fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
     println!();
+    let settings = crate::config::Settings::load().ok();
+    if let Some(s) = settings {
+        println!(
+            "settings that could bind: payments.rate_limit_per_s={BENCH_RATE_LIMIT} (bench), breaker_min_calls=1000000 (bench), database.max_connections={} per process, consumer.concurrency={}, consumer.batch={}, users={}",
+            s.database.max_connections, s.consumer.concurrency, s.consumer.batch, opts.users
+        );
+    }
     println!(
         "checkout bench: scenario={:?} users={} duration={:?} rate={} seed={}",
         opts.scenario,
@@ -496,6 +563,13 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
             .map(|(n, ms)| format!("{n} {ms:.2}"))
             .collect();
         println!("    CPU ms per checkout: {}", cpu.join(", "));
+        println!("    bound by: {}", binding(r));
+        let rss: Vec<String> = r
+            .peak_rss_mib
+            .iter()
+            .map(|(n, mib)| format!("{n} {mib:.0}"))
+            .collect();
+        println!("    peak RSS MiB: {}", rss.join(", "));
         if !r.note.is_empty() {
             println!("    {}", r.note.trim());
         }

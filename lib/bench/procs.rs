@@ -159,3 +159,20 @@ pub async fn wait_ready(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Peak resident memory of a process so far, in MiB (`VmHWM`), or 0 if unknown.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Online CPU cores.
+pub fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
