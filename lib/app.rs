@@ -97,6 +97,7 @@ type TaskResult = (String, Result<(), String>);
 pub struct App {
     http_addr: Option<SocketAddr>,
     psp_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: JoinSet<TaskResult>,
 }
@@ -104,6 +105,7 @@ pub struct App {
 impl App {
     /// Starts the given roles. Listeners bind before this returns, so port 0 works.
     pub async fn build(mut settings: Settings, roles: &[Role]) -> Result<Self, AppError> {
+        crate::metrics::install();
         let shutdown = CancellationToken::new();
         let mut tasks: JoinSet<TaskResult> = JoinSet::new();
         let mut psp_addr = None;
@@ -248,6 +250,24 @@ impl App {
                     Role::Edge | Role::Psp => {}
                 }
             }
+            let durables: Vec<&'static str> = roles
+                .iter()
+                .flat_map(|role| match role {
+                    Role::Reserve => vec!["reserve", "inventory-commit"],
+                    Role::Authorize => vec!["authorize", "capture", "refund"],
+                    Role::Order => vec!["order", "order-lifecycle"],
+                    Role::Compensate => vec!["compensate"],
+                    Role::Edge | Role::Psp => vec![],
+                })
+                .collect();
+            tasks.spawn({
+                let (bus, token) = (bus.clone(), shutdown.clone());
+                let every = settings.metrics.jetstream_interval;
+                async move {
+                    crate::metrics::report_jetstream(bus, durables, every, token).await;
+                    ("jetstream-gauges".to_owned(), Ok(()))
+                }
+            });
             if roles.contains(&Role::Edge) {
                 let rates = RatesCache::new(pool.clone(), settings.edge.rates_cache_ttl);
                 let catalog = CatalogCache::new(
@@ -315,9 +335,30 @@ impl App {
                 tracing::info!(%addr, "edge listening");
             }
         }
+        let mut metrics_addr = None;
+        if !roles.contains(&Role::Edge) && roles.iter().any(|r| r.needs_saga()) {
+            // The edge serves /metrics on its own address; other processes on metrics.addr.
+            match bind(&settings.metrics.addr).await {
+                Ok(listener) => {
+                    let addr = local_addr(&listener, &settings.metrics.addr)?;
+                    metrics_addr = Some(addr);
+                    let token = shutdown.clone();
+                    tasks.spawn(async move {
+                        let result = axum::serve(listener, http::metrics_router())
+                            .with_graceful_shutdown(token.cancelled_owned())
+                            .await
+                            .map_err(|e| e.to_string());
+                        ("metrics".to_owned(), result)
+                    });
+                    tracing::info!(%addr, "metrics listening");
+                }
+                Err(e) => tracing::warn!(error = %e, "no /metrics for this process"),
+            }
+        }
         Ok(Self {
             http_addr,
             psp_addr,
+            metrics_addr,
             shutdown,
             tasks,
         })
@@ -326,6 +367,11 @@ impl App {
     /// Where the edge listens, if this app runs it.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// Where this process serves `/metrics` when it runs no edge.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Where the sandbox PSP listens, if this app runs it.

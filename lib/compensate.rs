@@ -92,8 +92,11 @@ impl CompensateStep {
                 Claim::Done(events) => return Ok(events),
                 Claim::Fresh(tx) => tx,
             };
-        insert_failed(&mut tx, &checkout, reason).await?;
+        let ended = insert_failed(&mut tx, &checkout, reason).await?;
         tx.commit().await?;
+        if ended {
+            crate::metrics::order_ended(Some(reason), checkout.requested_at);
+        }
         tracing::info!(
             reason = reason.as_str(),
             released,
@@ -114,7 +117,14 @@ impl CompensateStep {
                 let id = &delivery.event_id;
                 return Ok(inbox::record_alone(&self.pool, TABLE, DURABLE, id, Vec::new()).await?);
             }
-            Fence::Fenced => {}
+            Fence::Fenced { new } => {
+                if new {
+                    crate::metrics::order_ended(
+                        Some(FailureReason::TimedOut),
+                        checkout.requested_at,
+                    );
+                }
+            }
         }
         payments::abandon(&self.pool, self.provider.as_ref(), &checkout).await?;
         let released = self.give_stock_back(&checkout).await?;

@@ -21,6 +21,7 @@ pub struct Settings {
     pub payments: PaymentsSettings,
     pub edge: EdgeSettings,
     pub watchdog: WatchdogSettings,
+    pub metrics: MetricsSettings,
     pub chaos: ChaosSettings,
 }
 
@@ -144,6 +145,14 @@ pub struct WatchdogSettings {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     pub batch: i64,
+}
+
+/// Where processes without an edge serve `/metrics`, and how often JetStream gauges refresh.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    pub addr: String,
+    #[serde(with = "humantime_serde")]
+    pub jetstream_interval: Duration,
 }
 
 /// Fault injection, off unless a test turns it on.

@@ -43,6 +43,7 @@ pub mod db;
 pub mod domain;
 pub mod http;
 pub mod inventory;
+pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod payments;

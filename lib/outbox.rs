@@ -153,6 +153,13 @@ impl Outbox {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            let unpublished: Result<(i64,), _> =
+                sqlx::query_as("SELECT count(*) FROM edge.outbox WHERE published_at IS NULL")
+                    .fetch_one(&self.pool)
+                    .await;
+            if let Ok((rows,)) = unpublished {
+                crate::metrics::outbox_unpublished(rows);
+            }
             match self.sweep_once(grace, max_backoff).await {
                 Ok(sweep) if sweep.stuck > 0 => {
                     tracing::warn!(stuck = sweep.stuck, "outbox rows keep failing to publish");

@@ -215,6 +215,11 @@ async fn one_run(
             "false".to_owned(),
         ),
         ("RUST_LOG".to_owned(), "warn".to_owned()),
+        // One process per role on one host: each serves /metrics on a port of its own.
+        (
+            "CHECKOUT__METRICS__ADDR".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
         // The sandbox's protections must not be what the benchmark measures.
         (
             "CHECKOUT__PAYMENTS__RATE_LIMIT_PER_S".to_owned(),

@@ -70,6 +70,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/orders/{order_id}/refund", post(orders::refund))
         .fallback(|| async { error::ApiError::not_found("not_found", "no such route") });
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .nest("/api", api)
@@ -85,4 +86,37 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))
         .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(track))
+}
+
+/// Prometheus text exposition of this process's metrics (no auth: keep the port internal).
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+}
+
+/// Counts every request by route template (not raw path: ids would explode the series).
+async fn track(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    crate::metrics::http_request(route, method, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// The router of a process without an edge: `/metrics` only.
+pub fn metrics_router() -> Router {
+    Router::new().route("/metrics", get(metrics))
 }

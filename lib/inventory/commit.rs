@@ -146,6 +146,7 @@ fn decide(
     if held.values().any(|(_, status)| status == "released") {
         tracing::warn!(order_id = %checkout.order_id, "the order was unwound before its stock was committed");
         return vec![Event::Rejected {
+            short: Vec::new(),
             checkout: checkout.clone(),
             reason: FailureReason::TimedOut,
             detail: "the order was unwound before its stock was committed".into(),
@@ -186,6 +187,7 @@ fn decide(
         } else {
             tracing::warn!(order_id = %checkout.order_id, %sku, "reservation expired and the stock is gone");
             return vec![Event::Rejected {
+                short: Vec::new(),
                 checkout: checkout.clone(),
                 reason: FailureReason::ReservationExpired,
                 detail: format!("hold expired and no stock left for {sku}"),

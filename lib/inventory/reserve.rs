@@ -52,6 +52,14 @@ impl BatchStep for ReserveStep {
         &self.pool
     }
 
+    fn committed(&self, outputs: &[Vec<Event>]) {
+        for event in outputs.iter().flatten() {
+            if let Event::Rejected { short, .. } = event {
+                crate::metrics::stockouts(short.len());
+            }
+        }
+    }
+
     fn input(&self, event: Event) -> Result<Checkout, String> {
         match event {
             Event::Requested { checkout } => Ok(checkout),
@@ -160,5 +168,6 @@ fn rejected(checkout: Checkout, short: Vec<String>) -> Vec<Event> {
         checkout,
         reason: FailureReason::OutOfStock,
         detail: format!("not enough stock for {}", short.join(", ")),
+        short,
     }]
 }

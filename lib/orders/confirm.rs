@@ -42,6 +42,14 @@ impl BatchStep for OrderStep {
         &self.pool
     }
 
+    fn committed(&self, outputs: &[Vec<Event>]) {
+        for event in outputs.iter().flatten() {
+            if let Event::Confirmed { checkout } = event {
+                crate::metrics::order_ended(None, checkout.requested_at);
+            }
+        }
+    }
+
     fn input(&self, event: Event) -> Result<Checkout, String> {
         match event {
             Event::Committed { checkout, .. } => Ok(checkout),
@@ -103,6 +111,7 @@ async fn with_promo(
             };
             tracing::info!(order_id = %checkout.order_id, reason = reason.as_str(), "promotion refused at confirmation");
             return Ok(vec![Event::Rejected {
+                short: Vec::new(),
                 detail: format!("promotion {code} refused"),
                 checkout: checkout.clone(),
                 reason,
@@ -127,6 +136,7 @@ fn confirmed(checkout: &Checkout) -> Vec<Event> {
 fn timed_out(checkout: &Checkout) -> Vec<Event> {
     tracing::warn!(order_id = %checkout.order_id, "order already failed (timed out); not confirming it");
     vec![Event::Rejected {
+        short: Vec::new(),
         checkout: checkout.clone(),
         reason: FailureReason::TimedOut,
         detail: "the order timed out before it could be confirmed".into(),

@@ -145,8 +145,8 @@ pub async fn insert_failed(
 /// Whether the watchdog may unwind an order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Fence {
-    /// The order is now (or was already) failed with `timed_out`: unwind it.
-    Fenced,
+    /// The order is failed with `timed_out` (`new`: by this call): unwind it.
+    Fenced { new: bool },
     /// It settled first (confirmed, or failed for another reason): leave it.
     Settled(String),
 }
@@ -156,7 +156,7 @@ pub enum Fence {
 pub async fn fence_timed_out(pool: &PgPool, checkout: &Checkout) -> Result<Fence, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     if insert(&mut conn, checkout, "failed", Some(FailureReason::TimedOut)).await? {
-        return Ok(Fence::Fenced);
+        return Ok(Fence::Fenced { new: true });
     }
     let (status, reason): (String, Option<String>) =
         sqlx::query_as("SELECT status, reason FROM orders.orders WHERE order_id = $1")
@@ -164,7 +164,7 @@ pub async fn fence_timed_out(pool: &PgPool, checkout: &Checkout) -> Result<Fence
             .fetch_one(&mut *conn)
             .await?;
     if status == "failed" && reason.as_deref() == Some(FailureReason::TimedOut.as_str()) {
-        return Ok(Fence::Fenced);
+        return Ok(Fence::Fenced { new: false });
     }
     Ok(Fence::Settled(status))
 }

@@ -55,6 +55,7 @@ impl Watchdog {
         loop {
             match self.pass().await {
                 Ok(pass) if pass.timed_out + pass.reminded > 0 => {
+                    crate::metrics::watchdog_timeouts(pass.timed_out);
                     tracing::warn!(
                         timed_out = pass.timed_out,
                         reminded = pass.reminded,

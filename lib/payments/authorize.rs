@@ -101,6 +101,12 @@ impl Step for AuthorizeStep {
         }
         let (record, outputs) = outcome(&checkout, decision, self.provider.name());
         if claim_and_record(&self.pool, &delivery.event_id, &outputs, &checkout, &record).await? {
+            let flagged = outputs.iter().any(|e| {
+                matches!(e, Event::Declined { reason, .. } if *reason == FailureReason::FraudSuspected)
+            });
+            if flagged {
+                crate::metrics::fraud_flag();
+            }
             return Ok(outputs);
         }
         if let Some(events) = inbox::lookup(&self.pool, table, DURABLE, &delivery.event_id).await? {

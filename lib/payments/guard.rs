@@ -364,6 +364,30 @@ impl GuardedProvider {
     }
 }
 
+/// How a failed call is counted: refused by the provider (`declined`), provider trouble
+/// (`failed`), or not made at all (deferred: not counted).
+fn result_of(e: &ProviderError) -> Option<&'static str> {
+    match e {
+        ProviderError::Rejected(_) => Some("declined"),
+        ProviderError::Unavailable(_) => Some("failed"),
+        ProviderError::Deferred(_) => None,
+    }
+}
+
+fn counted(
+    operation: &'static str,
+    result: Result<(), ProviderError>,
+) -> Result<(), ProviderError> {
+    let outcome = match &result {
+        Ok(()) => Some("succeeded"),
+        Err(e) => result_of(e),
+    };
+    if let Some(outcome) = outcome {
+        crate::metrics::payment_operation(operation, outcome);
+    }
+    result
+}
+
 #[async_trait::async_trait]
 impl PaymentProvider for GuardedProvider {
     fn name(&self) -> &'static str {
@@ -374,12 +398,25 @@ impl PaymentProvider for GuardedProvider {
         &self,
         request: &AuthorizeRequest,
     ) -> Result<AuthorizeOutcome, ProviderError> {
-        self.guarded(&request.idempotency_key, self.inner.authorize(request))
-            .await
+        let result = self
+            .guarded(&request.idempotency_key, self.inner.authorize(request))
+            .await;
+        let outcome = match &result {
+            Ok(AuthorizeOutcome::Approved { .. }) => Some("succeeded"),
+            Ok(AuthorizeOutcome::Declined { .. }) => Some("declined"),
+            Err(e) => result_of(e),
+        };
+        if let Some(outcome) = outcome {
+            crate::metrics::payment_operation("authorize", outcome);
+        }
+        result
     }
 
     async fn void(&self, auth_id: &str, key: &str) -> Result<(), ProviderError> {
-        self.guarded(key, self.inner.void(auth_id, key)).await
+        counted(
+            "void",
+            self.guarded(key, self.inner.void(auth_id, key)).await,
+        )
     }
 
     async fn capture(
@@ -388,8 +425,10 @@ impl PaymentProvider for GuardedProvider {
         amount: Decimal,
         key: &str,
     ) -> Result<(), ProviderError> {
-        self.guarded(key, self.inner.capture(auth_id, amount, key))
-            .await
+        let result = self
+            .guarded(key, self.inner.capture(auth_id, amount, key))
+            .await;
+        counted("capture", result)
     }
 
     async fn authorizations_for(
@@ -402,8 +441,10 @@ impl PaymentProvider for GuardedProvider {
     }
 
     async fn refund(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
-        self.guarded(key, self.inner.refund(auth_id, amount, key))
-            .await
+        let result = self
+            .guarded(key, self.inner.refund(auth_id, amount, key))
+            .await;
+        counted("refund", result)
     }
 
     async fn report(&self) -> Result<Vec<ProviderAuthorization>, ProviderError> {

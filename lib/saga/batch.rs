@@ -44,6 +44,9 @@ pub trait BatchStep: Send + Sync + 'static {
     fn pool(&self) -> &PgPool;
     /// The step's input from an event it consumes; an error dead-letters the message.
     fn input(&self, event: Event) -> Result<Self::Input, String>;
+    /// Called after the commit with the outputs of the inputs handled for the first time (not
+    /// those replayed from the inbox): where counters that must not double are counted.
+    fn committed(&self, _outputs: &[Vec<Event>]) {}
     /// Writes the effects of `inputs` (never handled before) in the caller's transaction and
     /// returns the events each one emits, in order.
     fn apply<'a>(
@@ -185,7 +188,11 @@ async fn admit_all<S: BatchStep>(
 /// Runs the batch in one transaction; if that fails, each message alone.
 async fn handle<S: BatchStep>(step: &S, bus: &Bus, policy: &Policy, items: Vec<Item<S::Input>>) {
     let messages: Vec<&jetstream::Message> = items.iter().map(Item::message).collect();
+    let started = std::time::Instant::now();
     let outcome = with_progress(&messages, policy, attempt(step, &items)).await;
+    for _ in &items {
+        crate::metrics::step_duration(step.durable(), started.elapsed());
+    }
     match outcome {
         Some(Ok(outputs)) => finish(bus, policy, items.iter().zip(outputs).collect()).await,
         Some(Err(e)) if items.len() > 1 => {
@@ -256,6 +263,7 @@ async fn attempt<S: BatchStep>(
         .iter()
         .filter(|i| !stored.contains_key(&i.event_id) && seen.insert(i.event_id.as_str()))
         .collect();
+    let mut fresh_outputs = Vec::new();
     if !todo.is_empty() {
         let inputs: Vec<&S::Input> = todo.iter().map(|i| &i.input).collect();
         let outputs = step.apply(&mut tx, &inputs).await?;
@@ -291,10 +299,12 @@ async fn attempt<S: BatchStep>(
             ));
         }
         for (item, events) in todo.iter().zip(outputs) {
-            stored.insert(item.event_id.clone(), events);
+            stored.insert(item.event_id.clone(), events.clone());
+            fresh_outputs.push(events);
         }
     }
     tx.commit().await?;
+    step.committed(&fresh_outputs);
     Ok(items
         .iter()
         .map(|i| stored.get(&i.event_id).cloned().unwrap_or_default())

@@ -115,6 +115,9 @@ pub enum Event {
         checkout: Checkout,
         reason: FailureReason,
         detail: String,
+        /// The SKUs that lacked stock (`out_of_stock`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        short: Vec<String>,
     },
     /// authorize -> inventory-commit: the PSP authorized the total.
     Authorized {

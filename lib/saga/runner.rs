@@ -444,12 +444,14 @@ async fn process<S: Step>(step: &S, bus: &Bus, policy: &Policy, message: jetstre
             delivered,
             trace: hop.clone(),
         };
+        let started = std::time::Instant::now();
         let result = with_progress(
             &message,
             policy,
             AssertUnwindSafe(step.handle(event, &delivery)).catch_unwind(),
         )
         .await;
+        crate::metrics::step_duration(step.durable(), started.elapsed());
         let result = match result {
             Some(Ok(result)) => result,
             Some(Err(_panic)) => Err(StepError::Permanent("the handler panicked".into())),

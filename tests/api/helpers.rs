@@ -181,6 +181,8 @@ pub fn test_settings(nats: &NatsServer, db: &TestDb) -> Settings {
     s.consumer.nak_max_delay = Duration::from_millis(500);
     s.edge.outbox_interval = Duration::from_millis(200);
     s.edge.outbox_grace = Duration::from_millis(500);
+    s.metrics.addr = "127.0.0.1:0".into();
+    s.metrics.jetstream_interval = Duration::from_millis(200);
     s
 }
 
@@ -837,4 +839,49 @@ impl Drop for PgServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A PSP in the test process, and every other role in a real `checkout` process.
+pub async fn harness() -> (TestApp, CheckoutProcess) {
+    harness_with(&[]).await
+}
+
+/// The same, with extra environment for the process (e.g. fault injection).
+pub async fn harness_with(extra: &[(&str, &str)]) -> (TestApp, CheckoutProcess) {
+    let nats = NatsServer::start();
+    let db = TestDb::new();
+    let mut settings = test_settings(&nats, &db);
+    settings.payments.rate_limit_per_s = 100_000.0;
+    let psp = App::build(settings.clone(), &[Role::Psp])
+        .await
+        .expect("psp starts");
+    let psp_url = format!("http://{}", psp.psp_addr().expect("psp"));
+    settings.psp.url = psp_url.clone();
+    let http_port = port();
+    let mut env = process_env(&settings, http_port, &psp_url);
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let process = CheckoutProcess::start("edge,reserve,authorize,order,compensate", env);
+    let base = format!("http://127.0.0.1:{http_port}");
+    // Ready means migrated: the process creates the database.
+    wait_ready(&reqwest::Client::new(), &base).await;
+    let app = TestApp::remote(psp, base, settings, nats, db).await;
+    (app, process)
+}
+
+pub async fn wait_ready(http: &reqwest::Client, base: &str) {
+    eventually(
+        "the process to be ready",
+        Duration::from_secs(30),
+        || async {
+            http.get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await;
 }

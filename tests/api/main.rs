@@ -9,6 +9,7 @@ mod faults;
 mod helpers;
 mod idempotency;
 mod inventory;
+mod observability;
 mod outages;
 mod payments;
 mod pricing;

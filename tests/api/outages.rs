@@ -5,13 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use checkout::app::{App, Role};
+use checkout::app::Role;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{
-    eventually, port, process_env, test_settings, CheckoutProcess, NatsServer, PgServer, TestApp,
-    TestDb,
-};
+use crate::helpers::{eventually, harness, wait_ready, PgServer, TestApp, TestDb};
 
 /// Buyers that keep checking out one unit each until stopped, through whatever happens.
 struct Load {
@@ -139,41 +136,6 @@ async fn assert_every_order_ended(app: &TestApp, within: Duration) -> Duration {
     assert_eq!(app.dead_letters().await, 0, "nothing dead-lettered");
     app.audit().await;
     drained
-}
-
-/// A PSP in the test process, and every other role in a real `checkout` process.
-async fn harness() -> (TestApp, CheckoutProcess) {
-    let nats = NatsServer::start();
-    let db = TestDb::new();
-    let mut settings = test_settings(&nats, &db);
-    settings.payments.rate_limit_per_s = 100_000.0;
-    let psp = App::build(settings.clone(), &[Role::Psp])
-        .await
-        .expect("psp starts");
-    let psp_url = format!("http://{}", psp.psp_addr().expect("psp"));
-    settings.psp.url = psp_url.clone();
-    let http_port = port();
-    let env = process_env(&settings, http_port, &psp_url);
-    let process = CheckoutProcess::start("edge,reserve,authorize,order,compensate", env);
-    let base = format!("http://127.0.0.1:{http_port}");
-    // Ready means migrated: the process creates the database.
-    wait_ready(&reqwest::Client::new(), &base).await;
-    let app = TestApp::remote(psp, base, settings, nats, db).await;
-    (app, process)
-}
-
-async fn wait_ready(http: &reqwest::Client, base: &str) {
-    eventually(
-        "the process to be ready",
-        Duration::from_secs(30),
-        || async {
-            http.get(format!("{base}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        },
-    )
-    .await;
 }
 
 #[tokio::test]

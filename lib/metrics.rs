@@ -1,0 +1,222 @@
+//! Prometheus metrics through the `metrics` facade: one recorder per process, rendered at
+//! `GET /metrics` (the edge's address, or `metrics.addr` for processes without an edge).
+//!
+//! Business counters are counted once per order, where the effect first commits (the terminal
+//! order row, the recorded payment), never again on a redelivery. Gauges that describe
+//! JetStream (backlogs, dead letters) are read from the server every few seconds.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::payments::guard::BreakerState;
+use crate::saga::events::FailureReason;
+use crate::saga::subjects::{CHECKOUT_STREAM, DEADLETTER_STREAM};
+
+/// Orders reaching a terminal status.
+pub const ORDERS: &str = "checkout_orders_total";
+/// Calls to the payment provider by operation and result.
+pub const PAYMENT_OPERATIONS: &str = "checkout_payment_operations_total";
+/// Authorizations our risk policy refused.
+pub const FRAUD_FLAGS: &str = "checkout_fraud_flags_total";
+/// Checkout lines rejected for lack of stock.
+pub const STOCKOUTS: &str = "checkout_stockouts_total";
+/// Handler time per saga step.
+pub const STEP_DURATION: &str = "checkout_step_duration_seconds";
+/// From the accepted request to the terminal status.
+pub const END_TO_END: &str = "checkout_end_to_end_seconds";
+/// A durable's unprocessed plus unacknowledged messages.
+pub const CONSUMER_PENDING: &str = "checkout_consumer_pending_messages";
+/// Messages in the dead-letter stream.
+pub const DEADLETTERS: &str = "checkout_deadletter_messages";
+/// The payment breaker: 0 closed, 1 half-open, 2 open.
+pub const BREAKER: &str = "checkout_payment_breaker_state";
+/// Requests the edge owes JetStream (its outbox).
+pub const OUTBOX: &str = "checkout_outbox_unpublished";
+/// Orders the watchdog timed out.
+pub const TIMEOUTS: &str = "checkout_watchdog_timeouts_total";
+/// HTTP requests by route template, method and status class.
+pub const HTTP_REQUESTS: &str = "checkout_http_requests_total";
+/// HTTP request latency by route template and method.
+pub const HTTP_DURATION: &str = "checkout_http_request_duration_seconds";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs this process's recorder (once; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .map(PrometheusBuilder::build_recorder);
+            let recorder = match recorder {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "metrics buckets refused; using defaults");
+                    PrometheusBuilder::new().build_recorder()
+                }
+            };
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// The Prometheus text exposition of everything recorded so far.
+pub fn render() -> String {
+    install().render()
+}
+
+fn describe() {
+    describe_counter!(ORDERS, "Orders reaching a terminal status (confirmed or failed, with the reason), counted once per order.");
+    describe_counter!(PAYMENT_OPERATIONS, "Payment provider calls by operation (authorize, capture, void, refund) and result (succeeded, declined, failed).");
+    describe_counter!(FRAUD_FLAGS, "Authorizations refused by our risk policy.");
+    describe_counter!(STOCKOUTS, "Checkout lines rejected for lack of stock.");
+    describe_histogram!(
+        STEP_DURATION,
+        metrics::Unit::Seconds,
+        "Handler time per saga step."
+    );
+    describe_histogram!(
+        END_TO_END,
+        metrics::Unit::Seconds,
+        "From the accepted checkout request to the order's terminal status."
+    );
+    describe_gauge!(
+        CONSUMER_PENDING,
+        "A durable consumer's unprocessed plus unacknowledged messages."
+    );
+    describe_gauge!(DEADLETTERS, "Messages in the dead-letter stream.");
+    describe_gauge!(
+        BREAKER,
+        "The payment provider's circuit breaker: 0 closed, 1 half-open, 2 open."
+    );
+    describe_gauge!(
+        OUTBOX,
+        "Events the edge owes JetStream (outbox rows not yet published)."
+    );
+    describe_counter!(
+        TIMEOUTS,
+        "Orders the watchdog sent to compensation for being pending too long."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests by route template, method and status class."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        metrics::Unit::Seconds,
+        "HTTP request latency by route template and method."
+    );
+}
+
+/// An order reached its terminal status (call once, where that status commits).
+pub fn order_ended(reason: Option<FailureReason>, requested_at: DateTime<Utc>) {
+    let (outcome, reason) = match reason {
+        None => ("confirmed", ""),
+        Some(r) => ("failed", r.as_str()),
+    };
+    counter!(ORDERS, "outcome" => outcome, "reason" => reason).increment(1);
+    let secs = (Utc::now() - requested_at).num_milliseconds().max(0) as f64 / 1000.0;
+    histogram!(END_TO_END, "outcome" => outcome).record(secs);
+}
+
+/// One provider call's outcome.
+pub fn payment_operation(operation: &'static str, result: &'static str) {
+    counter!(PAYMENT_OPERATIONS, "operation" => operation, "result" => result).increment(1);
+}
+
+/// Our risk policy refused an authorization.
+pub fn fraud_flag() {
+    counter!(FRAUD_FLAGS).increment(1);
+}
+
+/// Lines rejected for lack of stock.
+pub fn stockouts(lines: usize) {
+    counter!(STOCKOUTS).increment(lines as u64);
+}
+
+/// Time a saga step spent on one message.
+pub fn step_duration(step: &'static str, took: Duration) {
+    histogram!(STEP_DURATION, "step" => step).record(took.as_secs_f64());
+}
+
+/// The breaker's state.
+pub fn breaker(state: BreakerState) {
+    let value = match state {
+        BreakerState::Closed => 0.0,
+        BreakerState::HalfOpen => 1.0,
+        BreakerState::Open => 2.0,
+    };
+    gauge!(BREAKER).set(value);
+}
+
+/// Unpublished outbox rows.
+pub fn outbox_unpublished(rows: i64) {
+    gauge!(OUTBOX).set(rows as f64);
+}
+
+/// Orders the watchdog timed out.
+pub fn watchdog_timeouts(orders: usize) {
+    counter!(TIMEOUTS).increment(orders as u64);
+}
+
+/// One HTTP request.
+pub fn http_request(route: String, method: String, status: u16, took: Duration) {
+    let class = match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => class)
+        .increment(1);
+    histogram!(HTTP_DURATION, "route" => route, "method" => method).record(took.as_secs_f64());
+}
+
+/// Reads backlogs of `durables` and the dead-letter count from JetStream every `every`.
+pub async fn report_jetstream(
+    bus: Bus,
+    durables: Vec<&'static str>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let js = bus.jetstream().clone();
+    loop {
+        if let Ok(stream) = js.get_stream(CHECKOUT_STREAM).await {
+            for durable in &durables {
+                let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+                    stream.get_consumer(durable).await;
+                if let Ok(mut c) = consumer {
+                    if let Ok(info) = c.info().await {
+                        let pending = info.num_pending + info.num_ack_pending as u64;
+                        gauge!(CONSUMER_PENDING, "consumer" => *durable).set(pending as f64);
+                    }
+                }
+            }
+        }
+        if let Ok(mut dead) = js.get_stream(DEADLETTER_STREAM).await {
+            if let Ok(info) = dead.info().await {
+                gauge!(DEADLETTERS).set(info.state.messages as f64);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
