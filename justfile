@@ -25,6 +25,11 @@ test: tools
     scripts/ensure-postgres.sh
     cargo test --locked
 
+# Check the alert rules (and their unit tests), the /metrics the tests saved, and the dashboard.
+ops-check:
+    scripts/ensure-promtool.sh
+    scripts/ops-check.sh
+
 # Format and lint exactly as CI does.
 lint:
     cargo fmt --check

@@ -121,6 +121,11 @@ fn describe() {
         metrics::Unit::Seconds,
         "HTTP request latency by route template and method."
     );
+    // Counters that may stay at zero for a long time are exported from the start, so that
+    // rate() and alerts see them before their first event.
+    counter!(FRAUD_FLAGS).increment(0);
+    counter!(STOCKOUTS).increment(0);
+    counter!(TIMEOUTS).increment(0);
 }
 
 /// An order reached its terminal status (call once, where that status commits).
