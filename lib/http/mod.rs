@@ -7,6 +7,7 @@ pub mod error;
 mod extract;
 mod health;
 mod orders;
+mod timeline;
 mod views;
 
 use axum::extract::DefaultBodyLimit;
@@ -65,6 +66,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route("/checkout", post(checkout::checkout))
         .route("/orders/{order_id}", get(orders::get_order))
+        .route("/orders/{order_id}/events", get(timeline::events))
         .route("/orders/{order_id}/ship", post(orders::ship))
         .route("/orders/{order_id}/cancel", post(orders::cancel))
         .route("/orders/{order_id}/refund", post(orders::refund))

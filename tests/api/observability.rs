@@ -163,3 +163,140 @@ async fn redelivered_handlers_do_not_count_twice() {
         2.0
     );
 }
+
+fn kinds(timeline: &serde_json::Value) -> Vec<String> {
+    timeline["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter_map(|e| e["type"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_timeline_tells_each_orders_story_to_its_owner() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    let (alice, paid) = app.buy("alice", "TEE", "tok_visa").await;
+    let (bob, declined) = app.buy("bob", "TEE", "tok_declined").await;
+    let order = app.settled(&alice, &paid).await;
+    app.settled(&bob, &declined).await;
+    let timeline = |token: String, id: String| {
+        let app = &app;
+        async move {
+            app.call(
+                reqwest::Method::GET,
+                &format!("/api/orders/{id}/events"),
+                Some(&token),
+                None,
+                &[],
+            )
+            .await
+        }
+    };
+    let (status, story) = timeline(alice.clone(), paid.clone()).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{story}");
+    assert_eq!(
+        kinds(&story),
+        [
+            "requested",
+            "reserved",
+            "authorized",
+            "committed",
+            "confirmed"
+        ]
+    );
+    let events = story["events"].as_array().expect("events");
+    assert_eq!(events[0]["detail"]["total"], order["total"]);
+    assert_eq!(events.last().expect("last")["stage"], "confirmed");
+    let at: Vec<&str> = events.iter().filter_map(|e| e["at"].as_str()).collect();
+    assert!(at.windows(2).all(|w| w[0] <= w[1]), "oldest first: {at:?}");
+
+    let (_, story) = timeline(bob.clone(), declined.clone()).await;
+    assert_eq!(
+        kinds(&story),
+        ["requested", "reserved", "declined", "failed"]
+    );
+    assert_eq!(story["events"][2]["detail"]["declineCode"], "card_declined");
+    assert_eq!(story["events"][3]["detail"]["reason"], "payment_declined");
+
+    // Someone else's order does not exist for them; an admin sees it.
+    let (status, _) = timeline(bob.clone(), paid.clone()).await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+    let (status, _) = timeline(app.admin(), paid.clone()).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+
+    // Shipping adds to the story.
+    app.ship(&paid).await;
+    app.eventually("shipped in the timeline", || async {
+        kinds(&timeline(alice.clone(), paid.clone()).await.1)
+            .last()
+            .map(String::as_str)
+            == Some("shipped")
+    })
+    .await;
+    let (_, story) = timeline(alice.clone(), paid.clone()).await;
+    assert_eq!(
+        &kinds(&story)[5..],
+        ["ship_requested", "captured", "shipped"]
+    );
+}
+
+#[tokio::test]
+async fn the_live_stream_shows_each_step_as_it_happens() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    // The provider takes about a second: the stream must show the first steps before it answers.
+    let (token, id) = app.buy("alice", "TEE", "tok_slow").await;
+    let mut response = app
+        .http
+        .get(format!("{}/api/orders/{id}/events", app.base))
+        .bearer_auth(&token)
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let mut buffer = String::new();
+    let mut seen: Vec<String> = Vec::new();
+    let mut pending_when_reserved = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Some(chunk) = tokio::time::timeout_at(deadline.into(), response.chunk())
+        .await
+        .expect("the stream ends by itself")
+        .expect("chunk")
+    {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let Some(kind) = frame.lines().find_map(|l| l.strip_prefix("event: ")) else {
+                continue; // a keep-alive comment
+            };
+            let data = frame
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .expect("data");
+            let event: serde_json::Value = serde_json::from_str(data).expect("json");
+            assert_eq!(event["type"], kind);
+            if kind == "reserved" {
+                // Read as it arrives: the order is still waiting for the provider.
+                pending_when_reserved = Some(app.order(&token, &id).await.1["status"].clone());
+            }
+            seen.push(kind.to_owned());
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "requested",
+            "reserved",
+            "authorized",
+            "committed",
+            "confirmed"
+        ]
+    );
+    assert_eq!(pending_when_reserved, Some(serde_json::json!("pending")));
+}

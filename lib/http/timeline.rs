@@ -1,0 +1,222 @@
+//! An order's story: `GET /api/orders/{id}/events` as JSON (the timeline so far) or, with
+//! `Accept: text/event-stream`, live as Server-Sent Events.
+//!
+//! Read from JetStream, not from the services' tables: the per-order subjects
+//! (`checkout.*.<order_id>`) already hold every event in order with the server's timestamp, and
+//! an ordered consumer on them turns into a live feed without polling anything.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::Caller;
+use super::AppState;
+use crate::checkout;
+use crate::saga::events::{Event, EventKind};
+use crate::saga::subjects::CHECKOUT_STREAM;
+
+/// One event of the timeline.
+#[derive(Debug, Serialize)]
+pub struct TimelineEvent {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    at: DateTime<Utc>,
+    /// Where the order stands after this event.
+    stage: &'static str,
+    detail: Value,
+}
+
+/// `?follow=all` keeps a live stream open past confirmation (ship, cancel, refund).
+#[derive(Debug, Deserialize)]
+pub struct Follow {
+    #[serde(default)]
+    follow: Option<String>,
+}
+
+/// The order's timeline, or its live stream.
+pub async fn events(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(order_id): Path<String>,
+    Query(follow): Query<Follow>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found("order_not_found", "no such order");
+    let order_id = Uuid::parse_str(&order_id).map_err(|_| not_found())?;
+    let Some(placed) = checkout::find_by_order(&state.pool, order_id).await? else {
+        return Err(not_found());
+    };
+    if !(caller.admin || caller.user_id == placed.user_id) {
+        return Err(not_found());
+    }
+    let live = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let consumer = state
+        .bus
+        .jetstream()
+        .get_stream(CHECKOUT_STREAM)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .create_consumer(OrderedConfig {
+            filter_subject: format!("checkout.*.{order_id}"),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let pending = consumer.cached_info().num_pending;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if live {
+        let all = follow.follow.as_deref() == Some("all");
+        return Ok(stream(messages, all).into_response());
+    }
+    let mut events = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut messages = messages;
+    for _ in 0..pending {
+        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
+        let Ok(Some(Ok(message))) = next else { break };
+        if let Some((id, event)) = read(&message) {
+            if seen.insert(id) {
+                events.push(event);
+            }
+        }
+    }
+    Ok(Json(json!({"orderId": order_id, "events": events})).into_response())
+}
+
+/// Events so far, then each new one, until the order ends (or the client goes).
+fn stream(
+    messages: async_nats::jetstream::consumer::pull::Ordered,
+    follow_all: bool,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    let state = (messages, false, std::collections::HashSet::new());
+    let events = futures::stream::unfold(state, move |(mut messages, done, mut seen)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            let message = match messages.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "order stream interrupted");
+                    return None;
+                }
+                None => return None,
+            };
+            let Some((id, event)) = read(&message) else {
+                continue;
+            };
+            if !seen.insert(id) {
+                continue;
+            }
+            let last = ends(event.kind, follow_all);
+            let sse = SseEvent::default()
+                .event(event.kind)
+                .json_data(&event)
+                .unwrap_or_else(|_| SseEvent::default().event(event.kind));
+            return Some((Ok(sse), (messages, last, seen)));
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// Whether the live stream closes after an event of this kind.
+fn ends(kind: &str, follow_all: bool) -> bool {
+    if follow_all {
+        matches!(kind, "failed" | "cancelled" | "refunded")
+    } else {
+        matches!(kind, "confirmed" | "failed")
+    }
+}
+
+/// The message's dedup id and its timeline entry.
+fn read(message: &async_nats::jetstream::Message) -> Option<(String, TimelineEvent)> {
+    let event = Event::decode(&message.payload).ok()?;
+    let at = message
+        .info()
+        .map(|i| i.published)
+        .unwrap_or_else(|_| Utc::now());
+    Some((event.msg_id(), describe(&event, at)))
+}
+
+fn describe(event: &Event, at: DateTime<Utc>) -> TimelineEvent {
+    let kind = event.kind();
+    let attempt = event.attempt();
+    let detail = match event {
+        Event::Requested { checkout } => json!({
+            "total": checkout.total.to_string(),
+            "currency": checkout.currency,
+            "lines": checkout.items.len(),
+        }),
+        Event::Reserved { expires_at, .. } => json!({"holdExpiresAt": expires_at}),
+        Event::Rejected {
+            reason,
+            detail,
+            short,
+            ..
+        } => json!({"reason": reason.as_str(), "message": detail, "skus": short}),
+        Event::Authorized { payment_id, .. } | Event::Committed { payment_id, .. } => {
+            json!({"paymentId": payment_id})
+        }
+        Event::Declined {
+            decline_code,
+            reason,
+            ..
+        } => json!({"reason": reason.as_str(), "declineCode": decline_code}),
+        Event::Failed { reason, .. } => json!({"reason": reason.as_str()}),
+        Event::CaptureFailed { detail, .. }
+        | Event::RefundFailed { detail, .. }
+        | Event::CancelFailed { detail, .. } => json!({"attempt": attempt, "message": detail}),
+        Event::ShipRequested { .. }
+        | Event::Captured { .. }
+        | Event::Shipped { .. }
+        | Event::CancelRequested { .. }
+        | Event::Cancelled { .. }
+        | Event::RefundRequested { .. }
+        | Event::Refunded { .. } => json!({"attempt": attempt}),
+        Event::Confirmed { .. } | Event::TimedOut { .. } => json!({}),
+    };
+    TimelineEvent {
+        kind: kind.as_str(),
+        at,
+        stage: stage_after(kind),
+        detail,
+    }
+}
+
+/// Where the order stands after an event of this kind.
+fn stage_after(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Requested => "reserving",
+        EventKind::Reserved => "authorizing",
+        EventKind::Authorized => "committing_stock",
+        EventKind::Committed => "confirming",
+        EventKind::Rejected | EventKind::Declined | EventKind::TimedOut => "compensating",
+        EventKind::Confirmed | EventKind::CaptureFailed | EventKind::CancelFailed => "confirmed",
+        EventKind::Failed => "failed",
+        EventKind::ShipRequested | EventKind::Captured => "shipping",
+        EventKind::Shipped | EventKind::RefundFailed => "shipped",
+        EventKind::CancelRequested => "cancelling",
+        EventKind::Cancelled => "cancelled",
+        EventKind::RefundRequested => "refunding",
+        EventKind::Refunded => "refunded",
+    }
+}
