@@ -167,8 +167,13 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Run { role } => {
-            telemetry::init(cli.log_json);
             let settings = Settings::load()?;
+            let otlp = (!settings.telemetry.otlp_endpoint.is_empty()).then(|| telemetry::Otlp {
+                endpoint: settings.telemetry.otlp_endpoint.clone(),
+                service: role.replace(',', "+"),
+            });
+            // Kept until main returns: dropping it flushes the spans not yet exported.
+            let _spans = telemetry::init_with(cli.log_json, otlp);
             let roles: Vec<Role> = if role == "all" {
                 Role::ALL.to_vec()
             } else {

@@ -202,6 +202,18 @@ impl Checkouts {
     }
 }
 
+/// The trace an order's checkout started, so later requests (ship, cancel, refund) join it.
+pub async fn trace_of(pool: &PgPool, order_id: Uuid) -> Result<Option<TraceParent>, sqlx::Error> {
+    let row: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT traceparent FROM edge.checkouts WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row
+        .and_then(|(tp,)| tp)
+        .and_then(|tp| TraceParent::parse(&tp)))
+}
+
 /// The stored checkout of an order (pending or settled), with the user who placed it.
 pub async fn find_by_order(pool: &PgPool, order_id: Uuid) -> Result<Option<Checkout>, sqlx::Error> {
     let row: Option<(Vec<u8>,)> =

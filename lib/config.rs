@@ -22,6 +22,7 @@ pub struct Settings {
     pub edge: EdgeSettings,
     pub watchdog: WatchdogSettings,
     pub metrics: MetricsSettings,
+    pub telemetry: TelemetrySettings,
     pub chaos: ChaosSettings,
 }
 
@@ -153,6 +154,13 @@ pub struct MetricsSettings {
     pub addr: String,
     #[serde(with = "humantime_serde")]
     pub jetstream_interval: Duration,
+}
+
+/// Span export.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP collector base URL (e.g. `http://127.0.0.1:4318`); empty: no export.
+    pub otlp_endpoint: String,
 }
 
 /// Fault injection, off unless a test turns it on.

@@ -139,6 +139,7 @@ impl Sandbox {
             .route("/v1/authorizations", get(authorizations))
             .route("/v1/sandbox/faults", post(set_fault).delete(clear_fault))
             .with_state(self)
+            .layer(axum::middleware::from_fn(continue_trace))
     }
 
     /// The fault that applies to this call now, if any (and counts it).
@@ -205,6 +206,26 @@ async fn detached(work: impl std::future::Future<Output = Response> + Send + 'st
             "handler failed",
         )
     })
+}
+
+/// Each request is a span in the caller's trace (its `traceparent` header), as a real
+/// provider's tracing would show it.
+async fn continue_trace(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let parent = request
+        .headers()
+        .get(crate::saga::subjects::HEADER_TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::saga::trace::TraceParent::parse);
+    let span = tracing::info_span!(
+        "psp_request",
+        method = %request.method(),
+        path = %request.uri().path()
+    );
+    if let Some(parent) = &parent {
+        parent.adopt(&span);
+    }
+    next.run(request).instrument(span).await
 }
 
 async fn authorize(

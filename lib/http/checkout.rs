@@ -15,6 +15,7 @@ use crate::checkout::CheckoutRequest;
 use crate::domain::{is_clean_text, Address};
 use crate::saga::subjects::HEADER_TRACEPARENT;
 use crate::saga::trace::TraceParent;
+use tracing::Instrument;
 
 /// The request body.
 #[derive(Deserialize)]
@@ -70,12 +71,17 @@ pub async fn checkout(
         ));
     }
     let (address, shipping_method) = super::carts::destination(body.address, body.shipping_method)?;
-    let trace = headers
+    // The checkout's trace: the client's, if it sent one, continued by this span.
+    let incoming = headers
         .get(HEADER_TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse)
-        .map(|t| t.child())
-        .unwrap_or_else(TraceParent::new_root);
+        .and_then(TraceParent::parse);
+    let span = tracing::info_span!("checkout", user = %caller.user_id);
+    if let Some(parent) = &incoming {
+        parent.adopt(&span);
+    }
+    let fallback = incoming.unwrap_or_else(TraceParent::new_root);
+    let trace = TraceParent::of_span(&span, &fallback);
     let request = CheckoutRequest {
         cart_id,
         payment_token: token,
@@ -85,6 +91,7 @@ pub async fn checkout(
     let order_id = state
         .checkouts
         .submit(&caller.user_id, &key, &request, &trace)
+        .instrument(span)
         .await?;
     tracing::info!(%order_id, trace_id = %trace.trace_id, "checkout accepted");
     Ok((

@@ -216,7 +216,15 @@ async fn request(
                 Action::Cancel => Event::CancelRequested { checkout, attempt },
                 Action::Refund => Event::RefundRequested { checkout, attempt },
             };
-            let out = Outgoing::new(&event, Some(&TraceParent::new_root()))
+            // The request joins the order's trace, as a child of this request's span.
+            let span = tracing::info_span!("order_action", action = ?action, attempt);
+            let started = checkout::trace_of(&state.pool, order_id).await?;
+            if let Some(parent) = &started {
+                parent.adopt(&span);
+            }
+            let fallback = started.unwrap_or_else(TraceParent::new_root);
+            let trace = TraceParent::of_span(&span, &fallback);
+            let out = Outgoing::new(&event, Some(&trace))
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             Outbox::stage(&mut tx, &out).await?;
             tx.commit().await?;

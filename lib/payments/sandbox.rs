@@ -12,6 +12,11 @@ use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use tracing::Instrument;
+
+use crate::saga::subjects::HEADER_TRACEPARENT;
+use crate::saga::trace::TraceParent;
+
 use super::provider::{
     AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderAuthorization, ProviderError,
 };
@@ -77,6 +82,12 @@ struct ListedItem {
     refunds: u32,
 }
 
+/// The `traceparent` a provider call carries: the call's own span, so the provider's spans
+/// join the checkout's trace.
+fn traceparent(span: &tracing::Span) -> String {
+    TraceParent::of_span(span, &TraceParent::new_root()).header_value()
+}
+
 /// Whether a status means the provider is in trouble (its state unknown to us).
 fn is_trouble(status: StatusCode) -> bool {
     status.is_server_error()
@@ -111,12 +122,16 @@ impl SandboxClient {
         key: &str,
         body: &B,
     ) -> Result<reqwest::Response, ProviderError> {
-        let response = self
+        let span = tracing::info_span!("psp_call", method = "POST", path);
+        let request = self
             .http
             .post(format!("{}{path}", self.base))
             .header("Idempotency-Key", key)
-            .json(body)
+            .header(HEADER_TRACEPARENT, traceparent(&span))
+            .json(body);
+        let response = request
             .send()
+            .instrument(span)
             .await
             .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
         let status = response.status();
@@ -148,11 +163,14 @@ impl SandboxClient {
         &self,
         query: &[(&str, String)],
     ) -> Result<Vec<ProviderAuthorization>, ProviderError> {
+        let span = tracing::info_span!("psp_call", method = "GET", path = "/v1/authorizations");
         let response = self
             .http
             .get(format!("{}/v1/authorizations", self.base))
             .query(query)
+            .header(HEADER_TRACEPARENT, traceparent(&span))
             .send()
+            .instrument(span)
             .await
             .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
         if !response.status().is_success() {

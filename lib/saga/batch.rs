@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, AckKind};
 use futures::FutureExt;
 use sqlx::{PgConnection, PgPool};
-use tracing::{info_span, warn, Instrument};
+use tracing::{debug_span, info_span, warn, Instrument};
 
 use crate::bus::{Bus, BusError};
 use crate::config::{ConsumerSettings, Redeliver};
@@ -79,7 +79,8 @@ impl<S: BatchStep> Dispatch for Batched<S> {
     }
 
     fn dispatch(self: Arc<Self>, bus: Bus, policy: Arc<Policy>, group: Vec<Pulled>) -> Work {
-        let span = info_span!("saga_batch", consumer = policy.durable, size = group.len());
+        // Each message has its own span in its own trace (below); the batch is a debug span.
+        let span = debug_span!("saga_batch", consumer = policy.durable, size = group.len());
         Box::pin(
             async move {
                 let items = admit_all(&*self.0, &bus, &policy, group).await;
@@ -101,6 +102,8 @@ struct Item<I> {
     stream_seq: u64,
     /// This hop of the message's trace (outputs continue it).
     hop: TraceParent,
+    /// The message's span in its trace, open until the batch is finished.
+    span: tracing::Span,
 }
 
 impl<I> Item<I> {
@@ -166,6 +169,18 @@ async fn admit_all<S: BatchStep>(
             .and_then(|h| h.get(HEADER_TRACEPARENT))
             .and_then(|v| TraceParent::parse(v.as_str()))
             .unwrap_or_else(TraceParent::new_root);
+        let span = info_span!(
+            "saga_step",
+            consumer = policy.durable,
+            subject = %message.subject,
+            stream_seq,
+            delivered,
+            order_id = %event.checkout().order_id,
+            trace_id = %trace.trace_id,
+            parent_span_id = %trace.parent_id,
+        );
+        trace.adopt(&span);
+        let hop = TraceParent::of_span(&span, &trace);
         let input = match step.input(event) {
             Ok(input) => input,
             Err(why) => {
@@ -178,7 +193,8 @@ async fn admit_all<S: BatchStep>(
             event_id,
             delivered,
             stream_seq,
-            hop: trace.child(),
+            hop,
+            span,
             pulled,
         });
     }
@@ -342,6 +358,12 @@ async fn with_progress<T>(
 
 /// A message that could not be handled: retried later, or dead-lettered.
 async fn fail<I>(bus: &Bus, policy: &Policy, item: &Item<I>, error: StepError) {
+    async { fail_in_span(bus, policy, item, error).await }
+        .instrument(item.span.clone())
+        .await;
+}
+
+async fn fail_in_span<I>(bus: &Bus, policy: &Policy, item: &Item<I>, error: StepError) {
     let last_chance = policy.max_deliver > 0 && item.delivered >= policy.max_deliver;
     match error {
         StepError::Permanent(reason) => item.dead_letter(bus, policy).send(&reason).await,

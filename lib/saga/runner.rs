@@ -396,18 +396,19 @@ async fn process<S: Step>(step: &S, bus: &Bus, policy: &Policy, message: jetstre
         .and_then(|h| h.get(HEADER_TRACEPARENT))
         .and_then(|v| TraceParent::parse(v.as_str()))
         .unwrap_or_else(TraceParent::new_root);
-    let hop = trace.child();
     let span = info_span!(
         "saga_step",
         consumer = policy.durable,
         subject = %message.subject,
         stream_seq,
         delivered,
-        trace_id = %hop.trace_id,
-        span_id = %hop.parent_id,
+        trace_id = %trace.trace_id,
         parent_span_id = %trace.parent_id,
         order_id = tracing::field::Empty,
     );
+    trace.adopt(&span);
+    // What this step sends onwards: its own span (exported) or a new hop of the trace.
+    let hop = TraceParent::of_span(&span, &trace);
     let letter = DeadLetter {
         bus,
         durable: &policy.durable,

@@ -1,6 +1,9 @@
 //! W3C `traceparent` (version 00): the edge starts a trace, every hop continues it.
 
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry::Context;
 use rand::Rng;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// A trace id and the id of the span that sent the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +52,41 @@ impl TraceParent {
     /// The header value.
     pub fn header_value(&self) -> String {
         format!("00-{}-{}-01", self.trace_id, self.parent_id)
+    }
+
+    /// Makes `span` a child of this context, so its exported span joins the trace (a no-op
+    /// when spans are not exported). Call before the span is first entered.
+    pub fn adopt(&self, span: &tracing::Span) {
+        let (Ok(trace_id), Ok(span_id)) = (
+            TraceId::from_hex(&self.trace_id),
+            SpanId::from_hex(&self.parent_id),
+        ) else {
+            return;
+        };
+        let remote = SpanContext::new(
+            trace_id,
+            span_id,
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(Context::new().with_remote_span_context(remote));
+    }
+
+    /// The context to send onwards from `span`: the exported span's own ids when spans are
+    /// exported, otherwise a new hop of `fallback`'s trace.
+    pub fn of_span(span: &tracing::Span, fallback: &TraceParent) -> TraceParent {
+        let context = span.context();
+        let current = context.span();
+        let sc = current.span_context();
+        if sc.is_valid() {
+            TraceParent {
+                trace_id: sc.trace_id().to_string(),
+                parent_id: sc.span_id().to_string(),
+            }
+        } else {
+            fallback.child()
+        }
     }
 }
 

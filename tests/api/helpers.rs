@@ -286,6 +286,28 @@ impl TestApp {
         }
     }
 
+    /// Wraps roles that all run in other processes (the edge at `base`, the PSP at `psp`).
+    pub async fn detached(
+        base: String,
+        psp: String,
+        settings: Settings,
+        nats: NatsServer,
+        db: TestDb,
+    ) -> Self {
+        init_telemetry();
+        let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
+        Self {
+            app: None,
+            base,
+            psp,
+            http: reqwest::Client::new(),
+            settings,
+            pool,
+            nats,
+            db,
+        }
+    }
+
     /// Starts more role processes against the same NATS, database and PSP (kept until dropped).
     pub async fn start_roles(&self, roles: &[Role]) -> App {
         App::build(self.settings.clone(), roles)
@@ -717,6 +739,8 @@ pub fn process_env(settings: &Settings, http_port: u16, psp: &str) -> Vec<(Strin
             "CHECKOUT__PAYMENTS__RATE_LIMIT_PER_S",
             s.payments.rate_limit_per_s.to_string(),
         ),
+        ("CHECKOUT__METRICS__ADDR", "127.0.0.1:0".to_owned()),
+        ("CHECKOUT__METRICS__JETSTREAM_INTERVAL", "200ms".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -13,3 +13,4 @@ mod observability;
 mod outages;
 mod payments;
 mod pricing;
+mod traces;

@@ -1,0 +1,171 @@
+//! Traces: one checkout is one trace across every process (edge, each saga step, the PSP),
+//! exported with OTLP to a receiver in the test and decoded with the OTLP protobuf types.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use axum::Router;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message;
+
+use crate::helpers::{
+    eventually, port, process_env, test_settings, wait_ready, CheckoutProcess, NatsServer, TestApp,
+    TestDb,
+};
+
+#[derive(Debug, Clone)]
+struct Exported {
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    name: String,
+    service: String,
+}
+
+type Spans = Arc<Mutex<Vec<Exported>>>;
+
+async fn collect(State(spans): State<Spans>, body: Bytes) -> &'static str {
+    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+        return "";
+    };
+    let mut got = Vec::new();
+    for resource in request.resource_spans {
+        let service = resource
+            .resource
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(AnyValue::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        for scope in resource.scope_spans {
+            for span in scope.spans {
+                got.push(Exported {
+                    trace_id: hex::encode(&span.trace_id),
+                    span_id: hex::encode(&span.span_id),
+                    parent: hex::encode(&span.parent_span_id),
+                    name: span.name,
+                    service: service.clone(),
+                });
+            }
+        }
+    }
+    if let Ok(mut spans) = spans.lock() {
+        spans.extend(got);
+    }
+    ""
+}
+
+/// An OTLP/HTTP receiver on a free port; the spans it received.
+async fn receiver() -> (String, Spans) {
+    let spans: Spans = Arc::default();
+    let app = Router::new()
+        .route("/v1/traces", post(collect))
+        .with_state(spans.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), spans)
+}
+
+#[tokio::test]
+async fn one_checkout_is_one_trace_across_every_process() {
+    let (endpoint, spans) = receiver().await;
+    let nats = NatsServer::start();
+    let db = TestDb::new();
+    let mut settings = test_settings(&nats, &db);
+    let (http_port, psp_port) = (port(), port());
+    let psp = format!("http://127.0.0.1:{psp_port}");
+    settings.psp.url = psp.clone();
+    let mut env = process_env(&settings, http_port, &psp);
+    env.extend([
+        ("CHECKOUT__TELEMETRY__OTLP_ENDPOINT".to_owned(), endpoint),
+        (
+            "CHECKOUT__PSP__LISTEN_ADDR".to_owned(),
+            format!("127.0.0.1:{psp_port}"),
+        ),
+        // Export quickly: the test waits for the spans.
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+    ]);
+    // Every role its own process, as in production.
+    let base = format!("http://127.0.0.1:{http_port}");
+    let mut processes = vec![
+        CheckoutProcess::start("psp", env.clone()),
+        CheckoutProcess::start("edge", env.clone()),
+    ];
+    wait_ready(&reqwest::Client::new(), &base).await;
+    for role in ["reserve", "authorize", "order", "compensate"] {
+        processes.push(CheckoutProcess::start(role, env.clone()));
+    }
+    let app = TestApp::detached(base, psp, settings, nats, db).await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    let (traceparent,): (String,) =
+        sqlx::query_as("SELECT traceparent FROM edge.checkouts WHERE order_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .expect("the checkout's trace");
+    let trace_id = traceparent.split('-').nth(1).expect("trace id").to_owned();
+    let of_trace = || -> Vec<Exported> {
+        spans
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .filter(|x| x.trace_id == trace_id)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wanted: HashSet<&str> = ["edge", "reserve", "authorize", "order", "psp"].into();
+    eventually(
+        "spans from every process",
+        Duration::from_secs(20),
+        || async {
+            let services: HashSet<String> = of_trace().into_iter().map(|s| s.service).collect();
+            wanted.iter().all(|w| services.contains(*w))
+        },
+    )
+    .await;
+    let trace = of_trace();
+    // One tree: a single root (the edge's request), every other span's parent in the trace.
+    let ids: HashSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
+    let roots: Vec<&Exported> = trace.iter().filter(|s| s.parent.is_empty()).collect();
+    assert_eq!(roots.len(), 1, "one root: {trace:#?}");
+    assert_eq!(roots[0].service, "edge");
+    for span in &trace {
+        assert!(
+            span.parent.is_empty() || ids.contains(span.parent.as_str()),
+            "{} of {} has a parent outside the trace: {trace:#?}",
+            span.name,
+            span.service
+        );
+    }
+    let names: HashMap<&str, usize> = trace.iter().fold(HashMap::new(), |mut m, s| {
+        *m.entry(s.name.as_str()).or_default() += 1;
+        m
+    });
+    assert!(
+        names.get("saga_step").copied().unwrap_or(0) >= 4,
+        "{names:?}"
+    );
+    assert!(
+        names.contains_key("psp_call") && names.contains_key("psp_request"),
+        "{names:?}"
+    );
+    drop(processes);
+}
