@@ -17,6 +17,7 @@ use crate::compensate::CompensateStep;
 use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::http::{self, AppState};
+use crate::inventory::soldout::SoldOut;
 use crate::inventory::{self, CommitStep, ReserveStep};
 use crate::orders::watchdog::Watchdog;
 use crate::orders::{LifecycleStep, OrderStep};
@@ -155,6 +156,7 @@ impl App {
                             Arc::new(Batch(Arc::new(ReserveStep {
                                 pool: pool.clone(),
                                 ttl: settings.inventory.reservation_ttl,
+                                notices: Some(bus.client().clone()),
                             }))),
                         );
                         spawn_step(
@@ -162,12 +164,14 @@ impl App {
                             Arc::new(Batch(Arc::new(CommitStep { pool: pool.clone() }))),
                         );
                         let (pool, token) = (pool.clone(), shutdown.clone());
+                        let notices = bus.client().clone();
                         let inv = settings.inventory.clone();
                         tasks.spawn(async move {
                             inventory::run_sweeper(
                                 pool,
                                 inv.expiry_interval,
                                 inv.expiry_batch,
+                                notices,
                                 token,
                             )
                             .await;
@@ -221,6 +225,7 @@ impl App {
                             Arc::new(CompensateStep {
                                 pool: pool.clone(),
                                 provider: provider.clone(),
+                                notices: Some(bus.client().clone()),
                             }),
                         );
                         let watchdog = Watchdog {
@@ -307,12 +312,31 @@ impl App {
                         ("outbox-sweeper".to_owned(), Ok(()))
                     }
                 });
-                let checkouts = Checkouts::new(pool.clone(), outbox.clone(), rates.clone());
+                let sold_out = SoldOut::new(settings.edge.sold_out_ttl);
+                tasks.spawn({
+                    let (client, memory) = (bus.client().clone(), sold_out.clone());
+                    let token = shutdown.clone();
+                    async move {
+                        memory.follow(client, token).await;
+                        ("sold-out-notices".to_owned(), Ok(()))
+                    }
+                });
+                let checkouts = Checkouts::new(
+                    pool.clone(),
+                    outbox.clone(),
+                    rates.clone(),
+                    sold_out.clone(),
+                );
                 let state = AppState {
                     pool: pool.clone(),
                     bus: bus.clone(),
                     checkouts,
                     outbox,
+                    sold_out,
+                    admission: http::Admission::new(
+                        settings.edge.max_in_flight,
+                        settings.edge.admission_wait,
+                    ),
                     cart_limits: CartLimits {
                         max_lines: settings.edge.cart_max_lines,
                     },

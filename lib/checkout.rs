@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::cart::{self, CartError};
 use crate::domain::Address;
+use crate::inventory::soldout::SoldOut;
 use crate::orders;
 use crate::outbox::Outbox;
 use crate::pricing::destination::RatesCache;
@@ -38,6 +39,8 @@ pub enum CheckoutError {
     AlreadyCheckedOut,
     #[error("the cart is empty")]
     EmptyCart,
+    #[error("{0} is sold out")]
+    OutOfStock(String),
     #[error("this Idempotency-Key was used with a different request")]
     KeyReused,
     #[error(transparent)]
@@ -61,15 +64,17 @@ pub struct Checkouts {
     pool: PgPool,
     outbox: Outbox,
     rates: RatesCache,
+    sold_out: SoldOut,
 }
 
 impl Checkouts {
     /// The service; accepted requests go out through `outbox`.
-    pub fn new(pool: PgPool, outbox: Outbox, rates: RatesCache) -> Self {
+    pub fn new(pool: PgPool, outbox: Outbox, rates: RatesCache, sold_out: SoldOut) -> Self {
         Self {
             pool,
             outbox,
             rates,
+            sold_out,
         }
     }
 
@@ -137,6 +142,14 @@ impl Checkouts {
         let priced = cart::price_cart(&mut tx, request.cart_id, None, Some(ship_to))
             .await?
             .ok_or(CheckoutError::EmptyCart)?;
+        // A SKU every edge has just heard is sold out: refuse here, before any write or the
+        // saga (the reserve step would only refuse it later). Never a promise of stock.
+        if let Some(line) = priced.lines.iter().find(|l| {
+            self.sold_out
+                .refuses(l.sku.as_str(), i64::from(l.qty.get()))
+        }) {
+            return Err(CheckoutError::OutOfStock(line.sku.to_string()));
+        }
         let promo_code = priced
             .promo
             .as_ref()

@@ -32,6 +32,8 @@ use crate::saga::runner::{Delivery, Step, StepError};
 pub struct CompensateStep {
     pub pool: PgPool,
     pub provider: Arc<dyn PaymentProvider>,
+    /// Where units given back are announced to every edge (clears sold-out notices).
+    pub notices: Option<async_nats::Client>,
 }
 
 const DURABLE: &str = "compensate";
@@ -183,8 +185,14 @@ impl CompensateStep {
     /// Both are no-ops when done.
     async fn give_stock_back(&self, checkout: &Checkout) -> Result<i64, StepError> {
         let order_id = checkout.order_id;
-        Ok(release_for_order(&self.pool, order_id).await?
-            + restock_for_order(&self.pool, order_id).await?)
+        let units = release_for_order(&self.pool, order_id).await?
+            + restock_for_order(&self.pool, order_id).await?;
+        if let (Some(client), true) = (&self.notices, units > 0) {
+            for line in &checkout.items {
+                crate::inventory::soldout::announce_available(client, line.sku.as_str());
+            }
+        }
+        Ok(units)
     }
 
     /// Voids for a failing order. A refusal does not hold the order up: the buyer is not

@@ -131,6 +131,11 @@ pub struct EdgeSettings {
     #[serde(with = "humantime_serde")]
     pub outbox_max_backoff: Duration,
     pub cart_max_lines: i64,
+    #[serde(with = "humantime_serde")]
+    pub sold_out_ttl: Duration,
+    pub max_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub admission_wait: Duration,
     pub product_cache_capacity: u64,
     #[serde(with = "humantime_serde")]
     pub product_cache_ttl: Duration,

@@ -160,6 +160,8 @@ pub async fn put_stock(
         ));
     }
     let stock = inventory::set_on_hand(&state.pool, &sku, on_hand).await?;
+    // A restock clears every edge's sold-out memory of the SKU at once.
+    inventory::soldout::announce_available(state.bus.client(), sku.as_str());
     Ok(stock_json(&sku, stock))
 }
 

@@ -74,6 +74,9 @@ pub async fn add_item(
     let qty = quantity(&body.qty, false)?.ok_or_else(|| {
         ApiError::unprocessable("invalid_quantity", "qty must be an integer from 1 to 1000")
     })?;
+    if state.sold_out.refuses(sku.as_str(), i64::from(qty.get())) {
+        return Err(super::error::out_of_stock(format!("{sku} is sold out")));
+    }
     let product = product(&state, &sku).await?;
     Ok(Json(
         cart::add_item(
@@ -97,6 +100,11 @@ pub async fn set_item(
 ) -> Result<Json<CartJson>, ApiError> {
     let sku = parse_sku(&sku)?;
     let qty = quantity(&body.qty, true)?;
+    if let Some(qty) = qty {
+        if state.sold_out.refuses(sku.as_str(), i64::from(qty.get())) {
+            return Err(super::error::out_of_stock(format!("{sku} is sold out")));
+        }
+    }
     let product = product(&state, &sku).await?;
     Ok(Json(
         cart::set_item(

@@ -19,8 +19,10 @@ pub enum ApiError {
         code: &'static str,
         message: String,
     },
-    /// A dependency is down (database, NATS): 503, safe to retry.
+    /// A dependency is down (database, NATS): 503 with `Retry-After`, safe to retry.
     Unavailable(String),
+    /// More requests in flight than the edge admits: 503 with `Retry-After`, at once.
+    Busy,
     /// A bug: 500, logged, details withheld.
     Internal(String),
 }
@@ -67,6 +69,11 @@ impl IntoResponse for ApiError {
                     "a dependency is unavailable; retry with the same Idempotency-Key".to_owned(),
                 )
             }
+            Self::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight; retry after the Retry-After delay".to_owned(),
+            ),
             Self::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 (
@@ -76,23 +83,37 @@ impl IntoResponse for ApiError {
                 )
             }
         };
-        (
-            status,
-            Json(json!({"error": {"code": code, "message": message}})),
-        )
-            .into_response()
+        let body = Json(json!({"error": {"code": code, "message": message}}));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 says when to come back: clients (and our bench) back off, not hammer.
+            return (status, [(axum::http::header::RETRY_AFTER, "1")], body).into_response();
+        }
+        (status, body).into_response()
     }
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// The database being away, restarting or overloaded is a 503 (retry), not a 500: pool
+    /// and connection failures, and SQLSTATE classes 08 (connection), 53 (resources), 57
+    /// (operator intervention, e.g. a shutdown) and 40 (serialization, deadlock).
     fn from(e: sqlx::Error) -> Self {
+        let transient_code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| ["08", "53", "57", "40"].iter().any(|p| c.starts_with(p)));
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Self::Unavailable(e.to_string())
             }
+            _ if transient_code => Self::Unavailable(e.to_string()),
             _ => Self::Internal(e.to_string()),
         }
     }
+}
+
+/// 409 `out_of_stock`: the SKU is (recently known to be) sold out.
+pub fn out_of_stock(message: String) -> ApiError {
+    ApiError::client(StatusCode::CONFLICT, "out_of_stock", message)
 }
 
 impl From<CartError> for ApiError {
@@ -128,6 +149,7 @@ impl From<CheckoutError> for ApiError {
             CheckoutError::KeyReused => {
                 Self::unprocessable("idempotency_key_reused", e.to_string())
             }
+            CheckoutError::OutOfStock(_) => out_of_stock(e.to_string()),
             CheckoutError::Cart(e) => e.into(),
             CheckoutError::Database(e) => e.into(),
             CheckoutError::Encode(e) => Self::Internal(e),

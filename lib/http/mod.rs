@@ -22,6 +22,7 @@ use crate::cart::CartLimits;
 use crate::catalog::CatalogCache;
 use crate::checkout::Checkouts;
 use crate::config::Secret;
+use crate::inventory::soldout::SoldOut;
 use crate::outbox::Outbox;
 use crate::pricing::destination::RatesCache;
 
@@ -33,6 +34,10 @@ pub struct AppState {
     pub checkouts: Checkouts,
     /// Publishes ship, cancel and refund requests staged with their order locks.
     pub outbox: Outbox,
+    /// SKUs recently sold out (a fast "no" at add-to-cart and checkout).
+    pub sold_out: SoldOut,
+    /// Admission control: API requests in flight (see `edge.max_in_flight`).
+    pub admission: Admission,
     pub cart_limits: CartLimits,
     pub catalog: CatalogCache,
     pub rates: RatesCache,
@@ -70,7 +75,11 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/orders/{order_id}/ship", post(orders::ship))
         .route("/orders/{order_id}/cancel", post(orders::cancel))
         .route("/orders/{order_id}/refund", post(orders::refund))
-        .fallback(|| async { error::ApiError::not_found("not_found", "no such route") });
+        .fallback(|| async { error::ApiError::not_found("not_found", "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.admission.clone(),
+            admit,
+        ));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(health::healthz))
@@ -89,6 +98,41 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .layer(RequestBodyLimitLayer::new(body_limit))
         .layer(TraceLayer::new_for_http())
         .layer(axum::middleware::from_fn(track))
+}
+
+/// How many API requests an edge works on at once, and how long one waits for a slot.
+#[derive(Clone)]
+pub struct Admission {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    wait: std::time::Duration,
+}
+
+impl Admission {
+    /// `max` requests at once; a request waits at most `wait` for a slot.
+    pub fn new(max: usize, wait: std::time::Duration) -> Self {
+        Self {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            wait,
+        }
+    }
+}
+
+/// Admits a request if a slot frees up in time; otherwise answers 503 with Retry-After at once.
+async fn admit(
+    axum::extract::State(admission): axum::extract::State<Admission>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let slot = tokio::time::timeout(admission.wait, admission.slots.clone().acquire_owned()).await;
+    match slot {
+        Ok(Ok(slot)) => {
+            let response = next.run(request).await;
+            drop(slot);
+            response
+        }
+        _ => error::ApiError::Busy.into_response(),
+    }
 }
 
 /// Prometheus text exposition of this process's metrics (no auth: keep the port internal).

@@ -12,8 +12,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// Expires at most `batch` due holds; returns how many.
-pub async fn expire_due(pool: &PgPool, batch: i64) -> Result<usize, sqlx::Error> {
+/// Expires at most `batch` due holds; returns how many, and the SKUs whose units came back.
+pub async fn expire_due(pool: &PgPool, batch: i64) -> Result<(usize, Vec<String>), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let mut due: Vec<(String, i32, uuid::Uuid)> = sqlx::query_as(
         "WITH due AS (
@@ -29,7 +29,7 @@ pub async fn expire_due(pool: &PgPool, batch: i64) -> Result<usize, sqlx::Error>
     .await?;
     if due.is_empty() {
         tx.rollback().await?;
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     // Stock rows in SKU order, like every other writer, so sweeps and steps never deadlock.
     due.sort();
@@ -64,7 +64,7 @@ pub async fn expire_due(pool: &PgPool, batch: i64) -> Result<usize, sqlx::Error>
     .await?;
     tx.commit().await?;
     tracing::info!(count = due.len(), "reservations expired");
-    Ok(due.len())
+    Ok((due.len(), per_sku.into_iter().map(|(sku, _)| sku).collect()))
 }
 
 /// Sweeps every `interval` until shutdown; a full batch sweeps again at once.
@@ -72,11 +72,17 @@ pub async fn run_sweeper(
     pool: PgPool,
     interval: Duration,
     batch: i64,
+    notices: async_nats::Client,
     shutdown: CancellationToken,
 ) {
     loop {
         let swept = match expire_due(&pool, batch).await {
-            Ok(n) => n,
+            Ok((holds, skus)) => {
+                for sku in &skus {
+                    super::soldout::announce_available(&notices, sku);
+                }
+                holds
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "expiry sweep failed");
                 0

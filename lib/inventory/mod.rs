@@ -8,6 +8,7 @@ mod commit;
 mod expiry;
 mod release;
 mod reserve;
+pub mod soldout;
 mod stock;
 
 pub use commit::CommitStep;

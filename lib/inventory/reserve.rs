@@ -13,8 +13,9 @@ use chrono::Utc;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::soldout;
 use crate::saga::batch::BatchStep;
-use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
+use crate::saga::events::{Checkout, Event, EventKind, FailureReason, Short};
 use crate::saga::inbox::InboxTable;
 use crate::saga::runner::StepError;
 
@@ -22,6 +23,8 @@ use crate::saga::runner::StepError;
 pub struct ReserveStep {
     pub pool: PgPool,
     pub ttl: Duration,
+    /// Where shortages are announced to every edge (see `soldout`); none in some tests.
+    pub notices: Option<async_nats::Client>,
 }
 
 /// The holds a batch writes, as parallel columns for `unnest`.
@@ -56,6 +59,11 @@ impl BatchStep for ReserveStep {
         for event in outputs.iter().flatten() {
             if let Event::Rejected { short, .. } = event {
                 crate::metrics::stockouts(short.len());
+                if let Some(client) = &self.notices {
+                    for line in short {
+                        soldout::announce_short(client, &line.sku, line.available);
+                    }
+                }
             }
         }
     }
@@ -94,10 +102,14 @@ impl BatchStep for ReserveStep {
         let mut taken: BTreeMap<String, i32> = BTreeMap::new();
         for checkout in inputs {
             let demand = demand(checkout);
-            let short: Vec<String> = demand
+            let short: Vec<Short> = demand
                 .iter()
-                .filter(|(sku, qty)| available.get(*sku).copied().unwrap_or(0) < i64::from(**qty))
-                .map(|(sku, _)| sku.clone())
+                .map(|(sku, qty)| (sku, qty, available.get(sku).copied().unwrap_or(0)))
+                .filter(|(_, qty, left)| *left < i64::from(**qty))
+                .map(|(sku, _, left)| Short {
+                    sku: sku.clone(),
+                    available: left.max(0),
+                })
                 .collect();
             if !short.is_empty() {
                 outputs.push(rejected((*checkout).clone(), short));
@@ -162,12 +174,13 @@ fn demand(checkout: &Checkout) -> BTreeMap<String, i32> {
     demand
 }
 
-fn rejected(checkout: Checkout, short: Vec<String>) -> Vec<Event> {
-    tracing::info!(order_id = %checkout.order_id, skus = ?short, "out of stock");
+fn rejected(checkout: Checkout, short: Vec<Short>) -> Vec<Event> {
+    let skus: Vec<&str> = short.iter().map(|s| s.sku.as_str()).collect();
+    tracing::info!(order_id = %checkout.order_id, ?skus, "out of stock");
     vec![Event::Rejected {
+        detail: format!("not enough stock for {}", skus.join(", ")),
         checkout,
         reason: FailureReason::OutOfStock,
-        detail: format!("not enough stock for {}", short.join(", ")),
         short,
     }]
 }

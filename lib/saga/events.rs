@@ -54,6 +54,14 @@ pub struct Checkout {
     pub shipping_method: Option<String>,
 }
 
+/// A line the stock could not serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Short {
+    pub sku: String,
+    /// Units that were still available (fewer than the line asked for).
+    pub available: i64,
+}
+
 /// Why an order failed or ended early; the `reason` the API shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,9 +123,9 @@ pub enum Event {
         checkout: Checkout,
         reason: FailureReason,
         detail: String,
-        /// The SKUs that lacked stock (`out_of_stock`).
+        /// The lines that lacked stock (`out_of_stock`), with what was left.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        short: Vec<String>,
+        short: Vec<Short>,
     },
     /// authorize -> inventory-commit: the PSP authorized the total.
     Authorized {

@@ -6,6 +6,7 @@ mod batches;
 mod checkout_flow;
 mod endings;
 mod faults;
+mod flash_sale;
 mod helpers;
 mod idempotency;
 mod inventory;
