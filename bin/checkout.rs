@@ -91,6 +91,9 @@ struct BenchArgs {
     /// Skip the flash-sale comparison run.
     #[arg(long)]
     no_hot: bool,
+    /// The peak of a sale: the flash sale with 10,000 buyers for 1,000 units.
+    #[arg(long)]
+    surge: bool,
     /// Load before each measured run (then ANALYZE), so that plans fit a non-empty database.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     warmup: Duration,
@@ -135,8 +138,8 @@ async fn main() -> Result<()> {
                 rate: args.rate,
                 seed: args.seed,
                 skus: args.skus,
-                hot_units: args.hot_units,
-                hot_buyers: args.hot_buyers,
+                hot_units: if args.surge { 1000 } else { args.hot_units },
+                hot_buyers: if args.surge { 10_000 } else { args.hot_buyers },
                 runs,
                 with_hot: !args.no_hot,
                 ceiling_duration: args.ceiling,

@@ -152,6 +152,45 @@ async fn check(r: reqwest::Response, what: &str) -> Result<reqwest::Response, Be
     }
 }
 
+/// How one buyer's checkout ended.
+struct Outcome {
+    latency: Duration,
+    /// `Some(confirmed)` for an order, `None` for a 409 `out_of_stock` at the edge.
+    order: Option<bool>,
+    retries: u64,
+}
+
+/// Most retries of one request after 503/429, and the longest wait honoured.
+const MAX_RETRIES: u64 = 30;
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
+
+/// Sends a request, repeating it after a 503 or 429 as its `Retry-After` says (with jitter,
+/// bounded), like a well-behaved client; counts the repeats.
+async fn send_patiently(
+    request: impl Fn() -> reqwest::RequestBuilder,
+    retries: &mut u64,
+) -> Result<reqwest::Response, String> {
+    loop {
+        let response = request().send().await.map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        if (status != 503 && status != 429) || *retries >= MAX_RETRIES {
+            return Ok(response);
+        }
+        let after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<f64>().ok());
+        let Some(after) = after else {
+            return Ok(response);
+        };
+        *retries += 1;
+        let jitter = 0.5 + rand::random::<f64>();
+        let wait = Duration::from_secs_f64(after * jitter).min(MAX_RETRY_WAIT);
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// One buyer's checkout: add one item, check out, wait for the saga to settle.
 async fn one_checkout(
     http: &reqwest::Client,
@@ -161,33 +200,54 @@ async fn one_checkout(
     card: &str,
     key: &str,
     settlements: &Settlements,
-) -> Result<(Duration, bool), String> {
-    let r = http
-        .post(format!("{base}/api/cart/items"))
-        .bearer_auth(token)
-        .json(&json!({"sku": sku, "qty": 1}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<Outcome, String> {
+    let mut retries = 0;
+    let begun = Instant::now();
+    let r = send_patiently(
+        || {
+            http.post(format!("{base}/api/cart/items"))
+                .bearer_auth(token)
+                .json(&json!({"sku": sku, "qty": 1}))
+        },
+        &mut retries,
+    )
+    .await?;
+    if r.status().as_u16() == 409 {
+        return Ok(Outcome {
+            latency: begun.elapsed(),
+            order: None,
+            retries,
+        });
+    }
     if !r.status().is_success() {
         return Err(format!("add: HTTP {}", r.status()));
     }
     let cart: Value = r.json().await.map_err(|e| e.to_string())?;
     let cart_id = cart["cartId"].as_str().unwrap_or_default().to_owned();
     let started = Instant::now();
-    let r = http
-        .post(format!("{base}/api/checkout"))
-        .bearer_auth(token)
-        .header("Idempotency-Key", key)
-        .json(&json!({
-            "cartId": cart_id,
-            "paymentMethod": {"token": card},
-            "address": {"name": "Bench Buyer", "line1": "1 Load St", "city": "Berlin",
-                        "postalCode": "10115", "country": "DE"}
-        }))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    let body = json!({
+        "cartId": cart_id,
+        "paymentMethod": {"token": card},
+        "address": {"name": "Bench Buyer", "line1": "1 Load St", "city": "Berlin",
+                    "postalCode": "10115", "country": "DE"}
+    });
+    let r = send_patiently(
+        || {
+            http.post(format!("{base}/api/checkout"))
+                .bearer_auth(token)
+                .header("Idempotency-Key", key)
+                .json(&body)
+        },
+        &mut retries,
+    )
+    .await?;
+    if r.status().as_u16() == 409 {
+        return Ok(Outcome {
+            latency: begun.elapsed(),
+            order: None,
+            retries,
+        });
+    }
     if r.status().as_u16() != 202 {
         return Err(format!("checkout: HTTP {}", r.status()));
     }
@@ -200,7 +260,11 @@ async fn one_checkout(
         .wait(order_id, Duration::from_secs(60))
         .await
         .ok_or_else(|| format!("order {order_id} did not settle in 60 s"))?;
-    Ok((at.saturating_duration_since(started), confirmed))
+    Ok(Outcome {
+        latency: at.saturating_duration_since(started),
+        order: Some(confirmed),
+        retries,
+    })
 }
 
 /// Runs the scenario and returns what it measured.
@@ -298,8 +362,12 @@ pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
                 let key = format!("{:032x}", rng.gen::<u128>());
                 match one_checkout(&http, &opts.base, &token, &sku, card, &key, &settlements).await
                 {
-                    Ok((latency, confirmed)) => {
-                        stats.record(latency, confirmed);
+                    Ok(outcome) => {
+                        stats.retries += outcome.retries;
+                        match outcome.order {
+                            Some(confirmed) => stats.record(outcome.latency, confirmed),
+                            None => stats.refuse(outcome.latency),
+                        }
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {

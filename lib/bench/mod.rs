@@ -430,13 +430,18 @@ async fn hot_check(
         && stats.confirmed as i64 == expected
         && reserved == 0
         && stats.completed as usize == opts.hot_buyers;
+    let ok = ok && stats.errors == 0;
     Ok(format!(
-        "flash sale {}: {} confirmed, {} failed, {} of {} buyers settled, on_hand {on_hand}, reserved {reserved}",
+        "flash sale {}: {} confirmed, {} failed in the saga, {} answered out_of_stock at the edge, {} of {} buyers settled in {:.1} s, {} retries after Retry-After, {} errors, on_hand {on_hand}, reserved {reserved}",
         if ok { "correct" } else { "WRONG" },
         stats.confirmed,
         stats.failed,
+        stats.refused,
         stats.completed,
-        opts.hot_buyers
+        opts.hot_buyers,
+        stats.elapsed.as_secs_f64(),
+        stats.retries,
+        stats.errors
     ))
 }
 

@@ -8,6 +8,10 @@ pub struct RunStats {
     pub completed: u64,
     pub confirmed: u64,
     pub failed: u64,
+    /// Buyers answered `409 out_of_stock` at the edge (settled, without an order).
+    pub refused: u64,
+    /// Requests repeated after a 503/429 with `Retry-After` (not errors).
+    pub retries: u64,
     pub errors: u64,
     pub elapsed: Duration,
     latencies_us: Vec<u64>,
@@ -26,11 +30,21 @@ impl RunStats {
             .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
     }
 
+    /// Records a buyer answered `409 out_of_stock` at the edge: settled, no order.
+    pub fn refuse(&mut self, latency: Duration) {
+        self.completed += 1;
+        self.refused += 1;
+        self.latencies_us
+            .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+    }
+
     /// Merges another worker's numbers.
     pub fn merge(&mut self, other: RunStats) {
         self.completed += other.completed;
         self.confirmed += other.confirmed;
         self.failed += other.failed;
+        self.refused += other.refused;
+        self.retries += other.retries;
         self.errors += other.errors;
         self.latencies_us.extend(other.latencies_us);
     }

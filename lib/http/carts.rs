@@ -77,6 +77,7 @@ pub async fn add_item(
     if state.sold_out.refuses(sku.as_str(), i64::from(qty.get())) {
         return Err(super::error::out_of_stock(format!("{sku} is sold out")));
     }
+    let _slot = state.admission.enter().await?;
     let product = product(&state, &sku).await?;
     Ok(Json(
         cart::add_item(

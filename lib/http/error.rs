@@ -21,8 +21,8 @@ pub enum ApiError {
     },
     /// A dependency is down (database, NATS): 503 with `Retry-After`, safe to retry.
     Unavailable(String),
-    /// More requests in flight than the edge admits: 503 with `Retry-After`, at once.
-    Busy,
+    /// More requests in flight than the edge admits: 503 with `Retry-After` (seconds), at once.
+    Busy(u64),
     /// A bug: 500, logged, details withheld.
     Internal(String),
 }
@@ -69,11 +69,16 @@ impl IntoResponse for ApiError {
                     "a dependency is unavailable; retry with the same Idempotency-Key".to_owned(),
                 )
             }
-            Self::Busy => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "too many requests in flight; retry after the Retry-After delay".to_owned(),
-            ),
+            Self::Busy(after) => {
+                let body = Json(json!({"error": {"code": "overloaded",
+                    "message": "too many requests in flight; retry after the Retry-After delay"}}));
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, after.to_string())],
+                    body,
+                )
+                    .into_response();
+            }
             Self::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 (

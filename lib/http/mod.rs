@@ -105,14 +105,46 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
 pub struct Admission {
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     wait: std::time::Duration,
+    /// Requests turned away in the current second (and which second that is): the harder
+    /// the edge is shedding, the later it asks clients back, so retries spread out instead of
+    /// arriving as a second storm.
+    shed: std::sync::Arc<std::sync::Mutex<(u64, usize)>>,
+    max: usize,
 }
 
 impl Admission {
+    /// Waits (at most `wait`) for a slot; `Busy` with a Retry-After that grows with the line.
+    pub async fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, error::ApiError> {
+        let slot = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await;
+        if let Ok(Ok(slot)) = slot {
+            return Ok(slot);
+        }
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let shed = match self.shed.lock() {
+            Ok(mut shed) => {
+                if shed.0 != second {
+                    *shed = (second, 0);
+                }
+                shed.1 += 1;
+                shed.1
+            }
+            Err(_) => 0,
+        };
+        // One more second per eight rounds of slots turned away this second, up to 30 s.
+        Err(error::ApiError::Busy(
+            (1 + shed / (self.max * 8)).min(30) as u64
+        ))
+    }
+
     /// `max` requests at once; a request waits at most `wait` for a slot.
     pub fn new(max: usize, wait: std::time::Duration) -> Self {
         Self {
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1))),
             wait,
+            shed: std::sync::Arc::default(),
+            max: max.max(1),
         }
     }
 }
@@ -124,14 +156,23 @@ async fn admit(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let slot = tokio::time::timeout(admission.wait, admission.slots.clone().acquire_owned()).await;
-    match slot {
-        Ok(Ok(slot)) => {
+    // Adding to a cart takes its slot itself, after the sold-out check: a buyer of a sold-out
+    // SKU is answered at once, without waiting in line for the database.
+    let adds_to_cart = request.method() == axum::http::Method::POST
+        && request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .is_some_and(|p| p.as_str().ends_with("/cart/items"));
+    if adds_to_cart {
+        return next.run(request).await;
+    }
+    match admission.enter().await {
+        Ok(slot) => {
             let response = next.run(request).await;
             drop(slot);
             response
         }
-        _ => error::ApiError::Busy.into_response(),
+        Err(busy) => busy.into_response(),
     }
 }
 

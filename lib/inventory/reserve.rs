@@ -57,13 +57,23 @@ impl BatchStep for ReserveStep {
 
     fn committed(&self, outputs: &[Vec<Event>]) {
         for event in outputs.iter().flatten() {
-            if let Event::Rejected { short, .. } = event {
-                crate::metrics::stockouts(short.len());
-                if let Some(client) = &self.notices {
-                    for line in short {
-                        soldout::announce_short(client, &line.sku, line.available);
+            match (event, &self.notices) {
+                (Event::Rejected { short, .. }, notices) => {
+                    crate::metrics::stockouts(short.len());
+                    for line in short.iter().filter(|_| notices.is_some()) {
+                        if let Some(client) = notices {
+                            soldout::announce_short(client, &line.sku, line.available);
+                        }
                     }
                 }
+                // This order took the last units: every edge hears it now, not at the next
+                // buyer's refusal.
+                (Event::Reserved { emptied, .. }, Some(client)) => {
+                    for sku in emptied {
+                        soldout::announce_short(client, sku, 0);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -115,8 +125,13 @@ impl BatchStep for ReserveStep {
                 outputs.push(rejected((*checkout).clone(), short));
                 continue;
             }
+            let mut emptied = Vec::new();
             for (sku, qty) in demand {
-                *available.entry(sku.clone()).or_default() -= i64::from(qty);
+                let left = available.entry(sku.clone()).or_default();
+                *left -= i64::from(qty);
+                if *left <= 0 {
+                    emptied.push(sku.clone());
+                }
                 *taken.entry(sku.clone()).or_default() += qty;
                 holds
                     .ids
@@ -128,6 +143,7 @@ impl BatchStep for ReserveStep {
             outputs.push(vec![Event::Reserved {
                 checkout: (*checkout).clone(),
                 expires_at,
+                emptied,
             }]);
         }
         if holds.ids.is_empty() {

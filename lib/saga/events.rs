@@ -116,6 +116,9 @@ pub enum Event {
     Reserved {
         checkout: Checkout,
         expires_at: DateTime<Utc>,
+        /// SKUs whose last units this reservation took (sold out from now on).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        emptied: Vec<String>,
     },
     /// reserve or inventory-commit -> compensate: a line could not be held (or, after its
     /// hold expired, taken again); nothing is held.

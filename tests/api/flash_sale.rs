@@ -142,13 +142,12 @@ async fn overload_is_a_503_with_retry_after_at_once_never_a_500() {
         match answer.status() {
             StatusCode::OK => {}
             StatusCode::SERVICE_UNAVAILABLE => {
-                assert_eq!(
-                    answer
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok()),
-                    Some("1")
-                );
+                let after = answer
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                assert!(after.is_some_and(|s| (1..=30).contains(&s)), "{after:?}");
                 let body: serde_json::Value = answer.json().await.expect("json");
                 assert_eq!(body["error"]["code"], "overloaded");
                 busy += 1;

@@ -181,6 +181,8 @@ pub fn test_settings(nats: &NatsServer, db: &TestDb) -> Settings {
     s.consumer.nak_max_delay = Duration::from_millis(500);
     s.edge.outbox_interval = Duration::from_millis(200);
     s.edge.outbox_grace = Duration::from_millis(500);
+    // Tests that are not about admission control send bursts that should all be admitted.
+    s.edge.admission_wait = Duration::from_secs(10);
     s.metrics.addr = "127.0.0.1:0".into();
     s.metrics.jetstream_interval = Duration::from_millis(200);
     s
