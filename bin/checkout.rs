@@ -109,10 +109,7 @@ async fn main() -> Result<()> {
         Command::Decode => decode(),
         Command::Token { user, admin, ttl } => {
             let settings = Settings::load()?;
-            println!(
-                "{}",
-                auth::mint(settings.auth.jwt_secret.expose(), &user, admin, ttl)?
-            );
+            println!("{}", auth::mint_for(&settings.auth, &user, admin, ttl)?);
             Ok(())
         }
         Command::Bench(args) => {

@@ -88,6 +88,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
     #[error("task {task} failed: {message}")]
     Task { task: String, message: String },
 }
@@ -274,6 +276,30 @@ impl App {
                 }
             });
             if roles.contains(&Role::Edge) {
+                let verifier = Arc::new(crate::auth::Verifier::from_settings(&settings.auth)?);
+                let limits = http::limits::UserLimits::new(&settings.edge);
+                let readiness = http::health::Readiness::new(shutdown.clone());
+                tasks.spawn({
+                    let (readiness, pool, bus) = (readiness.clone(), pool.clone(), bus.clone());
+                    async move {
+                        readiness
+                            .run(pool, bus, std::time::Duration::from_secs(1))
+                            .await;
+                        ("readiness".to_owned(), Ok(()))
+                    }
+                });
+                tasks.spawn({
+                    let (limits, token) = (limits.clone(), shutdown.clone());
+                    async move {
+                        loop {
+                            tokio::select! {
+                                _ = token.cancelled() => break,
+                                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => limits.forget_idle(),
+                            }
+                        }
+                        ("rate-limits".to_owned(), Ok(()))
+                    }
+                });
                 let rates = RatesCache::new(pool.clone(), settings.edge.rates_cache_ttl);
                 let catalog = CatalogCache::new(
                     pool.clone(),
@@ -333,6 +359,8 @@ impl App {
                     checkouts,
                     outbox,
                     sold_out,
+                    limits: limits.clone(),
+                    readiness: readiness.clone(),
                     admission: http::Admission::new(
                         settings.edge.max_in_flight,
                         settings.edge.admission_wait,
@@ -342,7 +370,7 @@ impl App {
                     },
                     catalog,
                     rates,
-                    jwt_secret: settings.auth.jwt_secret.clone(),
+                    verifier: verifier.clone(),
                 };
                 let listener = bind(&settings.http.addr).await?;
                 let addr = local_addr(&listener, &settings.http.addr)?;

@@ -141,7 +141,14 @@ impl CatalogCache {
         self.cache
             .try_get_with(sku.to_string(), async move { get(&pool, &sku2).await })
             .await
-            .map_err(|e| sqlx::Error::Protocol(e.to_string()))
+            .map_err(|e| match *e {
+                // The cache shares one error between waiters; keep what matters to the caller:
+                // the database being away is a 503, not a 500.
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                    sqlx::Error::PoolTimedOut
+                }
+                _ => sqlx::Error::Protocol(e.to_string()),
+            })
     }
 
     /// The products among `skus` that exist.

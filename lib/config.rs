@@ -81,6 +81,9 @@ pub struct ConsumerSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct AuthSettings {
     pub jwt_secret: Secret,
+    pub jwks_file: String,
+    pub issuer: String,
+    pub audience: String,
 }
 
 /// The payment service provider (the sandbox PSP in development and tests).
@@ -134,6 +137,10 @@ pub struct EdgeSettings {
     #[serde(with = "humantime_serde")]
     pub sold_out_ttl: Duration,
     pub max_in_flight: usize,
+    pub requests_per_user_per_s: u32,
+    pub requests_per_user_burst: u32,
+    pub checkouts_per_user_per_min: u32,
+    pub checkouts_per_user_burst: u32,
     #[serde(with = "humantime_serde")]
     pub admission_wait: Duration,
     pub product_cache_capacity: u64,
@@ -214,10 +221,14 @@ impl fmt::Debug for Secret {
 pub struct ConfigError(#[from] config::ConfigError);
 
 impl Settings {
-    /// Loads the defaults, then the environment.
+    /// Loads the defaults, then `.run/local.toml` if there is one (`./dev up` writes the
+    /// generated secrets there), then the environment.
     pub fn load() -> Result<Self, ConfigError> {
         let settings = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(
+                config::File::new(".run/local.toml", config::FileFormat::Toml).required(false),
+            )
             .add_source(
                 config::Environment::with_prefix("CHECKOUT")
                     .prefix_separator("__")

@@ -64,6 +64,25 @@ pub async fn report_breaker(
     }
 }
 
+/// How many authorize processes' breakers are in each state (no instance names: readiness
+/// must not reveal hosts or processes).
+pub async fn breaker_counts(bus: &Bus) -> Value {
+    let mut counts = serde_json::Map::new();
+    for state in ["closed", "half_open", "open"] {
+        counts.insert(state.to_owned(), json!(0));
+    }
+    if let Value::Object(by_instance) = breakers(bus).await {
+        for report in by_instance.values() {
+            if let Some(state) = report["state"].as_str() {
+                if let Some(n) = counts.get_mut(state) {
+                    *n = json!(n.as_u64().unwrap_or(0) + 1);
+                }
+            }
+        }
+    }
+    Value::Object(counts)
+}
+
 /// Every authorize process's breaker, by instance.
 pub async fn breakers(bus: &Bus) -> Value {
     let Ok(store) = bus.jetstream().get_key_value(BUCKET).await else {

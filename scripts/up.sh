@@ -3,6 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .run
+# The edge refuses the built-in development secret: generate one, once, readable only by us.
+# `checkout token` reads the same file (Settings::load), so tokens and the edge agree.
+if [ ! -f .run/local.toml ] && [ -z "${CHECKOUT__AUTH__JWT_SECRET:-}" ]; then
+  (umask 077; printf '# Written once by ./dev up: local secrets, never committed.\n[auth]\njwt_secret = "%s"\n' \
+    "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > .run/local.toml)
+  echo "generated a JWT secret into .run/local.toml"
+fi
 scripts/ensure-postgres.sh
 if [ -z "${CHECKOUT__NATS__URL:-}" ]; then
   port=${NATS_PORT:-14222}

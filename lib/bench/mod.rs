@@ -85,8 +85,14 @@ const PUBLISHES_PER_CHECKOUT: f64 = 5.0; // requested, reserved, authorized, com
 const COMMITS_PER_CHECKOUT: f64 = 6.0; // cart add, checkout, reserve, authorize, order, stock commit
 
 /// Runs every configured run and prints the report; the last line is machine-readable.
-pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(), BenchError> {
+pub async fn run(mut settings: Settings, opts: BenchOptions) -> Result<(), BenchError> {
     std::fs::create_dir_all(&opts.work_dir)?;
+    // Its own token secret: the edges it starts refuse the built-in development one.
+    settings.auth.jwt_secret = crate::config::Secret::new(format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    ));
     let mut reports = Vec::new();
     for (i, (sync, processes)) in opts.runs.iter().enumerate() {
         let label = format!(
@@ -227,6 +233,24 @@ async fn one_run(
         ),
         (
             "CHECKOUT__PAYMENTS__BREAKER_MIN_CALLS".to_owned(),
+            "1000000".to_owned(),
+        ),
+        // Each closed-loop buyer checks out again and again with one token: per-user limits
+        // are for people, not for the load generator.
+        (
+            "CHECKOUT__EDGE__REQUESTS_PER_USER_PER_S".to_owned(),
+            "1000000".to_owned(),
+        ),
+        (
+            "CHECKOUT__EDGE__REQUESTS_PER_USER_BURST".to_owned(),
+            "1000000".to_owned(),
+        ),
+        (
+            "CHECKOUT__EDGE__CHECKOUTS_PER_USER_PER_MIN".to_owned(),
+            "1000000".to_owned(),
+        ),
+        (
+            "CHECKOUT__EDGE__CHECKOUTS_PER_USER_BURST".to_owned(),
             "1000000".to_owned(),
         ),
     ];
@@ -528,8 +552,8 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
     let settings = crate::config::Settings::load().ok();
     if let Some(s) = settings {
         println!(
-            "settings that could bind: payments.rate_limit_per_s={BENCH_RATE_LIMIT} (bench), breaker_min_calls=1000000 (bench), database.max_connections={} per process, consumer.concurrency={}, consumer.batch={}, users={}",
-            s.database.max_connections, s.consumer.concurrency, s.consumer.batch, opts.users
+            "settings that could bind: payments.rate_limit_per_s={BENCH_RATE_LIMIT} (bench), breaker_min_calls=1000000 (bench), per-user limits 1000000 (bench), edge.max_in_flight={}, database.max_connections={} per process, consumer.concurrency={}, consumer.batch={}, users={}",
+            s.edge.max_in_flight, s.database.max_connections, s.consumer.concurrency, s.consumer.batch, opts.users
         );
     }
     println!(

@@ -260,6 +260,20 @@ pub async fn put_promo(
         skus,
         used: 0,
     };
+    if let (Some(limit), Some(existing)) = (
+        promo.usage_limit,
+        promo::get(&mut *state.pool.acquire().await?, &code).await?,
+    ) {
+        if limit < existing.used {
+            return Err(ApiError::unprocessable(
+                "usage_limit_below_used",
+                format!(
+                    "usageLimit {limit} is below the {} times the code was already used",
+                    existing.used
+                ),
+            ));
+        }
+    }
     promo::upsert(&state.pool, &promo).await?;
     Ok(Json(
         serde_json::json!({"code": code, "kind": kind.as_str()}),

@@ -40,6 +40,7 @@ pub async fn checkout(
     headers: HeaderMap,
     ApiJson(body): ApiJson<CheckoutBody>,
 ) -> Result<impl IntoResponse, ApiError> {
+    state.limits.checkout(&caller.user_id)?;
     let key = headers
         .get("Idempotency-Key")
         .ok_or_else(|| {

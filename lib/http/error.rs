@@ -23,6 +23,8 @@ pub enum ApiError {
     Unavailable(String),
     /// More requests in flight than the edge admits: 503 with `Retry-After` (seconds), at once.
     Busy(u64),
+    /// One user's requests are over their rate limit: 429 with `Retry-After` (seconds).
+    TooManyRequests(u64),
     /// A bug: 500, logged, details withheld.
     Internal(String),
 }
@@ -69,6 +71,16 @@ impl IntoResponse for ApiError {
                     "a dependency is unavailable; retry with the same Idempotency-Key".to_owned(),
                 )
             }
+            Self::TooManyRequests(after) => {
+                let body = Json(json!({"error": {"code": "rate_limited",
+                    "message": "too many requests from this user; retry after the Retry-After delay"}}));
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(axum::http::header::RETRY_AFTER, after.to_string())],
+                    body,
+                )
+                    .into_response();
+            }
             Self::Busy(after) => {
                 let body = Json(json!({"error": {"code": "overloaded",
                     "message": "too many requests in flight; retry after the Retry-After delay"}}));
@@ -106,11 +118,27 @@ impl From<sqlx::Error> for ApiError {
             .as_database_error()
             .and_then(|d| d.code())
             .is_some_and(|c| ["08", "53", "57", "40"].iter().any(|p| c.starts_with(p)));
+        // Data the database refused (out of range, a check or foreign key) came from the
+        // request: a 4xx, never a 500. A unique violation is a conflict with what exists.
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned())
+            .unwrap_or_default();
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Self::Unavailable(e.to_string())
             }
             _ if transient_code => Self::Unavailable(e.to_string()),
+            _ if code == "23505" => Self::client(
+                StatusCode::CONFLICT,
+                "conflict",
+                "this conflicts with something that already exists",
+            ),
+            _ if code.starts_with("22") || code.starts_with("23") => Self::unprocessable(
+                "invalid_data",
+                "a value is out of range or breaks a rule of the data",
+            ),
             _ => Self::Internal(e.to_string()),
         }
     }

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::{self, Principal};
+use crate::auth::Principal;
 
 /// A JSON body whose rejections are API errors (413 for oversize, 422 for wrong shapes).
 pub struct ApiJson<T>(pub T);
@@ -68,7 +68,11 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be 'Bearer <token>'"))?;
-        auth::verify(state.jwt_secret.expose(), token)
+        let caller = state.verifier.verify(token);
+        if let Ok(principal) = &caller {
+            state.limits.request(&principal.user_id)?;
+        }
+        caller
             .map(Caller)
             .map_err(|e| ApiError::unauthorized(e.to_string()))
     }

@@ -5,7 +5,8 @@ mod carts;
 mod checkout;
 pub mod error;
 mod extract;
-mod health;
+pub mod health;
+pub mod limits;
 mod orders;
 mod timeline;
 mod views;
@@ -21,7 +22,6 @@ use crate::bus::Bus;
 use crate::cart::CartLimits;
 use crate::catalog::CatalogCache;
 use crate::checkout::Checkouts;
-use crate::config::Secret;
 use crate::inventory::soldout::SoldOut;
 use crate::outbox::Outbox;
 use crate::pricing::destination::RatesCache;
@@ -38,10 +38,15 @@ pub struct AppState {
     pub sold_out: SoldOut,
     /// Admission control: API requests in flight (see `edge.max_in_flight`).
     pub admission: Admission,
+    /// Per-user rate limits.
+    pub limits: limits::UserLimits,
+    /// The last readiness check.
+    pub readiness: health::Readiness,
     pub cart_limits: CartLimits,
     pub catalog: CatalogCache,
     pub rates: RatesCache,
-    pub jwt_secret: Secret,
+    /// Checks bearer tokens.
+    pub verifier: std::sync::Arc<crate::auth::Verifier>,
 }
 
 /// The edge's routes.

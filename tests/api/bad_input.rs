@@ -375,3 +375,37 @@ async fn carts_are_capped_so_no_saga_event_outgrows_the_server() {
     assert_eq!(body["cartId"], cart.as_str());
     assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "{body}");
 }
+
+#[tokio::test]
+async fn promo_limits_the_data_cannot_hold_are_4xx_not_5xx() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin();
+    let put = |body: Value| {
+        let app = &app;
+        let admin = admin.clone();
+        async move {
+            app.call(
+                Method::PUT,
+                "/api/admin/promos/SALE",
+                Some(&admin),
+                Some(body),
+                &[],
+            )
+            .await
+        }
+    };
+    let (status, _) = put(json!({"kind": "percent", "value": "10", "usageLimit": 5})).await;
+    assert_eq!(status, StatusCode::OK);
+    sqlx::query("UPDATE pricing.promos SET used = 3 WHERE code = 'sale'")
+        .execute(&app.pool)
+        .await
+        .expect("used");
+    let (status, body) = put(json!({"kind": "percent", "value": "10", "usageLimit": 2})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(code(&body), "usage_limit_below_used");
+    let (status, body) = put(json!({"kind": "fixed", "value": "1e30"})).await;
+    assert!(status.is_client_error(), "{status}: {body}");
+    let (status, body) =
+        put(json!({"kind": "percent", "value": "10", "usageLimit": 99999999999u64})).await;
+    assert!(status.is_client_error(), "{status}: {body}");
+}

@@ -174,15 +174,20 @@ pub fn test_settings(nats: &NatsServer, db: &TestDb) -> Settings {
     s.database.max_connections = 10;
     s.http.addr = "127.0.0.1:0".into();
     s.psp.listen_addr = "127.0.0.1:0".into();
-    s.auth.jwt_secret = Secret::new("test-secret");
+    s.auth.jwt_secret = Secret::new("test-secret-of-at-least-32-bytes!!");
     s.nats.ack_wait = Duration::from_secs(3);
     s.nats.publish_timeout = Duration::from_secs(2);
     s.consumer.nak_base_delay = Duration::from_millis(50);
     s.consumer.nak_max_delay = Duration::from_millis(500);
     s.edge.outbox_interval = Duration::from_millis(200);
     s.edge.outbox_grace = Duration::from_millis(500);
-    // Tests that are not about admission control send bursts that should all be admitted.
+    // Tests that are not about admission control or rate limits send bursts that should all
+    // be admitted (one admin user sets up every product).
     s.edge.admission_wait = Duration::from_secs(10);
+    s.edge.requests_per_user_per_s = 100_000;
+    s.edge.requests_per_user_burst = 100_000;
+    s.edge.checkouts_per_user_per_min = 100_000;
+    s.edge.checkouts_per_user_burst = 100_000;
     s.metrics.addr = "127.0.0.1:0".into();
     s.metrics.jetstream_interval = Duration::from_millis(200);
     s

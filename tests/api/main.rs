@@ -14,4 +14,5 @@ mod observability;
 mod outages;
 mod payments;
 mod pricing;
+mod security;
 mod traces;
