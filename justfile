@@ -25,6 +25,13 @@ test: tools
     scripts/ensure-postgres.sh
     cargo test --locked
 
+# Hold the edge to its OpenAPI document: schemathesis against a live stack (every route, stateful links).
+contract: tools
+    scripts/ensure-postgres.sh
+    .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements-contract.txt
+    cargo build --locked --quiet
+    scripts/contract.sh
+
 # Check the alert rules (and their unit tests), the /metrics the tests saved, and the dashboard.
 ops-check:
     scripts/ensure-promtool.sh

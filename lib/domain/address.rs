@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A shipping address, validated at the edge.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Address {
     pub name: String,

@@ -16,11 +16,12 @@ use crate::pricing::destination::{self, MethodJson};
 use crate::pricing::{countries, promo, Promo, PromoKind, TaxCode, TaxRates};
 
 /// `PUT /api/admin/products/{sku}` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProductBody {
     name: String,
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String, example = "12.50")]
     price: Decimal,
     currency: String,
     weight_grams: i64,
@@ -31,7 +32,7 @@ pub struct ProductBody {
 }
 
 /// A product as the API shows it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProductJson {
     sku: String,
@@ -44,7 +45,7 @@ pub struct ProductJson {
 }
 
 /// Stock as the API shows it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StockJson {
     sku: String,
@@ -54,7 +55,7 @@ pub struct StockJson {
 }
 
 /// `PUT /api/admin/stock/{sku}` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StockBody {
     on_hand: i64,
@@ -64,6 +65,11 @@ pub(super) fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
     Sku::parse(raw).map_err(|e| ApiError::unprocessable("invalid_sku", e.to_string()))
 }
 
+/// Creates or replaces a product (every edge's cache drops it at once).
+#[utoipa::path(put, path = "/api/admin/products/{sku}", tag = "admin", security(("bearer" = [])),
+    params(("sku" = String, Path, description = "1 to 64 of [A-Za-z0-9._-]", pattern = r"^[A-Za-z0-9._-]{1,64}$")),
+    request_body = ProductBody,
+    responses((status = 200, description = "the product", body = ProductJson)))]
 pub async fn put_product(
     State(state): State<AppState>,
     Admin(admin): Admin,
@@ -139,6 +145,11 @@ fn stock_json(sku: &Sku, stock: Stock) -> Json<StockJson> {
     })
 }
 
+/// Sets a SKU's on-hand stock (a restock or a count correction).
+#[utoipa::path(put, path = "/api/admin/stock/{sku}", tag = "admin", security(("bearer" = [])),
+    params(("sku" = String, Path, description = "the product", pattern = r"^[A-Za-z0-9._-]{1,64}$")),
+    request_body = StockBody,
+    responses((status = 200, description = "the stock", body = StockJson)))]
 pub async fn put_stock(
     State(state): State<AppState>,
     Admin(admin): Admin,
@@ -165,6 +176,10 @@ pub async fn put_stock(
     Ok(stock_json(&sku, stock))
 }
 
+/// A SKU's stock.
+#[utoipa::path(get, path = "/api/admin/stock/{sku}", tag = "admin", security(("bearer" = [])),
+    params(("sku" = String, Path, description = "the product", pattern = r"^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "the stock", body = StockJson)))]
 pub async fn get_stock(
     State(state): State<AppState>,
     _admin: Admin,
@@ -182,13 +197,17 @@ pub async fn get_stock(
 }
 
 /// `PUT /api/admin/promos/{code}` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = AdminPromoBody)]
 pub struct PromoBody {
     kind: String,
+    /// Percent (0, 100] or a fixed amount, as a decimal string.
     #[serde(default, with = "rust_decimal::serde::str_option")]
+    #[schema(value_type = Option<String>, example = "10")]
     value: Option<Decimal>,
     #[serde(default, with = "rust_decimal::serde::str_option")]
+    #[schema(value_type = Option<String>, example = "50.00")]
     min_subtotal: Option<Decimal>,
     #[serde(default)]
     starts_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -202,12 +221,24 @@ pub struct PromoBody {
     skus: Option<Vec<String>>,
 }
 
+/// A promotion as saved.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PromoSaved {
+    code: String,
+    kind: &'static str,
+}
+
+/// Creates or replaces a promotion code (its usage count is kept).
+#[utoipa::path(put, path = "/api/admin/promos/{code}", tag = "admin", security(("bearer" = [])),
+    params(("code" = String, Path, description = "1 to 64 letters, digits, - or _", pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    request_body = PromoBody,
+    responses((status = 200, description = "saved", body = PromoSaved)))]
 pub async fn put_promo(
     State(state): State<AppState>,
     Admin(_admin): Admin,
     Path(code): Path<String>,
     ApiJson(body): ApiJson<PromoBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PromoSaved>, ApiError> {
     let invalid = |m: &str| ApiError::unprocessable("invalid_promo", m.to_owned());
     let code = code.to_ascii_lowercase();
     if code.is_empty()
@@ -275,13 +306,14 @@ pub async fn put_promo(
         }
     }
     promo::upsert(&state.pool, &promo).await?;
-    Ok(Json(
-        serde_json::json!({"code": code, "kind": kind.as_str()}),
-    ))
+    Ok(Json(PromoSaved {
+        code,
+        kind: kind.as_str(),
+    }))
 }
 
 /// `PUT /api/admin/tax-rates/{country}` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TaxRatesBody {
     #[serde(default)]
@@ -290,12 +322,14 @@ pub struct TaxRatesBody {
 }
 
 /// Rates as decimal strings, fractions of one (`"0.19"`).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RatesBody {
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String, example = "0.19")]
     standard: Decimal,
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String, example = "0.07")]
     reduced: Decimal,
 }
 
@@ -320,12 +354,32 @@ async fn rates_changed(state: &AppState) {
         .await;
 }
 
+/// A country's (or region's) tax rates as saved.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TaxRatesSaved {
+    country: String,
+    region: Option<String>,
+    rates: RatesSaved,
+}
+
+/// Rates as decimal strings.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RatesSaved {
+    standard: String,
+    reduced: String,
+}
+
+/// Sets a country's tax rates (or a region's, e.g. a US state).
+#[utoipa::path(put, path = "/api/admin/tax-rates/{country}", tag = "admin", security(("bearer" = [])),
+    params(("country" = String, Path, description = "ISO 3166-1 alpha-2", pattern = r"^[A-Za-z]{2}$")),
+    request_body = TaxRatesBody,
+    responses((status = 200, description = "saved", body = TaxRatesSaved)))]
 pub async fn put_tax_rates(
     State(state): State<AppState>,
     Admin(_admin): Admin,
     Path(country): Path<String>,
     ApiJson(body): ApiJson<TaxRatesBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<TaxRatesSaved>, ApiError> {
     let country = parse_country(&country)?;
     let valid = |r: Decimal| r >= Decimal::ZERO && r < Decimal::ONE;
     if !valid(body.rates.standard) || !valid(body.rates.reduced) {
@@ -351,14 +405,18 @@ pub async fn put_tax_rates(
     };
     destination::put_tax_rates(&state.pool, &country, region, rates).await?;
     rates_changed(&state).await;
-    Ok(Json(
-        serde_json::json!({"country": country, "region": region,
-        "rates": {"standard": rates.standard.to_string(), "reduced": rates.reduced.to_string()}}),
-    ))
+    Ok(Json(TaxRatesSaved {
+        region: region.map(str::to_owned),
+        country,
+        rates: RatesSaved {
+            standard: rates.standard.to_string(),
+            reduced: rates.reduced.to_string(),
+        },
+    }))
 }
 
 /// `PUT /api/admin/shipping-rates/{zone}` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ZoneBody {
     countries: Vec<String>,
@@ -366,12 +424,25 @@ pub struct ZoneBody {
     methods: std::collections::HashMap<String, MethodJson>,
 }
 
+/// A shipping zone as saved.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ZoneSaved {
+    zone: String,
+    countries: Vec<String>,
+    currency: String,
+}
+
+/// Creates or replaces a shipping zone with its methods and weight bands.
+#[utoipa::path(put, path = "/api/admin/shipping-rates/{zone}", tag = "admin", security(("bearer" = [])),
+    params(("zone" = String, Path, description = "1 to 64 letters, digits, - or _", pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    request_body = ZoneBody,
+    responses((status = 200, description = "saved", body = ZoneSaved)))]
 pub async fn put_shipping_rates(
     State(state): State<AppState>,
     Admin(_admin): Admin,
     Path(zone): Path<String>,
     ApiJson(body): ApiJson<ZoneBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ZoneSaved>, ApiError> {
     let invalid = |m: &str| ApiError::unprocessable("invalid_shipping_rates", m.to_owned());
     if zone.is_empty()
         || zone.len() > 64
@@ -420,7 +491,9 @@ pub async fn put_shipping_rates(
     )
     .await?;
     rates_changed(&state).await;
-    Ok(Json(
-        serde_json::json!({"zone": zone, "countries": countries, "currency": currency.code()}),
-    ))
+    Ok(Json(ZoneSaved {
+        zone,
+        countries,
+        currency: currency.code().to_owned(),
+    }))
 }

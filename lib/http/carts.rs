@@ -15,17 +15,21 @@ use crate::domain::Address;
 use crate::domain::{Quantity, Sku};
 
 /// `POST /api/cart/items` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddBody {
     sku: String,
+    /// 1 to 1000.
+    #[schema(value_type = i64, minimum = 1, maximum = 1000)]
     qty: serde_json::Value,
 }
 
 /// `PUT /api/cart/items/{sku}` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetBody {
+    /// 0 (removes the line) to 1000.
+    #[schema(value_type = i64, minimum = 0, maximum = 1000)]
     qty: serde_json::Value,
 }
 
@@ -52,6 +56,9 @@ async fn product(state: &AppState, sku: &Sku) -> Result<Product, ApiError> {
         .ok_or_else(|| ApiError::not_found("unknown_sku", format!("no product with sku {sku}")))
 }
 
+/// The caller's open cart, priced now.
+#[utoipa::path(get, path = "/api/cart", tag = "cart", security(("bearer" = [])),
+    responses((status = 200, description = "the cart", body = CartJson)))]
 pub async fn get_cart(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -63,6 +70,10 @@ pub async fn get_cart(
     ))
 }
 
+/// Adds units of a product to the caller's open cart (creating it if needed).
+#[utoipa::path(post, path = "/api/cart/items", tag = "cart", security(("bearer" = [])),
+    request_body = AddBody,
+    responses((status = 200, description = "the cart", body = CartJson)))]
 pub async fn add_item(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -93,6 +104,11 @@ pub async fn add_item(
     ))
 }
 
+/// Sets a line's quantity (0 removes it).
+#[utoipa::path(put, path = "/api/cart/items/{sku}", tag = "cart", security(("bearer" = [])),
+    params(("sku" = String, Path, description = "the product", pattern = r"^[A-Za-z0-9._-]{1,64}$")),
+    request_body = SetBody,
+    responses((status = 200, description = "the cart", body = CartJson)))]
 pub async fn set_item(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -121,6 +137,10 @@ pub async fn set_item(
     ))
 }
 
+/// Removes a line.
+#[utoipa::path(delete, path = "/api/cart/items/{sku}", tag = "cart", security(("bearer" = [])),
+    params(("sku" = String, Path, description = "the product", pattern = r"^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "the cart", body = CartJson)))]
 pub async fn remove_item(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -135,12 +155,16 @@ pub async fn remove_item(
 }
 
 /// `POST /api/cart/promo` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromoBody {
     code: String,
 }
 
+/// Applies a promotion code to the cart (replacing any other).
+#[utoipa::path(post, path = "/api/cart/promo", tag = "cart", security(("bearer" = [])),
+    request_body = PromoBody,
+    responses((status = 200, description = "the cart", body = CartJson)))]
 pub async fn apply_promo(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -160,6 +184,9 @@ pub async fn apply_promo(
     ))
 }
 
+/// Removes the cart's promotion code.
+#[utoipa::path(delete, path = "/api/cart/promo", tag = "cart", security(("bearer" = [])),
+    responses((status = 200, description = "the cart", body = CartJson)))]
 pub async fn remove_promo(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -172,7 +199,7 @@ pub async fn remove_promo(
 }
 
 /// `POST /api/cart/quote` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QuoteBody {
     address: Address,
@@ -204,6 +231,10 @@ pub(super) fn destination(
     Ok((address, method))
 }
 
+/// Prices the cart for a destination and shipping method (tax and shipping included).
+#[utoipa::path(post, path = "/api/cart/quote", tag = "cart", security(("bearer" = [])),
+    request_body = QuoteBody,
+    responses((status = 200, description = "the priced cart", body = CartJson)))]
 pub async fn quote(
     State(state): State<AppState>,
     Caller(caller): Caller,

@@ -5,7 +5,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -18,7 +17,7 @@ use crate::saga::trace::TraceParent;
 use tracing::Instrument;
 
 /// The request body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckoutBody {
     cart_id: String,
@@ -29,11 +28,27 @@ pub struct CheckoutBody {
 }
 
 /// How the buyer pays: a PSP token, never card data.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct PaymentMethod {
     token: String,
 }
 
+/// A checkout accepted for processing.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    order_id: uuid::Uuid,
+    /// Always `pending`: follow `GET /api/orders/{orderId}` or its `/events`.
+    status: String,
+}
+
+/// Checks the cart out: prices it, records the request under the Idempotency-Key and starts
+/// the saga. The same key and body return the same order.
+#[utoipa::path(post, path = "/api/checkout", tag = "checkout", security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, description = "1 to 255 characters; the same key and body return the same order")),
+    request_body = CheckoutBody,
+    responses((status = 202, description = "accepted; the order is pending", body = Accepted,
+        headers(("Location" = String, description = "the order")))))]
 pub async fn checkout(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -98,6 +113,9 @@ pub async fn checkout(
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/api/orders/{order_id}"))],
-        Json(json!({"orderId": order_id, "status": "pending"})),
+        Json(Accepted {
+            order_id,
+            status: "pending".into(),
+        }),
     ))
 }

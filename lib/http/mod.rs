@@ -7,6 +7,7 @@ pub mod error;
 mod extract;
 pub mod health;
 pub mod limits;
+pub mod openapi;
 mod orders;
 mod timeline;
 mod views;
@@ -87,6 +88,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         ));
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::document))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .nest("/api", api)

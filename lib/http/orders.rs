@@ -5,7 +5,6 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -22,7 +21,7 @@ use crate::saga::trace::TraceParent;
 use crate::{checkout, inventory, orders, payments};
 
 /// An order line.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ItemJson {
     sku: String,
@@ -32,7 +31,7 @@ pub struct ItemJson {
 }
 
 /// An order.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderJson {
     order_id: Uuid,
@@ -52,7 +51,7 @@ pub struct OrderJson {
 }
 
 /// The order's payment.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentJson {
     status: String,
@@ -95,6 +94,10 @@ fn may_see(caller: &Principal, owner: &str) -> bool {
     caller.admin || caller.user_id == owner
 }
 
+/// An order: pending (with its stage) until the saga settles, then its status.
+#[utoipa::path(get, path = "/api/orders/{order_id}", tag = "orders", security(("bearer" = [])),
+    params(("order_id" = String, Path, description = "the order id checkout returned", format = Uuid)),
+    responses((status = 200, description = "the order", body = OrderJson)))]
 pub async fn get_order(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -241,10 +244,26 @@ async fn request(
     };
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"orderId": order_id, "request": status})),
+        Json(ActionAccepted {
+            order_id,
+            request: status.to_owned(),
+        }),
     ))
 }
 
+/// A ship, cancel or refund request, accepted.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionAccepted {
+    order_id: Uuid,
+    /// `accepted` (now in progress) or `done` (already done before).
+    request: String,
+}
+
+/// Ships the order (admin): captures the payment.
+#[utoipa::path(post, path = "/api/orders/{order_id}/ship", tag = "orders", security(("bearer" = [])),
+    params(("order_id" = String, Path, description = "the order", format = Uuid)),
+    responses((status = 202, description = "accepted", body = ActionAccepted)))]
 pub async fn ship(
     State(state): State<AppState>,
     Admin(admin): Admin,
@@ -253,6 +272,10 @@ pub async fn ship(
     request(&state, &admin, &order_id, Action::Ship).await
 }
 
+/// Cancels the order before shipment (owner or admin): voids the payment, restocks.
+#[utoipa::path(post, path = "/api/orders/{order_id}/cancel", tag = "orders", security(("bearer" = [])),
+    params(("order_id" = String, Path, description = "the order", format = Uuid)),
+    responses((status = 202, description = "accepted", body = ActionAccepted)))]
 pub async fn cancel(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -261,6 +284,10 @@ pub async fn cancel(
     request(&state, &caller, &order_id, Action::Cancel).await
 }
 
+/// Refunds a shipped order (admin).
+#[utoipa::path(post, path = "/api/orders/{order_id}/refund", tag = "orders", security(("bearer" = [])),
+    params(("order_id" = String, Path, description = "the order", format = Uuid)),
+    responses((status = 202, description = "accepted", body = ActionAccepted)))]
 pub async fn refund(
     State(state): State<AppState>,
     Admin(admin): Admin,

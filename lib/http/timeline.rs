@@ -28,14 +28,23 @@ use crate::saga::events::{Event, EventKind};
 use crate::saga::subjects::CHECKOUT_STREAM;
 
 /// One event of the timeline.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TimelineEvent {
     #[serde(rename = "type")]
     kind: &'static str,
     at: DateTime<Utc>,
     /// Where the order stands after this event.
     stage: &'static str,
+    #[schema(value_type = Object)]
     detail: Value,
+}
+
+/// An order's timeline, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeline {
+    order_id: Uuid,
+    events: Vec<TimelineEvent>,
 }
 
 /// `?follow=all` keeps a live stream open past confirmation (ship, cancel, refund).
@@ -45,7 +54,12 @@ pub struct Follow {
     follow: Option<String>,
 }
 
-/// The order's timeline, or its live stream.
+/// The order's timeline (JSON), or with `Accept: text/event-stream` its live stream.
+#[utoipa::path(get, path = "/api/orders/{order_id}/events", tag = "orders", security(("bearer" = [])),
+    params(("order_id" = String, Path, description = "the order", format = Uuid),
+        ("follow" = Option<String>, Query, description = "`all`: a live stream stays open past confirmation")),
+    responses((status = 200, description = "the timeline, or a text/event-stream", body = Timeline,
+        content_type = "application/json")))]
 pub async fn events(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -99,7 +113,7 @@ pub async fn events(
             }
         }
     }
-    Ok(Json(json!({"orderId": order_id, "events": events})).into_response())
+    Ok(Json(Timeline { order_id, events }).into_response())
 }
 
 /// Events so far, then each new one, until the order ends (or the client goes).

@@ -15,7 +15,7 @@ pub fn money(amount: Decimal, currency: &str) -> String {
 }
 
 /// A cart line.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CartLineJson {
     pub sku: String,
@@ -25,7 +25,7 @@ pub struct CartLineJson {
 }
 
 /// The cart's promotion: applied, or why not.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct PromoJson {
     pub code: String,
     pub applied: bool,
@@ -34,7 +34,7 @@ pub struct PromoJson {
 }
 
 /// A cart.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CartJson {
     pub cart_id: String,

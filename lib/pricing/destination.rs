@@ -11,20 +11,23 @@ use sqlx::PgPool;
 use super::{Band, ShippingRate, TaxRates};
 
 /// A shipping method's bands as stored (JSON) and accepted by the admin API.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MethodJson {
     pub bands: Vec<BandJson>,
+    /// Orders above this subtotal ship free (a decimal string).
     #[serde(default, with = "rust_decimal::serde::str_option")]
+    #[schema(value_type = Option<String>, example = "75.00")]
     pub free_over: Option<Decimal>,
 }
 
 /// One weight band as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BandJson {
     pub max_grams: i64,
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String, example = "4.99")]
     pub price: Decimal,
 }
 
