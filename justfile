@@ -32,6 +32,10 @@ contract: tools
     cargo build --locked --quiet
     scripts/contract.sh
 
+# Fuzz the decoders of untrusted bytes (FUZZ_SECONDS per target, default 10).
+fuzz:
+    scripts/fuzz.sh
+
 # Check the alert rules (and their unit tests), the /metrics the tests saved, and the dashboard.
 ops-check:
     scripts/ensure-promtool.sh

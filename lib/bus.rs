@@ -56,7 +56,7 @@ impl Bus {
             .connect(&settings.url)
             .await
             .map_err(|source| BusError::Connect {
-                url: settings.url.clone(),
+                url: redacted(&settings.url),
                 source,
             })?;
         let mut js = jetstream::new(client.clone());
@@ -236,5 +236,29 @@ impl Bus {
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
             Err(e) => Err(err(e.to_string())),
         }
+    }
+}
+
+/// A NATS URL fit for logs: credentials (`user:password@`) replaced.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn credentials_never_reach_the_logs() {
+        assert_eq!(
+            redacted("nats://reserve:s3cret@n1:4222"),
+            "nats://***@n1:4222"
+        );
+        assert_eq!(redacted("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 }

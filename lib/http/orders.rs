@@ -104,8 +104,11 @@ pub async fn get_order(
     Path(order_id): Path<String>,
 ) -> Result<Json<OrderJson>, ApiError> {
     let order_id = parse_id(&order_id)?;
+    // The order first, its payment after: compensation settles the payment before it records
+    // the failed order, so a payment read after the order is never older than the order.
+    let settled = orders::get_order(&state.pool, order_id).await?;
     let payment = payments::payment_view(&state.pool, order_id).await?;
-    if let Some(order) = orders::get_order(&state.pool, order_id).await? {
+    if let Some(order) = settled {
         if !may_see(&caller, &order.user_id) {
             return Err(not_found());
         }
