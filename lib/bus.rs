@@ -21,6 +21,8 @@ pub enum BusError {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error("NATS credentials {0}")]
+    Credentials(String),
     #[error("stream {stream}: {message}")]
     Stream { stream: String, message: String },
     #[error("consumer {consumer}: {message}")]
@@ -49,16 +51,41 @@ pub struct ConsumerSpec {
 impl Bus {
     /// Connects; retries are the client's (it reconnects forever once connected).
     pub async fn connect(settings: &NatsSettings) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
+        let err = |source| BusError::Connect {
+            url: redacted(&settings.url),
+            source,
+        };
+        let mut options = async_nats::ConnectOptions::new()
             .name("checkout")
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(&settings.url)
-            .await
-            .map_err(|source| BusError::Connect {
-                url: redacted(&settings.url),
-                source,
-            })?;
+            // The server says why it refused something (a permission, a limit) only here: log
+            // it, loudly, or a denied call looks like a mere timeout.
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::ServerError(e) => {
+                        tracing::error!(error = %e, "NATS refused a request")
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    other => tracing::info!(event = %other, "NATS"),
+                }
+            });
+        if !settings.creds_file.is_empty() {
+            options = options
+                .credentials_file(&settings.creds_file)
+                .await
+                .map_err(|e| BusError::Credentials(format!("{}: {e}", settings.creds_file)))?;
+        } else if !settings.user.is_empty() {
+            options = options
+                .user_and_password(settings.user.clone(), settings.password.expose().to_owned());
+        }
+        if !settings.tls_ca_file.is_empty() {
+            options = options
+                .add_root_certificates(settings.tls_ca_file.clone().into())
+                .require_tls(true);
+        }
+        let client = options.connect(&settings.url).await.map_err(err)?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(settings.publish_timeout);
         Ok(Self {

@@ -45,6 +45,12 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct NatsSettings {
     pub url: String,
+    /// Credentials: a user and password, or a `.creds` file (JWT + nkey); empty: none.
+    pub user: String,
+    pub password: Secret,
+    pub creds_file: String,
+    /// A CA certificate (PEM) to trust for `tls://` connections; empty: the system's roots.
+    pub tls_ca_file: String,
     #[serde(with = "humantime_serde")]
     pub stream_max_age: Duration,
     #[serde(with = "humantime_serde")]

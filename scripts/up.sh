@@ -11,7 +11,16 @@ if [ ! -f .run/local.toml ] && [ -z "${CHECKOUT__AUTH__JWT_SECRET:-}" ]; then
   echo "generated a JWT secret into .run/local.toml"
 fi
 scripts/ensure-postgres.sh
+# NATS users per role (nats/auth.conf): passwords generated once, readable only by us; this
+# process (every role) connects as the operator user.
+if [ ! -f .run/nats.env ]; then
+  (umask 077; for role in EDGE RESERVE AUTHORIZE ORDER COMPENSATE OPERATOR; do
+    echo "CHECKOUT_NATS_${role}_PASSWORD=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  done > .run/nats.env)
+fi
+set -a; . ./.run/nats.env; set +a
 if [ -z "${CHECKOUT__NATS__URL:-}" ]; then
+  export CHECKOUT__NATS__USER=operator CHECKOUT__NATS__PASSWORD="$CHECKOUT_NATS_OPERATOR_PASSWORD"
   port=${NATS_PORT:-14222}
   if ! (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     # The config keeps its data in .run/nats (relative to the repository).
@@ -30,5 +39,7 @@ checkout is starting on http://127.0.0.1:8080 (sandbox PSP on 127.0.0.1:8090)
   admin token:  $bin token --user admin --admin
   buyer token:  $bin token --user alice
   try:          curl -s localhost:8080/readyz
+  NATS users:   one per role (nats/auth.conf), passwords in .run/nats.env; this process runs every
+                role as "operator". The nats CLI: nats --user operator --password "\$CHECKOUT_NATS_OPERATOR_PASSWORD"
 MSG
 exec $bin run all

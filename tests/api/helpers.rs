@@ -29,6 +29,10 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: tempfile::TempDir,
+    /// A config file and the server's environment (for `$VAR`s in it), when not the defaults.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
+    /// `nats` or `tls`.
+    scheme: &'static str,
 }
 
 fn nats_bin() -> PathBuf {
@@ -58,6 +62,26 @@ impl NatsServer {
             child: None,
             port: free_port(),
             store,
+            config: None,
+            scheme: "nats",
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts a server on a free port with a config file (port and store dir still ours).
+    pub fn start_with_config(
+        config: PathBuf,
+        env: Vec<(String, String)>,
+        scheme: &'static str,
+    ) -> Self {
+        let store = tempfile::tempdir().expect("temp dir");
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            store,
+            config: Some((config, env)),
+            scheme,
         };
         server.restart();
         server
@@ -65,7 +89,7 @@ impl NatsServer {
 
     /// The client URL.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     /// Kills the process (SIGKILL): a crash, not a shutdown.
@@ -79,7 +103,12 @@ impl NatsServer {
     /// Starts the process again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();
-        let mut child = Command::new(nats_bin())
+        let mut command = Command::new(nats_bin());
+        if let Some((config, env)) = &self.config {
+            command.arg("-c").arg(config);
+            command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
+        let mut child = command
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")

@@ -9,6 +9,7 @@ mod faults;
 mod flash_sale;
 mod helpers;
 mod idempotency;
+mod nats_auth;
 mod inventory;
 mod observability;
 mod outages;

@@ -1,0 +1,192 @@
+//! Least privilege on NATS: every role runs as its own user (nats/auth.conf) and the saga still
+//! works; a role cannot publish another step's events or delete a stream; a role bound to
+//! another role's consumer is refused. And TLS with a CA of the test's own.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use checkout::app::{App, Role};
+use checkout::config::{Secret, Settings};
+use reqwest::StatusCode;
+
+use crate::helpers::{test_settings, NatsServer, TestApp, TestDb};
+
+const ROLES: [&str; 6] = ["edge", "reserve", "authorize", "order", "compensate", "operator"];
+
+fn password(role: &str) -> String {
+    format!("{role}-password-for-this-test")
+}
+
+/// A server with nats/auth.conf's users, passwords in its environment.
+fn secured_nats() -> NatsServer {
+    let dir = tempfile::tempdir().expect("dir").keep();
+    // Includes are relative to the including file: the test's config sits beside a copy.
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/nats/auth.conf"),
+        dir.join("auth.conf"),
+    )
+    .expect("auth.conf");
+    let conf = dir.join("server.conf");
+    std::fs::write(&conf, "max_payload: 1MB\njetstream {}\ninclude ./auth.conf\n")
+        .expect("config");
+    let env = ROLES
+        .iter()
+        .map(|r| {
+            (
+                format!("CHECKOUT_NATS_{}_PASSWORD", r.to_uppercase()),
+                password(r),
+            )
+        })
+        .collect();
+    NatsServer::start_with_config(conf, env, "nats")
+}
+
+fn as_user(settings: &Settings, user: &str) -> Settings {
+    let mut s = settings.clone();
+    s.nats.user = user.to_owned();
+    s.nats.password = Secret::new(password(user));
+    s
+}
+
+async fn connect(nats: &NatsServer, user: &str) -> async_nats::jetstream::Context {
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password(user))
+        .connect(nats.url())
+        .await
+        .expect("connects");
+    let mut js = async_nats::jetstream::new(client);
+    js.set_timeout(Duration::from_secs(2));
+    js
+}
+
+#[tokio::test]
+async fn every_role_as_its_own_user_and_nothing_more() {
+    let nats = secured_nats();
+    let db = TestDb::new();
+    let mut settings = test_settings(&nats, &db);
+    let front = App::build(as_user(&settings, "edge"), &[Role::Psp, Role::Edge])
+        .await
+        .expect("edge starts as edge");
+    settings.psp.url = format!("http://{}", front.psp_addr().expect("psp"));
+    let mut roles = Vec::new();
+    for (role, user) in [
+        (Role::Reserve, "reserve"),
+        (Role::Authorize, "authorize"),
+        (Role::Order, "order"),
+        (Role::Compensate, "compensate"),
+    ] {
+        roles.push(
+            App::build(as_user(&settings, user), &[role])
+                .await
+                .expect("role starts as its user"),
+        );
+    }
+    let app = TestApp::attach(front, settings, nats, db).await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    let (token, declined) = app.buy("bob", "TEE", "tok_declined").await;
+    assert_eq!(app.settled(&token, &declined).await["status"], "failed");
+    let (status, _) = app.ship(&id).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    app.eventually("shipped", || async {
+        app.order(&app.token("alice"), &id).await.1["status"] == "shipped"
+    })
+    .await;
+
+    // The reserve user cannot confirm an order, nor delete a stream.
+    let reserve = connect(&app.nats, "reserve").await;
+    let forged = format!("checkout.confirmed.{}", uuid::Uuid::new_v4());
+    let published = async {
+        reserve.publish(forged.clone(), "x".into()).await?.await?;
+        Ok::<_, async_nats::Error>(())
+    }
+    .await;
+    assert!(published.is_err(), "a forged confirmation was stored");
+    assert!(reserve.delete_stream("CHECKOUT").await.is_err());
+    let operator = connect(&app.nats, "operator").await;
+    let mut stream = operator.get_stream("CHECKOUT").await.expect("still there");
+    let subjects = stream
+        .info()
+        .await
+        .expect("info")
+        .state
+        .subjects_count;
+    assert!(subjects > 0);
+    assert!(operator
+        .get_stream("CHECKOUT")
+        .await
+        .expect("stream")
+        .get_last_raw_message_by_subject(&forged)
+        .await
+        .is_err());
+
+    // The authorize user cannot bind the reserve step's durable consumer.
+    let authorize = connect(&app.nats, "authorize").await;
+    let stream = authorize.get_stream("CHECKOUT").await.expect("may read stream info");
+    let bound = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("reserve".into()),
+            filter_subject: "checkout.requested.*".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(bound.is_err(), "bound another role's consumer");
+    drop(roles);
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl CLI.
+fn certificates(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs")
+            .status
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "1", "-subj", "/CN=checkout test CA"]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        .expect("ext");
+    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext"]);
+    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+}
+
+#[tokio::test]
+async fn clients_connect_over_tls_to_a_server_signed_by_a_private_ca() {
+    let dir = tempfile::tempdir().expect("dir").keep();
+    let (ca, cert, key) = certificates(&dir);
+    let conf = dir.join("tls.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "max_payload: 1MB\njetstream {{}}\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("config");
+    let nats = NatsServer::start_with_config(conf, Vec::new(), "tls");
+    let db = TestDb::new();
+    let mut settings = test_settings(&nats, &db);
+    settings.nats.tls_ca_file = ca.display().to_string();
+    let app = App::build(settings.clone(), &Role::ALL)
+        .await
+        .expect("starts over TLS");
+    settings.psp.url = format!("http://{}", app.psp_addr().expect("psp"));
+    let app = TestApp::attach(app, settings, nats, db).await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    // Without the CA, the server's certificate is not trusted.
+    let plain = async_nats::ConnectOptions::new()
+        .connect(app.nats.url())
+        .await;
+    assert!(plain.is_err());
+}
