@@ -12,7 +12,14 @@ use reqwest::StatusCode;
 
 use crate::helpers::{test_settings, NatsServer, TestApp, TestDb};
 
-const ROLES: [&str; 6] = ["edge", "reserve", "authorize", "order", "compensate", "operator"];
+const ROLES: [&str; 6] = [
+    "edge",
+    "reserve",
+    "authorize",
+    "order",
+    "compensate",
+    "operator",
+];
 
 fn password(role: &str) -> String {
     format!("{role}-password-for-this-test")
@@ -28,8 +35,11 @@ fn secured_nats() -> NatsServer {
     )
     .expect("auth.conf");
     let conf = dir.join("server.conf");
-    std::fs::write(&conf, "max_payload: 1MB\njetstream {}\ninclude ./auth.conf\n")
-        .expect("config");
+    std::fs::write(
+        &conf,
+        "max_payload: 1MB\njetstream {}\ninclude ./auth.conf\n",
+    )
+    .expect("config");
     let env = ROLES
         .iter()
         .map(|r| {
@@ -106,12 +116,7 @@ async fn every_role_as_its_own_user_and_nothing_more() {
     assert!(reserve.delete_stream("CHECKOUT").await.is_err());
     let operator = connect(&app.nats, "operator").await;
     let mut stream = operator.get_stream("CHECKOUT").await.expect("still there");
-    let subjects = stream
-        .info()
-        .await
-        .expect("info")
-        .state
-        .subjects_count;
+    let subjects = stream.info().await.expect("info").state.subjects_count;
     assert!(subjects > 0);
     assert!(operator
         .get_stream("CHECKOUT")
@@ -123,7 +128,10 @@ async fn every_role_as_its_own_user_and_nothing_more() {
 
     // The authorize user cannot bind the reserve step's durable consumer.
     let authorize = connect(&app.nats, "authorize").await;
-    let stream = authorize.get_stream("CHECKOUT").await.expect("may read stream info");
+    let stream = authorize
+        .get_stream("CHECKOUT")
+        .await
+        .expect("may read stream info");
     let bound = stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             durable_name: Some("reserve".into()),
@@ -137,25 +145,31 @@ async fn every_role_as_its_own_user_and_nothing_more() {
 
 /// A CA and a server certificate for 127.0.0.1, made with the openssl CLI.
 fn certificates(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
-    let run = |args: &[&str]| {
+    // Each command is one line of whitespace-separated arguments, as typed in a shell.
+    let run = |line: &str| {
+        let args: Vec<&str> = line.split_whitespace().collect();
         let ok = Command::new("openssl")
-            .args(args)
+            .args(&args)
             .current_dir(dir)
             .output()
             .expect("openssl runs")
             .status
             .success();
-        assert!(ok, "openssl {args:?}");
+        assert!(ok, "openssl {line}");
     };
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "1", "-subj", "/CN=checkout test CA"]);
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=127.0.0.1"]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        .expect("ext");
-    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext"]);
-    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+    run("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=checkout-test-CA");
+    run("req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1");
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext");
+    run("x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile san.ext");
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
 
 #[tokio::test]
