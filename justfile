@@ -16,6 +16,18 @@ tools:
 up: tools
     scripts/up.sh
 
+# The same on a 3-node JetStream cluster (nats/cluster/, R3), two processes of every role, edges on 8080 and 8081.
+up-cluster: tools
+    scripts/up-cluster.sh
+
+# Start node N (1-3) of the cluster again after killing it, e.g. `just cluster-node 2`.
+cluster-node n:
+    scripts/cluster-node.sh {{n}}
+
+# Stop everything `up-cluster` started.
+down:
+    scripts/down.sh
+
 # Apply migrations to the configured database.
 migrate:
     cargo run --quiet -- migrate

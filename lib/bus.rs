@@ -62,13 +62,22 @@ impl Bus {
             // The server says why it refused something (a permission, a limit) only here: log
             // it, loudly, or a denied call looks like a mere timeout.
             .event_callback(|event| async move {
+                use async_nats::Event;
                 match event {
-                    async_nats::Event::ServerError(e) => {
+                    Event::ServerError(e) => {
                         tracing::error!(error = %e, "NATS refused a request")
                     }
-                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
-                    async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    other => tracing::info!(event = %other, "NATS"),
+                    // Losing the server is an incident even when the client gets it back:
+                    // publishes wait (edge outbox) and pulls stop until it does.
+                    Event::Disconnected => tracing::warn!(
+                        "NATS connection lost; reconnecting to any server of nats.url \
+                         (publishes wait in the outbox, pulls resume after)"
+                    ),
+                    Event::Connected => tracing::warn!("NATS connection (re)established"),
+                    Event::LameDuckMode => tracing::warn!(
+                        "the NATS server is shutting down (lame duck); moving to another"
+                    ),
+                    other => tracing::warn!(event = %other, "NATS"),
                 }
             });
         if !settings.creds_file.is_empty() {
@@ -85,7 +94,7 @@ impl Bus {
                 .add_root_certificates(settings.tls_ca_file.clone().into())
                 .require_tls(true);
         }
-        let client = options.connect(&settings.url).await.map_err(err)?;
+        let client = options.connect(settings.servers()).await.map_err(err)?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(settings.publish_timeout);
         Ok(Self {
@@ -146,14 +155,16 @@ impl Bus {
             discard: stream::DiscardPolicy::Old,
             ..Default::default()
         };
-        self.js
-            .create_or_update_stream(config)
-            .await
-            .map(|_| ())
-            .map_err(|e| BusError::Stream {
-                stream: name.to_owned(),
-                message: e.to_string(),
-            })
+        let what = format!("stream {name}");
+        settling(&what, stream_error_transient, || {
+            self.js.create_or_update_stream(config.clone())
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| BusError::Stream {
+            stream: name.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// Creates or updates a durable pull consumer on the saga stream.
@@ -165,11 +176,12 @@ impl Bus {
             consumer: spec.durable.clone(),
             message,
         };
-        let stream = self
-            .js
-            .get_stream(CHECKOUT_STREAM)
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let what = format!("consumer {}", spec.durable);
+        let stream = settling(&what, get_stream_transient, || {
+            self.js.get_stream(CHECKOUT_STREAM)
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
         let config = consumer::pull::Config {
             durable_name: Some(spec.durable.clone()),
             filter_subjects: spec.filter_subjects.clone(),
@@ -185,10 +197,11 @@ impl Bus {
         };
         // Without an action the server creates the durable or updates it in place, so every
         // instance of a role can run this at start-up.
-        stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| err(e.to_string()))
+        settling(&what, consumer_error_transient, || {
+            stream.create_consumer(config.clone())
+        })
+        .await
+        .map_err(|e| err(e.to_string()))
     }
 
     /// Publishes one event and waits for its PublishAck. A duplicate (same `Nats-Msg-Id`
@@ -214,15 +227,43 @@ impl Bus {
                 message,
             };
             match sent {
-                Err(e) => Err(err(e.to_string())),
+                Err(e) => Err(err(explain(&e))),
                 Ok(ack) => match ack.await {
                     Ok(_) => Ok(()),
                     Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
-                    Err(e) => Err(err(e.to_string())),
+                    Err(e) => Err(err(explain(&e))),
                 },
             }
         });
         futures::future::join_all(acks).await
+    }
+
+    /// [`Self::publish_all`], retrying what failed (pipelined again, same `Nats-Msg-Id`s, so
+    /// nothing is stored twice) for up to `within`. A step's effects are committed by now:
+    /// retrying here resumes the saga as soon as a new stream leader answers, where a nak
+    /// sent during the election could be lost and leave the message to `ack_wait`.
+    pub async fn publish_all_retrying(
+        &self,
+        outs: &[Outgoing],
+        within: Duration,
+    ) -> Vec<Result<(), BusError>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut results = self.publish_all(outs).await;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let failed: Vec<usize> = (0..results.len())
+                .filter(|&i| results[i].is_err())
+                .collect();
+            if failed.is_empty() || tokio::time::Instant::now() + pause >= deadline {
+                return results;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            let again: Vec<Outgoing> = failed.iter().map(|&i| outs[i].clone()).collect();
+            for (i, result) in failed.into_iter().zip(self.publish_all(&again).await) {
+                results[i] = result;
+            }
+        }
     }
 
     fn message(out: &Outgoing) -> jetstream::message::PublishMessage {
@@ -256,24 +297,120 @@ impl Bus {
             .js
             .send_publish(subject.to_owned(), message)
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(explain(&e)))?;
         match ack.await {
             Ok(_) => Ok(()),
             // Only reachable with an expected-sequence header: the message is already there.
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
-            Err(e) => Err(err(e.to_string())),
+            Err(e) => Err(err(explain(&e))),
         }
     }
 }
 
-/// A NATS URL fit for logs: credentials (`user:password@`) replaced.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
+/// How long start-up keeps retrying JetStream calls that fail only because the cluster is
+/// still settling (forming, electing a leader, a peer coming back).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a start-up JetStream call, retrying failures that heal by themselves within seconds
+/// on a cluster (a request timeout during an election, "no leader", too few peers yet) until
+/// [`SETTLE_TIMEOUT`]; anything else (a bad config, a denied permission) fails at once. Two
+/// processes creating the same R3 stream on a just-formed cluster is the usual case.
+pub(crate) async fn settling<T, E, F, Fut>(
+    what: &str,
+    transient: fn(&E) -> bool,
+    mut call: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match call().await {
+            Err(e) if transient(&e) && tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(%what, error = %e, retry_in = ?pause, "JetStream not settled yet (cluster forming or electing); retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
         }
-        _ => url.to_owned(),
     }
+}
+
+/// JetStream API codes that mean "not now", not "no".
+fn code_transient(e: &jetstream::Error) -> bool {
+    use jetstream::ErrorCode as C;
+    e.code() == 503
+        || [
+            C::CLUSTER_NOT_AVAILABLE,
+            C::CLUSTER_NOT_LEADER,
+            C::CLUSTER_NOT_ACTIVE,
+            C::CLUSTER_NO_PEERS,
+            C::CLUSTER_INCOMPLETE,
+            C::INSUFFICIENT_RESOURCES,
+            C::RAFT_GENERAL,
+            // Right after a restart a stream can be briefly unknown to the node asked.
+            C::STREAM_NOT_FOUND,
+        ]
+        .contains(&e.error_code())
+}
+
+fn stream_error_transient(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::JetStreamUnavailable | K::Response => true,
+        K::JetStream(js) => code_transient(&js),
+        _ => false,
+    }
+}
+
+fn get_stream_transient(e: &jetstream::context::GetStreamError) -> bool {
+    use jetstream::context::GetStreamErrorKind as K;
+    match e.kind() {
+        K::Request => true,
+        K::JetStream(js) => code_transient(&js),
+        _ => false,
+    }
+}
+
+fn consumer_error_transient(e: &jetstream::stream::ConsumerError) -> bool {
+    use jetstream::stream::ConsumerErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::Request => true,
+        K::JetStream(js) => code_transient(&js),
+        _ => false,
+    }
+}
+
+/// A publish error in words an operator can act on. The server's own words for a stream
+/// without a leader ("no stream found for given subject", or no responders) suggest the
+/// stream is gone, when on a cluster it is most often being given a new leader.
+fn explain(e: &async_nats::jetstream::context::PublishError) -> String {
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => format!(
+            "{e} (no stream leader answered: on a cluster this is usually a leader election, \
+             retried; on one server the stream may be missing)"
+        ),
+        PublishErrorKind::TimedOut => {
+            format!("{e} (no PublishAck in nats.publish_timeout: server busy or electing; retried)")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// NATS URLs fit for logs: credentials (`user:password@`) replaced in each of a list.
+fn redacted(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -287,5 +424,9 @@ mod tests {
             "nats://***@n1:4222"
         );
         assert_eq!(redacted("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redacted("nats://a:x@n1:4222,nats://n2:4222,nats://b:y@n3:4222"),
+            "nats://***@n1:4222,nats://n2:4222,nats://***@n3:4222"
+        );
     }
 }

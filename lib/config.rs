@@ -44,6 +44,7 @@ pub struct DatabaseSettings {
 /// JetStream streams and consumer defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct NatsSettings {
+    /// One server URL, or several separated by commas (a cluster's seeds).
     pub url: String,
     /// Credentials: a user and password, or a `.creds` file (JWT + nkey); empty: none.
     pub user: String,
@@ -62,6 +63,19 @@ pub struct NatsSettings {
     pub max_ack_pending: i64,
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+}
+
+impl NatsSettings {
+    /// The server URLs of `url`: the client starts with any that answers and learns the rest
+    /// of the cluster from it.
+    pub fn servers(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// How each consumer process pulls and retries.

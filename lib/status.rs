@@ -23,6 +23,8 @@ async fn bucket(bus: &Bus) -> Option<kv::Store> {
         bucket: BUCKET.into(),
         history: 1,
         max_age: Duration::from_secs(60),
+        // Replicated like the streams, so /readyz's view survives the loss of one node.
+        num_replicas: bus.settings().replicas,
         ..Default::default()
     })
     .await

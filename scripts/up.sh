@@ -2,23 +2,9 @@
 # `just up`: start NATS 2.15 and PostgreSQL unless configured, migrate, run every role.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .run
-# The edge refuses the built-in development secret: generate one, once, readable only by us.
-# `checkout token` reads the same file (Settings::load), so tokens and the edge agree.
-if [ ! -f .run/local.toml ] && [ -z "${CHECKOUT__AUTH__JWT_SECRET:-}" ]; then
-  (umask 077; printf '# Written once by ./dev up: local secrets, never committed.\n[auth]\njwt_secret = "%s"\n' \
-    "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > .run/local.toml)
-  echo "generated a JWT secret into .run/local.toml"
-fi
+. scripts/local-secrets.sh
 scripts/ensure-postgres.sh
-# NATS users per role (nats/auth.conf): passwords generated once, readable only by us; this
-# process (every role) connects as the operator user.
-if [ ! -f .run/nats.env ]; then
-  (umask 077; for role in EDGE RESERVE AUTHORIZE ORDER COMPENSATE OPERATOR; do
-    echo "CHECKOUT_NATS_${role}_PASSWORD=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-  done > .run/nats.env)
-fi
-set -a; . ./.run/nats.env; set +a
+# This process runs every role, so it connects as the operator user.
 if [ -z "${CHECKOUT__NATS__URL:-}" ]; then
   export CHECKOUT__NATS__USER=operator CHECKOUT__NATS__PASSWORD="$CHECKOUT_NATS_OPERATOR_PASSWORD"
   port=${NATS_PORT:-14222}

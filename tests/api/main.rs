@@ -4,6 +4,7 @@
 mod bad_input;
 mod batches;
 mod checkout_flow;
+mod cluster;
 mod endings;
 mod faults;
 mod flash_sale;

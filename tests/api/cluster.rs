@@ -1,0 +1,602 @@
+//! High availability on a 3-node JetStream cluster (R3 streams): under steady checkout load,
+//! kill the CHECKOUT stream's leader, or one of the two processes that run every role, and
+//! check that buyers were answered, every accepted order ended, and nothing was done twice.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use checkout::app::{App, Role};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    audit, checkout_body, eventually, nats_bin, port, process_env, test_settings_on, wait_ready,
+    CheckoutProcess, TestDb,
+};
+
+/// One nats-server of a test's cluster: a real process, killed and restarted for real.
+struct Node {
+    name: String,
+    client: u16,
+    monitor: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self) {
+        let mut child = Command::new(nats_bin())
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server runs (run `just tools` or set NATS_SERVER_BIN)");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && line.contains("Server is ready") {
+                    let _ = tx.send(());
+                    sent = true;
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("nats-server became ready");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the machine is gone, nothing flushed.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Three nats-servers forming one JetStream cluster on free ports, each with its own store.
+struct Cluster {
+    nodes: Vec<Node>,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let routes: Vec<u16> = (0..3).map(|_| port()).collect();
+        let seeds = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let (client, monitor) = (port(), port());
+            let store = dir.path().join(&name);
+            let config = dir.path().join(format!("{name}.conf"));
+            let text = format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{ name: test, listen: 127.0.0.1:{route}, routes: [{seeds}] }}\n",
+                store.display()
+            );
+            std::fs::write(&config, text).expect("node config written");
+            nodes.push(Node {
+                name,
+                client,
+                monitor,
+                config,
+                child: None,
+            });
+        }
+        // Together: a node alone waits for its peers before it is ready.
+        let mut cluster = Self {
+            nodes,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        };
+        std::thread::scope(|s| {
+            for node in &mut cluster.nodes {
+                s.spawn(move || node.start());
+            }
+        });
+        cluster
+    }
+
+    /// Every node's client URL: processes get the whole list.
+    fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.client))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A node's `/jsz` with per-stream detail, or None if it does not answer.
+    async fn jsz(&self, node: usize) -> Option<Value> {
+        let url = format!(
+            "http://127.0.0.1:{}/jsz?accounts=true&streams=true",
+            self.nodes[node].monitor
+        );
+        let resp = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        resp.json().await.ok()
+    }
+
+    /// A stream's detail as one node sees it.
+    async fn stream(&self, node: usize, name: &str) -> Option<Value> {
+        let jsz = self.jsz(node).await?;
+        jsz["account_details"]
+            .as_array()?
+            .iter()
+            .filter_map(|a| a["stream_detail"].as_array())
+            .flatten()
+            .find(|s| s["name"] == name)
+            .cloned()
+    }
+
+    /// Waits until every node knows a meta leader: streams can be created.
+    async fn wait_formed(&self) {
+        eventually(
+            "the cluster to elect a meta leader",
+            Duration::from_secs(30),
+            || async {
+                let mut all = true;
+                for i in 0..self.nodes.len() {
+                    let leader = self
+                        .jsz(i)
+                        .await
+                        .map(|j| j["meta_cluster"]["leader"].clone());
+                    all &= leader.is_some_and(|l| l.as_str().is_some_and(|s| !s.is_empty()));
+                }
+                all
+            },
+        )
+        .await;
+    }
+
+    /// The index of the node leading `stream`, as any live node reports it.
+    async fn leader_of(&self, stream: &str) -> Option<usize> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_none() {
+                continue;
+            }
+            if let Some(detail) = self.stream(i, stream).await {
+                if let Some(leader) = detail["cluster"]["leader"].as_str() {
+                    return self.nodes.iter().position(|n| n.name == leader);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
+
+/// Two `checkout` processes running every role but the PSP, on a cluster, one PostgreSQL
+/// database, and the sandbox PSP in this test process.
+struct Shop {
+    cluster: Cluster,
+    processes: Vec<CheckoutProcess>,
+    edges: Vec<String>,
+    psp: String,
+    secret: String,
+    settings: checkout::config::Settings,
+    pool: sqlx::PgPool,
+    http: reqwest::Client,
+    _psp: App,
+    _db: TestDb,
+}
+
+const ROLES: &str = "edge,reserve,authorize,order,compensate";
+const SKU: &str = "TEE";
+const STOCK: i64 = 100_000;
+
+impl Shop {
+    async fn start() -> Self {
+        let cluster = Cluster::start();
+        cluster.wait_formed().await;
+        let db = TestDb::new();
+        let mut settings = test_settings_for(&cluster, &db);
+        settings.payments.rate_limit_per_s = 100_000.0;
+        let psp_app = App::build(settings.clone(), &[Role::Psp])
+            .await
+            .expect("psp starts");
+        let psp = format!("http://{}", psp_app.psp_addr().expect("psp"));
+        settings.psp.url = psp.clone();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(1500))
+            .build()
+            .expect("http client");
+        let mut processes = Vec::new();
+        let mut edges = Vec::new();
+        for _ in 0..2 {
+            let http_port = port();
+            let mut env = process_env(&settings, http_port, &psp);
+            env.extend(
+                [
+                    ("CHECKOUT__NATS__REPLICAS", "3"),
+                    ("CHECKOUT__NATS__PUBLISH_TIMEOUT", "2s"),
+                ]
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            );
+            processes.push(CheckoutProcess::start(ROLES, env));
+            let base = format!("http://127.0.0.1:{http_port}");
+            // One after the other: the first one creates the database and migrates it.
+            wait_ready(&http, &base).await;
+            edges.push(base);
+        }
+        let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
+        let secret = settings.auth.jwt_secret.expose().to_owned();
+        let shop = Self {
+            cluster,
+            processes,
+            edges,
+            psp,
+            secret,
+            settings,
+            pool,
+            http,
+            _psp: psp_app,
+            _db: db,
+        };
+        shop.stock_up().await;
+        shop
+    }
+
+    fn token(&self, user: &str, admin: bool) -> String {
+        checkout::auth::mint(&self.secret, user, admin, Duration::from_secs(3600)).expect("token")
+    }
+
+    async fn stock_up(&self) {
+        let admin = self.token("admin", true);
+        for (path, body) in [
+            (
+                format!("/api/admin/products/{SKU}"),
+                json!({"name": "Tee", "price": "12.50", "currency": "USD", "weightGrams": 200}),
+            ),
+            (format!("/api/admin/stock/{SKU}"), json!({"onHand": STOCK})),
+        ] {
+            let resp = self
+                .http
+                .put(format!("{}{path}", self.edges[0]))
+                .bearer_auth(&admin)
+                .json(&body)
+                .send()
+                .await
+                .expect("admin request");
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+    }
+}
+
+fn test_settings_for(cluster: &Cluster, db: &TestDb) -> checkout::config::Settings {
+    let mut settings = test_settings_on(cluster.url(), db);
+    settings.nats.replicas = 3;
+    settings
+}
+
+/// What one buyer got: an order id once a checkout was accepted.
+struct Outcome {
+    user: String,
+    order: Option<String>,
+}
+
+/// One request as a real client makes it: on a refused connection, a timeout or a 5xx, try
+/// again (the other edge first) up to 3 more times within 5 s, with the same body and
+/// Idempotency-Key. Returns the last status and body.
+async fn with_retries(
+    http: &reqwest::Client,
+    edges: &[String],
+    first_edge: usize,
+    send: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+) -> Option<(StatusCode, Value)> {
+    let started = Instant::now();
+    let mut last = None;
+    for attempt in 0..4 {
+        if attempt > 0 {
+            if started.elapsed() >= Duration::from_secs(5) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250 << (attempt - 1))).await;
+        }
+        let base = &edges[(first_edge + attempt) % edges.len()];
+        match send(http, base).send().await {
+            Ok(resp) if !resp.status().is_server_error() => {
+                let status = resp.status();
+                let body = resp.json().await.unwrap_or(Value::Null);
+                return Some((status, body));
+            }
+            Ok(resp) => last = Some((resp.status(), Value::Null)),
+            Err(_) => {}
+        }
+    }
+    last
+}
+
+/// A buyer: one unit into a cart on one edge, checkout on the other.
+async fn buy(shop: Arc<ShopClient>, n: usize) -> Outcome {
+    let user = format!("buyer-{n}");
+    let token =
+        checkout::auth::mint(&shop.secret, &user, false, Duration::from_secs(3600)).expect("token");
+    let cart = with_retries(&shop.http, &shop.edges, n, |http, base| {
+        http.post(format!("{base}/api/cart/items"))
+            .bearer_auth(&token)
+            .json(&json!({"sku": SKU, "qty": 1}))
+    })
+    .await;
+    let Some((StatusCode::OK, body)) = cart else {
+        return Outcome { user, order: None };
+    };
+    let cart_id = body["cartId"].as_str().unwrap_or_default().to_owned();
+    let placed = with_retries(&shop.http, &shop.edges, n + 1, |http, base| {
+        http.post(format!("{base}/api/checkout"))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", "k")
+            .json(&checkout_body(&cart_id, "tok_visa"))
+    })
+    .await;
+    let order = match placed {
+        Some((status, body)) if status.is_success() => body["orderId"].as_str().map(str::to_owned),
+        _ => None,
+    };
+    Outcome { user, order }
+}
+
+/// What the load needs of the shop (shared with the buyers' tasks).
+struct ShopClient {
+    http: reqwest::Client,
+    edges: Vec<String>,
+    secret: String,
+}
+
+/// What to break, a few seconds into the load.
+enum Fault {
+    /// SIGKILL the nats-server leading the CHECKOUT stream; restart it later.
+    StreamLeader,
+    /// SIGKILL one of the two processes (an edge and one process of every consumer role).
+    Process,
+}
+
+const RATE_PER_S: u64 = 15;
+const LOAD: Duration = Duration::from_secs(24);
+const BREAK_AT: Duration = Duration::from_secs(5);
+/// The fault lasts this long under load before the node or process comes back.
+const DOWN_FOR: Duration = Duration::from_secs(10);
+
+async fn failover(fault: Fault) {
+    let mut shop = Shop::start().await;
+    let client = Arc::new(ShopClient {
+        http: shop.http.clone(),
+        edges: shop.edges.clone(),
+        secret: shop.secret.clone(),
+    });
+    let started = Instant::now();
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut buyers = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE_PER_S));
+            let mut n = 0;
+            while started.elapsed() < LOAD {
+                tick.tick().await;
+                buyers.spawn(buy(client.clone(), n));
+                n += 1;
+            }
+            buyers.join_all().await
+        }
+    });
+
+    tokio::time::sleep_until((started + BREAK_AT).into()).await;
+    let killed = match fault {
+        Fault::StreamLeader => {
+            let leader = shop
+                .cluster
+                .leader_of("CHECKOUT")
+                .await
+                .expect("the CHECKOUT stream has a leader");
+            shop.cluster.nodes[leader].kill();
+            eprintln!(
+                "killed nats-server {} (CHECKOUT leader)",
+                shop.cluster.nodes[leader].name
+            );
+            leader
+        }
+        Fault::Process => {
+            shop.processes[0].kill();
+            eprintln!("killed checkout process 1 (edge 1 and one of every consumer role)");
+            0
+        }
+    };
+    tokio::time::sleep_until((started + BREAK_AT + DOWN_FOR).into()).await;
+    match fault {
+        Fault::StreamLeader => {
+            let node = &mut shop.cluster.nodes[killed];
+            tokio::task::block_in_place(|| node.start());
+        }
+        Fault::Process => shop.processes[0].restart(),
+    }
+    let outcomes = load.await.expect("load ran");
+
+    // Availability: buyers whose checkout was accepted (retries included).
+    let tried = outcomes.len();
+    let accepted: Vec<(&str, &str)> = outcomes
+        .iter()
+        .filter_map(|o| o.order.as_deref().map(|id| (o.user.as_str(), id)))
+        .collect();
+    let share = accepted.len() as f64 / tried as f64;
+
+    // Every accepted order ends (within 60 s of the load's end).
+    let ids: Vec<uuid::Uuid> = accepted
+        .iter()
+        .map(|(_, id)| id.parse().expect("order id"))
+        .collect();
+    eventually(
+        "every accepted order to end",
+        Duration::from_secs(60),
+        || async {
+            let (ended,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM orders.orders WHERE order_id = ANY($1)")
+                    .bind(&ids)
+                    .fetch_one(&shop.pool)
+                    .await
+                    .expect("count");
+            ended as usize == ids.len()
+        },
+    )
+    .await;
+    let (confirmed,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM orders.orders WHERE order_id = ANY($1) AND status = 'confirmed'",
+    )
+    .bind(&ids)
+    .fetch_one(&shop.pool)
+    .await
+    .expect("count");
+    // The stall: the longest wait from acceptance to a terminal status.
+    let (stall_ms,): (f64,) = sqlx::query_as(
+        "SELECT coalesce(max(extract(epoch FROM o.created_at - c.created_at) * 1000), 0)::float8 \
+         FROM orders.orders o JOIN edge.checkouts c USING (order_id)",
+    )
+    .fetch_one(&shop.pool)
+    .await
+    .expect("stall");
+
+    eprintln!(
+        "failover: {}/{} checkouts accepted ({:.2} %), {confirmed} confirmed, \
+         longest acceptance-to-end {:.1} s",
+        accepted.len(),
+        tried,
+        share * 100.0,
+        stall_ms / 1000.0
+    );
+    assert!(share >= 0.999, "only {:.2} % accepted", share * 100.0);
+    assert_eq!(
+        confirmed as usize,
+        ids.len(),
+        "every accepted order had stock and a good card"
+    );
+
+    // Nothing doubled: one order per buyer, one authorization per order, one movement of
+    // each kind per order, and the stock adds up.
+    let orders_by_user: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT user_id, count(*) FROM orders.orders GROUP BY 1 HAVING count(*) > 1",
+    )
+    .fetch_all(&shop.pool)
+    .await
+    .expect("orders by user");
+    assert!(
+        orders_by_user.is_empty(),
+        "doubled orders: {orders_by_user:?}"
+    );
+    let stored: HashSet<String> =
+        sqlx::query_as::<_, (uuid::Uuid,)>("SELECT order_id FROM edge.checkouts")
+            .fetch_all(&shop.pool)
+            .await
+            .expect("checkouts")
+            .into_iter()
+            .map(|(id,)| id.to_string())
+            .collect();
+    let answered: HashSet<String> = accepted.iter().map(|(_, id)| (*id).to_owned()).collect();
+    assert!(answered.is_subset(&stored));
+    let doubled_moves: i64 = sqlx::query_as::<_, (i64,)>(
+        "SELECT count(*) FROM (SELECT order_id, sku, kind FROM inventory.stock_movements \
+         GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+    )
+    .fetch_one(&shop.pool)
+    .await
+    .expect("movements")
+    .0;
+    assert_eq!(doubled_moves, 0, "a stock movement was recorded twice");
+    let ledger: Value = shop
+        .http
+        .get(format!("{}/v1/ledger", shop.psp))
+        .send()
+        .await
+        .expect("ledger")
+        .json()
+        .await
+        .expect("ledger json");
+    let mut authorizations: HashMap<String, usize> = HashMap::new();
+    for entry in ledger["entries"].as_array().into_iter().flatten() {
+        if entry["kind"] == "authorization" {
+            *authorizations
+                .entry(entry["reference"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+    }
+    let doubled: Vec<_> = authorizations.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "doubled authorizations: {doubled:?}");
+    let (on_hand, reserved): (i32, i32) =
+        sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1")
+            .bind(SKU)
+            .fetch_one(&shop.pool)
+            .await
+            .expect("stock");
+    let sold: i64 = sqlx::query_as::<_, (Option<i64>,)>(
+        "SELECT sum(i.qty)::int8 FROM orders.order_items i JOIN orders.orders o USING (order_id) \
+         WHERE o.status = 'confirmed'",
+    )
+    .fetch_one(&shop.pool)
+    .await
+    .expect("sold")
+    .0
+    .unwrap_or(0);
+    assert_eq!((i64::from(on_hand), reserved), (STOCK - sold, 0));
+
+    if let Fault::StreamLeader = fault {
+        // The restarted node caught up: its copy of the stream ends where the leader's does.
+        eventually(
+            "the restarted node to catch up",
+            Duration::from_secs(30),
+            || async {
+                let Some(leader) = shop.cluster.leader_of("CHECKOUT").await else {
+                    return false;
+                };
+                let last = |d: Option<Value>| d.and_then(|d| d["state"]["last_seq"].as_u64());
+                let theirs = last(shop.cluster.stream(leader, "CHECKOUT").await);
+                let ours = last(shop.cluster.stream(killed, "CHECKOUT").await);
+                theirs.is_some() && theirs == ours
+            },
+        )
+        .await;
+    }
+    audit(&shop.pool, &shop.psp, &shop.settings).await;
+    // Stall bound: an election (a few seconds), a pull that outlives its expiry (about
+    // pull_expires + 1 s) and a step's in-process publish retry; ack_wait (3 s here) for
+    // messages a killed process held.
+    assert!(
+        stall_ms < 15_000.0,
+        "an accepted order waited {:.1} s for its end",
+        stall_ms / 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_stream_leader_under_load_loses_and_doubles_nothing() {
+    failover(Fault::StreamLeader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_one_of_two_processes_under_load_loses_and_doubles_nothing() {
+    failover(Fault::Process).await;
+}
