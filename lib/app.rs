@@ -242,6 +242,15 @@ impl App {
                             watchdog.run(token).await;
                             ("watchdog".to_owned(), Ok(()))
                         });
+                        let pruner = crate::retention::Pruner {
+                            pool: pool.clone(),
+                            settings: settings.retention.clone(),
+                        };
+                        let token = shutdown.clone();
+                        tasks.spawn(async move {
+                            pruner.run(token).await;
+                            ("pruner".to_owned(), Ok(()))
+                        });
                         let (pool, provider, token) =
                             (pool.clone(), provider.clone(), shutdown.clone());
                         let (delay, every, batch) = (

@@ -162,8 +162,14 @@ async fn stock(pool: &PgPool) -> Result<Check, AuditError> {
         "SELECT s.sku, s.on_hand, s.reserved,
                 coalesce(m.on_hand, 0), coalesce(m.reserved, 0), coalesce(h.held, 0)
          FROM inventory.stock s
-         LEFT JOIN (SELECT sku, sum(on_hand_delta) AS on_hand, sum(reserved_delta) AS reserved
-                    FROM inventory.stock_movements GROUP BY sku) m USING (sku)
+         LEFT JOIN (SELECT sku, sum(on_hand)::int8 AS on_hand, sum(reserved)::int8 AS reserved
+                    FROM (SELECT sku, sum(on_hand_delta)::int8 AS on_hand,
+                                 sum(reserved_delta)::int8 AS reserved
+                          FROM inventory.stock_movements GROUP BY sku
+                          UNION ALL
+                          SELECT sku, sum(on_hand_delta)::int8, sum(reserved_delta)::int8
+                          FROM inventory.stock_movement_days GROUP BY sku) l
+                    GROUP BY sku) m USING (sku)
          LEFT JOIN (SELECT sku, sum(qty) AS held FROM inventory.inventory_reservations
                     WHERE status = 'held' GROUP BY sku) h USING (sku)
          ORDER BY s.sku",

@@ -125,6 +125,7 @@ impl Bus {
             CHECKOUT_STREAM,
             CHECKOUT_SUBJECTS,
             self.settings.stream_max_age,
+            self.settings.stream_max_bytes,
         )
         .await?;
         // Dead letters are kept longer: a human must look at each.
@@ -132,6 +133,7 @@ impl Bus {
             DEADLETTER_STREAM,
             DEADLETTER_SUBJECTS,
             self.settings.stream_max_age * 4,
+            self.settings.deadletter_max_bytes,
         )
         .await
     }
@@ -141,6 +143,7 @@ impl Bus {
         name: &str,
         subjects: &str,
         max_age: Duration,
+        max_bytes: i64,
     ) -> Result<(), BusError> {
         let config = stream::Config {
             name: name.to_owned(),
@@ -150,6 +153,9 @@ impl Bus {
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age,
+            // A ceiling for the disk, sized (docs/capacity.md) so that max_age binds first:
+            // reaching it drops the oldest messages, which by then are long handled.
+            max_bytes,
             duplicate_window: self.settings.duplicate_window,
             num_replicas: self.settings.replicas,
             discard: stream::DiscardPolicy::Old,

@@ -21,6 +21,7 @@ pub struct Settings {
     pub payments: PaymentsSettings,
     pub edge: EdgeSettings,
     pub watchdog: WatchdogSettings,
+    pub retention: RetentionSettings,
     pub metrics: MetricsSettings,
     pub telemetry: TelemetrySettings,
     pub chaos: ChaosSettings,
@@ -54,6 +55,9 @@ pub struct NatsSettings {
     pub tls_ca_file: String,
     #[serde(with = "humantime_serde")]
     pub stream_max_age: Duration,
+    /// Bytes the saga stream and the dead-letter stream may hold (-1: no limit).
+    pub stream_max_bytes: i64,
+    pub deadletter_max_bytes: i64,
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
     pub replicas: usize,
@@ -180,6 +184,22 @@ pub struct WatchdogSettings {
     pub batch: i64,
 }
 
+/// How long rows that only serve dedup, retries or debugging are kept (see `lib/retention.rs`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub batch: i64,
+    #[serde(with = "humantime_serde")]
+    pub inbox: Duration,
+    #[serde(with = "humantime_serde")]
+    pub outbox: Duration,
+    #[serde(with = "humantime_serde")]
+    pub payment_attempts: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stock_movements: Duration,
+}
+
 /// Where processes without an edge serve `/metrics`, and how often JetStream gauges refresh.
 #[derive(Debug, Clone, Deserialize)]
 pub struct MetricsSettings {
@@ -256,6 +276,39 @@ impl Settings {
                     .try_parsing(true),
             )
             .build()?;
-        Ok(settings.try_deserialize()?)
+        let settings: Self = settings.try_deserialize()?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Refuses settings that would break a guarantee rather than a preference.
+    fn check(&self) -> Result<(), ConfigError> {
+        // A message can be redelivered (or replayed by an operator) for as long as the stream
+        // keeps it; the inbox must remember it at least that long or the step runs twice.
+        let floor = self.nats.stream_max_age + self.nats.duplicate_window;
+        if self.retention.inbox < floor {
+            return Err(ConfigError(config::ConfigError::Message(format!(
+                "retention.inbox ({}) must be at least nats.stream_max_age + \
+                 nats.duplicate_window ({}): a redelivered message would be handled twice",
+                humantime::format_duration(self.retention.inbox),
+                humantime::format_duration(floor)
+            ))));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+    use std::time::Duration;
+
+    #[test]
+    fn an_inbox_kept_shorter_than_the_stream_keeps_messages_is_refused() {
+        let mut settings = Settings::load().expect("the defaults load");
+        assert!(settings.check().is_ok());
+        settings.retention.inbox = settings.nats.stream_max_age - Duration::from_secs(3600);
+        let error = settings.check().expect_err("refused").to_string();
+        assert!(error.contains("retention.inbox"), "{error}");
     }
 }

@@ -26,6 +26,7 @@
 //! - [`db`]: pool and embedded migrations. [`config`]: settings. [`telemetry`]: tracing.
 //! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`) and start-up.
 //! - [`domain`]: value types that parse (SKU, quantity, money, address). [`auth`]: JWTs.
+//! - [`retention`]: the pruner that keeps inbox, outbox and ledger tables bounded.
 //! - [`status`]: circuit-breaker states shared through a JetStream key-value bucket.
 //! - [`bench`]: `checkout bench`, the load generator and ceiling measurements.
 
@@ -49,6 +50,7 @@ pub mod outbox;
 pub mod payments;
 pub mod pricing;
 pub mod psp;
+pub mod retention;
 pub mod saga;
 pub mod status;
 pub mod telemetry;

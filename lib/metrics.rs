@@ -40,6 +40,8 @@ pub const BREAKER: &str = "checkout_payment_breaker_state";
 pub const OUTBOX: &str = "checkout_outbox_unpublished";
 /// Orders the watchdog timed out.
 pub const TIMEOUTS: &str = "checkout_watchdog_timeouts_total";
+/// Rows the pruner removed, by table group.
+pub const PRUNED: &str = "checkout_pruned_rows_total";
 /// HTTP requests by route template, method and status class.
 pub const HTTP_REQUESTS: &str = "checkout_http_requests_total";
 /// HTTP request latency by route template and method.
@@ -113,6 +115,10 @@ fn describe() {
         "Orders the watchdog sent to compensation for being pending too long."
     );
     describe_counter!(
+        PRUNED,
+        "Rows the pruner removed past retention, by what they were (inbox, outbox, payment_attempts, stock_movements)."
+    );
+    describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests by route template, method and status class."
     );
@@ -177,6 +183,18 @@ pub fn outbox_unpublished(rows: i64) {
 /// Orders the watchdog timed out.
 pub fn watchdog_timeouts(orders: usize) {
     counter!(TIMEOUTS).increment(orders as u64);
+}
+
+/// What one pruning pass removed.
+pub fn pruned(pass: &crate::retention::Pass) {
+    for (what, n) in [
+        ("inbox", pass.inbox),
+        ("outbox", pass.outbox),
+        ("payment_attempts", pass.payment_attempts),
+        ("stock_movements", pass.stock_movements),
+    ] {
+        counter!(PRUNED, "table" => what).increment(n);
+    }
 }
 
 /// One HTTP request.

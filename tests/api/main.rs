@@ -16,5 +16,6 @@ mod observability;
 mod outages;
 mod payments;
 mod pricing;
+mod retention;
 mod security;
 mod traces;

@@ -1,0 +1,155 @@
+//! Storage that stays bounded: the pruner deletes what only served dedup, retries or
+//! debugging once it can no longer be needed, and folds the old stock ledger into daily
+//! totals. Orders, payments, reservations and accepted checkouts are business records and
+//! are kept (see `docs/capacity.md` for what each costs per order).
+//!
+//! Every delete takes `retention.batch` rows with `FOR UPDATE SKIP LOCKED`, so two pruners
+//! (two compensate processes) split the work and neither ever waits on a saga step's row.
+//! Old rows are found through BRIN indexes on their timestamps: nearly free to maintain on
+//! the hot path, where a btree would cost a write per event.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetentionSettings;
+
+/// Batches one table may take in one pass, so a backlog (the pruner's first run on a year of
+/// rows) is worked off over several passes rather than in one long burst of I/O.
+const BATCHES_PER_PASS: usize = 20;
+
+/// Deletes expired rows every `retention.interval`.
+#[derive(Clone)]
+pub struct Pruner {
+    pub pool: PgPool,
+    pub settings: RetentionSettings,
+}
+
+/// Rows one pass removed, by what they were.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Inbox rows of the three services' steps.
+    pub inbox: u64,
+    /// Published outbox rows.
+    pub outbox: u64,
+    /// Failed-PSP-call counters.
+    pub payment_attempts: u64,
+    /// Stock movements folded into `inventory.stock_movement_days`.
+    pub stock_movements: u64,
+}
+
+impl Pass {
+    fn total(&self) -> u64 {
+        self.inbox + self.outbox + self.payment_attempts + self.stock_movements
+    }
+}
+
+fn cutoff(keep: Duration) -> chrono::DateTime<Utc> {
+    Utc::now() - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Pruner {
+    /// Runs a pass every `retention.interval` until shutdown.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            match self.pass().await {
+                Ok(pass) if pass.total() > 0 => {
+                    crate::metrics::pruned(&pass);
+                    tracing::info!(?pass, "pruned expired rows");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning failed; next pass retries"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.interval) => {}
+            }
+        }
+    }
+
+    /// One pass over every table, each in batches.
+    pub async fn pass(&self) -> Result<Pass, sqlx::Error> {
+        let s = &self.settings;
+        let mut pass = Pass::default();
+        for schema in ["inventory", "payments", "orders"] {
+            let sql = format!(
+                "WITH gone AS (
+                     DELETE FROM {schema}.inbox WHERE (consumer, event_id) IN (
+                         SELECT consumer, event_id FROM {schema}.inbox WHERE handled_at < $1
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING 1)
+                 SELECT count(*) FROM gone"
+            );
+            pass.inbox += self.batches(&sql, s.inbox).await?;
+        }
+        pass.outbox += self
+            .batches(
+                "WITH gone AS (
+                     DELETE FROM edge.outbox WHERE msg_id IN (
+                         SELECT msg_id FROM edge.outbox
+                         WHERE created_at < $1 AND published_at IS NOT NULL
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING 1)
+                 SELECT count(*) FROM gone",
+                s.outbox,
+            )
+            .await?;
+        pass.payment_attempts += self
+            .batches(
+                "WITH gone AS (
+                     DELETE FROM payments.attempts WHERE order_id IN (
+                         SELECT order_id FROM payments.attempts WHERE updated_at < $1
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING 1)
+                 SELECT count(*) FROM gone",
+                s.payment_attempts,
+            )
+            .await?;
+        // Deleted and added to the day's totals in one statement: the ledger's sums never
+        // miss a movement or count one twice, whatever crashes when.
+        pass.stock_movements += self
+            .batches(
+                "WITH gone AS (
+                     DELETE FROM inventory.stock_movements WHERE movement_id IN (
+                         SELECT movement_id FROM inventory.stock_movements WHERE created_at < $1
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING sku, kind, (created_at AT TIME ZONE 'UTC')::date AS day,
+                               on_hand_delta, reserved_delta),
+                 folded AS (
+                     INSERT INTO inventory.stock_movement_days AS d
+                         (sku, day, kind, movements, on_hand_delta, reserved_delta)
+                     SELECT sku, day, kind, count(*), sum(on_hand_delta), sum(reserved_delta)
+                     FROM gone GROUP BY sku, day, kind
+                     ON CONFLICT (sku, day, kind) DO UPDATE SET
+                         movements = d.movements + excluded.movements,
+                         on_hand_delta = d.on_hand_delta + excluded.on_hand_delta,
+                         reserved_delta = d.reserved_delta + excluded.reserved_delta)
+                 SELECT count(*) FROM gone",
+                s.stock_movements,
+            )
+            .await?;
+        Ok(pass)
+    }
+
+    /// Runs a batch statement (`$1` the cutoff, `$2` the batch size, answering the count it
+    /// removed) until a batch comes back short or the pass's share is spent; the rows removed.
+    async fn batches(&self, sql: &str, keep: Duration) -> Result<u64, sqlx::Error> {
+        let before = cutoff(keep);
+        let batch = self.settings.batch.max(1);
+        let mut total = 0;
+        for _ in 0..BATCHES_PER_PASS {
+            let (removed,): (i64,) = sqlx::query_as(sql)
+                .bind(before)
+                .bind(batch)
+                .fetch_one(&self.pool)
+                .await?;
+            total += u64::try_from(removed).unwrap_or(0);
+            if removed < batch {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,102 @@
+//! Storage stays bounded: what only served dedup, retries or debugging is pruned past its
+//! retention, the stock ledger is folded into daily totals that still add up, and nothing
+//! younger is touched.
+
+use checkout::retention::Pruner;
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn the_pruner_removes_only_expired_rows_and_the_stock_ledger_still_adds_up() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 50).await;
+    let mut old = Vec::new();
+    for user in ["old-1", "old-2", "old-3"] {
+        let (token, order) = app.buy(user, "TEE", "tok_visa").await;
+        app.settled(&token, &order).await;
+        old.push(order);
+    }
+    // Make those three orders' bookkeeping 100 days old, as if a quarter had passed.
+    for sql in [
+        "UPDATE inventory.inbox SET handled_at = now() - interval '100 days'",
+        "UPDATE payments.inbox SET handled_at = now() - interval '100 days'",
+        "UPDATE orders.inbox SET handled_at = now() - interval '100 days'",
+        "UPDATE inventory.stock_movements SET created_at = now() - interval '100 days'",
+        "UPDATE edge.outbox SET created_at = now() - interval '100 days'
+         WHERE published_at IS NOT NULL",
+    ] {
+        sqlx::query(sql)
+            .execute(&app.pool)
+            .await
+            .expect("back-dated");
+    }
+    let (token, recent) = app.buy("recent", "TEE", "tok_visa").await;
+    app.settled(&token, &recent).await;
+    let young = recent_inbox_rows(&app).await;
+    assert!(
+        young.iter().all(|n| *n > 0),
+        "the recent order has inbox rows: {young:?}"
+    );
+
+    let pruner = Pruner {
+        pool: app.pool.clone(),
+        settings: app.settings.retention.clone(),
+    };
+    let pass = pruner.pass().await.expect("a pass runs");
+    assert!(pass.inbox > 0 && pass.stock_movements > 0, "{pass:?}");
+
+    for schema in ["inventory", "payments", "orders"] {
+        let left = app
+            .count(&format!(
+                "SELECT count(*) FROM {schema}.inbox WHERE handled_at < now() - interval '8 days'"
+            ))
+            .await;
+        assert_eq!(left, 0, "{schema}.inbox keeps no row past retention");
+    }
+    let kept = recent_inbox_rows(&app).await;
+    assert_eq!(kept, young, "rows inside retention are untouched");
+    // The old movements are folded: 3 reserves and 3 commits of one unit each (one day),
+    // the recent order's stay row by row.
+    let (movements, on_hand_delta): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(movements), 0)::int8, coalesce(sum(on_hand_delta), 0)::int8
+         FROM inventory.stock_movement_days WHERE sku = 'TEE' AND kind = 'commit'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("folded");
+    assert_eq!((movements, on_hand_delta), (3, -3));
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM inventory.stock_movements WHERE order_id = '{recent}'"
+        ))
+        .await,
+        2,
+        "the recent order's reserve and commit are still there"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM edge.outbox WHERE created_at < now() - interval '2 days'")
+            .await,
+        0
+    );
+    // Orders are business records: all four stay, and stock still adds up to the ledger.
+    assert_eq!(app.count("SELECT count(*) FROM orders.orders").await, 4);
+    assert_eq!(app.stock("TEE").await, (46, 0, 46));
+    app.audit().await;
+
+    let second = pruner.pass().await.expect("a second pass runs");
+    assert_eq!(second, Default::default(), "nothing left to prune");
+}
+
+/// Inbox rows younger than a day, per service.
+async fn recent_inbox_rows(app: &TestApp) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for schema in ["inventory", "payments", "orders"] {
+        counts.push(
+            app.count(&format!(
+                "SELECT count(*) FROM {schema}.inbox WHERE handled_at > now() - interval '1 day'"
+            ))
+            .await,
+        );
+    }
+    counts
+}
