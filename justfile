@@ -28,6 +28,11 @@ cluster-node n:
 down:
     scripts/down.sh
 
+# Bytes per order in every table and stream (its own nats-server and database), for docs/capacity.md.
+measure-storage orders="2000": tools
+    cargo build --release --locked --quiet
+    python3 scripts/measure-storage.py {{orders}}
+
 # Apply migrations to the configured database.
 migrate:
     cargo run --quiet -- migrate

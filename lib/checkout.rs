@@ -184,6 +184,14 @@ impl Checkouts {
             promo_code,
             shipping_method: Some(request.shipping_method.clone()),
         };
+        // The request row keeps the order's checkout for good (shipping, refunds and the
+        // watchdog read it) but not the payment token: only the outbox row, pruned a day after
+        // publishing, and the event on its way to authorize carry that.
+        let kept = Event::Requested {
+            checkout: checkout.clone().spent(),
+        }
+        .encode()
+        .map_err(|e| CheckoutError::Encode(e.to_string()))?;
         let out = Outgoing::new(&Event::Requested { checkout }, Some(trace))
             .map_err(|e| CheckoutError::Encode(e.to_string()))?;
         // The request row, the outbox row and the cart lock in one statement.
@@ -191,7 +199,7 @@ impl Checkouts {
             "WITH accepted AS (
                  INSERT INTO edge.checkouts
                      (user_id, idempotency_key, request_hash, order_id, cart_id, event, traceparent)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)),
+                 VALUES ($1, $2, $3, $4, $5, $10, $7)),
              owed AS (
                  INSERT INTO edge.outbox (msg_id, subject, payload, traceparent)
                  VALUES ($8, $9, $6, $7))
@@ -207,6 +215,7 @@ impl Checkouts {
         .bind(&out.traceparent)
         .bind(&out.msg_id)
         .bind(&out.subject)
+        .bind(&kept)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

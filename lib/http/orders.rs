@@ -218,9 +218,18 @@ async fn request(
         ActionRequest::AlreadyDone => "done",
         ActionRequest::Accepted { attempt } => {
             let event = match action {
-                Action::Ship => Event::ShipRequested { checkout, attempt },
-                Action::Cancel => Event::CancelRequested { checkout, attempt },
-                Action::Refund => Event::RefundRequested { checkout, attempt },
+                Action::Ship => Event::ShipRequested {
+                    checkout: checkout.spent(),
+                    attempt,
+                },
+                Action::Cancel => Event::CancelRequested {
+                    checkout: checkout.spent(),
+                    attempt,
+                },
+                Action::Refund => Event::RefundRequested {
+                    checkout: checkout.spent(),
+                    attempt,
+                },
             };
             // The request joins the order's trace, as a child of this request's span.
             let span = tracing::info_span!("order_action", action = ?action, attempt);

@@ -195,7 +195,7 @@ fn rejected(checkout: Checkout, short: Vec<Short>) -> Vec<Event> {
     tracing::info!(order_id = %checkout.order_id, ?skus, "out of stock");
     vec![Event::Rejected {
         detail: format!("not enough stock for {}", skus.join(", ")),
-        checkout,
+        checkout: checkout.spent(),
         reason: FailureReason::OutOfStock,
         short,
     }]

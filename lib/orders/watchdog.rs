@@ -167,7 +167,9 @@ impl Watchdog {
             };
             tracing::warn!(order_id = %p.order_id, accepted_at = %p.created_at,
                 "order pending past the watchdog limit; timing it out");
-            let event = Event::TimedOut { checkout };
+            let event = Event::TimedOut {
+                checkout: checkout.spent(),
+            };
             let out = Outgoing::new(&event, Some(&TraceParent::new_root())).map_err(|_| ())?;
             self.bus.publish(&out).await.map_err(|e| {
                 tracing::warn!(order_id = %p.order_id, error = %e, "watchdog publish failed");

@@ -226,7 +226,7 @@ impl AuthorizeStep {
 
 fn abandoned(checkout: Checkout) -> Vec<Event> {
     vec![Event::Declined {
-        checkout,
+        checkout: checkout.spent(),
         decline_code: "abandoned".into(),
         reason: FailureReason::TimedOut,
     }]
@@ -257,7 +257,7 @@ fn outcome(
                 expires_at,
             },
             vec![Event::Authorized {
-                checkout: checkout.clone(),
+                checkout: checkout.clone().spent(),
                 payment_id,
                 auth_id,
             }],
@@ -279,7 +279,7 @@ fn outcome(
                     expires_at,
                 },
                 vec![Event::Declined {
-                    checkout: checkout.clone(),
+                    checkout: checkout.clone().spent(),
                     decline_code: code,
                     reason,
                 }],

@@ -54,6 +54,16 @@ pub struct Checkout {
     pub shipping_method: Option<String>,
 }
 
+impl Checkout {
+    /// This checkout without its payment token. Only the authorize step uses the token, so
+    /// every event after it (and a rejection before it) is built from this: no later event,
+    /// inbox row or dead letter carries it.
+    pub fn spent(mut self) -> Self {
+        self.payment_token.clear();
+        self
+    }
+}
+
 /// A line the stock could not serve.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Short {

@@ -183,3 +183,63 @@ async fn one_users_burst_is_limited_with_retry_after_and_others_are_not() {
     let (status, body) = app.checkout(&carol, "k2", &cart, "tok_visa").await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
 }
+
+/// The payment token reaches the authorize step and nothing after it: later events, the
+/// stored checkout and the inboxes of the steps after authorize never hold it.
+#[tokio::test]
+async fn the_payment_token_travels_only_as_far_as_the_authorize_step() {
+    use checkout::saga::events::Event;
+
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    let (token, paid) = app.buy("ada", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &paid).await["status"], "confirmed");
+    let (status, body) = app.ship(&paid).await;
+    assert!(status.is_success(), "{body}");
+    let (token, declined) = app.buy("bob", "TEE", "tok_declined").await;
+    assert_eq!(app.settled(&token, &declined).await["status"], "failed");
+    app.eventually("the shipment captured", || async {
+        app.order(&app.token("ada"), &paid).await.1["status"] == "shipped"
+    })
+    .await;
+
+    let js = app.jetstream().await;
+    let stream = js.get_stream("CHECKOUT").await.expect("stream");
+    let last = stream.get_info().await.expect("info").state.last_sequence;
+    let (mut carrying, mut clean) = (Vec::new(), Vec::new());
+    for seq in 1..=last {
+        let message = stream.get_raw_message(seq).await.expect("message");
+        let event = Event::decode(&message.payload).expect("a saga event");
+        let kind = event.kind().as_str().to_owned();
+        if event.checkout().payment_token.is_empty() {
+            clean.push(kind);
+        } else {
+            carrying.push(kind);
+        }
+    }
+    carrying.sort();
+    carrying.dedup();
+    assert_eq!(carrying, ["requested", "reserved"], "clean: {clean:?}");
+    for kind in [
+        "authorized",
+        "declined",
+        "committed",
+        "confirmed",
+        "failed",
+        "shipped",
+    ] {
+        assert!(clean.iter().any(|k| k == kind), "{kind} in {clean:?}");
+    }
+    for (table, column) in [
+        ("edge.checkouts", "event"),
+        ("payments.inbox", "outputs"),
+        ("orders.inbox", "outputs"),
+    ] {
+        let holding = app
+            .count(&format!(
+                "SELECT count(*) FROM {table} WHERE position('tok_'::bytea IN {column}) > 0"
+            ))
+            .await;
+        assert_eq!(holding, 0, "{table} holds a payment token");
+    }
+}
