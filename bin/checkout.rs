@@ -34,6 +34,9 @@ enum Command {
     Run {
         /// edge | reserve | authorize | order | compensate | psp | all, or a comma-separated list
         role: String,
+        /// Consume only these saga partitions, e.g. `0,2` (default: all of `nats.partitions`).
+        #[arg(long, value_delimiter = ',')]
+        partitions: Vec<u32>,
     },
     /// Create the database if missing and apply the embedded migrations.
     Migrate,
@@ -50,6 +53,11 @@ enum Command {
     /// Check that every promise held (orders ended, stock matches its ledger, every
     /// authorization is owned, nothing charged twice); exits 1 on any finding. Read-only.
     Audit,
+    /// Print which node leads each saga partition; with --spread, move leaders apart first.
+    Leaders {
+        #[arg(long)]
+        spread: bool,
+    },
     /// Benchmark the pipeline against this machine's own ceiling (see BENCHMARKS.md).
     Bench(BenchArgs),
     /// Read a MessagePack saga payload on stdin and print it as JSON
@@ -146,6 +154,25 @@ async fn main() -> Result<()> {
             bench::run(settings, options).await?;
             Ok(())
         }
+        Command::Leaders { spread } => {
+            telemetry::init(cli.log_json);
+            let settings = Settings::load()?;
+            let bus = checkout::bus::Bus::connect(&settings.nats).await?;
+            bus.ensure_streams().await?;
+            let leaders = if spread {
+                bus.spread_leaders().await?
+            } else {
+                bus.stream_leaders()
+                    .await?
+                    .into_iter()
+                    .map(|(stream, leader, _)| (stream, leader))
+                    .collect()
+            };
+            for (stream, leader) in leaders {
+                println!("{stream}\t{leader}");
+            }
+            Ok(())
+        }
         Command::Audit => {
             let settings = Settings::load()?;
             let pool = db::connect(&settings.database).await?;
@@ -166,8 +193,12 @@ async fn main() -> Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::Run { role } => {
-            let settings = Settings::load()?;
+        Command::Run { role, partitions } => {
+            let mut settings = Settings::load()?;
+            if !partitions.is_empty() {
+                settings.nats.own_partitions = partitions;
+                settings.check()?;
+            }
             let otlp = (!settings.telemetry.otlp_endpoint.is_empty()).then(|| telemetry::Otlp {
                 endpoint: settings.telemetry.otlp_endpoint.clone(),
                 service: role.replace(',', "+"),

@@ -9,8 +9,8 @@ use async_nats::HeaderMap;
 use crate::config::NatsSettings;
 use crate::saga::runner::Outgoing;
 use crate::saga::subjects::{
-    CHECKOUT_STREAM, CHECKOUT_SUBJECTS, DEADLETTER_STREAM, DEADLETTER_SUBJECTS, HEADER_EVENT,
-    HEADER_ORDER_ID, HEADER_SCHEMA, HEADER_TRACEPARENT,
+    checkout_stream, checkout_stream_subjects, checkout_streams, DEADLETTER_STREAM,
+    DEADLETTER_SUBJECTS, HEADER_EVENT, HEADER_ORDER_ID, HEADER_SCHEMA, HEADER_TRACEPARENT,
 };
 
 /// Failures talking to NATS.
@@ -41,6 +41,8 @@ pub struct Bus {
 
 /// One durable consumer's shape.
 pub struct ConsumerSpec {
+    /// The saga stream (partition) it reads.
+    pub stream: String,
     /// Durable name, shared by every instance of the role (horizontal scaling).
     pub durable: String,
     pub filter_subjects: Vec<String>,
@@ -114,6 +116,21 @@ impl Bus {
         &self.js
     }
 
+    /// Every saga stream (one per partition).
+    pub fn saga_streams(&self) -> Vec<String> {
+        checkout_streams(self.settings.partitions)
+    }
+
+    /// The saga streams this process consumes (`nats.own_partitions`, or all).
+    pub fn owned_streams(&self) -> Vec<String> {
+        let k = self.settings.partitions;
+        self.settings
+            .owned_partitions()
+            .into_iter()
+            .map(|p| checkout_stream(p, k))
+            .collect()
+    }
+
     /// The stream settings.
     pub fn settings(&self) -> &NatsSettings {
         &self.settings
@@ -121,13 +138,21 @@ impl Bus {
 
     /// Creates or updates the saga and dead-letter streams. Safe to run from every process.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        self.ensure_stream(
-            CHECKOUT_STREAM,
-            CHECKOUT_SUBJECTS,
-            self.settings.stream_max_age,
-            self.settings.stream_max_bytes,
-        )
-        .await?;
+        let k = self.settings.partitions;
+        // The ceiling is for the saga as a whole: each partition gets its share.
+        let per_partition = match self.settings.stream_max_bytes {
+            n if n > 0 => (n / i64::from(k.max(1))).max(1),
+            n => n,
+        };
+        for p in 0..k.max(1) {
+            self.ensure_stream(
+                &checkout_stream(p, k),
+                &checkout_stream_subjects(p, k),
+                self.settings.stream_max_age,
+                per_partition,
+            )
+            .await?;
+        }
         // Dead letters are kept longer: a human must look at each.
         self.ensure_stream(
             DEADLETTER_STREAM,
@@ -173,6 +198,88 @@ impl Bus {
         })
     }
 
+    /// The node leading each saga stream (partition), and the nodes that host it.
+    pub async fn stream_leaders(&self) -> Result<Vec<(String, String, Vec<String>)>, BusError> {
+        let mut out = Vec::new();
+        for name in self.saga_streams() {
+            let info = self
+                .js
+                .get_stream(&name)
+                .await
+                .map_err(|e| BusError::Stream {
+                    stream: name.clone(),
+                    message: e.to_string(),
+                })?
+                .get_info()
+                .await
+                .map_err(|e| BusError::Stream {
+                    stream: name.clone(),
+                    message: e.to_string(),
+                })?;
+            let cluster = info.cluster.unwrap_or_default();
+            let leader = cluster.leader.unwrap_or_default();
+            let mut hosts: Vec<String> = cluster.replicas.into_iter().map(|p| p.name).collect();
+            hosts.push(leader.clone());
+            out.push((name, leader, hosts));
+        }
+        Ok(out)
+    }
+
+    /// Moves partition leaders apart, so that K partitions' writes land on as many nodes as
+    /// host them. JetStream elects each stream's leader on its own and may put several on one
+    /// node; a leader step-down makes its group elect again (another node), repeated until no
+    /// node leads two partitions while another leads none. Needs the JetStream API's
+    /// `STREAM.LEADER.STEPDOWN` (the operator user); a few elections of a few seconds each.
+    pub async fn spread_leaders(&self) -> Result<Vec<(String, String)>, BusError> {
+        for _ in 0..12 {
+            let leaders = self.stream_leaders().await?;
+            let mut led: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+            let mut hosts = std::collections::HashSet::new();
+            for (name, leader, on) in &leaders {
+                led.entry(leader.as_str()).or_default().push(name);
+                hosts.extend(on.iter().map(String::as_str));
+            }
+            let crowded = led.values().find(|streams| streams.len() > 1);
+            let (Some(streams), true) = (crowded, led.len() < hosts.len()) else {
+                return Ok(leaders.into_iter().map(|(n, l, _)| (n, l)).collect());
+            };
+            let name = streams[0].to_owned();
+            let before = leaders
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, l, _)| l.clone())
+                .unwrap_or_default();
+            tracing::info!(stream = %name, leader = %before, "asking a crowded leader to step down");
+            self.client
+                .request(
+                    format!("$JS.API.STREAM.LEADER.STEPDOWN.{name}"),
+                    bytes::Bytes::new(),
+                )
+                .await
+                .map_err(|e| BusError::Stream {
+                    stream: name.clone(),
+                    message: format!("leader step-down: {e}"),
+                })?;
+            // Wait for the group's next leader before looking again.
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = self.stream_leaders().await?;
+                if now
+                    .iter()
+                    .any(|(n, l, _)| *n == name && !l.is_empty() && *l != before)
+                {
+                    break;
+                }
+            }
+        }
+        Ok(self
+            .stream_leaders()
+            .await?
+            .into_iter()
+            .map(|(n, l, _)| (n, l))
+            .collect())
+    }
+
     /// Creates or updates a durable pull consumer on the saga stream.
     pub async fn ensure_consumer(
         &self,
@@ -184,7 +291,7 @@ impl Bus {
         };
         let what = format!("consumer {}", spec.durable);
         let stream = settling(&what, get_stream_transient, || {
-            self.js.get_stream(CHECKOUT_STREAM)
+            self.js.get_stream(&spec.stream)
         })
         .await
         .map_err(|e| err(e.to_string()))?;

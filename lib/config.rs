@@ -55,12 +55,17 @@ pub struct NatsSettings {
     pub tls_ca_file: String,
     #[serde(with = "humantime_serde")]
     pub stream_max_age: Duration,
-    /// Bytes the saga stream and the dead-letter stream may hold (-1: no limit).
+    /// Bytes the saga streams (all partitions together) and the dead-letter stream may hold
+    /// (-1: no limit).
     pub stream_max_bytes: i64,
     pub deadletter_max_bytes: i64,
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
     pub replicas: usize,
+    /// Saga partitions K: one stream per partition (`CHECKOUT-<p>`) when above 1.
+    pub partitions: u32,
+    /// The partitions this process consumes; empty: all of them.
+    pub own_partitions: Vec<u32>,
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     pub max_deliver: i64,
@@ -70,6 +75,15 @@ pub struct NatsSettings {
 }
 
 impl NatsSettings {
+    /// The partitions this process consumes: `own_partitions`, or every one.
+    pub fn owned_partitions(&self) -> Vec<u32> {
+        if self.own_partitions.is_empty() {
+            (0..self.partitions).collect()
+        } else {
+            self.own_partitions.clone()
+        }
+    }
+
     /// The server URLs of `url`: the client starts with any that answers and learns the rest
     /// of the cluster from it.
     pub fn servers(&self) -> Vec<String> {
@@ -282,7 +296,7 @@ impl Settings {
     }
 
     /// Refuses settings that would break a guarantee rather than a preference.
-    fn check(&self) -> Result<(), ConfigError> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         // A message can be redelivered (or replayed by an operator) for as long as the stream
         // keeps it; the inbox must remember it at least that long or the step runs twice.
         let floor = self.nats.stream_max_age + self.nats.duplicate_window;
@@ -292,6 +306,22 @@ impl Settings {
                  nats.duplicate_window ({}): a redelivered message would be handled twice",
                 humantime::format_duration(self.retention.inbox),
                 humantime::format_duration(floor)
+            ))));
+        }
+        if self.nats.partitions == 0 {
+            return Err(ConfigError(config::ConfigError::Message(
+                "nats.partitions must be at least 1".into(),
+            )));
+        }
+        if let Some(p) = self
+            .nats
+            .own_partitions
+            .iter()
+            .find(|p| **p >= self.nats.partitions)
+        {
+            return Err(ConfigError(config::ConfigError::Message(format!(
+                "partition {p} does not exist: nats.partitions is {}",
+                self.nats.partitions
             ))));
         }
         Ok(())

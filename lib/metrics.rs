@@ -5,6 +5,7 @@
 //! order row, the recorded payment), never again on a redelivery. Gauges that describe
 //! JetStream (backlogs, dead letters) are read from the server every few seconds.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::Bus;
 use crate::payments::guard::BreakerState;
 use crate::saga::events::FailureReason;
-use crate::saga::subjects::{CHECKOUT_STREAM, DEADLETTER_STREAM};
+use crate::saga::subjects::DEADLETTER_STREAM;
 
 /// Orders reaching a terminal status.
 pub const ORDERS: &str = "checkout_orders_total";
@@ -220,17 +221,25 @@ pub async fn report_jetstream(
 ) {
     let js = bus.jetstream().clone();
     loop {
-        if let Ok(stream) = js.get_stream(CHECKOUT_STREAM).await {
+        // A durable's backlog across the partitions this process consumes.
+        let mut backlog: HashMap<&str, u64> = HashMap::new();
+        for name in bus.owned_streams() {
+            let Ok(stream) = js.get_stream(&name).await else {
+                continue;
+            };
             for durable in &durables {
                 let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
                     stream.get_consumer(durable).await;
                 if let Ok(mut c) = consumer {
                     if let Ok(info) = c.info().await {
-                        let pending = info.num_pending + info.num_ack_pending as u64;
-                        gauge!(CONSUMER_PENDING, "consumer" => *durable).set(pending as f64);
+                        *backlog.entry(durable).or_default() +=
+                            info.num_pending + info.num_ack_pending as u64;
                     }
                 }
             }
+        }
+        for (durable, pending) in backlog {
+            gauge!(CONSUMER_PENDING, "consumer" => durable).set(pending as f64);
         }
         if let Ok(mut dead) = js.get_stream(DEADLETTER_STREAM).await {
             if let Ok(info) = dead.info().await {

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use crate::bus::Bus;
-use crate::saga::subjects::{CHECKOUT_STREAM, DEADLETTER_STREAM};
+use crate::saga::subjects::DEADLETTER_STREAM;
 
 /// The last readiness check.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -62,7 +62,9 @@ impl Readiness {
                 async_nats::connection::State::Connected
             );
             let mut streams = nats;
-            for name in [CHECKOUT_STREAM, DEADLETTER_STREAM] {
+            let mut names = bus.saga_streams();
+            names.push(DEADLETTER_STREAM.to_owned());
+            for name in &names {
                 if streams {
                     streams = tokio::time::timeout(every, bus.jetstream().get_stream(name))
                         .await

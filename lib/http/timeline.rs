@@ -25,7 +25,7 @@ use super::extract::Caller;
 use super::AppState;
 use crate::checkout;
 use crate::saga::events::{Event, EventKind};
-use crate::saga::subjects::CHECKOUT_STREAM;
+use crate::saga::subjects::{checkout_stream, order_filter, partition_of};
 
 /// One event of the timeline.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -79,14 +79,18 @@ pub async fn events(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
+    // An order's events are all in its partition's stream (the servers' mapping and
+    // `partition_of` agree), unless the operator changed the partition count while it was in
+    // flight: subjects.md, "Partitions".
+    let k = state.bus.settings().partitions;
     let consumer = state
         .bus
         .jetstream()
-        .get_stream(CHECKOUT_STREAM)
+        .get_stream(checkout_stream(partition_of(order_id, k), k))
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
         .create_consumer(OrderedConfig {
-            filter_subject: format!("checkout.*.{order_id}"),
+            filter_subject: order_filter(order_id, k),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })

@@ -202,7 +202,8 @@ impl<S: Step> Dispatch for PerMessage<S> {
     }
 }
 
-/// The pull loop shared by every kind of step.
+/// The pull loops shared by every kind of step: one per partition this process owns, each with
+/// its own `consumer.concurrency`.
 pub(crate) async fn consume(
     handler: Arc<dyn Dispatch>,
     bus: Bus,
@@ -210,8 +211,35 @@ pub(crate) async fn consume(
     chaos: Redeliver,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
+    let loops = bus.owned_streams().into_iter().map(|stream| {
+        consume_stream(
+            handler.clone(),
+            bus.clone(),
+            settings.clone(),
+            chaos,
+            shutdown.clone(),
+            stream,
+        )
+    });
+    futures::future::join_all(loops)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, BusError>>()
+        .map(|_| ())
+}
+
+/// One partition's pull loop.
+async fn consume_stream(
+    handler: Arc<dyn Dispatch>,
+    bus: Bus,
+    settings: ConsumerSettings,
+    chaos: Redeliver,
+    shutdown: CancellationToken,
+    stream: String,
+) -> Result<(), BusError> {
     let max_deliver = bus.settings().max_deliver;
     let spec = ConsumerSpec {
+        stream,
         durable: handler.durable().to_owned(),
         filter_subjects: handler
             .consumes()

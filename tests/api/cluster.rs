@@ -62,7 +62,7 @@ impl Node {
 }
 
 /// Three nats-servers forming one JetStream cluster on free ports, each with its own store.
-struct Cluster {
+pub struct Cluster {
     nodes: Vec<Node>,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -70,6 +70,11 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// The same, with more configuration for every node (e.g. subject mappings).
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let routes: Vec<u16> = (0..3).map(|_| port()).collect();
         let seeds = routes
@@ -86,7 +91,7 @@ impl Cluster {
             let text = format!(
                 "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
                  jetstream {{ store_dir: \"{}\" }}\n\
-                 cluster {{ name: test, listen: 127.0.0.1:{route}, routes: [{seeds}] }}\n",
+                 cluster {{ name: test, listen: 127.0.0.1:{route}, routes: [{seeds}] }}\n{extra}\n",
                 store.display()
             );
             std::fs::write(&config, text).expect("node config written");
@@ -113,7 +118,7 @@ impl Cluster {
     }
 
     /// Every node's client URL: processes get the whole list.
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         self.nodes
             .iter()
             .map(|n| format!("nats://127.0.0.1:{}", n.client))
@@ -150,7 +155,7 @@ impl Cluster {
     }
 
     /// Waits until every node knows a meta leader: streams can be created.
-    async fn wait_formed(&self) {
+    pub async fn wait_formed(&self) {
         eventually(
             "the cluster to elect a meta leader",
             Duration::from_secs(30),

@@ -212,6 +212,9 @@ pub fn test_settings_on(url: String, db: &TestDb) -> Settings {
     s.auth.jwt_secret = Secret::new("test-secret-of-at-least-32-bytes!!");
     s.nats.ack_wait = Duration::from_secs(3);
     s.nats.publish_timeout = Duration::from_secs(2);
+    // JetStream reserves max_bytes on disk per stream and server: keep test servers small.
+    s.nats.stream_max_bytes = 256 << 20;
+    s.nats.deadletter_max_bytes = 64 << 20;
     s.consumer.nak_base_delay = Duration::from_millis(50);
     s.consumer.nak_max_delay = Duration::from_millis(500);
     s.edge.outbox_interval = Duration::from_millis(200);
@@ -747,6 +750,14 @@ pub fn process_env(settings: &Settings, http_port: u16, psp: &str) -> Vec<(Strin
     let s = settings;
     [
         ("CHECKOUT__NATS__URL", s.nats.url.clone()),
+        (
+            "CHECKOUT__NATS__STREAM_MAX_BYTES",
+            s.nats.stream_max_bytes.to_string(),
+        ),
+        (
+            "CHECKOUT__NATS__DEADLETTER_MAX_BYTES",
+            s.nats.deadletter_max_bytes.to_string(),
+        ),
         (
             "CHECKOUT__DATABASE__URL",
             s.database.url.expose().to_owned(),

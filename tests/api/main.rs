@@ -14,6 +14,7 @@ mod inventory;
 mod nats_auth;
 mod observability;
 mod outages;
+mod partitions;
 mod payments;
 mod pricing;
 mod retention;
