@@ -179,21 +179,26 @@ impl Checkouts {
             total: priced.total.amount(),
             currency: priced.currency.code().to_owned(),
             payment_token: request.payment_token.clone(),
-            address: request.address.clone(),
+            address: Some(request.address.clone()),
             requested_at: Utc::now(),
             promo_code,
             shipping_method: Some(request.shipping_method.clone()),
         };
-        // The request row keeps the order's checkout for good (shipping, refunds and the
-        // watchdog read it) but not the payment token: only the outbox row, pruned a day after
-        // publishing, and the event on its way to authorize carry that.
+        // The request row keeps the order's checkout for good (the order's view, shipping,
+        // refunds and the watchdog read it) with its address but not the payment token; the
+        // event on the bus carries the token to authorize and no address (no step needs it).
         let kept = Event::Requested {
             checkout: checkout.clone().spent(),
         }
         .encode()
         .map_err(|e| CheckoutError::Encode(e.to_string()))?;
-        let out = Outgoing::new(&Event::Requested { checkout }, Some(trace))
-            .map_err(|e| CheckoutError::Encode(e.to_string()))?;
+        let out = Outgoing::new(
+            &Event::Requested {
+                checkout: checkout.for_the_bus(),
+            },
+            Some(trace),
+        )
+        .map_err(|e| CheckoutError::Encode(e.to_string()))?;
         // The request row, the outbox row and the cart lock in one statement.
         sqlx::query(
             "WITH accepted AS (

@@ -501,14 +501,8 @@ fn sample_payload_size() -> usize {
         total: rust_decimal::Decimal::new(1650, 2),
         currency: "USD".into(),
         payment_token: "tok_visa".into(),
-        address: crate::domain::Address {
-            name: "Bench Buyer".into(),
-            line1: "1 Load St".into(),
-            city: "Berlin".into(),
-            region: None,
-            postal_code: "10115".into(),
-            country: "DE".into(),
-        },
+        // Events on the bus carry no address (it stays in the edge's stored request).
+        address: None,
         requested_at: chrono::Utc::now(),
         promo_code: None,
         shipping_method: Some("standard".into()),

@@ -48,6 +48,9 @@ pub struct OrderJson {
     total: String,
     currency: String,
     payment: PaymentJson,
+    /// Where the order ships (from the accepted checkout; the saga's events never carry it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ship_to: Option<crate::domain::Address>,
 }
 
 /// The order's payment.
@@ -113,6 +116,9 @@ pub async fn get_order(
             return Err(not_found());
         }
         let currency = order.currency.clone();
+        let ship_to = checkout::find_by_order(&state.pool, order_id)
+            .await?
+            .and_then(|c| c.address);
         let stage = match order.pending_action.as_deref() {
             Some("ship") => Some("shipping"),
             Some("cancel") => Some("cancelling"),
@@ -141,6 +147,7 @@ pub async fn get_order(
             total: money(order.total, &currency),
             payment: PaymentJson::new(payment, true),
             currency,
+            ship_to,
         }));
     }
     // Not settled yet: the edge's own record of the checkout answers, so the owner never
@@ -183,6 +190,7 @@ pub async fn get_order(
         total: money(pending.total, &currency),
         currency,
         payment: PaymentJson::new(payment, false),
+        ship_to: pending.address.clone(),
     }))
 }
 
@@ -219,15 +227,15 @@ async fn request(
         ActionRequest::Accepted { attempt } => {
             let event = match action {
                 Action::Ship => Event::ShipRequested {
-                    checkout: checkout.spent(),
+                    checkout: checkout.spent().for_the_bus(),
                     attempt,
                 },
                 Action::Cancel => Event::CancelRequested {
-                    checkout: checkout.spent(),
+                    checkout: checkout.spent().for_the_bus(),
                     attempt,
                 },
                 Action::Refund => Event::RefundRequested {
-                    checkout: checkout.spent(),
+                    checkout: checkout.spent().for_the_bus(),
                     attempt,
                 },
             };

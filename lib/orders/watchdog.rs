@@ -168,7 +168,7 @@ impl Watchdog {
             tracing::warn!(order_id = %p.order_id, accepted_at = %p.created_at,
                 "order pending past the watchdog limit; timing it out");
             let event = Event::TimedOut {
-                checkout: checkout.spent(),
+                checkout: checkout.spent().for_the_bus(),
             };
             let out = Outgoing::new(&event, Some(&TraceParent::new_root())).map_err(|_| ())?;
             self.bus.publish(&out).await.map_err(|e| {

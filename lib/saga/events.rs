@@ -44,7 +44,10 @@ pub struct Checkout {
     pub total: Decimal,
     pub currency: String,
     pub payment_token: String,
-    pub address: Address,
+    /// Where the order ships. Only in the edge's stored request: no step needs it, so events
+    /// on the bus carry none (older payloads did; they still decode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
     pub requested_at: DateTime<Utc>,
     /// The promotion that was applied (redeemed when the order is confirmed).
     #[serde(default)]
@@ -60,6 +63,12 @@ impl Checkout {
     /// inbox row or dead letter carries it.
     pub fn spent(mut self) -> Self {
         self.payment_token.clear();
+        self
+    }
+
+    /// This checkout as it travels on the bus: without the address (see `address`).
+    pub fn for_the_bus(mut self) -> Self {
+        self.address = None;
         self
     }
 }
@@ -464,14 +473,14 @@ mod tests {
             total: Decimal::new(3000, 2),
             currency: "USD".into(),
             payment_token: "tok_visa".into(),
-            address: Address {
+            address: Some(Address {
                 name: "Ada".into(),
                 line1: "1 Main St".into(),
                 city: "London".into(),
                 region: None,
                 postal_code: "N1".into(),
                 country: "GB".into(),
-            },
+            }),
             requested_at: Utc::now(),
             promo_code: None,
             shipping_method: None,

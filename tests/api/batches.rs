@@ -31,14 +31,14 @@ fn checkout_of(sku: &str, qty: i32) -> Checkout {
         total: price * Decimal::from(qty),
         currency: "USD".into(),
         payment_token: "tok_visa".into(),
-        address: Address {
+        address: Some(Address {
             name: "Ada".into(),
             line1: "1 Main St".into(),
             city: "London".into(),
             region: None,
             postal_code: "N1".into(),
             country: "GB".into(),
-        },
+        }),
         requested_at: chrono::Utc::now(),
         promo_code: None,
         shipping_method: None,

@@ -185,7 +185,8 @@ async fn one_users_burst_is_limited_with_retry_after_and_others_are_not() {
 }
 
 /// The payment token reaches the authorize step and nothing after it: later events, the
-/// stored checkout and the inboxes of the steps after authorize never hold it.
+/// stored checkout and the inboxes of the steps after authorize never hold it. No event
+/// carries the address; the order shows it.
 #[tokio::test]
 async fn the_payment_token_travels_only_as_far_as_the_authorize_step() {
     use checkout::saga::events::Event;
@@ -196,6 +197,9 @@ async fn the_payment_token_travels_only_as_far_as_the_authorize_step() {
     assert_eq!(app.settled(&token, &paid).await["status"], "confirmed");
     let (status, body) = app.ship(&paid).await;
     assert!(status.is_success(), "{body}");
+    let (status, order) = app.order(&token, &paid).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(order["shipTo"]["city"], "London", "{order}");
     let (token, declined) = app.buy("bob", "TEE", "tok_declined").await;
     assert_eq!(app.settled(&token, &declined).await["status"], "failed");
     app.eventually("the shipment captured", || async {
@@ -211,6 +215,10 @@ async fn the_payment_token_travels_only_as_far_as_the_authorize_step() {
         let message = stream.get_raw_message(seq).await.expect("message");
         let event = Event::decode(&message.payload).expect("a saga event");
         let kind = event.kind().as_str().to_owned();
+        assert!(
+            event.checkout().address.is_none(),
+            "{kind} carries the address"
+        );
         if event.checkout().payment_token.is_empty() {
             clean.push(kind);
         } else {
