@@ -90,6 +90,8 @@ pub enum AppError {
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthConfigError),
+    #[error(transparent)]
+    TokenKeys(#[from] crate::payments::token_seal::SealError),
     #[error("task {task} failed: {message}")]
     Task { task: String, message: String },
 }
@@ -144,6 +146,15 @@ impl App {
             let guarded = Arc::new(GuardedProvider::new(sandbox, &settings.payments));
             let breaker = guarded.breaker();
             let provider: Arc<dyn PaymentProvider> = guarded;
+            let seal = Arc::new(crate::payments::token_seal::TokenSeal::new(
+                settings.payments.token_keys.expose(),
+            )?);
+            if !seal.enabled() && roles.contains(&Role::Edge) {
+                tracing::warn!(
+                    "payments.token_keys is empty: payment tokens travel unsealed through the \
+                     stream, inbox rows and dead letters; set it in production"
+                );
+            }
             let spawn_step = |tasks: &mut JoinSet<TaskResult>, step: Arc<dyn StepLauncher>| {
                 let bus = bus.clone();
                 let settings = settings.clone();
@@ -189,6 +200,7 @@ impl App {
                                 max_attempts: settings.payments.max_attempts,
                                 retry_window: settings.payments.retry_window,
                                 max_risk_score: settings.payments.max_risk_score,
+                                seal: seal.clone(),
                                 fail_after_provider_call: settings.chaos.redeliver
                                     == crate::config::Redeliver::AfterProviderCall,
                             }),
@@ -358,6 +370,7 @@ impl App {
                 });
                 let checkouts = Checkouts::new(
                     pool.clone(),
+                    seal.clone(),
                     outbox.clone(),
                     rates.clone(),
                     sold_out.clone(),

@@ -62,6 +62,7 @@ struct StoredCheckout {
 #[derive(Clone)]
 pub struct Checkouts {
     pool: PgPool,
+    seal: std::sync::Arc<crate::payments::token_seal::TokenSeal>,
     outbox: Outbox,
     rates: RatesCache,
     sold_out: SoldOut,
@@ -69,9 +70,16 @@ pub struct Checkouts {
 
 impl Checkouts {
     /// The service; accepted requests go out through `outbox`.
-    pub fn new(pool: PgPool, outbox: Outbox, rates: RatesCache, sold_out: SoldOut) -> Self {
+    pub fn new(
+        pool: PgPool,
+        seal: std::sync::Arc<crate::payments::token_seal::TokenSeal>,
+        outbox: Outbox,
+        rates: RatesCache,
+        sold_out: SoldOut,
+    ) -> Self {
         Self {
             pool,
+            seal,
             outbox,
             rates,
             sold_out,
@@ -178,7 +186,10 @@ impl Checkouts {
             shipping: priced.shipping.amount(),
             total: priced.total.amount(),
             currency: priced.currency.code().to_owned(),
-            payment_token: request.payment_token.clone(),
+            payment_token: self
+                .seal
+                .seal(&request.payment_token)
+                .map_err(|e| CheckoutError::Encode(e.to_string()))?,
             address: Some(request.address.clone()),
             requested_at: Utc::now(),
             promo_code,

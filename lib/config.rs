@@ -136,6 +136,8 @@ pub struct PspSettings {
 /// Retries, fraud policy, rate limit and circuit breaker for the payment provider.
 #[derive(Debug, Clone, Deserialize)]
 pub struct PaymentsSettings {
+    /// Keys sealing payment tokens on the bus (hex, comma-separated, newest first).
+    pub token_keys: Secret,
     pub max_attempts: i32,
     #[serde(with = "humantime_serde")]
     pub retry_window: Duration,
@@ -307,6 +309,11 @@ impl Settings {
                 humantime::format_duration(self.retention.inbox),
                 humantime::format_duration(floor)
             ))));
+        }
+        if let Err(e) =
+            crate::payments::token_seal::TokenSeal::new(self.payments.token_keys.expose())
+        {
+            return Err(ConfigError(config::ConfigError::Message(e.to_string())));
         }
         if self.nats.partitions == 0 {
             return Err(ConfigError(config::ConfigError::Message(

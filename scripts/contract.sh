@@ -29,6 +29,8 @@ export CHECKOUT__PSP__URL="http://127.0.0.1:$psp_port"
 export CHECKOUT__METRICS__ADDR="127.0.0.1:0"
 CHECKOUT__AUTH__JWT_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export CHECKOUT__AUTH__JWT_SECRET
+CHECKOUT__PAYMENTS__TOKEN_KEYS="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export CHECKOUT__PAYMENTS__TOKEN_KEYS
 # A fuzzer is one very busy user: per-user limits would answer most of it 429.
 export CHECKOUT__EDGE__REQUESTS_PER_USER_PER_S=1000000 CHECKOUT__EDGE__REQUESTS_PER_USER_BURST=1000000
 export CHECKOUT__EDGE__CHECKOUTS_PER_USER_PER_MIN=1000000 CHECKOUT__EDGE__CHECKOUTS_PER_USER_BURST=1000000

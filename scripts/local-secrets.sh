@@ -8,6 +8,13 @@ if [ ! -f .run/local.toml ] && [ -z "${CHECKOUT__AUTH__JWT_SECRET:-}" ]; then
     "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > .run/local.toml)
   echo "generated a JWT secret into .run/local.toml"
 fi
+# The key that seals payment tokens on the bus (payments.token_keys), added once.
+if [ -f .run/local.toml ] && ! grep -q '^token_keys' .run/local.toml \
+   && [ -z "${CHECKOUT__PAYMENTS__TOKEN_KEYS:-}" ]; then
+  (umask 077; printf '[payments]\ntoken_keys = "%s"\n' \
+    "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >> .run/local.toml)
+  echo "generated a payment-token key into .run/local.toml"
+fi
 if [ ! -f .run/nats.env ]; then
   (umask 077; for role in EDGE RESERVE AUTHORIZE ORDER COMPENSATE OPERATOR; do
     echo "CHECKOUT_NATS_${role}_PASSWORD=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"

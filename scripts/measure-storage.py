@@ -92,6 +92,7 @@ def main():
                CHECKOUT__PSP__LISTEN_ADDR="127.0.0.1:0",
                CHECKOUT__METRICS__ADDR="127.0.0.1:0",
                CHECKOUT__AUTH__JWT_SECRET=secret,
+               CHECKOUT__PAYMENTS__TOKEN_KEYS="ab" * 32,
                CHECKOUT__PAYMENTS__RATE_LIMIT_PER_S="100000",
                CHECKOUT__EDGE__CHECKOUTS_PER_USER_PER_MIN="100000",
                CHECKOUT__EDGE__CHECKOUTS_PER_USER_BURST="100000",

@@ -93,6 +93,12 @@ pub async fn run(mut settings: Settings, opts: BenchOptions) -> Result<(), Bench
         rand::random::<u128>(),
         rand::random::<u128>()
     ));
+    // Sealed payment tokens, as in production, so their cost is in the figures.
+    settings.payments.token_keys = crate::config::Secret::new(format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    ));
     let mut reports = Vec::new();
     for (i, (sync, processes)) in opts.runs.iter().enumerate() {
         let label = format!(
@@ -215,6 +221,10 @@ async fn one_run(
         (
             "CHECKOUT__AUTH__JWT_SECRET".to_owned(),
             settings.auth.jwt_secret.expose().to_owned(),
+        ),
+        (
+            "CHECKOUT__PAYMENTS__TOKEN_KEYS".to_owned(),
+            settings.payments.token_keys.expose().to_owned(),
         ),
         (
             "CHECKOUT__DATABASE__MIGRATE_ON_START".to_owned(),

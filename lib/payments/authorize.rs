@@ -31,6 +31,8 @@ pub struct AuthorizeStep {
     pub retry_window: Duration,
     /// Risk scores at or above this are refused (the authorization is voided).
     pub max_risk_score: u8,
+    /// Opens the sealed payment token the edge put in the checkout.
+    pub seal: Arc<super::token_seal::TokenSeal>,
     /// Fault injection: fail once after the provider answered, before committing.
     pub fail_after_provider_call: bool,
 }
@@ -84,16 +86,32 @@ impl Step for AuthorizeStep {
             )
             .await?);
         }
-        let request = AuthorizeRequest {
-            order_id,
-            amount: checkout.total,
-            currency: checkout.currency.clone(),
-            token: checkout.payment_token.clone(),
-            // Same key on every retry: the provider returns the first authorization again,
-            // so a crash between its answer and our commit never authorizes twice.
-            idempotency_key: idempotency_key(order_id, "authorize"),
+        let decision = match self.seal.open(&checkout.payment_token) {
+            Ok(token) => {
+                let request = AuthorizeRequest {
+                    order_id,
+                    amount: checkout.total,
+                    currency: checkout.currency.clone(),
+                    token,
+                    // Same key on every retry: the provider returns the first authorization
+                    // again, so a crash between its answer and our commit never authorizes twice.
+                    idempotency_key: idempotency_key(order_id, "authorize"),
+                };
+                self.decide(&request).await?
+            }
+            // Its key was dropped (or the token damaged): nobody can pay with it any more,
+            // so the order fails like a declined card instead of retrying forever.
+            Err(e) => {
+                tracing::warn!(error = %e, "payment token cannot be opened");
+                Decision::Refused {
+                    status: "declined",
+                    auth_id: None,
+                    expires_at: None,
+                    code: "token_unreadable".into(),
+                    reason: FailureReason::PaymentDeclined,
+                }
+            }
         };
-        let decision = self.decide(&request).await?;
         if self.fail_after_provider_call && delivery.delivered == 1 {
             return Err(StepError::Transient(
                 "chaos: failing after the provider call".into(),

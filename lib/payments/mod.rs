@@ -7,6 +7,7 @@ mod lifecycle;
 pub mod provider;
 pub mod reconcile;
 pub mod sandbox;
+pub mod token_seal;
 pub mod void;
 
 pub use authorize::AuthorizeStep;

@@ -192,6 +192,10 @@ async fn killing_an_authorize_process_mid_flight_loses_and_doubles_nothing() {
                 harness.settings.database.url.expose(),
             )
             .env("CHECKOUT__PSP__URL", &harness.psp)
+            .env(
+                "CHECKOUT__PAYMENTS__TOKEN_KEYS",
+                harness.settings.payments.token_keys.expose(),
+            )
             .env("CHECKOUT__NATS__ACK_WAIT", "2s")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

@@ -196,6 +196,9 @@ impl Drop for TestDb {
     }
 }
 
+/// The key sealing payment tokens in tests (payments.token_keys).
+pub const TEST_TOKEN_KEY: &str = "7465737420746f6b656e206b6579206f66203332206279746573212121212121";
+
 /// Settings for a test: free ports, its NATS, its database, short timers.
 pub fn test_settings(nats: &NatsServer, db: &TestDb) -> Settings {
     test_settings_on(nats.url(), db)
@@ -210,6 +213,7 @@ pub fn test_settings_on(url: String, db: &TestDb) -> Settings {
     s.http.addr = "127.0.0.1:0".into();
     s.psp.listen_addr = "127.0.0.1:0".into();
     s.auth.jwt_secret = Secret::new("test-secret-of-at-least-32-bytes!!");
+    s.payments.token_keys = Secret::new(TEST_TOKEN_KEY);
     s.nats.ack_wait = Duration::from_secs(3);
     s.nats.publish_timeout = Duration::from_secs(2);
     // JetStream reserves max_bytes on disk per stream and server: keep test servers small.
@@ -750,6 +754,10 @@ pub fn process_env(settings: &Settings, http_port: u16, psp: &str) -> Vec<(Strin
     let s = settings;
     [
         ("CHECKOUT__NATS__URL", s.nats.url.clone()),
+        (
+            "CHECKOUT__PAYMENTS__TOKEN_KEYS",
+            s.payments.token_keys.expose().to_owned(),
+        ),
         (
             "CHECKOUT__NATS__STREAM_MAX_BYTES",
             s.nats.stream_max_bytes.to_string(),

@@ -438,3 +438,42 @@ async fn a_capture_the_provider_refuses_releases_the_ship_lock() {
     })
     .await;
 }
+
+/// Rotation: an authorize process that no longer holds the key a token was sealed with (the
+/// operator dropped it) cannot pay with it, so the order fails like a declined card instead
+/// of retrying forever, and the provider is never called.
+#[tokio::test]
+async fn a_token_sealed_with_a_dropped_key_fails_its_order_without_calling_the_provider() {
+    use checkout::app::{App, Role};
+    use checkout::config::Secret;
+
+    let app = TestApp::spawn_roles(
+        &[
+            Role::Psp,
+            Role::Edge,
+            Role::Reserve,
+            Role::Order,
+            Role::Compensate,
+        ],
+        |_| {},
+    )
+    .await;
+    let mut rotated = app.settings.clone();
+    rotated.payments.token_keys = Secret::new("0123456789abcdef".repeat(4));
+    let _authorize = App::build(rotated, &[Role::Authorize])
+        .await
+        .expect("authorize starts");
+    app.product("TEE", "10.00", 5).await;
+    let (_, id, order) = checkout_with(&app, "a", "tok_visa").await;
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("failed"), Some("payment_declined")),
+        "{order}"
+    );
+    assert_eq!(order["payment"]["declineCode"], "token_unreadable");
+    assert_eq!(app.ledger_count(&id, "authorization").await, 0);
+    app.eventually("the hold released", || async {
+        app.stock("TEE").await == (5, 0, 5)
+    })
+    .await;
+}

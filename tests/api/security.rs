@@ -184,8 +184,8 @@ async fn one_users_burst_is_limited_with_retry_after_and_others_are_not() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
 }
 
-/// The payment token reaches the authorize step and nothing after it: later events, the
-/// stored checkout and the inboxes of the steps after authorize never hold it. No event
+/// The payment token reaches the authorize step, sealed, and nothing after it: later events
+/// and the stored checkout never hold it, and no stored copy holds it in clear. No event
 /// carries the address; the order shows it.
 #[tokio::test]
 async fn the_payment_token_travels_only_as_far_as_the_authorize_step() {
@@ -210,7 +210,7 @@ async fn the_payment_token_travels_only_as_far_as_the_authorize_step() {
     let js = app.jetstream().await;
     let stream = js.get_stream("CHECKOUT").await.expect("stream");
     let last = stream.get_info().await.expect("info").state.last_sequence;
-    let (mut carrying, mut clean) = (Vec::new(), Vec::new());
+    let (mut carrying, mut clean, mut sealed_only) = (Vec::new(), Vec::new(), true);
     for seq in 1..=last {
         let message = stream.get_raw_message(seq).await.expect("message");
         let event = Event::decode(&message.payload).expect("a saga event");
@@ -219,15 +219,18 @@ async fn the_payment_token_travels_only_as_far_as_the_authorize_step() {
             event.checkout().address.is_none(),
             "{kind} carries the address"
         );
-        if event.checkout().payment_token.is_empty() {
+        let travelling = &event.checkout().payment_token;
+        if travelling.is_empty() {
             clean.push(kind);
         } else {
+            sealed_only &= travelling.starts_with("sealed1.") && !travelling.contains("tok_");
             carrying.push(kind);
         }
     }
     carrying.sort();
     carrying.dedup();
     assert_eq!(carrying, ["requested", "reserved"], "clean: {clean:?}");
+    assert!(sealed_only, "a token travelled unsealed");
     for kind in [
         "authorized",
         "declined",
@@ -238,8 +241,11 @@ async fn the_payment_token_travels_only_as_far_as_the_authorize_step() {
     ] {
         assert!(clean.iter().any(|k| k == kind), "{kind} in {clean:?}");
     }
+    // Sealed in flight, so no stored copy holds the token in clear either.
     for (table, column) in [
         ("edge.checkouts", "event"),
+        ("edge.outbox", "payload"),
+        ("inventory.inbox", "outputs"),
         ("payments.inbox", "outputs"),
         ("orders.inbox", "outputs"),
     ] {
