@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 i=$1
 mkdir -p .run/cluster
 # setsid: a node outlives the shell that started it; `just down` stops it by its pid file.
-setsid .venv/bin/nats-server -c "nats/cluster/n$i.conf" -l ".run/cluster/n$i.log" </dev/null &
+setsid .venv/bin/nats-server -c "nats/cluster/n$i.conf" -l ".run/cluster/n$i.log" </dev/null >/dev/null 2>&1 &
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/1423$i") 2>/dev/null && break; sleep 0.1; done
 if ! (exec 3<>"/dev/tcp/127.0.0.1/1423$i") 2>/dev/null; then
   echo "nats-server n$i did not start; see .run/cluster/n$i.log" >&2

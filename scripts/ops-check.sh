@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v promtool >/dev/null || { echo "promtool missing: apt-get install prometheus" >&2; exit 1; }
+python3 scripts/partition-auth.py --check nats/cluster/auth.conf 3
+echo "nats/cluster/auth.conf: matches nats/auth.conf for 3 partitions"
 promtool check rules ops/prometheus/alerts.yml
 (cd ops/prometheus && promtool test rules alerts.test.yml)
 sample=target/metrics-sample.prom

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# `just up-cluster`: the three nats-servers of nats/cluster/ (R3 streams, fsync always),
-# PostgreSQL unless configured, migrations, and two processes of every role, each role as its
-# own NATS user, every process given all three server URLs. Ctrl-C (or SIGTERM) stops all of
-# it; so does `just down` from another terminal.
+# `just up-cluster`: the three nats-servers of nats/cluster/ (R3 streams, fsync always, three
+# saga partitions), PostgreSQL unless configured, migrations, and two processes of every role,
+# each role as its own NATS user, every process given all three server URLs. Ctrl-C (or
+# SIGTERM) stops all of it; so does `just down` from another terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/local-secrets.sh
@@ -36,7 +36,13 @@ http_get 18231 /healthz | grep -q '"ok"' || { echo "the cluster did not become h
 
 export CHECKOUT__NATS__URL="nats://127.0.0.1:14231,nats://127.0.0.1:14232,nats://127.0.0.1:14233"
 export CHECKOUT__NATS__REPLICAS=3
+# The nodes' configs map checkout.<event>.<id> to three partitions (nats/cluster/partitions.conf).
+export CHECKOUT__NATS__PARTITIONS=3
 $bin migrate
+# Create the partition streams and put their leaders on three different nodes (operator rights).
+CHECKOUT__NATS__USER=operator CHECKOUT__NATS__PASSWORD="$CHECKOUT_NATS_OPERATOR_PASSWORD" \
+  RUST_LOG=error $bin leaders --spread | sed 's/^/  leader  /'
+
 
 pids=()
 start() { # name role metrics-port [extra env...]
@@ -69,7 +75,8 @@ done
 
 cat <<MSG
 
-A 3-node JetStream cluster and two processes of every role (each role its own NATS user):
+A 3-node JetStream cluster (three saga partitions, CHECKOUT-0..2, leaders spread above) and two
+processes of every role (each role its own NATS user):
   nats-server   n1 127.0.0.1:14231  n2 :14232  n3 :14233   monitoring :18231-18233
                 pids and logs in $dir/ (n1.pid, n1.log, ...)
   edges         http://127.0.0.1:8080 and http://127.0.0.1:8081 (the same carts and orders on both)
@@ -78,6 +85,8 @@ A 3-node JetStream cluster and two processes of every role (each role its own NA
   tokens        $bin token --user alice   ($bin token --user admin --admin)
   break it      kill -9 \$(cat $dir/n2.pid)        then bring it back: just cluster-node 2
                 kill -9 \$(cat $dir/reserve-1.pid)
+  rebalance     after a node comes back:  CHECKOUT__NATS__PARTITIONS=3 CHECKOUT__NATS__URL=$CHECKOUT__NATS__URL \\
+                CHECKOUT__NATS__USER=operator CHECKOUT__NATS__PASSWORD=\$CHECKOUT_NATS_OPERATOR_PASSWORD $bin leaders --spread
   nats CLI      nats -s $CHECKOUT__NATS__URL --user operator --password "\$CHECKOUT_NATS_OPERATOR_PASSWORD" stream report
 Ctrl-C (or just down) stops everything.
 MSG
