@@ -165,7 +165,6 @@ async fn a_checkout_accepted_while_nats_is_down_completes_after_it_returns() {
 #[tokio::test]
 async fn killing_an_authorize_process_mid_flight_loses_and_doubles_nothing() {
     use checkout::app::{App, Role};
-    use std::process::{Command, Stdio};
 
     // Everything but authorize in-process; authorize as a real process we can SIGKILL.
     let nats = crate::helpers::NatsServer::start();
@@ -183,25 +182,12 @@ async fn killing_an_authorize_process_mid_flight_loses_and_doubles_nothing() {
         .expect("app starts");
     settings.psp.url = format!("http://{}", app.psp_addr().expect("psp"));
     let harness = crate::helpers::TestApp::attach(app, settings, nats, db).await;
+    // A real process, killed when dropped even if an assertion fails first.
     let spawn_authorize = || {
-        Command::new(env!("CARGO_BIN_EXE_checkout"))
-            .args(["run", "authorize"])
-            .env("CHECKOUT__NATS__URL", harness.nats.url())
-            .env(
-                "CHECKOUT__DATABASE__URL",
-                harness.settings.database.url.expose(),
-            )
-            .env("CHECKOUT__PSP__URL", &harness.psp)
-            .env(
-                "CHECKOUT__PAYMENTS__TOKEN_KEYS",
-                harness.settings.payments.token_keys.expose(),
-            )
-            .env("CHECKOUT__NATS__ACK_WAIT", "2s")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("authorize process")
+        let mut env =
+            crate::helpers::process_env(&harness.settings, crate::helpers::port(), &harness.psp);
+        env.push(("CHECKOUT__NATS__ACK_WAIT".into(), "2s".into()));
+        crate::helpers::CheckoutProcess::start("authorize", env)
     };
 
     harness.product("TEE", "2.00", 100).await;
@@ -223,8 +209,7 @@ async fn killing_an_authorize_process_mid_flight_loses_and_doubles_nothing() {
                 > 0
         })
         .await;
-    first.kill().expect("SIGKILL");
-    let _ = first.wait();
+    first.kill();
     let mut second = spawn_authorize();
 
     for (token, order_id) in &orders {
@@ -236,8 +221,7 @@ async fn killing_an_authorize_process_mid_flight_loses_and_doubles_nothing() {
             "{order_id}"
         );
     }
-    let _ = second.kill();
-    let _ = second.wait();
+    second.kill();
     harness
         .eventually("30 units committed once", || async {
             harness.stock("TEE").await == (70, 0, 70)
