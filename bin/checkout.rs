@@ -7,10 +7,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use checkout::app::{App, Role};
-use checkout::bench::{self, BenchOptions, Scenario, Sync};
 use checkout::config::Settings;
-use checkout::payments::sandbox::SandboxClient;
+use checkout::payments::sandbox_client::SandboxClient;
 use checkout::saga::Event;
+use checkout::tools::bench::{self, BenchOptions, Scenario, Sync};
 use checkout::{audit, auth, db, telemetry};
 
 #[derive(Parser)]

@@ -10,27 +10,27 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
-use crate::cart::CartLimits;
 use crate::catalog::CatalogCache;
-use crate::checkout::Checkouts;
 use crate::compensate::CompensateStep;
 use crate::config::Settings;
 use crate::db::{self, DbError};
-use crate::http::{self, AppState};
+use crate::edge::cart::CartLimits;
+use crate::edge::checkout::Checkouts;
+use crate::edge::http::{self, AppState};
+use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
 use crate::inventory::{self, CommitStep, ReserveStep};
 use crate::orders::watchdog::Watchdog;
 use crate::orders::{LifecycleStep, OrderStep};
-use crate::outbox::Outbox;
 use crate::payments::guard::GuardedProvider;
-use crate::payments::sandbox::SandboxClient;
+use crate::payments::sandbox_client::SandboxClient;
 use crate::payments::{
     reconcile, AuthorizeStep, CaptureStep, PaymentProvider, ProviderError, RefundStep,
 };
 use crate::pricing::destination::RatesCache;
-use crate::psp::Sandbox;
 use crate::saga::batch::BatchStep;
 use crate::saga::runner::{self, Step};
+use crate::tools::sandbox_psp::Sandbox;
 
 /// A long-running process kind. Consumer roles may run in any number of processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +222,8 @@ impl App {
                         let (bus, breaker, token) =
                             (bus.clone(), breaker.clone(), shutdown.clone());
                         tasks.spawn(async move {
-                            crate::status::report_breaker(bus, breaker, token).await;
+                            crate::payments::breaker_status::report_breaker(bus, breaker, token)
+                                .await;
                             ("breaker-status".to_owned(), Ok(()))
                         });
                     }

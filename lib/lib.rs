@@ -5,13 +5,13 @@
 //!
 //! ## How a checkout flows through the code
 //!
-//! 1. [`http`] accepts `POST /api/checkout`; [`checkout`] prices the [`cart`] with
-//!    [`pricing`] (current [`catalog`] prices, promotion, tax, shipping), records the request under its
-//!    Idempotency-Key and publishes `checkout.requested` (its outbox republishes after a
-//!    crash).
+//! 1. The [`edge`] service: [`edge::http`] accepts `POST /api/checkout`; [`edge::checkout`]
+//!    prices the [`edge::cart`] with [`pricing`] (current [`catalog`] prices, promotion, tax,
+//!    shipping), records the request under its Idempotency-Key and publishes
+//!    `checkout.requested` through [`edge::outbox`] (which republishes after a crash).
 //! 2. [`inventory`]'s reserve step holds stock for every line or none: `reserved` / `rejected`.
-//! 3. [`payments`]' authorize step asks the PSP ([`payments::sandbox`], served by [`psp`]) with
-//!    a per-order idempotency key: `authorized` / `declined`.
+//! 3. [`payments`]' authorize step asks the PSP ([`payments::sandbox_client`], served by
+//!    [`tools::sandbox_psp`]) with a per-order idempotency key: `authorized` / `declined`.
 //! 4. [`inventory`]'s commit step takes the units out of stock (re-taking a lapsed hold if it
 //!    can): `committed` / `rejected`; [`orders`]' order step then creates the confirmed
 //!    order: `confirmed`. Expired holds are swept back to available stock.
@@ -27,30 +27,26 @@
 //! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`) and start-up.
 //! - [`domain`]: value types that parse (SKU, quantity, money, address). [`auth`]: JWTs.
 //! - [`retention`]: the pruner that keeps inbox, outbox and ledger tables bounded.
-//! - [`status`]: circuit-breaker states shared through a JetStream key-value bucket.
-//! - [`bench`]: `checkout bench`, the load generator and ceiling measurements.
+//! - [`payments::breaker_status`]: circuit-breaker states shared through a JetStream
+//!   key-value bucket.
+//! - [`tools`]: `checkout bench` (load generator, ceilings) and the sandbox PSP server.
 
 pub mod app;
 pub mod audit;
 pub mod auth;
-pub mod bench;
 pub mod bus;
-pub mod cart;
 pub mod catalog;
-pub mod checkout;
 pub mod compensate;
 pub mod config;
 pub mod db;
 pub mod domain;
-pub mod http;
+pub mod edge;
 pub mod inventory;
 pub mod metrics;
 pub mod orders;
-pub mod outbox;
 pub mod payments;
 pub mod pricing;
-pub mod psp;
 pub mod retention;
 pub mod saga;
-pub mod status;
 pub mod telemetry;
+pub mod tools;

@@ -2,11 +2,12 @@
 //! reconciliation of payments whose outcome was unknown.
 
 mod authorize;
+pub mod breaker_status;
 pub mod guard;
 mod lifecycle;
 pub mod provider;
 pub mod reconcile;
-pub mod sandbox;
+pub mod sandbox_client;
 pub mod token_seal;
 pub mod void;
 

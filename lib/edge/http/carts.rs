@@ -9,10 +9,10 @@ use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use super::views::CartJson;
 use super::AppState;
-use crate::cart;
 use crate::catalog::Product;
 use crate::domain::Address;
 use crate::domain::{Quantity, Sku};
+use crate::edge::cart;
 
 /// `POST /api/cart/items` body.
 #[derive(Deserialize, utoipa::ToSchema)]

@@ -12,13 +12,14 @@ use super::extract::{Admin, Caller};
 use super::views::money;
 use super::AppState;
 use crate::auth::Principal;
+use crate::edge::checkout;
+use crate::edge::outbox::Outbox;
 use crate::orders::{Action, ActionRequest};
-use crate::outbox::Outbox;
 use crate::payments::PaymentView;
 use crate::saga::events::Event;
 use crate::saga::runner::Outgoing;
 use crate::saga::trace::TraceParent;
-use crate::{checkout, inventory, orders, payments};
+use crate::{inventory, orders, payments};
 
 /// An order line.
 #[derive(Serialize, utoipa::ToSchema)]

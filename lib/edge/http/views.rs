@@ -3,8 +3,8 @@
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::cart::CartView;
 use crate::domain::{money::format_amount, Currency};
+use crate::edge::cart::CartView;
 
 /// Formats an amount in a currency code (stored codes are always known ones).
 pub fn money(amount: Decimal, currency: &str) -> String {

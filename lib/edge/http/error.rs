@@ -6,8 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::cart::CartError;
-use crate::checkout::CheckoutError;
+use crate::edge::cart::CartError;
+use crate::edge::checkout::CheckoutError;
 use crate::inventory::StockError;
 
 /// An API error.

@@ -71,9 +71,10 @@ impl Readiness {
                         .is_ok_and(|r| r.is_ok());
                 }
             }
-            let breakers = tokio::time::timeout(every, crate::status::breaker_counts(&bus))
-                .await
-                .unwrap_or_else(|_| json!({}));
+            let breakers =
+                tokio::time::timeout(every, crate::payments::breaker_status::breaker_counts(&bus))
+                    .await
+                    .unwrap_or_else(|_| json!({}));
             if let Ok(mut last) = self.last.lock() {
                 *last = Snapshot {
                     database,

@@ -20,11 +20,11 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::bus::Bus;
-use crate::cart::CartLimits;
 use crate::catalog::CatalogCache;
-use crate::checkout::Checkouts;
+use crate::edge::cart::CartLimits;
+use crate::edge::checkout::Checkouts;
+use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
-use crate::outbox::Outbox;
 use crate::pricing::destination::RatesCache;
 
 /// What every handler can reach.

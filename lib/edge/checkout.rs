@@ -11,11 +11,11 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::cart::{self, CartError};
 use crate::domain::Address;
+use crate::edge::cart::{self, CartError};
+use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
 use crate::orders;
-use crate::outbox::Outbox;
 use crate::pricing::destination::RatesCache;
 use crate::saga::events::{Checkout, Event, Line};
 use crate::saga::runner::Outgoing;

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::extract::Caller;
 use super::AppState;
-use crate::checkout;
+use crate::edge::checkout;
 use crate::saga::events::{Event, EventKind};
 use crate::saga::subjects::{checkout_stream, order_filter, partition_of};
 
