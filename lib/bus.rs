@@ -67,7 +67,7 @@ impl Bus {
                 use async_nats::Event;
                 match event {
                     Event::ServerError(e) => {
-                        tracing::error!(error = %e, "NATS refused a request")
+                        tracing::error!(error = %e, "NATS refused a request");
                     }
                     // Losing the server is an incident even when the client gets it back:
                     // publishes wait (edge outbox) and pulls stop until it does.
@@ -233,7 +233,8 @@ impl Bus {
     pub async fn spread_leaders(&self) -> Result<Vec<(String, String)>, BusError> {
         for _ in 0..12 {
             let leaders = self.stream_leaders().await?;
-            let mut led: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+            let mut led: std::collections::HashMap<&str, Vec<&str>> =
+                std::collections::HashMap::new();
             let mut hosts = std::collections::HashSet::new();
             for (name, leader, on) in &leaders {
                 led.entry(leader.as_str()).or_default().push(name);

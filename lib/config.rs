@@ -344,7 +344,11 @@ mod tests {
     fn an_inbox_kept_shorter_than_the_stream_keeps_messages_is_refused() {
         let mut settings = Settings::load().expect("the defaults load");
         assert!(settings.check().is_ok());
-        settings.retention.inbox = settings.nats.stream_max_age - Duration::from_secs(3600);
+        settings.retention.inbox = settings
+            .nats
+            .stream_max_age
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap();
         let error = settings.check().expect_err("refused").to_string();
         assert!(error.contains("retention.inbox"), "{error}");
     }

@@ -34,8 +34,8 @@ impl Drop for Guard {
 
 /// Installs the global subscriber once; later calls (tests) are no-ops.
 pub fn init(json: bool) {
-    let _guard = init_with(json, None);
-    std::mem::forget(_guard);
+    let guard = init_with(json, None);
+    std::mem::forget(guard);
 }
 
 /// Installs the global subscriber, exporting spans when `otlp` is given.

@@ -158,12 +158,9 @@ impl Watchdog {
     /// times of those that could not be.
     async fn request(&self, pending: &[Pending]) -> (Vec<Uuid>, Vec<DateTime<Utc>>) {
         let publishes = pending.iter().map(|p| async move {
-            let checkout = match Event::decode(&p.event) {
-                Ok(Event::Requested { checkout }) => checkout,
-                _ => {
-                    tracing::error!(order_id = %p.order_id, "stored checkout request does not decode");
-                    return Err(());
-                }
+            let Ok(Event::Requested { checkout }) = Event::decode(&p.event) else {
+                tracing::error!(order_id = %p.order_id, "stored checkout request does not decode");
+                return Err(());
             };
             tracing::warn!(order_id = %p.order_id, accepted_at = %p.created_at,
                 "order pending past the watchdog limit; timing it out");

@@ -251,8 +251,7 @@ impl CircuitBreaker {
             return;
         }
         match b.latest.insert(key, success) {
-            None if !success => b.failing += 1,
-            Some(true) if !success => b.failing += 1,
+            None | Some(true) if !success => b.failing += 1,
             Some(false) if success => b.failing = b.failing.saturating_sub(1),
             _ => {}
         }

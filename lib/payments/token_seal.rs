@@ -36,7 +36,10 @@ pub struct TokenSeal {
 impl std::fmt::Debug for TokenSeal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
-        f.debug_struct("TokenSeal").field("keys", &ids).finish()
+        // Key ids only: the keys themselves never print.
+        f.debug_struct("TokenSeal")
+            .field("keys", &ids)
+            .finish_non_exhaustive()
     }
 }
 

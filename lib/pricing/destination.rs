@@ -157,7 +157,7 @@ pub async fn put_zone(
     zone: &str,
     countries: &[String],
     currency: &str,
-    methods: &std::collections::HashMap<String, MethodJson>,
+    methods: &std::collections::HashMap<String, MethodJson, impl std::hash::BuildHasher>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO pricing.shipping_zones (zone, countries, currency, methods) VALUES ($1, $2, $3, $4)

@@ -189,13 +189,13 @@ async fn admit_all<S: BatchStep>(
             }
         };
         items.push(Item {
+            pulled,
             input,
             event_id,
             delivered,
             stream_seq,
             hop,
             span,
-            pulled,
         });
     }
     items

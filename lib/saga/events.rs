@@ -489,18 +489,18 @@ mod tests {
 
     #[test]
     fn events_round_trip_with_their_version() {
-        let event = Event::CaptureFailed {
-            checkout: checkout(),
-            detail: "expired".into(),
-            attempt: 3,
-        };
-        let bytes = event.encode().expect("encodes");
         #[derive(Deserialize)]
         struct Head {
             v: u32,
             #[serde(rename = "type")]
             kind: String,
         }
+        let event = Event::CaptureFailed {
+            checkout: checkout(),
+            detail: "expired".into(),
+            attempt: 3,
+        };
+        let bytes = event.encode().expect("encodes");
         let head: Head = rmp_serde::from_slice(&bytes).expect("a map");
         assert_eq!(head.v, SCHEMA_VERSION);
         assert_eq!(head.kind, "capture_failed");

@@ -90,7 +90,7 @@ impl From<sqlx::Error> for StepError {
     fn from(e: sqlx::Error) -> Self {
         let code = e
             .as_database_error()
-            .and_then(|d| d.code())
+            .and_then(sqlx::error::DatabaseError::code)
             .unwrap_or_default();
         let permanent = code.starts_with("22") || (code.starts_with("23") && code != "23505");
         if permanent {

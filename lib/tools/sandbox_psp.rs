@@ -264,7 +264,7 @@ async fn authorize_detached(
             tokio::time::sleep(std::time::Duration::from_secs(120)).await;
             return error(StatusCode::GATEWAY_TIMEOUT, "timeout", "no answer");
         }
-        "tok_slow" => tokio::time::sleep(std::time::Duration::from_millis(1000)).await,
+        "tok_slow" => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
         "tok_flaky" => {
             let Ok(mut ledger) = sandbox.ledger.lock() else {
                 return error(

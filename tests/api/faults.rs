@@ -88,12 +88,7 @@ async fn a_poison_payload_is_dead_lettered_not_looped() {
         .expect("dead-letter stream");
     app.eventually("a dead letter", || {
         let mut dead = dead.clone();
-        async move {
-            dead.info()
-                .await
-                .map(|i| i.state.messages == 1)
-                .unwrap_or(false)
-        }
+        async move { dead.info().await.is_ok_and(|i| i.state.messages == 1) }
     })
     .await;
     let letter = dead
@@ -103,7 +98,7 @@ async fn a_poison_payload_is_dead_lettered_not_looped() {
     let reason = letter
         .headers
         .get("Checkout-Dead-Reason")
-        .map(|v| v.to_string())
+        .map(std::string::ToString::to_string)
         .unwrap_or_default();
     assert!(reason.contains("undecodable"), "{reason}");
 
@@ -112,10 +107,9 @@ async fn a_poison_payload_is_dead_lettered_not_looped() {
     app.eventually("the poison message acknowledged (terminated)", || {
         let mut c = consumer.clone();
         async move {
-            c.info()
-                .await
-                .map(|i| i.ack_floor.stream_sequence >= ack.sequence && i.num_ack_pending == 0)
-                .unwrap_or(false)
+            c.info().await.is_ok_and(|i| {
+                i.ack_floor.stream_sequence >= ack.sequence && i.num_ack_pending == 0
+            })
         }
     })
     .await;

@@ -830,8 +830,7 @@ fn pg_bin(name: &str) -> PathBuf {
     versions.sort();
     versions
         .last()
-        .map(|v| v.join("bin").join(name))
-        .unwrap_or_else(|| name.into())
+        .map_or_else(|| name.into(), |v| v.join("bin").join(name))
 }
 
 impl PgServer {
@@ -841,8 +840,7 @@ impl PgServer {
         let as_postgres = Command::new("id")
             .arg("-u")
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
         let server = Self {
             dir,
             port: free_port(),

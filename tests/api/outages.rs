@@ -39,12 +39,11 @@ impl Load {
                         let user = format!("w{w}-{n}");
                         // Offset per worker: the mix is even at every moment, not in lockstep.
                         let card = cards[(n + w) % cards.len()];
-                        match buy_once(&http, &base, &secret, &user, card).await {
-                            Some(id) => accepted.lock().expect("lock").push(id),
-                            None => {
-                                *refused.lock().expect("lock") += 1;
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
+                        if let Some(id) = buy_once(&http, &base, &secret, &user, card).await {
+                            accepted.lock().expect("lock").push(id)
+                        } else {
+                            *refused.lock().expect("lock") += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
                 })

@@ -14,8 +14,7 @@ use crate::helpers::{test_settings, NatsServer, TestApp, TestDb};
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn hs256(secret: &str, claims: Value) -> String {

@@ -116,14 +116,14 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         let transient_code = e
             .as_database_error()
-            .and_then(|d| d.code())
+            .and_then(sqlx::error::DatabaseError::code)
             .is_some_and(|c| ["08", "53", "57", "40"].iter().any(|p| c.starts_with(p)));
         // Data the database refused (out of range, a check or foreign key) came from the
         // request: a 4xx, never a 500. A unique violation is a conflict with what exists.
         let code = e
             .as_database_error()
-            .and_then(|d| d.code())
-            .map(|c| c.into_owned())
+            .and_then(sqlx::error::DatabaseError::code)
+            .map(std::borrow::Cow::into_owned)
             .unwrap_or_default();
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {

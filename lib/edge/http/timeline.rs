@@ -168,10 +168,7 @@ fn ends(kind: &str, follow_all: bool) -> bool {
 /// The message's dedup id and its timeline entry.
 fn read(message: &async_nats::jetstream::Message) -> Option<(String, TimelineEvent)> {
     let event = Event::decode(&message.payload).ok()?;
-    let at = message
-        .info()
-        .map(|i| i.published)
-        .unwrap_or_else(|_| Utc::now());
+    let at = message.info().map_or_else(|_| Utc::now(), |i| i.published);
     Some((event.msg_id(), describe(&event, at)))
 }
 

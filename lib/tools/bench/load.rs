@@ -91,14 +91,12 @@ impl Settlements {
     async fn wait(&self, order_id: Uuid, timeout: Duration) -> Option<(Instant, bool)> {
         let rx = {
             let mut map = self.0.lock().ok()?;
-            match map.remove(&order_id) {
-                Some(Slot::Done(at, ok)) => return Some((at, ok)),
-                _ => {
-                    let (tx, rx) = oneshot::channel();
-                    map.insert(order_id, Slot::Waiting(tx));
-                    rx
-                }
+            if let Some(Slot::Done(at, ok)) = map.remove(&order_id) {
+                return Some((at, ok));
             }
+            let (tx, rx) = oneshot::channel();
+            map.insert(order_id, Slot::Waiting(tx));
+            rx
         };
         tokio::time::timeout(timeout, rx).await.ok()?.ok()
     }

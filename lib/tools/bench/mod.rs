@@ -10,6 +10,7 @@ mod load;
 mod procs;
 mod stats;
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -406,7 +407,7 @@ async fn one_run(
         .filter_map(|p| (!p.alive()).then(|| p.name.clone()))
         .collect();
     if !dead.is_empty() {
-        note.push_str(&format!(" processes that died: {dead:?}"));
+        let _ = write!(note, " processes that died: {dead:?}");
     }
     drop(roles);
     drop(nats);
@@ -519,8 +520,7 @@ fn sample_payload_size() -> usize {
     };
     Event::Requested { checkout }
         .encode()
-        .map(|b| b.len())
-        .unwrap_or(700)
+        .map_or(700, |b| b.len())
 }
 
 /// Names what limited a run: the machine's CPU (and who used it), or waiting.

@@ -110,9 +110,7 @@ pub fn cpu_seconds_of_command(comm: &str) -> f64 {
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim() == comm)
-                .unwrap_or(false)
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
         })
         .map(cpu_seconds)
         .sum()
