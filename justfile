@@ -63,6 +63,10 @@ lint:
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
 
+# Licenses, duplicate versions and sources of every dependency (deny.toml).
+deny:
+    scripts/deny.sh
+
 # Mint a development token, e.g. `just token alice` or `just token admin --admin`.
 token user *flags:
     cargo run --quiet -- token --user {{user}} {{flags}}

@@ -10,7 +10,7 @@ use checkout::app::{App, Role};
 use checkout::config::Settings;
 use checkout::payments::sandbox_client::SandboxClient;
 use checkout::saga::Event;
-use checkout::tools::bench::{self, BenchOptions, Scenario, Sync};
+use checkout::tools::bench::{self, BenchOptions, Scenario, SyncChoice};
 use checkout::{audit, auth, db, telemetry};
 
 #[derive(Parser)]
@@ -90,9 +90,9 @@ struct BenchArgs {
     /// Buyers in the flash sale.
     #[arg(long, default_value_t = 500)]
     hot_buyers: usize,
-    /// nats-server fsync policy: default, always or both.
-    #[arg(long, default_value = "both")]
-    sync: String,
+    /// nats-server fsync policy.
+    #[arg(long, value_enum, default_value_t = SyncChoice::Both)]
+    sync: SyncChoice,
     /// Processes per consumer role to compare, e.g. 1,2.
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
     processes: Vec<usize>,
@@ -123,19 +123,7 @@ async fn main() -> Result<()> {
         Command::Bench(args) => {
             telemetry::init(cli.log_json);
             let settings = Settings::load()?;
-            let syncs = match args.sync.as_str() {
-                "default" => vec![Sync::Default],
-                "always" => vec![Sync::Always],
-                "both" => vec![Sync::Default, Sync::Always],
-                other => bail!("--sync must be default, always or both, not {other}"),
-            };
-            let mut runs: Vec<(Sync, usize)> = syncs.iter().map(|s| (*s, 1)).collect();
-            runs.extend(
-                args.processes
-                    .iter()
-                    .filter(|p| **p > 1)
-                    .map(|p| (Sync::Default, *p)),
-            );
+            let runs = args.sync.runs(&args.processes);
             let options = BenchOptions {
                 scenario: args.scenario,
                 users: args.users,
@@ -205,13 +193,7 @@ async fn main() -> Result<()> {
             });
             // Kept until main returns: dropping it flushes the spans not yet exported.
             let _spans = telemetry::init_with(cli.log_json, otlp);
-            let roles: Vec<Role> = if role == "all" {
-                Role::ALL.to_vec()
-            } else {
-                role.split(',')
-                    .map(|r| r.trim().parse::<Role>().map_err(anyhow::Error::msg))
-                    .collect::<Result<_>>()?
-            };
+            let roles = Role::parse_list(&role).map_err(anyhow::Error::msg)?;
             let app = App::build(settings, &roles)
                 .await
                 .with_context(|| format!("starting {role}"))?;

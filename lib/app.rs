@@ -57,6 +57,14 @@ impl Role {
     fn needs_saga(self) -> bool {
         self != Role::Psp
     }
+
+    /// `all`, or a comma-separated list of roles (what `checkout run` takes).
+    pub fn parse_list(list: &str) -> Result<Vec<Role>, String> {
+        if list == "all" {
+            return Ok(Self::ALL.to_vec());
+        }
+        list.split(',').map(|r| r.trim().parse::<Role>()).collect()
+    }
 }
 
 impl FromStr for Role {
@@ -69,7 +77,11 @@ impl FromStr for Role {
             "order" => Self::Order,
             "compensate" => Self::Compensate,
             "psp" => Self::Psp,
-            other => return Err(format!("unknown role {other}")),
+            other => {
+                return Err(format!(
+                    "unknown role {other}: edge, reserve, authorize, order, compensate, psp or all"
+                ))
+            }
         })
     }
 }

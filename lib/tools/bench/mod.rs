@@ -46,6 +46,32 @@ pub enum Sync {
     Always,
 }
 
+/// `--sync`: which fsync policies to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncChoice {
+    Default,
+    Always,
+    Both,
+}
+
+impl SyncChoice {
+    /// The runs this asks for at one process per role, then one per extra process count.
+    pub fn runs(self, processes: &[usize]) -> Vec<(Sync, usize)> {
+        let mut runs: Vec<(Sync, usize)> = match self {
+            Self::Default => vec![(Sync::Default, 1)],
+            Self::Always => vec![(Sync::Always, 1)],
+            Self::Both => vec![(Sync::Default, 1), (Sync::Always, 1)],
+        };
+        runs.extend(
+            processes
+                .iter()
+                .filter(|p| **p > 1)
+                .map(|p| (Sync::Default, *p)),
+        );
+        runs
+    }
+}
+
 /// What `checkout bench` was asked to do.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
