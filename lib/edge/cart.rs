@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::catalog::{self, CatalogCache, Product};
 use crate::domain::{Currency, Quantity, Sku};
+use crate::orders;
 use crate::pricing::destination::DestinationRates;
 use crate::pricing::{self, promo, Destination, LineInput, Priced, PromoOutcome};
 
@@ -89,18 +90,24 @@ async fn open_cart_for_update(conn: &mut PgConnection, user_id: &str) -> Result<
         .bind(user_id)
         .execute(&mut *conn)
         .await?;
-    // Whether the cart's order failed comes along (read-only) in the same round trip.
-    let latest: Option<(Uuid, String, bool)> = sqlx::query_as(
-        "SELECT c.cart_id, c.status, coalesce(o.status = 'failed', false)
-         FROM edge.carts c LEFT JOIN orders.orders o ON o.order_id = c.order_id
-         WHERE c.user_id = $1 ORDER BY c.created_at DESC LIMIT 1 FOR UPDATE OF c",
+    let latest: Option<(Uuid, String, Option<Uuid>)> = sqlx::query_as(
+        "SELECT cart_id, status, order_id FROM edge.carts
+         WHERE user_id = $1 ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
     )
     .bind(user_id)
     .fetch_optional(&mut *conn)
     .await?;
+    // A checked-out cart whose order failed is the buyer's cart again; whether it failed is
+    // the orders service's to say (one more round trip, once per order at most).
+    let failed = match &latest {
+        Some((_, status, Some(order_id))) if status != "open" => {
+            orders::is_failed(&mut *conn, *order_id).await?
+        }
+        _ => false,
+    };
     match latest {
         Some((cart_id, status, _)) if status == "open" => Ok(cart_id),
-        Some((cart_id, _, true)) => {
+        Some((cart_id, _, _)) if failed => {
             reopen(conn, cart_id).await?;
             Ok(cart_id)
         }
@@ -143,7 +150,7 @@ pub async fn add_item(
     }
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
-    check_currency(&mut tx, cart_id, product).await?;
+    check_currency(&mut tx, cart_id, product, catalog).await?;
     let updated = sqlx::query(&format!(
         "INSERT INTO edge.cart_items (cart_id, sku, qty) SELECT $1, $2, $3 WHERE {ROOM_FOR_LINE}
          ON CONFLICT (cart_id, sku) DO UPDATE SET qty = edge.cart_items.qty + EXCLUDED.qty
@@ -177,7 +184,7 @@ pub async fn set_item(
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     match qty {
         Some(qty) => {
-            check_currency(&mut tx, cart_id, product).await?;
+            check_currency(&mut tx, cart_id, product, catalog).await?;
             let updated = sqlx::query(&format!(
                 "INSERT INTO edge.cart_items (cart_id, sku, qty) SELECT $1, $2, $3 WHERE {ROOM_FOR_LINE}
                  ON CONFLICT (cart_id, sku) DO UPDATE SET qty = EXCLUDED.qty"
@@ -240,25 +247,32 @@ pub async fn current(
     view(pool, cart_id, catalog, None).await
 }
 
+/// A cart holds one currency: the other lines' prices come from the catalog (its cache).
 async fn check_currency(
     conn: &mut PgConnection,
     cart_id: Uuid,
     product: &Product,
+    catalog: &CatalogCache,
 ) -> Result<(), CartError> {
-    let other: Option<(String,)> = sqlx::query_as(
-        "SELECT p.currency FROM edge.cart_items i JOIN catalog.products p USING (sku)
-         WHERE i.cart_id = $1 AND i.sku <> $2 AND p.currency <> $3 LIMIT 1",
-    )
-    .bind(cart_id)
-    .bind(product.sku.as_str())
-    .bind(product.price.currency().code())
-    .fetch_optional(conn)
-    .await?;
+    let others: Vec<(String,)> =
+        sqlx::query_as("SELECT sku FROM edge.cart_items WHERE cart_id = $1 AND sku <> $2")
+            .bind(cart_id)
+            .bind(product.sku.as_str())
+            .fetch_all(conn)
+            .await?;
+    let skus: Vec<String> = others.into_iter().map(|(sku,)| sku).collect();
+    let wanted = product.price.currency();
+    let other = catalog
+        .get_many(&skus)
+        .await?
+        .into_iter()
+        .map(|p| p.price.currency())
+        .find(|c| *c != wanted);
     match other {
-        Some((cart,)) => Err(CartError::CurrencyMismatch {
+        Some(cart) => Err(CartError::CurrencyMismatch {
             sku: product.sku.to_string(),
-            cart,
-            product: product.price.currency().code().to_owned(),
+            cart: cart.code().to_owned(),
+            product: wanted.code().to_owned(),
         }),
         None => Ok(()),
     }

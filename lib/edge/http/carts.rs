@@ -4,8 +4,8 @@ use axum::extract::{Path, State};
 use axum::Json;
 use serde::Deserialize;
 
-use super::admin::parse_sku;
 use super::error::ApiError;
+use super::extract::parse_sku;
 use super::extract::{ApiJson, Caller};
 use super::views::CartJson;
 use super::AppState;

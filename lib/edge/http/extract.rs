@@ -99,3 +99,9 @@ impl FromRequestParts<AppState> for Admin {
         Ok(Self(principal))
     }
 }
+
+/// A SKU from a path: `422 invalid_sku` if it is not one.
+pub fn parse_sku(raw: &str) -> Result<crate::domain::Sku, ApiError> {
+    crate::domain::Sku::parse(raw)
+        .map_err(|e| ApiError::unprocessable("invalid_sku", e.to_string()))
+}
