@@ -104,11 +104,26 @@ pub enum AppError {
     Auth(#[from] crate::auth::AuthConfigError),
     #[error(transparent)]
     TokenKeys(#[from] crate::payments::token_seal::SealError),
-    #[error("task {task} failed: {message}")]
-    Task { task: String, message: String },
+    #[error("task {task} failed")]
+    Task {
+        task: String,
+        #[source]
+        source: TaskError,
+    },
 }
 
-type TaskResult = (String, Result<(), String>);
+type TaskResult = (String, Result<(), TaskError>);
+
+/// Why a long-running task ended with an error (its cause kept as the source).
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("serving HTTP")]
+    Serve(#[from] std::io::Error),
+    #[error("consuming")]
+    Consume(#[from] BusError),
+    #[error("the task panicked or was cancelled")]
+    Join(#[from] tokio::task::JoinError),
+}
 
 /// Running roles.
 pub struct App {
@@ -137,7 +152,7 @@ impl App {
                 let result = axum::serve(listener, Sandbox::default().router())
                     .with_graceful_shutdown(token.cancelled_owned())
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(TaskError::from);
                 ("psp".to_owned(), result)
             });
             tracing::info!(%addr, "sandbox PSP listening");
@@ -416,7 +431,7 @@ impl App {
                     let result = axum::serve(listener, router)
                         .with_graceful_shutdown(token.cancelled_owned())
                         .await
-                        .map_err(|e| e.to_string());
+                        .map_err(TaskError::from);
                     ("edge".to_owned(), result)
                 });
                 tracing::info!(%addr, "edge listening");
@@ -434,7 +449,7 @@ impl App {
                         let result = axum::serve(listener, http::metrics_router())
                             .with_graceful_shutdown(token.cancelled_owned())
                             .await
-                            .map_err(|e| e.to_string());
+                            .map_err(TaskError::from);
                         ("metrics".to_owned(), result)
                     });
                     tracing::info!(%addr, "metrics listening");
@@ -513,10 +528,10 @@ fn report(ended: Result<TaskResult, tokio::task::JoinError>) -> Option<AppError>
             tracing::info!(%task, "task stopped");
             None
         }
-        Ok((task, Err(message))) => Some(AppError::Task { task, message }),
+        Ok((task, Err(source))) => Some(AppError::Task { task, source }),
         Err(e) => Some(AppError::Task {
             task: "unknown".into(),
-            message: e.to_string(),
+            source: e.into(),
         }),
     }
 }
@@ -567,7 +582,7 @@ impl<S: BatchStep> StepLauncher for Batch<S> {
                 token,
             )
             .await
-            .map_err(|e| e.to_string());
+            .map_err(TaskError::from);
             (name, result)
         })
     }
@@ -590,7 +605,7 @@ impl<S: Step> StepLauncher for S {
                 token,
             )
             .await
-            .map_err(|e| e.to_string());
+            .map_err(TaskError::from);
             (name, result)
         })
     }

@@ -210,7 +210,7 @@ impl CompensateStep {
             .await
             .map_err(|e| match e {
                 VoidError::Provider(ProviderError::Deferred(d)) => StepError::RetryAfter(d),
-                other => StepError::Transient(other.to_string()),
+                other => StepError::transient(other.to_string()),
             })
     }
 }

@@ -113,8 +113,8 @@ impl Step for AuthorizeStep {
             }
         };
         if self.fail_after_provider_call && delivery.delivered == 1 {
-            return Err(StepError::Transient(
-                "chaos: failing after the provider call".into(),
+            return Err(StepError::transient(
+                "chaos: failing after the provider call",
             ));
         }
         let (record, outputs) = outcome(&checkout, decision, self.provider.name());
@@ -143,7 +143,7 @@ impl Step for AuthorizeStep {
                 }
                 Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
                 Err(ProviderError::Unavailable(e)) => {
-                    return Err(StepError::Transient(format!("void after abandonment: {e}")))
+                    return Err(StepError::transient(format!("void after abandonment: {e}")))
                 }
                 // The reconciler looks at abandoned payments again later.
                 Err(ProviderError::Rejected(e)) => {
@@ -198,7 +198,7 @@ impl AuthorizeStep {
                 )
                 .await?;
                 if !spent {
-                    return Err(StepError::Transient(format!("provider unavailable: {e}")));
+                    return Err(StepError::transient(format!("provider unavailable: {e}")));
                 }
                 tracing::warn!(error = %e, "giving up on the provider for this order");
                 self.settle_unknown(request.order_id, "payment_unavailable".into())
@@ -223,7 +223,7 @@ impl AuthorizeStep {
             Ok(found) => found,
             Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
             Err(e) => {
-                return Err(StepError::Transient(format!(
+                return Err(StepError::transient(format!(
                     "cannot read the provider's records: {e}"
                 )))
             }

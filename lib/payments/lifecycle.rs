@@ -76,7 +76,7 @@ async fn run(
     match call.await {
         Ok(()) => {}
         Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
-        Err(ProviderError::Unavailable(e)) => return Err(StepError::Transient(e)),
+        Err(ProviderError::Unavailable(e)) => return Err(StepError::transient(e)),
         // Wrong state or an expired authorization: retrying cannot help. Say so, so the
         // order's lock is released and the refusal is visible, rather than dead-lettering.
         Err(ProviderError::Rejected(detail)) => {

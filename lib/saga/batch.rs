@@ -227,7 +227,7 @@ async fn handle<S: BatchStep>(step: &S, bus: &Bus, policy: &Policy, items: Vec<I
         }
         Some(Err(e)) => {
             for item in &items {
-                fail(bus, policy, item, StepError::Transient(e.to_string())).await;
+                fail(bus, policy, item, StepError::transient(e.to_string())).await;
             }
         }
         None => {
@@ -239,7 +239,7 @@ async fn handle<S: BatchStep>(step: &S, bus: &Bus, policy: &Policy, items: Vec<I
 }
 
 fn timed_out(policy: &Policy) -> StepError {
-    StepError::Transient(format!(
+    StepError::transient(format!(
         "the batch ran longer than {:?}",
         policy.settings.handler_timeout
     ))
@@ -310,8 +310,8 @@ async fn attempt<S: BatchStep>(
         .await?;
         if recorded.len() != todo.len() {
             tx.rollback().await?;
-            return Err(StepError::Transient(
-                "a concurrent delivery handled part of this batch first".into(),
+            return Err(StepError::transient(
+                "a concurrent delivery handled part of this batch first",
             ));
         }
         for (item, events) in todo.iter().zip(outputs) {

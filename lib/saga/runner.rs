@@ -69,18 +69,29 @@ impl Outgoing {
     }
 }
 
+/// A failure's cause: the typed error where there is one (a database error stays a
+/// `sqlx::Error` behind `source()`), or words.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// How a step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
-    /// Worth retrying later (database or provider unavailable).
+    /// Worth retrying later (database or provider unavailable); the cause is kept.
     #[error("transient: {0}")]
-    Transient(String),
+    Transient(#[source] Cause),
     /// Retrying cannot help (an event this step cannot act on).
     #[error("permanent: {0}")]
     Permanent(String),
     /// Not attempted (breaker open, rate limit spent): try again after this delay.
     #[error("deferred for {0:?}")]
     RetryAfter(Duration),
+}
+
+impl StepError {
+    /// A transient failure with its cause.
+    pub fn transient(cause: impl Into<Cause>) -> Self {
+        Self::Transient(cause.into())
+    }
 }
 
 impl From<sqlx::Error> for StepError {
@@ -96,7 +107,7 @@ impl From<sqlx::Error> for StepError {
         if permanent {
             Self::Permanent(format!("database refused the data: {e}"))
         } else {
-            Self::Transient(format!("database: {e}"))
+            Self::transient(e)
         }
     }
 }
@@ -494,7 +505,7 @@ async fn process<S: Step>(step: &S, bus: &Bus, policy: &Policy, message: jetstre
         let result = match result {
             Some(Ok(result)) => result,
             Some(Err(_panic)) => Err(StepError::Permanent("the handler panicked".into())),
-            None => Err(StepError::Transient(format!(
+            None => Err(StepError::transient(format!(
                 "the handler ran longer than {:?}",
                 policy.settings.handler_timeout
             ))),
