@@ -182,127 +182,21 @@ impl App {
                      stream, inbox rows and dead letters; set it in production"
                 );
             }
-            let spawn_step = |tasks: &mut JoinSet<TaskResult>, step: Arc<dyn StepLauncher>| {
-                let bus = bus.clone();
-                let settings = settings.clone();
-                let token = shutdown.clone();
-                tasks.spawn(async move { step.launch(bus, settings, token).await });
+            let shared = Shared {
+                settings: settings.clone(),
+                pool: pool.clone(),
+                bus: bus.clone(),
+                provider: provider.clone(),
+                breaker: breaker.clone(),
+                seal: seal.clone(),
+                shutdown: shutdown.clone(),
             };
             for role in roles {
                 match role {
-                    Role::Reserve => {
-                        spawn_step(
-                            &mut tasks,
-                            Arc::new(Batch(Arc::new(ReserveStep {
-                                pool: pool.clone(),
-                                ttl: settings.inventory.reservation_ttl,
-                                notices: Some(bus.client().clone()),
-                            }))),
-                        );
-                        spawn_step(
-                            &mut tasks,
-                            Arc::new(Batch(Arc::new(CommitStep { pool: pool.clone() }))),
-                        );
-                        let (pool, token) = (pool.clone(), shutdown.clone());
-                        let notices = bus.client().clone();
-                        let inv = settings.inventory.clone();
-                        tasks.spawn(async move {
-                            inventory::run_sweeper(
-                                pool,
-                                inv.expiry_interval,
-                                inv.expiry_batch,
-                                notices,
-                                token,
-                            )
-                            .await;
-                            ("reservation-expiry".to_owned(), Ok(()))
-                        });
-                    }
-                    Role::Authorize => {
-                        spawn_step(
-                            &mut tasks,
-                            Arc::new(AuthorizeStep {
-                                pool: pool.clone(),
-                                provider: provider.clone(),
-                                max_attempts: settings.payments.max_attempts,
-                                retry_window: settings.payments.retry_window,
-                                max_risk_score: settings.payments.max_risk_score,
-                                seal: seal.clone(),
-                                fail_after_provider_call: settings.chaos.redeliver
-                                    == crate::config::Redeliver::AfterProviderCall,
-                            }),
-                        );
-                        spawn_step(
-                            &mut tasks,
-                            Arc::new(CaptureStep {
-                                pool: pool.clone(),
-                                provider: provider.clone(),
-                            }),
-                        );
-                        spawn_step(
-                            &mut tasks,
-                            Arc::new(RefundStep {
-                                pool: pool.clone(),
-                                provider: provider.clone(),
-                            }),
-                        );
-                        let (bus, breaker, token) =
-                            (bus.clone(), breaker.clone(), shutdown.clone());
-                        tasks.spawn(async move {
-                            crate::payments::breaker_status::report_breaker(bus, breaker, token)
-                                .await;
-                            ("breaker-status".to_owned(), Ok(()))
-                        });
-                    }
-                    Role::Order => {
-                        spawn_step(
-                            &mut tasks,
-                            Arc::new(Batch(Arc::new(OrderStep { pool: pool.clone() }))),
-                        );
-                        spawn_step(&mut tasks, Arc::new(LifecycleStep { pool: pool.clone() }));
-                    }
-                    Role::Compensate => {
-                        spawn_step(
-                            &mut tasks,
-                            Arc::new(CompensateStep {
-                                pool: pool.clone(),
-                                provider: provider.clone(),
-                                notices: Some(bus.client().clone()),
-                            }),
-                        );
-                        let watchdog = Watchdog {
-                            pool: pool.clone(),
-                            bus: bus.clone(),
-                            pending_limit: settings.watchdog.pending_limit,
-                            interval: settings.watchdog.interval,
-                            batch: settings.watchdog.batch,
-                        };
-                        let token = shutdown.clone();
-                        tasks.spawn(async move {
-                            watchdog.run(token).await;
-                            ("watchdog".to_owned(), Ok(()))
-                        });
-                        let pruner = crate::retention::Pruner {
-                            pool: pool.clone(),
-                            settings: settings.retention.clone(),
-                        };
-                        let token = shutdown.clone();
-                        tasks.spawn(async move {
-                            pruner.run(token).await;
-                            ("pruner".to_owned(), Ok(()))
-                        });
-                        let (pool, provider, token) =
-                            (pool.clone(), provider.clone(), shutdown.clone());
-                        let (delay, every, batch) = (
-                            settings.payments.reconcile_delay,
-                            settings.watchdog.interval,
-                            settings.watchdog.batch,
-                        );
-                        tasks.spawn(async move {
-                            reconcile::run(pool, provider, delay, every, batch, token).await;
-                            ("payment-reconciler".to_owned(), Ok(()))
-                        });
-                    }
+                    Role::Reserve => shared.reserve(&mut tasks),
+                    Role::Authorize => shared.authorize(&mut tasks),
+                    Role::Order => shared.order(&mut tasks),
+                    Role::Compensate => shared.compensate(&mut tasks),
                     Role::Edge | Role::Psp => {}
                 }
             }
@@ -325,116 +219,7 @@ impl App {
                 }
             });
             if roles.contains(&Role::Edge) {
-                let verifier = Arc::new(crate::auth::Verifier::from_settings(&settings.auth)?);
-                let limits = http::limits::UserLimits::new(&settings.edge);
-                let readiness = http::health::Readiness::new(shutdown.clone());
-                tasks.spawn({
-                    let (readiness, pool, bus) = (readiness.clone(), pool.clone(), bus.clone());
-                    async move {
-                        readiness
-                            .run(pool, bus, std::time::Duration::from_secs(1))
-                            .await;
-                        ("readiness".to_owned(), Ok(()))
-                    }
-                });
-                tasks.spawn({
-                    let (limits, token) = (limits.clone(), shutdown.clone());
-                    async move {
-                        loop {
-                            tokio::select! {
-                                _ = token.cancelled() => break,
-                                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => limits.forget_idle(),
-                            }
-                        }
-                        ("rate-limits".to_owned(), Ok(()))
-                    }
-                });
-                let rates = RatesCache::new(pool.clone(), settings.edge.rates_cache_ttl);
-                let catalog = CatalogCache::new(
-                    pool.clone(),
-                    settings.edge.product_cache_capacity,
-                    settings.edge.product_cache_ttl,
-                );
-                tasks.spawn({
-                    let (client, catalog, rates) =
-                        (bus.client().clone(), catalog.clone(), rates.clone());
-                    let token = shutdown.clone();
-                    async move {
-                        crate::catalog::run_invalidation(client, catalog, rates, token).await;
-                        ("cache-invalidation".to_owned(), Ok(()))
-                    }
-                });
-                let (outbox, marks) = Outbox::new(pool.clone(), bus.clone());
-                tasks.spawn({
-                    let (outbox, token) = (outbox.clone(), shutdown.clone());
-                    async move {
-                        outbox.run_marker(marks, token).await;
-                        ("outbox-marker".to_owned(), Ok(()))
-                    }
-                });
-                tasks.spawn({
-                    let (outbox, token) = (outbox.clone(), shutdown.clone());
-                    let edge = settings.edge.clone();
-                    async move {
-                        outbox
-                            .run_sweeper(
-                                edge.outbox_interval,
-                                edge.outbox_grace,
-                                edge.outbox_max_backoff,
-                                token,
-                            )
-                            .await;
-                        ("outbox-sweeper".to_owned(), Ok(()))
-                    }
-                });
-                let sold_out = SoldOut::new(settings.edge.sold_out_ttl);
-                tasks.spawn({
-                    let (client, memory) = (bus.client().clone(), sold_out.clone());
-                    let token = shutdown.clone();
-                    async move {
-                        memory.follow(client, token).await;
-                        ("sold-out-notices".to_owned(), Ok(()))
-                    }
-                });
-                let checkouts = Checkouts::new(
-                    pool.clone(),
-                    seal.clone(),
-                    outbox.clone(),
-                    rates.clone(),
-                    sold_out.clone(),
-                );
-                let state = AppState {
-                    pool: pool.clone(),
-                    bus: bus.clone(),
-                    checkouts,
-                    outbox,
-                    sold_out,
-                    limits: limits.clone(),
-                    readiness: readiness.clone(),
-                    admission: http::Admission::new(
-                        settings.edge.max_in_flight,
-                        settings.edge.admission_wait,
-                    ),
-                    cart_limits: CartLimits {
-                        max_lines: settings.edge.cart_max_lines,
-                    },
-                    catalog,
-                    rates,
-                    verifier: verifier.clone(),
-                };
-                let listener = bind(&settings.http.addr).await?;
-                let addr = local_addr(&listener, &settings.http.addr)?;
-                http_addr = Some(addr);
-                let router = http::router(state, settings.http.body_limit_bytes);
-                let token = shutdown.clone();
-                tasks.spawn(async move {
-                    let result = axum::serve(listener, router)
-                        .with_graceful_shutdown(token.cancelled_owned())
-                        .await
-                        .map_err(TaskError::from);
-                    ("edge".to_owned(), result)
-                });
-                tracing::info!(%addr, "edge listening");
+                http_addr = Some(shared.edge(&mut tasks).await?);
             }
         }
         let mut metrics_addr = None;
@@ -550,6 +335,274 @@ fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, AppError
         addr: addr.to_owned(),
         source,
     })
+}
+
+/// What every consumer role's wiring shares: one pool, one NATS connection, one guarded
+/// payment provider (its breaker), the token seal, and the shutdown signal.
+struct Shared {
+    settings: Settings,
+    pool: sqlx::PgPool,
+    bus: Bus,
+    provider: Arc<dyn PaymentProvider>,
+    breaker: Arc<crate::payments::guard::CircuitBreaker>,
+    seal: Arc<crate::payments::token_seal::TokenSeal>,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Runs a step's consumer until shutdown.
+    fn step(&self, tasks: &mut JoinSet<TaskResult>, step: Arc<dyn StepLauncher>) {
+        let (bus, settings, token) = (
+            self.bus.clone(),
+            self.settings.clone(),
+            self.shutdown.clone(),
+        );
+        tasks.spawn(async move { step.launch(bus, settings, token).await });
+    }
+
+    /// The HTTP edge and its helpers (readiness, rate limits, caches, outbox, sold-out notices);
+    /// where it listens.
+    async fn edge(&self, tasks: &mut JoinSet<TaskResult>) -> Result<SocketAddr, AppError> {
+        let verifier = Arc::new(crate::auth::Verifier::from_settings(&self.settings.auth)?);
+        let limits = http::limits::UserLimits::new(&self.settings.edge);
+        let readiness = http::health::Readiness::new(self.shutdown.clone());
+        tasks.spawn({
+            let (readiness, pool, bus) = (readiness.clone(), self.pool.clone(), self.bus.clone());
+            async move {
+                readiness
+                    .run(pool, bus, std::time::Duration::from_secs(1))
+                    .await;
+                ("readiness".to_owned(), Ok(()))
+            }
+        });
+        tasks.spawn({
+                let (limits, token) = (limits.clone(), self.shutdown.clone());
+                async move {
+                    loop {
+                        tokio::select! {
+                            _ = token.cancelled() => break,
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => limits.forget_idle(),
+                        }
+                    }
+                    ("rate-limits".to_owned(), Ok(()))
+                }
+            });
+        let rates = RatesCache::new(self.pool.clone(), self.settings.edge.rates_cache_ttl);
+        let catalog = CatalogCache::new(
+            self.pool.clone(),
+            self.settings.edge.product_cache_capacity,
+            self.settings.edge.product_cache_ttl,
+        );
+        tasks.spawn({
+            let (client, catalog, rates) =
+                (self.bus.client().clone(), catalog.clone(), rates.clone());
+            let token = self.shutdown.clone();
+            async move {
+                crate::catalog::run_invalidation(client, catalog, rates, token).await;
+                ("cache-invalidation".to_owned(), Ok(()))
+            }
+        });
+        let (outbox, marks) = Outbox::new(self.pool.clone(), self.bus.clone());
+        tasks.spawn({
+            let (outbox, token) = (outbox.clone(), self.shutdown.clone());
+            async move {
+                outbox.run_marker(marks, token).await;
+                ("outbox-marker".to_owned(), Ok(()))
+            }
+        });
+        tasks.spawn({
+            let (outbox, token) = (outbox.clone(), self.shutdown.clone());
+            let edge = self.settings.edge.clone();
+            async move {
+                outbox
+                    .run_sweeper(
+                        edge.outbox_interval,
+                        edge.outbox_grace,
+                        edge.outbox_max_backoff,
+                        token,
+                    )
+                    .await;
+                ("outbox-sweeper".to_owned(), Ok(()))
+            }
+        });
+        let sold_out = SoldOut::new(self.settings.edge.sold_out_ttl);
+        tasks.spawn({
+            let (client, memory) = (self.bus.client().clone(), sold_out.clone());
+            let token = self.shutdown.clone();
+            async move {
+                memory.follow(client, token).await;
+                ("sold-out-notices".to_owned(), Ok(()))
+            }
+        });
+        let checkouts = Checkouts::new(
+            self.pool.clone(),
+            self.seal.clone(),
+            outbox.clone(),
+            rates.clone(),
+            sold_out.clone(),
+        );
+        let state = AppState {
+            pool: self.pool.clone(),
+            bus: self.bus.clone(),
+            checkouts,
+            outbox,
+            sold_out,
+            limits: limits.clone(),
+            readiness: readiness.clone(),
+            admission: http::Admission::new(
+                self.settings.edge.max_in_flight,
+                self.settings.edge.admission_wait,
+            ),
+            cart_limits: CartLimits {
+                max_lines: self.settings.edge.cart_max_lines,
+            },
+            catalog,
+            rates,
+            verifier: verifier.clone(),
+        };
+        let listener = bind(&self.settings.http.addr).await?;
+        let addr = local_addr(&listener, &self.settings.http.addr)?;
+        let router = http::router(state, self.settings.http.body_limit_bytes);
+        let token = self.shutdown.clone();
+        tasks.spawn(async move {
+            let result = axum::serve(listener, router)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .map_err(TaskError::from);
+            ("edge".to_owned(), result)
+        });
+        tracing::info!(%addr, "edge listening");
+        Ok(addr)
+    }
+
+    /// Reserve and inventory-commit steps, and the sweeper of expired holds.
+    fn reserve(&self, tasks: &mut JoinSet<TaskResult>) {
+        self.step(
+            tasks,
+            Arc::new(Batch(Arc::new(ReserveStep {
+                pool: self.pool.clone(),
+                ttl: self.settings.inventory.reservation_ttl,
+                notices: Some(self.bus.client().clone()),
+            }))),
+        );
+        self.step(
+            tasks,
+            Arc::new(Batch(Arc::new(CommitStep {
+                pool: self.pool.clone(),
+            }))),
+        );
+        let (pool, token) = (self.pool.clone(), self.shutdown.clone());
+        let notices = self.bus.client().clone();
+        let inv = self.settings.inventory.clone();
+        tasks.spawn(async move {
+            inventory::run_sweeper(pool, inv.expiry_interval, inv.expiry_batch, notices, token)
+                .await;
+            ("reservation-expiry".to_owned(), Ok(()))
+        });
+    }
+
+    /// Authorize, capture and refund steps, and the breaker's status reports.
+    fn authorize(&self, tasks: &mut JoinSet<TaskResult>) {
+        self.step(
+            tasks,
+            Arc::new(AuthorizeStep {
+                pool: self.pool.clone(),
+                provider: self.provider.clone(),
+                max_attempts: self.settings.payments.max_attempts,
+                retry_window: self.settings.payments.retry_window,
+                max_risk_score: self.settings.payments.max_risk_score,
+                seal: self.seal.clone(),
+                fail_after_provider_call: self.settings.chaos.redeliver
+                    == crate::config::Redeliver::AfterProviderCall,
+            }),
+        );
+        self.step(
+            tasks,
+            Arc::new(CaptureStep {
+                pool: self.pool.clone(),
+                provider: self.provider.clone(),
+            }),
+        );
+        self.step(
+            tasks,
+            Arc::new(RefundStep {
+                pool: self.pool.clone(),
+                provider: self.provider.clone(),
+            }),
+        );
+        let (bus, breaker, token) = (
+            self.bus.clone(),
+            self.breaker.clone(),
+            self.shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            crate::payments::breaker_status::report_breaker(bus, breaker, token).await;
+            ("breaker-status".to_owned(), Ok(()))
+        });
+    }
+
+    /// The order (confirm) and order-lifecycle steps.
+    fn order(&self, tasks: &mut JoinSet<TaskResult>) {
+        self.step(
+            tasks,
+            Arc::new(Batch(Arc::new(OrderStep {
+                pool: self.pool.clone(),
+            }))),
+        );
+        self.step(
+            tasks,
+            Arc::new(LifecycleStep {
+                pool: self.pool.clone(),
+            }),
+        );
+    }
+
+    /// The compensate step, the watchdog, the pruner and the payment reconciler.
+    fn compensate(&self, tasks: &mut JoinSet<TaskResult>) {
+        self.step(
+            tasks,
+            Arc::new(CompensateStep {
+                pool: self.pool.clone(),
+                provider: self.provider.clone(),
+                notices: Some(self.bus.client().clone()),
+            }),
+        );
+        let watchdog = Watchdog {
+            pool: self.pool.clone(),
+            bus: self.bus.clone(),
+            pending_limit: self.settings.watchdog.pending_limit,
+            interval: self.settings.watchdog.interval,
+            batch: self.settings.watchdog.batch,
+        };
+        let token = self.shutdown.clone();
+        tasks.spawn(async move {
+            watchdog.run(token).await;
+            ("watchdog".to_owned(), Ok(()))
+        });
+        let pruner = crate::retention::Pruner {
+            pool: self.pool.clone(),
+            settings: self.settings.retention.clone(),
+        };
+        let token = self.shutdown.clone();
+        tasks.spawn(async move {
+            pruner.run(token).await;
+            ("pruner".to_owned(), Ok(()))
+        });
+        let (pool, provider, token) = (
+            self.pool.clone(),
+            self.provider.clone(),
+            self.shutdown.clone(),
+        );
+        let (delay, every, batch) = (
+            self.settings.payments.reconcile_delay,
+            self.settings.watchdog.interval,
+            self.settings.watchdog.batch,
+        );
+        tasks.spawn(async move {
+            reconcile::run(pool, provider, delay, every, batch, token).await;
+            ("payment-reconciler".to_owned(), Ok(()))
+        });
+    }
 }
 
 /// Lets `build` spawn different step types through one closure.
