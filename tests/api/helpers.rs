@@ -483,14 +483,12 @@ impl TestApp {
         cart_id: &str,
         card: &str,
     ) -> (StatusCode, Value) {
-        self.call(
-            reqwest::Method::POST,
-            "/api/checkout",
-            Some(token),
-            Some(checkout_body(cart_id, card)),
-            &[("Idempotency-Key", key)],
-        )
-        .await
+        self.request(reqwest::Method::POST, "/api/checkout")
+            .token(token)
+            .json(checkout_body(cart_id, card))
+            .header("Idempotency-Key", key)
+            .send()
+            .await
     }
 
     /// Gets an order.
@@ -574,6 +572,54 @@ impl TestApp {
     }
 }
 
+/// A request to the edge being built (see `TestApp::request`).
+pub struct Request<'a> {
+    app: &'a TestApp,
+    method: reqwest::Method,
+    path: String,
+    token: Option<String>,
+    body: Option<Value>,
+    headers: Vec<(String, String)>,
+}
+
+impl Request<'_> {
+    /// As this bearer token.
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    /// With this JSON body.
+    pub fn json(mut self, body: Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    /// With this header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sends it; the status and the JSON body (Null when not JSON).
+    pub async fn send(self) -> (StatusCode, Value) {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.app
+            .call(
+                self.method,
+                &self.path,
+                self.token.as_deref(),
+                self.body,
+                &headers,
+            )
+            .await
+    }
+}
+
 /// A valid checkout body.
 pub fn checkout_body(cart_id: &str, card: &str) -> Value {
     json!({
@@ -590,6 +636,53 @@ impl TestApp {
         let path = format!("/api/orders/{order_id}/ship");
         self.call(reqwest::Method::POST, &path, Some(&self.admin()), None, &[])
             .await
+    }
+
+    /// Asks to refund a shipped order (admin).
+    pub async fn refund(&self, order_id: &str) -> (StatusCode, Value) {
+        let path = format!("/api/orders/{order_id}/refund");
+        self.request(reqwest::Method::POST, path)
+            .token(&self.admin())
+            .send()
+            .await
+    }
+
+    /// Applies a promotion code to the caller's cart.
+    pub async fn apply_promo(&self, token: &str, code: &str) -> (StatusCode, Value) {
+        self.request(reqwest::Method::POST, "/api/cart/promo")
+            .token(token)
+            .json(json!({"code": code}))
+            .send()
+            .await
+    }
+
+    /// Removes the promotion from the caller's cart.
+    pub async fn remove_promo(&self, token: &str) -> (StatusCode, Value) {
+        self.request(reqwest::Method::DELETE, "/api/cart/promo")
+            .token(token)
+            .send()
+            .await
+    }
+
+    /// Prices the caller's cart for shipping to `address`.
+    pub async fn quote(&self, token: &str, address: Value) -> (StatusCode, Value) {
+        self.request(reqwest::Method::POST, "/api/cart/quote")
+            .token(token)
+            .json(json!({ "address": address }))
+            .send()
+            .await
+    }
+
+    /// Starts a request to the edge: `app.request(Method::PUT, path).token(t).json(b).send()`.
+    pub fn request(&self, method: reqwest::Method, path: impl Into<String>) -> Request<'_> {
+        Request {
+            app: self,
+            method,
+            path: path.into(),
+            token: None,
+            body: None,
+            headers: Vec::new(),
+        }
     }
 
     /// Asks to cancel an order, as `token`.

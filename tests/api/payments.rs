@@ -203,55 +203,26 @@ async fn the_rate_limit_holds_under_a_burst() {
 async fn ship_captures_once_and_refund_refunds_once() {
     let app = TestApp::spawn().await;
     app.product("TEE", "10.00", 5).await;
-    let admin = app.admin();
     let (token, id, _) = checkout_with(&app, "alice", "tok_visa").await;
 
     let (status, body) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/ship"),
-            Some(&token),
-            None,
-            &[],
-        )
+        .request(Method::POST, format!("/api/orders/{id}/ship"))
+        .token(&token)
+        .send()
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    let (status, _) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/refund"),
-            Some(&admin),
-            None,
-            &[],
-        )
-        .await;
+    let (status, _) = app.refund(&id).await;
     assert_eq!(status, StatusCode::CONFLICT, "no refund before shipment");
 
     for _ in 0..2 {
-        let (status, body) = app
-            .call(
-                Method::POST,
-                &format!("/api/orders/{id}/ship"),
-                Some(&admin),
-                None,
-                &[],
-            )
-            .await;
+        let (status, body) = app.ship(&id).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     }
     app.eventually("shipped", || async {
         app.order(&token, &id).await.1["status"] == "shipped"
     })
     .await;
-    let (status, body) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/ship"),
-            Some(&admin),
-            None,
-            &[],
-        )
-        .await;
+    let (status, body) = app.ship(&id).await;
     assert_eq!(
         status,
         StatusCode::ACCEPTED,
@@ -278,15 +249,7 @@ async fn ship_captures_once_and_refund_refunds_once() {
     assert_eq!(body["error"]["code"], "invalid_order_state");
 
     for _ in 0..2 {
-        let (status, _) = app
-            .call(
-                Method::POST,
-                &format!("/api/orders/{id}/refund"),
-                Some(&admin),
-                None,
-                &[],
-            )
-            .await;
+        let (status, _) = app.refund(&id).await;
         assert_eq!(status, StatusCode::ACCEPTED);
     }
     app.eventually("refunded", || async {
@@ -345,15 +308,7 @@ async fn cancel_voids_and_restocks_once() {
         (5, 0, 5),
         "the unit is back on hand"
     );
-    let (status, _) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/ship"),
-            Some(&app.admin()),
-            None,
-            &[],
-        )
-        .await;
+    let (status, _) = app.ship(&id).await;
     assert_eq!(status, StatusCode::CONFLICT);
 }
 
@@ -371,15 +326,7 @@ async fn an_expired_authorization_is_visible_and_not_shipped() {
         .expect("age the authorization");
     let (_, order) = app.order(&token, &id).await;
     assert_eq!(order["payment"]["expired"], true);
-    let (status, body) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/ship"),
-            Some(&app.admin()),
-            None,
-            &[],
-        )
-        .await;
+    let (status, body) = app.ship(&id).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"]["code"], "authorization_expired");
 }
@@ -406,15 +353,7 @@ async fn a_capture_the_provider_refuses_releases_the_ship_lock() {
         .expect("void");
     assert!(voided.status().is_success());
 
-    let (status, _) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/ship"),
-            Some(&app.admin()),
-            None,
-            &[],
-        )
-        .await;
+    let (status, _) = app.ship(&id).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     app.eventually("the ship lock released", || async {
         let (_, order) = app.order(&token, &id).await;

@@ -26,14 +26,7 @@ async fn put_promo(app: &TestApp, code: &str, body: Value) {
 }
 
 async fn apply(app: &TestApp, token: &str, code: &str) -> (StatusCode, Value) {
-    app.call(
-        Method::POST,
-        "/api/cart/promo",
-        Some(token),
-        Some(json!({"code": code})),
-        &[],
-    )
-    .await
+    app.apply_promo(token, code).await
 }
 
 #[tokio::test]
@@ -115,14 +108,14 @@ async fn promo_codes_apply_by_their_rules() {
     // Free shipping shows in a quote.
     apply(&app, &alice, "shipfree").await;
     let (status, quote) = app
-        .call(Method::POST, "/api/cart/quote", Some(&alice),
-              Some(json!({"address": {"name": "A", "line1": "1", "city": "Berlin", "postalCode": "1", "country": "DE"}})), &[])
+        .quote(
+            &alice,
+            json!({"name": "A", "line1": "1", "city": "Berlin", "postalCode": "1", "country": "DE"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{quote}");
     assert_eq!(quote["shipping"], "0.00");
-    let (_, cart) = app
-        .call(Method::DELETE, "/api/cart/promo", Some(&alice), None, &[])
-        .await;
+    let (_, cart) = app.remove_promo(&alice).await;
     assert!(cart["promo"].is_null(), "{cart}");
 }
 
