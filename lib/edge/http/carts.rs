@@ -5,8 +5,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::extract::parse_sku;
-use super::extract::{ApiJson, Caller};
+use super::extract::{parse_destination, parse_sku, ApiJson, Caller};
 use super::views::CartJson;
 use super::AppState;
 use crate::catalog::Product;
@@ -207,30 +206,6 @@ pub struct QuoteBody {
     shipping_method: Option<String>,
 }
 
-/// Validates an address and a shipping method as checkout does.
-pub(super) fn destination(
-    address: Address,
-    method: Option<String>,
-) -> Result<(Address, String), ApiError> {
-    let address = address
-        .validated()
-        .map_err(|e| ApiError::unprocessable("invalid_address", e.to_string()))?;
-    if !crate::pricing::countries::is_known(&address.country) {
-        return Err(ApiError::unprocessable(
-            "invalid_address",
-            "address.country is not an ISO 3166-1 alpha-2 code",
-        ));
-    }
-    let method = method.unwrap_or_else(|| "standard".into());
-    if method != "standard" && method != "express" {
-        return Err(ApiError::unprocessable(
-            "invalid_shipping_method",
-            "shippingMethod must be standard or express",
-        ));
-    }
-    Ok((address, method))
-}
-
 /// Prices the cart for a destination and shipping method (tax and shipping included).
 #[utoipa::path(post, path = "/api/cart/quote", tag = "cart", security(("bearer" = [])),
     request_body = QuoteBody,
@@ -240,7 +215,7 @@ pub async fn quote(
     Caller(caller): Caller,
     ApiJson(body): ApiJson<QuoteBody>,
 ) -> Result<Json<CartJson>, ApiError> {
-    let (address, method) = destination(body.address, body.shipping_method)?;
+    let (address, method) = parse_destination(body.address, body.shipping_method)?;
     let rates = state
         .rates
         .get(&address.country, address.region.as_deref())

@@ -86,7 +86,8 @@ pub async fn checkout(
             "paymentMethod.token must be 1 to 255 characters",
         ));
     }
-    let (address, shipping_method) = super::carts::destination(body.address, body.shipping_method)?;
+    let (address, shipping_method) =
+        super::extract::parse_destination(body.address, body.shipping_method)?;
     // The checkout's trace: the client's, if it sent one, continued by this span.
     let incoming = headers
         .get(HEADER_TRACEPARENT)

@@ -105,3 +105,29 @@ pub fn parse_sku(raw: &str) -> Result<crate::domain::Sku, ApiError> {
     crate::domain::Sku::parse(raw)
         .map_err(|e| ApiError::unprocessable("invalid_sku", e.to_string()))
 }
+
+/// A destination from a body: the address validated (a known country) and the shipping
+/// method, `standard` unless given; `422` with what is wrong otherwise. Quote and checkout
+/// share it.
+pub fn parse_destination(
+    address: crate::domain::Address,
+    method: Option<String>,
+) -> Result<(crate::domain::Address, String), ApiError> {
+    let address = address
+        .validated()
+        .map_err(|e| ApiError::unprocessable("invalid_address", e.to_string()))?;
+    if !crate::pricing::countries::is_known(&address.country) {
+        return Err(ApiError::unprocessable(
+            "invalid_address",
+            "address.country is not an ISO 3166-1 alpha-2 code",
+        ));
+    }
+    let method = method.unwrap_or_else(|| "standard".into());
+    if method != "standard" && method != "express" {
+        return Err(ApiError::unprocessable(
+            "invalid_shipping_method",
+            "shippingMethod must be standard or express",
+        ));
+    }
+    Ok((address, method))
+}
