@@ -3,9 +3,8 @@
 //! check that buyers were answered, every accepted order ended, and nothing was done twice.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,8 +13,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    audit, checkout_body, eventually, nats_bin, port, process_env, test_settings_on, wait_ready,
-    CheckoutProcess, TestDb,
+    audit, checkout_body, eventually, nats_bin, port, process_env, spawn_nats, test_settings_on,
+    wait_ready, CheckoutProcess, TestDb,
 };
 
 /// One nats-server of a test's cluster: a real process, killed and restarted for real.
@@ -29,27 +28,9 @@ struct Node {
 
 impl Node {
     fn start(&mut self) {
-        let mut child = Command::new(nats_bin())
-            .arg("-c")
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server runs (run `just tools` or set NATS_SERVER_BIN)");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && line.contains("Server is ready") {
-                    let _ = tx.send(());
-                    sent = true;
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("nats-server became ready");
-        self.child = Some(child);
+        let mut command = Command::new(nats_bin());
+        command.arg("-c").arg(&self.config);
+        self.child = Some(spawn_nats(&mut command));
     }
 
     /// SIGKILL: the machine is gone, nothing flushed.

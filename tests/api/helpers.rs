@@ -109,30 +109,36 @@ impl NatsServer {
             command.arg("-c").arg(config);
             command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
-        let mut child = command
+        command
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server runs (run `just tools` or set NATS_SERVER_BIN)");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && line.contains("Server is ready") {
-                    let _ = tx.send(());
-                    sent = true;
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("nats-server became ready");
-        self.child = Some(child);
+            .arg(self.store.path());
+        self.child = Some(spawn_nats(&mut command));
     }
+}
+
+/// Starts a nats-server and returns once it says it is ready (its stderr keeps draining).
+pub fn spawn_nats(command: &mut Command) -> Child {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nats-server runs (run `just tools` or set NATS_SERVER_BIN)");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.contains("Server is ready") {
+                let _ = tx.send(());
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("nats-server became ready");
+    child
 }
 
 impl Drop for NatsServer {
