@@ -429,11 +429,7 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// on a cluster (a request timeout during an election, "no leader", too few peers yet) until
 /// [`SETTLE_TIMEOUT`]; anything else (a bad config, a denied permission) fails at once. Two
 /// processes creating the same R3 stream on a just-formed cluster is the usual case.
-async fn settling<T, E, F, Fut>(
-    what: &str,
-    transient: fn(&E) -> bool,
-    mut call: F,
-) -> Result<T, E>
+async fn settling<T, E, F, Fut>(what: &str, transient: fn(&E) -> bool, mut call: F) -> Result<T, E>
 where
     E: std::fmt::Display,
     F: FnMut() -> Fut,
