@@ -15,7 +15,6 @@ use crate::domain::Address;
 use crate::edge::cart::{self, CartError};
 use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
-use crate::orders;
 use crate::pricing::destination::RatesCache;
 use crate::saga::events::{Checkout, Event, Line};
 use crate::saga::runner::Outgoing;
@@ -51,11 +50,15 @@ pub enum CheckoutError {
     Encode(String),
 }
 
-/// A request already recorded under an Idempotency-Key.
+/// The request already recorded under the Idempotency-Key (if any) beside one of the cart's
+/// lines (if any).
 #[derive(sqlx::FromRow)]
-struct StoredCheckout {
-    request_hash: Vec<u8>,
-    order_id: Uuid,
+struct KeyAndLine {
+    request_hash: Option<Vec<u8>>,
+    order_id: Option<Uuid>,
+    promo_code: Option<String>,
+    sku: Option<String>,
+    qty: Option<i32>,
 }
 
 /// The edge's checkout service.
@@ -100,54 +103,56 @@ impl Checkouts {
             .get(&request.address.country, request.address.region.as_deref())
             .await?;
         let mut tx = self.pool.begin().await?;
-        // Serialize requests with one key: concurrent duplicates wait, then replay.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 1))")
-            .bind(user_id)
-            .bind(key)
-            .execute(&mut *tx)
-            .await?;
-        let existing: Option<StoredCheckout> = sqlx::query_as(
-            "SELECT request_hash, order_id FROM edge.checkouts
-             WHERE user_id = $1 AND idempotency_key = $2",
-        )
-        .bind(user_id)
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(stored) = existing {
-            tx.commit().await?;
-            if stored.request_hash != hash {
-                return Err(CheckoutError::KeyReused);
-            }
-            // If its publish has not gone out yet, the outbox sweeper owes it.
-            return Ok(stored.order_id);
-        }
-        let cart: Option<(String, Option<Uuid>)> = sqlx::query_as(
-            "SELECT status, order_id FROM edge.carts WHERE cart_id = $1 AND user_id = $2 FOR UPDATE",
+        // The cart's row lock serializes every request for this cart, duplicates included:
+        // a concurrent duplicate waits here, then finds the first one's key below.
+        let cart: Option<(bool,)> = sqlx::query_as(
+            "SELECT status = 'open' OR order_id IS NULL OR orders.has_failed(order_id)
+             FROM edge.carts WHERE cart_id = $1 AND user_id = $2 FOR UPDATE",
         )
         .bind(request.cart_id)
         .bind(user_id)
         .fetch_optional(&mut *tx)
         .await?;
+        // The key and the cart's lines in one round trip, read after the lock.
+        let rows: Vec<KeyAndLine> = sqlx::query_as(
+            "SELECT k.request_hash, k.order_id, c.promo_code, i.sku, i.qty
+             FROM (SELECT 1) AS one
+             LEFT JOIN edge.checkouts k ON k.user_id = $1 AND k.idempotency_key = $2
+             LEFT JOIN edge.carts c ON c.cart_id = $3 AND c.user_id = $1
+             LEFT JOIN edge.cart_items i ON i.cart_id = c.cart_id
+             ORDER BY i.added_at, i.sku",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(request.cart_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if let Some((stored_hash, order_id)) = rows
+            .first()
+            .and_then(|r| Some((r.request_hash.as_ref()?, r.order_id?)))
+        {
+            if *stored_hash != hash {
+                return Err(CheckoutError::KeyReused);
+            }
+            // If its publish has not gone out yet, the outbox sweeper owes it.
+            return Ok(order_id);
+        }
         match cart {
             None => return Err(CheckoutError::CartNotFound),
-            Some((status, order_id)) if status == "checked_out" => {
-                let failed = match order_id {
-                    Some(order_id) => orders::is_failed(&mut tx, order_id).await?,
-                    None => true,
-                };
-                if !failed {
-                    return Err(CheckoutError::AlreadyCheckedOut);
-                }
-            }
-            Some(_) => {}
+            Some((false,)) => return Err(CheckoutError::AlreadyCheckedOut),
+            Some((true,)) => {}
         }
+        let code = rows.first().and_then(|r| r.promo_code.clone());
+        let items = rows
+            .into_iter()
+            .filter_map(|r| Some((r.sku?, r.qty?)))
+            .collect();
         // Current prices from the database (not the edge cache): this is what gets charged.
         let ship_to = cart::ShipTo {
             rates: &rates,
             method: &request.shipping_method,
         };
-        let priced = cart::price_cart(&mut tx, request.cart_id, None, Some(ship_to))
+        let priced = cart::pricing::price_lines(&mut tx, code, items, None, Some(ship_to))
             .await?
             .ok_or(CheckoutError::EmptyCart)?;
         // A SKU every edge has just heard is sold out: refuse here, before any write or the
@@ -233,7 +238,15 @@ impl Checkouts {
         .bind(&out.subject)
         .bind(&kept)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The same key on another cart, accepted concurrently: the cart locks did not
+            // serialize the two, the key's primary key did.
+            sqlx::Error::Database(db) if db.constraint() == Some("checkouts_pkey") => {
+                CheckoutError::KeyReused
+            }
+            e => CheckoutError::Database(e),
+        })?;
         tx.commit().await?;
         self.outbox.publish(&out).await;
         Ok(order_id)

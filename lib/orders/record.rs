@@ -190,13 +190,3 @@ pub async fn get_order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderReco
     .await?;
     Ok(Some(order))
 }
-
-/// Whether an order exists and failed (its cart may be checked out again).
-pub async fn is_failed(conn: &mut PgConnection, order_id: Uuid) -> Result<bool, sqlx::Error> {
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM orders.orders WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(conn)
-            .await?;
-    Ok(matches!(row, Some((s,)) if s == "failed"))
-}

@@ -181,3 +181,28 @@ async fn orders_and_carts_of_other_users_are_not_found() {
     let (status, _) = app.order(&app.admin(), &order_id).await;
     assert_eq!(status, StatusCode::OK, "admins see every order");
 }
+
+#[tokio::test]
+async fn a_buyers_concurrent_first_requests_fill_one_cart() {
+    let app = TestApp::spawn().await;
+    let skus: Vec<String> = (0..12).map(|i| format!("SKU-{i}")).collect();
+    for sku in &skus {
+        app.product(sku, "2.00", 10).await;
+    }
+    let alice = app.token("alice");
+    // Twelve first requests at once, no cart yet: one cart must come out with every line.
+    let adds = skus.iter().map(|sku| app.add(&alice, sku, 1));
+    let mut carts = futures::future::join_all(adds).await;
+    carts.dedup();
+    assert_eq!(carts.len(), 1, "one cart for every request: {carts:?}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM edge.carts WHERE status = 'open'")
+            .await,
+        1
+    );
+    let (status, cart) = app
+        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cart["items"].as_array().map(Vec::len), Some(12), "{cart}");
+}

@@ -164,6 +164,9 @@ impl From<CartError> for ApiError {
                 Self::unprocessable("shipping_unavailable", e.to_string())
             }
             CartError::Promo { code, message } => Self::unprocessable(code, message),
+            CartError::Contended => {
+                Self::client(StatusCode::CONFLICT, "cart_contended", e.to_string())
+            }
             CartError::Database(e) => e.into(),
         }
     }

@@ -1,0 +1,185 @@
+//! A cart at current prices: its lines through the catalog, its promotion, and for a quote or
+//! a checkout the destination's tax and shipping.
+
+use std::collections::HashMap;
+
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::{open_cart_for_update, CartError, CartView};
+use crate::catalog::{self, CatalogCache, Product};
+use crate::domain::{Currency, Quantity};
+use crate::pricing::destination::DestinationRates;
+use crate::pricing::{self as prices, promo, Destination, LineInput, Priced, PromoOutcome};
+
+/// A cart line as stored: SKU and quantity.
+pub(crate) type Item = (String, i32);
+
+/// Where a quote or a checkout ships to.
+pub struct ShipTo<'a> {
+    pub rates: &'a DestinationRates,
+    pub method: &'a str,
+}
+
+/// Prices a cart at current catalog prices (from the cache when given, else the database),
+/// with its promotion and, for a quote or a checkout, the destination's tax and shipping.
+pub(crate) async fn price_cart(
+    conn: &mut PgConnection,
+    cart_id: Uuid,
+    catalog: Option<&CatalogCache>,
+    ship_to: Option<ShipTo<'_>>,
+) -> Result<Option<Priced>, CartError> {
+    let (code, items) = lines(conn, cart_id).await?;
+    price_lines(conn, code, items, catalog, ship_to).await
+}
+
+/// The cart's promotion code and lines, in the order they were added (one round trip).
+pub(crate) async fn lines(
+    conn: &mut PgConnection,
+    cart_id: Uuid,
+) -> Result<(Option<String>, Vec<Item>), sqlx::Error> {
+    let rows: Vec<(Option<String>, Option<String>, Option<i32>)> = sqlx::query_as(
+        "SELECT c.promo_code, i.sku, i.qty FROM edge.carts c
+         LEFT JOIN edge.cart_items i ON i.cart_id = c.cart_id
+         WHERE c.cart_id = $1 ORDER BY i.added_at, i.sku",
+    )
+    .bind(cart_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let code = rows.first().and_then(|(code, _, _)| code.clone());
+    let items = rows
+        .into_iter()
+        .filter_map(|(_, sku, qty)| Some((sku?, qty?)))
+        .collect();
+    Ok((code, items))
+}
+
+/// Prices lines already read (see [`price_cart`]).
+pub(crate) async fn price_lines(
+    conn: &mut PgConnection,
+    code: Option<String>,
+    items: Vec<Item>,
+    catalog: Option<&CatalogCache>,
+    ship_to: Option<ShipTo<'_>>,
+) -> Result<Option<Priced>, CartError> {
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let skus: Vec<String> = items.iter().map(|(s, _)| s.clone()).collect();
+    let found = match catalog {
+        Some(cache) => cache.get_many(&skus).await?,
+        None => catalog::get_many_in(conn, &skus).await?,
+    };
+    let products: HashMap<String, Product> =
+        found.into_iter().map(|p| (p.sku.to_string(), p)).collect();
+    let mut currency: Option<Currency> = None;
+    let mut lines = Vec::with_capacity(items.len());
+    for (sku, qty) in items {
+        let product = products
+            .get(&sku)
+            .ok_or(CartError::UnknownSku(sku.clone()))?;
+        let this = product.price.currency();
+        match currency {
+            Some(c) if c != this => {
+                return Err(CartError::CurrencyMismatch {
+                    sku,
+                    cart: c.code().to_owned(),
+                    product: this.code().to_owned(),
+                })
+            }
+            _ => currency = Some(this),
+        }
+        let qty =
+            Quantity::new(i64::from(qty)).map_err(|_| CartError::TooMany { sku: sku.clone() })?;
+        lines.push(LineInput {
+            sku: product.sku.clone(),
+            qty,
+            unit_price: product.price,
+            tax_code: product.tax_code,
+            weight_grams: product.weight_grams,
+        });
+    }
+    let Some(currency) = currency else {
+        return Ok(None);
+    };
+    let mut unusable = None;
+    let promo = match code {
+        None => None,
+        Some(code) => match promo::get(conn, &code).await? {
+            None => {
+                unusable = Some(PromoOutcome {
+                    code,
+                    applied: false,
+                    reason: Some("promo_not_found"),
+                });
+                None
+            }
+            Some(p) => match p.unusable_at(chrono::Utc::now()) {
+                Some(reason) => {
+                    unusable = Some(PromoOutcome {
+                        code: p.code,
+                        applied: false,
+                        reason: Some(reason),
+                    });
+                    None
+                }
+                None => Some(p),
+            },
+        },
+    };
+    let destination = match ship_to {
+        None => None,
+        Some(ship_to) => {
+            let shipping = ship_to
+                .rates
+                .shipping(ship_to.method, currency.code())
+                .ok_or_else(|| {
+                    CartError::ShippingUnavailable(format!(
+                        "no {} shipping in {} to this address",
+                        ship_to.method,
+                        currency.code()
+                    ))
+                })?;
+            Some(Destination {
+                tax: ship_to.rates.tax,
+                shipping,
+            })
+        }
+    };
+    let mut priced = prices::price(currency, lines, promo.as_ref(), destination.as_ref())
+        .map_err(|e| CartError::ShippingUnavailable(e.to_string()))?;
+    if unusable.is_some() {
+        priced.promo = unusable;
+    }
+    Ok(Some(priced))
+}
+
+/// The cart priced now, from the edge's catalog cache.
+pub(super) async fn view(
+    conn: &mut PgConnection,
+    cart_id: Uuid,
+    catalog: &CatalogCache,
+    ship_to: Option<ShipTo<'_>>,
+) -> Result<CartView, CartError> {
+    Ok(CartView {
+        cart_id,
+        priced: price_cart(conn, cart_id, Some(catalog), ship_to).await?,
+    })
+}
+
+/// The caller's open cart priced for a destination.
+pub async fn quote(
+    pool: &PgPool,
+    user_id: &str,
+    catalog: &CatalogCache,
+    ship_to: ShipTo<'_>,
+) -> Result<CartView, CartError> {
+    let mut conn = pool.acquire().await?;
+    let cart_id = {
+        let mut tx = conn.begin().await?;
+        let cart = open_cart_for_update(&mut tx, user_id).await?;
+        tx.commit().await?;
+        cart.cart_id
+    };
+    view(&mut conn, cart_id, catalog, Some(ship_to)).await
+}
