@@ -15,7 +15,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
-use super::void::is_abandoned;
 use super::{idempotency_key, payment_id_for};
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, InboxTable};
@@ -68,13 +67,27 @@ impl Step for AuthorizeStep {
             )));
         };
         // The provider call cannot sit inside a transaction, so look first: a redelivery of
-        // a handled event must not even reach the provider.
+        // a handled event must not even reach the provider. One round trip asks both things
+        // this step must know before the call.
         let table = InboxTable::Payments;
-        if let Some(events) = inbox::lookup(&self.pool, table, DURABLE, &delivery.event_id).await? {
+        let order_id = checkout.order_id;
+        let (handled, outputs, abandoned_already): (bool, Option<Vec<u8>>, bool) = sqlx::query_as(
+            "SELECT i.event_id IS NOT NULL, i.outputs,
+                        EXISTS (SELECT 1 FROM payments.payments
+                                WHERE order_id = $3 AND status = 'abandoned')
+                 FROM (SELECT 1) AS one
+                 LEFT JOIN payments.inbox i ON i.consumer = $1 AND i.event_id = $2",
+        )
+        .bind(DURABLE)
+        .bind(&delivery.event_id)
+        .bind(order_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StepError::transient)?;
+        if let Some(events) = inbox::outputs_of(handled.then_some(outputs))? {
             return Ok(events);
         }
-        let order_id = checkout.order_id;
-        if is_abandoned(&self.pool, order_id).await? {
+        if abandoned_already {
             // The watchdog failed this order before its payment started: do not start one.
             let outputs = abandoned(checkout);
             return Ok(inbox::record_alone(

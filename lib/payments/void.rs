@@ -124,13 +124,3 @@ pub async fn abandon(
     .await?;
     Ok(())
 }
-
-/// Whether the order's payment was abandoned.
-pub async fn is_abandoned(pool: &PgPool, order_id: Uuid) -> Result<bool, sqlx::Error> {
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM payments.payments WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(matches!(row, Some((s,)) if s == "abandoned"))
-}

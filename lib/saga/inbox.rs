@@ -94,10 +94,16 @@ pub async fn lookup(
     .bind(event_id)
     .fetch_optional(pool)
     .await?;
+    outputs_of(row.map(|(outputs,)| outputs))
+}
+
+/// The events an inbox row recorded: `None` without a row, none for a row without outputs.
+/// For steps that read their inbox row inside a statement of their own.
+pub fn outputs_of(row: Option<Option<Vec<u8>>>) -> Result<Option<Vec<Event>>, InboxError> {
     match row {
         None => Ok(None),
-        Some((None,)) => Ok(Some(Vec::new())),
-        Some((Some(bytes),)) => Ok(Some(rmp_serde::from_slice(&bytes)?)),
+        Some(None) => Ok(Some(Vec::new())),
+        Some(Some(bytes)) => Ok(Some(rmp_serde::from_slice(&bytes)?)),
     }
 }
 
