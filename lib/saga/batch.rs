@@ -78,6 +78,10 @@ impl<S: BatchStep> Dispatch for Batched<S> {
         self.0.consumes()
     }
 
+    fn batches(&self) -> bool {
+        true
+    }
+
     fn dispatch(self: Arc<Self>, bus: Bus, policy: Arc<Policy>, group: Vec<Pulled>) -> Work {
         // Each message has its own span in its own trace (below); the batch is a debug span.
         let span = debug_span!("saga_batch", consumer = policy.durable, size = group.len());

@@ -172,6 +172,10 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     fn durable(&self) -> &'static str;
     /// The event kinds it consumes.
     fn consumes(&self) -> Vec<EventKind>;
+    /// Whether a group is handled as one (a batch step), so that a bigger group is cheaper.
+    fn batches(&self) -> bool {
+        false
+    }
     /// Handles the group; every message is acked, naked or dead-lettered by the end.
     fn dispatch(self: Arc<Self>, bus: Bus, policy: Arc<Policy>, group: Vec<Pulled>) -> Work;
 }
@@ -336,6 +340,16 @@ async fn consume_stream(
                 let mut group = Vec::new();
                 let mut interrupted = false;
                 let mut next = Some(first);
+                // Nagle's rule for transactions: with no group in flight the database is
+                // idle for this step, so a lone message goes at once; with one in flight, the
+                // next group waits (up to the linger) for company, costing one commit for all.
+                while tasks.try_join_next().is_some() {}
+                let linger = if handler.batches() && !tasks.is_empty() {
+                    settings.linger
+                } else {
+                    Duration::ZERO
+                };
+                let group_until = tokio::time::Instant::now() + linger;
                 // Take this message and every one already received with it: they are
                 // handled together (one transaction for a batch step).
                 while let Some(item) = next.take() {
@@ -354,6 +368,12 @@ async fn consume_stream(
                         }
                     }
                     next = batch.next().now_or_never().flatten();
+                    if next.is_none() && !permits.is_empty() && !linger.is_zero() {
+                        next = tokio::time::timeout_at(group_until, batch.next())
+                            .await
+                            .ok()
+                            .flatten();
+                    }
                 }
                 if !group.is_empty() {
                     let work = handler.clone().dispatch(bus.clone(), policy.clone(), group);
@@ -697,6 +717,7 @@ mod tests {
         let settings = ConsumerSettings {
             concurrency: 1,
             batch: 1,
+            linger: Duration::ZERO,
             pull_expires: Duration::from_secs(2),
             nak_base_delay: Duration::from_millis(250),
             nak_max_delay: Duration::from_secs(30),
