@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use sqlx::{Acquire, PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::record;
+use super::record::{self, OrderStatus};
 use crate::pricing::promo::{self, RedeemRefusal};
 use crate::saga::batch::BatchStep;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
@@ -118,7 +118,7 @@ async fn with_promo(
             }]);
         }
     }
-    if !record::insert(&mut attempt, checkout, "confirmed", None).await? {
+    if !record::insert(&mut attempt, checkout, OrderStatus::Confirmed, None).await? {
         attempt.rollback().await?;
         return Ok(timed_out(checkout));
     }

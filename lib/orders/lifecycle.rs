@@ -4,41 +4,45 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::record::OrderStatus;
 use crate::saga::events::{Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
 
-/// A change an admin or the buyer asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Ship,
-    Cancel,
-    Refund,
+crate::text_enum! {
+    /// A change an admin or the buyer asks for (`orders.orders.pending_action` while it is
+    /// in flight).
+    pub enum Action {
+        Ship = "ship",
+        Cancel = "cancel",
+        Refund = "refund",
+    }
 }
 
 impl Action {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Ship => "ship",
-            Self::Cancel => "cancel",
-            Self::Refund => "refund",
-        }
-    }
-
     /// The status the order must have for the action.
-    fn required_status(self) -> &'static str {
+    fn required_status(self) -> OrderStatus {
         match self {
-            Self::Ship | Self::Cancel => "confirmed",
-            Self::Refund => "shipped",
+            Self::Ship | Self::Cancel => OrderStatus::Confirmed,
+            Self::Refund => OrderStatus::Shipped,
         }
     }
 
     /// The status the action ends in.
-    fn final_status(self) -> &'static str {
+    fn final_status(self) -> OrderStatus {
         match self {
-            Self::Ship => "shipped",
-            Self::Cancel => "cancelled",
-            Self::Refund => "refunded",
+            Self::Ship => OrderStatus::Shipped,
+            Self::Cancel => OrderStatus::Cancelled,
+            Self::Refund => OrderStatus::Refunded,
+        }
+    }
+
+    /// What the API shows as the order's stage while the action is in flight.
+    pub fn stage(self) -> &'static str {
+        match self {
+            Self::Ship => "shipping",
+            Self::Cancel => "cancelling",
+            Self::Refund => "refunding",
         }
     }
 }
@@ -51,8 +55,12 @@ pub enum ActionRequest {
     Accepted { attempt: u32 },
     /// Already done: nothing more to do.
     AlreadyDone,
-    /// The order is in a state that does not allow it (or another action is in flight).
-    Refused { status: String },
+    /// The order is in a state that does not allow it (`None`: not recorded yet, the saga
+    /// is still running), or another action is in flight.
+    Refused {
+        status: Option<OrderStatus>,
+        in_flight: Option<Action>,
+    },
 }
 
 /// Locks the order for `action` if its state allows it, inside the caller's transaction (which
@@ -72,7 +80,7 @@ pub async fn request_action(
          RETURNING action_attempt",
     )
     .bind(order_id)
-    .bind(action.as_str())
+    .bind(action)
     .bind(action.required_status())
     .fetch_optional(&mut *conn)
     .await?;
@@ -81,18 +89,20 @@ pub async fn request_action(
             attempt: u32::try_from(attempt).unwrap_or(0),
         });
     }
-    let row: Option<(String, Option<String>)> =
+    let row: Option<(OrderStatus, Option<Action>)> =
         sqlx::query_as("SELECT status, pending_action FROM orders.orders WHERE order_id = $1")
             .bind(order_id)
             .fetch_optional(conn)
             .await?;
     Ok(match row {
         Some((status, _)) if status == action.final_status() => ActionRequest::AlreadyDone,
-        Some((status, pending)) => ActionRequest::Refused {
-            status: pending.map_or(status, |p| format!("{p} in progress")),
+        Some((status, in_flight)) => ActionRequest::Refused {
+            status: Some(status),
+            in_flight,
         },
         None => ActionRequest::Refused {
-            status: "pending".into(),
+            status: None,
+            in_flight: None,
         },
     })
 }
@@ -131,7 +141,7 @@ pub async fn release_action(
          WHERE order_id = $1 AND pending_action = $2 AND (action_attempt = $3 OR $3 = 0)",
     )
     .bind(order_id)
-    .bind(action.as_str())
+    .bind(action)
     .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
     .execute(conn)
     .await?;

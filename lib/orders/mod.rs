@@ -10,4 +10,6 @@ pub use confirm::OrderStep;
 pub use lifecycle::{
     finish_cancel, release_action, request_action, Action, ActionRequest, LifecycleStep,
 };
-pub use record::{fence_timed_out, get_order, insert_failed, Fence, OrderItem, OrderRecord};
+pub use record::{
+    fence_timed_out, get_order, insert_failed, Fence, OrderItem, OrderRecord, OrderStatus,
+};

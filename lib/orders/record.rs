@@ -5,14 +5,27 @@ use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::lifecycle::Action;
 use crate::saga::events::{Checkout, FailureReason};
+
+crate::text_enum! {
+    /// Where a recorded order stands (`orders.orders.status`). An accepted checkout without
+    /// an order row yet is pending; that state lives in no column, so it is not one of these.
+    pub enum OrderStatus {
+        Confirmed = "confirmed",
+        Failed = "failed",
+        Shipped = "shipped",
+        Cancelled = "cancelled",
+        Refunded = "refunded",
+    }
+}
 
 /// An order as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OrderRecord {
     pub order_id: Uuid,
     pub user_id: String,
-    pub status: String,
+    pub status: OrderStatus,
     pub reason: Option<String>,
     pub subtotal: Decimal,
     pub discount: Decimal,
@@ -21,7 +34,7 @@ pub struct OrderRecord {
     pub total: Decimal,
     pub currency: String,
     pub created_at: DateTime<Utc>,
-    pub pending_action: Option<String>,
+    pub pending_action: Option<Action>,
     #[sqlx(skip)]
     pub items: Vec<OrderItem>,
 }
@@ -38,7 +51,7 @@ pub struct OrderItem {
 pub(crate) async fn insert(
     conn: &mut PgConnection,
     checkout: &Checkout,
-    status: &str,
+    status: OrderStatus,
     reason: Option<FailureReason>,
 ) -> Result<bool, sqlx::Error> {
     let skus: Vec<&str> = checkout.items.iter().map(|l| l.sku.as_str()).collect();
@@ -139,7 +152,7 @@ pub async fn insert_failed(
     checkout: &Checkout,
     reason: FailureReason,
 ) -> Result<bool, sqlx::Error> {
-    insert(conn, checkout, "failed", Some(reason)).await
+    insert(conn, checkout, OrderStatus::Failed, Some(reason)).await
 }
 
 /// Whether the watchdog may unwind an order.
@@ -148,22 +161,30 @@ pub enum Fence {
     /// The order is failed with `timed_out` (`new`: by this call): unwind it.
     Fenced { new: bool },
     /// It settled first (confirmed, or failed for another reason): leave it.
-    Settled(String),
+    Settled(OrderStatus),
 }
 
 /// Records a pending order as failed with `timed_out`, unless it settled first. Once this
 /// row exists the order step cannot confirm the order (its insert finds the row).
 pub async fn fence_timed_out(pool: &PgPool, checkout: &Checkout) -> Result<Fence, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    if insert(&mut conn, checkout, "failed", Some(FailureReason::TimedOut)).await? {
+    if insert(
+        &mut conn,
+        checkout,
+        OrderStatus::Failed,
+        Some(FailureReason::TimedOut),
+    )
+    .await?
+    {
         return Ok(Fence::Fenced { new: true });
     }
-    let (status, reason): (String, Option<String>) =
+    let (status, reason): (OrderStatus, Option<String>) =
         sqlx::query_as("SELECT status, reason FROM orders.orders WHERE order_id = $1")
             .bind(checkout.order_id)
             .fetch_one(&mut *conn)
             .await?;
-    if status == "failed" && reason.as_deref() == Some(FailureReason::TimedOut.as_str()) {
+    if status == OrderStatus::Failed && reason.as_deref() == Some(FailureReason::TimedOut.as_str())
+    {
         return Ok(Fence::Fenced { new: false });
     }
     Ok(Fence::Settled(status))

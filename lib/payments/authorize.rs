@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
-use super::{idempotency_key, payment_id_for};
+use super::{idempotency_key, payment_id_for, PaymentStatus};
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
@@ -42,7 +42,7 @@ const DURABLE: &str = "authorize";
 enum Decision {
     Approved(String, Option<DateTime<Utc>>),
     Refused {
-        status: &'static str,
+        status: PaymentStatus,
         auth_id: Option<String>,
         expires_at: Option<DateTime<Utc>>,
         code: String,
@@ -117,7 +117,7 @@ impl Step for AuthorizeStep {
             Err(e) => {
                 tracing::warn!(error = %e, "payment token cannot be opened");
                 Decision::Refused {
-                    status: "declined",
+                    status: PaymentStatus::Declined,
                     auth_id: None,
                     expires_at: None,
                     code: "token_unreadable".into(),
@@ -184,7 +184,7 @@ impl AuthorizeStep {
                         "fraud suspected; the authorization will be voided"
                     );
                     Ok(Decision::Refused {
-                        status: "authorized",
+                        status: PaymentStatus::Authorized,
                         auth_id: Some(auth_id),
                         expires_at,
                         code: "fraud_suspected".into(),
@@ -194,7 +194,7 @@ impl AuthorizeStep {
                 _ => Ok(Decision::Approved(auth_id, expires_at)),
             },
             Ok(AuthorizeOutcome::Declined { code }) => Ok(Decision::Refused {
-                status: "declined",
+                status: PaymentStatus::Declined,
                 auth_id: None,
                 expires_at: None,
                 code,
@@ -246,7 +246,7 @@ impl AuthorizeStep {
             return Ok(Decision::Approved(held.auth_id, held.expires_at));
         }
         Ok(Decision::Refused {
-            status: "failed",
+            status: PaymentStatus::Failed,
             auth_id: None,
             expires_at: None,
             code,
@@ -266,7 +266,7 @@ fn abandoned(checkout: Checkout) -> Vec<Event> {
 /// What the payments row records of the provider's answer.
 struct PaymentRecord {
     provider: &'static str,
-    status: &'static str,
+    status: PaymentStatus,
     auth_id: Option<String>,
     decline_code: Option<String>,
     expires_at: Option<DateTime<Utc>>,
@@ -282,7 +282,7 @@ fn outcome(
         Decision::Approved(auth_id, expires_at) => (
             PaymentRecord {
                 provider,
-                status: "authorized",
+                status: PaymentStatus::Authorized,
                 auth_id: Some(auth_id.clone()),
                 decline_code: None,
                 expires_at,

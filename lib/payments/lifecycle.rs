@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::idempotency_key;
 use super::provider::{PaymentProvider, ProviderError};
+use super::{idempotency_key, PaymentStatus};
 use crate::saga::events::{Event, EventKind};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
@@ -54,8 +54,8 @@ fn attempt_key(order_id: uuid::Uuid, operation: &str, attempt: u32) -> String {
 /// A payment status change driven by one provider call.
 struct Transition {
     durable: &'static str,
-    from: &'static str,
-    to: &'static str,
+    from: PaymentStatus,
+    to: PaymentStatus,
 }
 
 async fn run(
@@ -130,8 +130,8 @@ impl Step for CaptureStep {
             &self.pool,
             Transition {
                 durable: "capture",
-                from: "authorized",
-                to: "captured",
+                from: PaymentStatus::Authorized,
+                to: PaymentStatus::Captured,
             },
             delivery,
             order_id,
@@ -174,8 +174,8 @@ impl Step for RefundStep {
             &self.pool,
             Transition {
                 durable: "refund",
-                from: "captured",
-                to: "refunded",
+                from: PaymentStatus::Captured,
+                to: PaymentStatus::Refunded,
             },
             delivery,
             order_id,

@@ -19,12 +19,26 @@ pub use void::{abandon, void_for_order, VoidOutcome};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+crate::text_enum! {
+    /// Where an order's payment stands (`payments.payments.status`).
+    pub enum PaymentStatus {
+        Authorized = "authorized",
+        Captured = "captured",
+        Voided = "voided",
+        Refunded = "refunded",
+        Declined = "declined",
+        /// The provider's answer is unknown; the reconciler looks again later.
+        Failed = "failed",
+        /// The order timed out before any authorization was recorded.
+        Abandoned = "abandoned",
+    }
+}
+
 /// What the API shows of an order's payment.
 #[derive(Debug, Clone)]
 pub struct PaymentView {
-    /// `authorized`, `captured`, `voided`, `refunded`, `declined`, `failed`, or `pending`
-    /// when the provider has not answered yet.
-    pub status: String,
+    /// `None` while the provider has not answered yet (no payment row).
+    pub status: Option<PaymentStatus>,
     pub decline_code: Option<String>,
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Failed provider calls so far (retries in progress when no status yet).
@@ -34,7 +48,8 @@ pub struct PaymentView {
 impl PaymentView {
     /// An authorization past its provider-side expiry cannot be captured any more.
     pub fn expired(&self) -> bool {
-        self.status == "authorized" && self.expires_at.is_some_and(|t| t <= chrono::Utc::now())
+        self.status == Some(PaymentStatus::Authorized)
+            && self.expires_at.is_some_and(|t| t <= chrono::Utc::now())
     }
 }
 
@@ -42,7 +57,7 @@ impl PaymentView {
 pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
-        status: Option<String>,
+        status: Option<PaymentStatus>,
         decline_code: Option<String>,
         expires_at: Option<chrono::DateTime<chrono::Utc>>,
         failures: Option<i32>,
@@ -59,7 +74,7 @@ pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, 
     let (status, decline_code, expires_at, failures) =
         (row.status, row.decline_code, row.expires_at, row.failures);
     Ok(PaymentView {
-        status: status.unwrap_or_else(|| "pending".into()),
+        status,
         decline_code,
         expires_at,
         failed_attempts: failures.unwrap_or(0),

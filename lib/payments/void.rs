@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::provider::{PaymentProvider, ProviderError};
-use super::{idempotency_key, payment_id_for};
+use super::{idempotency_key, payment_id_for, PaymentStatus};
 use crate::saga::events::Checkout;
 
 /// Why a void did not complete (retry later).
@@ -36,13 +36,13 @@ pub async fn void_for_order(
     provider: &dyn PaymentProvider,
     order_id: Uuid,
 ) -> Result<VoidOutcome, VoidError> {
-    let row: Option<(String, Option<String>)> =
+    let row: Option<(PaymentStatus, Option<String>)> =
         sqlx::query_as("SELECT status, auth_id FROM payments.payments WHERE order_id = $1")
             .bind(order_id)
             .fetch_optional(pool)
             .await?;
     match row {
-        Some((status, Some(auth_id))) if status == "authorized" => {
+        Some((PaymentStatus::Authorized, Some(auth_id))) => {
             match provider
                 .void(&auth_id, &idempotency_key(order_id, "void"))
                 .await
@@ -70,9 +70,9 @@ pub async fn void_for_order(
             .await?;
             Ok(VoidOutcome::Voided)
         }
-        Some((status, _)) if status == "voided" => Ok(VoidOutcome::Voided),
+        Some((PaymentStatus::Voided, _)) => Ok(VoidOutcome::Voided),
         // The outcome is unknown: whatever the provider holds for the order is voided.
-        Some((status, _)) if status == "failed" || status == "abandoned" => {
+        Some((PaymentStatus::Failed | PaymentStatus::Abandoned, _)) => {
             void_what_the_provider_holds(provider, order_id).await
         }
         _ => Ok(VoidOutcome::Nothing),

@@ -73,10 +73,10 @@ impl PaymentJson {
         let expired = view.expired();
         Self {
             // A settled order without a payment row never reached the provider.
-            status: if settled && view.status == "pending" {
-                "none".into()
-            } else {
-                view.status
+            status: match view.status {
+                Some(status) => status.to_string(),
+                None if settled => "none".into(),
+                None => "pending".into(),
             },
             decline_code: view.decline_code,
             expires_at: view.expires_at,
@@ -120,15 +120,10 @@ pub async fn get_order(
         let ship_to = checkout::find_by_order(&state.pool, order_id)
             .await?
             .and_then(|c| c.address);
-        let stage = match order.pending_action.as_deref() {
-            Some("ship") => Some("shipping"),
-            Some("cancel") => Some("cancelling"),
-            Some("refund") => Some("refunding"),
-            _ => None,
-        };
+        let stage = order.pending_action.map(orders::Action::stage);
         return Ok(Json(OrderJson {
             order_id,
-            status: order.status,
+            status: order.status.to_string(),
             stage,
             reason: order.reason,
             items: order
@@ -164,8 +159,8 @@ pub async fn get_order(
         .as_deref()
     {
         None => "reserving",
-        Some(_) if payment.status == "pending" && payment.failed_attempts > 0 => "payment_pending",
-        Some(_) if payment.status == "pending" => "authorizing",
+        Some(_) if payment.status.is_none() && payment.failed_attempts > 0 => "payment_pending",
+        Some(_) if payment.status.is_none() => "authorizing",
         Some(_) => "confirming",
     };
     let currency = pending.currency.clone();
@@ -255,12 +250,17 @@ async fn request(
             state.outbox.publish(&out).await;
             "accepted"
         }
-        ActionRequest::Refused { status } => {
+        ActionRequest::Refused { status, in_flight } => {
+            let now = match (in_flight, status) {
+                (Some(action), _) => format!("{action} in progress"),
+                (None, Some(status)) => status.to_string(),
+                (None, None) => "pending".to_owned(),
+            };
             return Err(ApiError::client(
                 StatusCode::CONFLICT,
                 "invalid_order_state",
-                format!("the order is {status}"),
-            ))
+                format!("the order is {now}"),
+            ));
         }
     };
     Ok((
