@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 
 use crate::config::NatsSettings;
@@ -23,13 +24,31 @@ pub enum BusError {
     },
     #[error("NATS credentials {0}")]
     Credentials(String),
-    #[error("stream {stream}: {message}")]
-    Stream { stream: String, message: String },
-    #[error("consumer {consumer}: {message}")]
-    Consumer { consumer: String, message: String },
-    #[error("publish to {subject}: {message}")]
-    Publish { subject: String, message: String },
+    #[error("stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: Cause,
+    },
+    #[error("consumer {consumer}: {source}")]
+    Consumer {
+        consumer: String,
+        #[source]
+        source: Cause,
+    },
+    /// `hint` says what the failure usually means here (an election, a busy server).
+    #[error("publish to {subject}: {source}{hint}")]
+    Publish {
+        subject: String,
+        #[source]
+        source: Cause,
+        hint: &'static str,
+    },
 }
+
+/// A typed error kept as another's source (async-nats's own, a `sqlx::Error`, or words).
+/// Our errors' messages include their cause: logs print an error's message only.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// A connected JetStream context plus the settings that shape streams and consumers.
 #[derive(Clone)]
@@ -194,7 +213,7 @@ impl Bus {
         .map(|_| ())
         .map_err(|e| BusError::Stream {
             stream: name.to_owned(),
-            message: e.to_string(),
+            source: e.into(),
         })
     }
 
@@ -208,13 +227,13 @@ impl Bus {
                 .await
                 .map_err(|e| BusError::Stream {
                     stream: name.clone(),
-                    message: e.to_string(),
+                    source: e.into(),
                 })?
                 .get_info()
                 .await
                 .map_err(|e| BusError::Stream {
                     stream: name.clone(),
-                    message: e.to_string(),
+                    source: e.into(),
                 })?;
             let cluster = info.cluster.unwrap_or_default();
             let leader = cluster.leader.unwrap_or_default();
@@ -259,7 +278,7 @@ impl Bus {
                 .await
                 .map_err(|e| BusError::Stream {
                     stream: name.clone(),
-                    message: format!("leader step-down: {e}"),
+                    source: format!("leader step-down: {e}").into(),
                 })?;
             // Wait for the group's next leader before looking again.
             for _ in 0..50 {
@@ -286,16 +305,16 @@ impl Bus {
         &self,
         spec: &ConsumerSpec,
     ) -> Result<consumer::PullConsumer, BusError> {
-        let err = |message: String| BusError::Consumer {
+        let err = |source: Cause| BusError::Consumer {
             consumer: spec.durable.clone(),
-            message,
+            source,
         };
         let what = format!("consumer {}", spec.durable);
         let stream = settling(&what, get_stream_transient, || {
             self.js.get_stream(&spec.stream)
         })
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
         let config = consumer::pull::Config {
             durable_name: Some(spec.durable.clone()),
             filter_subjects: spec.filter_subjects.clone(),
@@ -315,7 +334,7 @@ impl Bus {
             stream.create_consumer(config.clone())
         })
         .await
-        .map_err(|e| err(e.to_string()))
+        .map_err(|e| err(e.into()))
     }
 
     /// Publishes one event and waits for its PublishAck. A duplicate (same `Nats-Msg-Id`
@@ -336,16 +355,17 @@ impl Bus {
             pending.push(sent);
         }
         let acks = pending.into_iter().zip(outs).map(|(sent, out)| async move {
-            let err = |message: String| BusError::Publish {
+            let err = |e: PublishError| BusError::Publish {
                 subject: out.subject.clone(),
-                message,
+                hint: hint(&e),
+                source: e.into(),
             };
             match sent {
-                Err(e) => Err(err(explain(&e))),
+                Err(e) => Err(err(e)),
                 Ok(ack) => match ack.await {
                     Ok(_) => Ok(()),
                     Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
-                    Err(e) => Err(err(explain(&e))),
+                    Err(e) => Err(err(e)),
                 },
             }
         });
@@ -403,20 +423,21 @@ impl Bus {
         subject: &str,
         message: jetstream::message::PublishMessage,
     ) -> Result<(), BusError> {
-        let err = |message: String| BusError::Publish {
+        let err = |e: PublishError| BusError::Publish {
             subject: subject.to_owned(),
-            message,
+            hint: hint(&e),
+            source: e.into(),
         };
         let ack = self
             .js
             .send_publish(subject.to_owned(), message)
             .await
-            .map_err(|e| err(explain(&e)))?;
+            .map_err(&err)?;
         match ack.await {
             Ok(_) => Ok(()),
             // Only reachable with an expected-sequence header: the message is already there.
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
-            Err(e) => Err(err(explain(&e))),
+            Err(e) => Err(err(e)),
         }
     }
 }
@@ -494,19 +515,19 @@ fn consumer_error_transient(e: &jetstream::stream::ConsumerError) -> bool {
     }
 }
 
-/// A publish error in words an operator can act on. The server's own words for a stream
+/// What a publish error usually means, in words an operator can act on. The server's own words for a stream
 /// without a leader ("no stream found for given subject", or no responders) suggest the
 /// stream is gone, when on a cluster it is most often being given a new leader.
-fn explain(e: &async_nats::jetstream::context::PublishError) -> String {
+fn hint(e: &PublishError) -> &'static str {
     match e.kind() {
-        PublishErrorKind::StreamNotFound => format!(
-            "{e} (no stream leader answered: on a cluster this is usually a leader election, \
+        PublishErrorKind::StreamNotFound => {
+            " (no stream leader answered: on a cluster this is usually a leader election, \
              retried; on one server the stream may be missing)"
-        ),
-        PublishErrorKind::TimedOut => {
-            format!("{e} (no PublishAck in nats.publish_timeout: server busy or electing; retried)")
         }
-        _ => e.to_string(),
+        PublishErrorKind::TimedOut => {
+            " (no PublishAck in nats.publish_timeout: server busy or electing; retried)"
+        }
+        _ => "",
     }
 }
 

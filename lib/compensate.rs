@@ -68,7 +68,7 @@ impl Step for CompensateStep {
             Event::CancelRequested { checkout, attempt } => {
                 self.cancel(checkout, attempt, delivery).await
             }
-            other => Err(StepError::Permanent(format!(
+            other => Err(StepError::permanent(format!(
                 "compensate cannot handle {:?}",
                 other.kind()
             ))),

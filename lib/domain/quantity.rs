@@ -43,6 +43,28 @@ impl From<Quantity> for i32 {
     }
 }
 
+/// Stored as an `integer` (the column's CHECK holds the same bounds).
+impl sqlx::Type<sqlx::Postgres> for Quantity {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <i32 as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for Quantity {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <i32 as sqlx::Encode<sqlx::Postgres>>::encode(self.0, buf)
+    }
+}
+
+impl sqlx::postgres::PgHasArrayType for Quantity {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        <i32 as sqlx::postgres::PgHasArrayType>::array_type_info()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,7 @@ pub enum CheckoutError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error("cannot encode the event: {0}")]
-    Encode(String),
+    Encode(#[source] crate::bus::Cause),
 }
 
 /// The request already recorded under the Idempotency-Key (if any) beside one of the cart's
@@ -178,7 +178,7 @@ impl Checkouts {
                 .iter()
                 .map(|l| Line {
                     sku: l.sku.clone(),
-                    qty: l.qty.get(),
+                    qty: l.qty,
                     unit_price: l.unit_price.amount(),
                     line_total: l.line_total.amount(),
                     discount: l.discount.amount(),
@@ -190,11 +190,11 @@ impl Checkouts {
             tax: priced.tax.amount(),
             shipping: priced.shipping.amount(),
             total: priced.total.amount(),
-            currency: priced.currency.code().to_owned(),
+            currency: priced.currency,
             payment_token: self
                 .seal
                 .seal(&request.payment_token)
-                .map_err(|e| CheckoutError::Encode(e.to_string()))?,
+                .map_err(|e| CheckoutError::Encode(e.into()))?,
             address: Some(request.address.clone()),
             requested_at: Utc::now(),
             promo_code,
@@ -207,14 +207,14 @@ impl Checkouts {
             checkout: checkout.clone().spent(),
         }
         .encode()
-        .map_err(|e| CheckoutError::Encode(e.to_string()))?;
+        .map_err(|e| CheckoutError::Encode(e.into()))?;
         let out = Outgoing::new(
             &Event::Requested {
                 checkout: checkout.for_the_bus(),
             },
             Some(trace),
         )
-        .map_err(|e| CheckoutError::Encode(e.to_string()))?;
+        .map_err(|e| CheckoutError::Encode(e.into()))?;
         // The request row, the outbox row and the cart lock in one statement.
         sqlx::query(
             "WITH accepted AS (

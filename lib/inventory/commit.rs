@@ -155,7 +155,7 @@ fn decide(
     let mut lines: Vec<(&str, i32)> = checkout
         .items
         .iter()
-        .map(|l| (l.sku.as_str(), l.qty))
+        .map(|l| (l.sku.as_str(), l.qty.get()))
         .collect();
     lines.sort_unstable();
     // Plan on a copy: an order that cannot take every line changes nothing.

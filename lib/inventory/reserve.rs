@@ -185,7 +185,7 @@ impl BatchStep for ReserveStep {
 fn demand(checkout: &Checkout) -> BTreeMap<String, i32> {
     let mut demand = BTreeMap::new();
     for line in &checkout.items {
-        *demand.entry(line.sku.as_str().to_owned()).or_insert(0) += line.qty;
+        *demand.entry(line.sku.as_str().to_owned()).or_insert(0) += line.qty.get();
     }
     demand
 }

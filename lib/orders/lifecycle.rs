@@ -183,14 +183,14 @@ impl Step for LifecycleStep {
             Event::CaptureFailed { .. } => (Action::Ship, false, Vec::new()),
             Event::RefundFailed { .. } => (Action::Refund, false, Vec::new()),
             other => {
-                return Err(StepError::Permanent(format!(
+                return Err(StepError::permanent(format!(
                     "order-lifecycle cannot handle {:?}",
                     other.kind()
                 )))
             }
         };
         let order_id = crate::saga::events::order_id_of(&delivery.event_id)
-            .ok_or_else(|| StepError::Permanent("event id without an order id".into()))?;
+            .ok_or_else(|| StepError::permanent("event id without an order id"))?;
         let table = InboxTable::Orders;
         let mut tx =
             match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &outputs).await? {

@@ -55,7 +55,7 @@ pub(crate) async fn insert(
     reason: Option<FailureReason>,
 ) -> Result<bool, sqlx::Error> {
     let skus: Vec<&str> = checkout.items.iter().map(|l| l.sku.as_str()).collect();
-    let qtys: Vec<i32> = checkout.items.iter().map(|l| l.qty).collect();
+    let qtys: Vec<i32> = checkout.items.iter().map(|l| l.qty.get()).collect();
     let prices: Vec<Decimal> = checkout.items.iter().map(|l| l.unit_price).collect();
     // The order and its items in one statement (one round trip); a repeat inserts neither.
     let (inserted,): (bool,) = sqlx::query_as(
@@ -80,7 +80,7 @@ pub(crate) async fn insert(
     .bind(checkout.tax)
     .bind(checkout.shipping)
     .bind(checkout.total)
-    .bind(&checkout.currency)
+    .bind(checkout.currency)
     .bind(&skus)
     .bind(&qtys)
     .bind(&prices)
@@ -101,7 +101,7 @@ pub(crate) async fn insert_confirmed_many(
     let col = |f: fn(&Checkout) -> Decimal| checkouts.iter().map(|c| f(c)).collect::<Vec<_>>();
     let ids: Vec<Uuid> = checkouts.iter().map(|c| c.order_id).collect();
     let users: Vec<&str> = checkouts.iter().map(|c| c.user_id.as_str()).collect();
-    let currencies: Vec<&str> = checkouts.iter().map(|c| c.currency.as_str()).collect();
+    let currencies: Vec<&str> = checkouts.iter().map(|c| c.currency.code()).collect();
     let lines = checkouts
         .iter()
         .flat_map(|c| c.items.iter().map(move |l| (c.order_id, l)));

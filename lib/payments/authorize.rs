@@ -61,7 +61,7 @@ impl Step for AuthorizeStep {
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
         let Event::Reserved { checkout, .. } = event else {
-            return Err(StepError::Permanent(format!(
+            return Err(StepError::permanent(format!(
                 "authorize cannot handle {:?}",
                 event.kind()
             )));
@@ -104,7 +104,7 @@ impl Step for AuthorizeStep {
                 let request = AuthorizeRequest {
                     order_id,
                     amount: checkout.total,
-                    currency: checkout.currency.clone(),
+                    currency: checkout.currency.code().to_owned(),
                     token,
                     // Same key on every retry: the provider returns the first authorization
                     // again, so a crash between its answer and our commit never authorizes twice.
@@ -330,7 +330,7 @@ async fn claim_and_record(
     record: &PaymentRecord,
 ) -> Result<bool, StepError> {
     let bytes = rmp_serde::to_vec_named(outputs)
-        .map_err(|e| StepError::Permanent(format!("outputs do not encode: {e}")))?;
+        .map_err(|e| StepError::refused("outputs do not encode", e))?;
     let (claimed,): (bool,) = sqlx::query_as(
         "WITH p AS (
              INSERT INTO payments.payments
@@ -352,7 +352,7 @@ async fn claim_and_record(
     .bind(record.status)
     .bind(record.auth_id.as_deref())
     .bind(checkout.total)
-    .bind(&checkout.currency)
+    .bind(checkout.currency)
     .bind(record.decline_code.as_deref())
     .bind(record.expires_at)
     .fetch_one(pool)

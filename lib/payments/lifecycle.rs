@@ -34,7 +34,7 @@ async fn authorization(
             .await?;
     match row {
         Some((Some(auth_id), amount)) => Ok((auth_id, amount)),
-        _ => Err(StepError::Permanent(format!(
+        _ => Err(StepError::permanent(format!(
             "order {order_id} has no authorization"
         ))),
     }
@@ -117,7 +117,7 @@ impl Step for CaptureStep {
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
         let Event::ShipRequested { checkout, attempt } = event else {
-            return Err(StepError::Permanent(format!(
+            return Err(StepError::permanent(format!(
                 "capture cannot handle {:?}",
                 event.kind()
             )));
@@ -161,7 +161,7 @@ impl Step for RefundStep {
 
     async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
         let Event::RefundRequested { checkout, attempt } = event else {
-            return Err(StepError::Permanent(format!(
+            return Err(StepError::permanent(format!(
                 "refund cannot handle {:?}",
                 event.kind()
             )));

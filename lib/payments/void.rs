@@ -119,7 +119,7 @@ pub async fn abandon(
     .bind(checkout.order_id)
     .bind(provider.name())
     .bind(checkout.total)
-    .bind(&checkout.currency)
+    .bind(checkout.currency)
     .execute(pool)
     .await?;
     Ok(())

@@ -229,9 +229,11 @@ async fn handle<S: BatchStep>(step: &S, bus: &Bus, policy: &Policy, items: Vec<I
             }
             finish(bus, policy, done).await;
         }
+        // A batch of one: its error is its own (a permanent one dead-letters it; turning it
+        // into a transient one would redeliver a poison message forever).
         Some(Err(e)) => {
-            for item in &items {
-                fail(bus, policy, item, StepError::transient(e.to_string())).await;
+            if let Some(item) = items.first() {
+                fail(bus, policy, item, e).await;
             }
         }
         None => {
@@ -272,8 +274,9 @@ async fn attempt<S: BatchStep>(
     for (id, bytes) in rows {
         let events = match bytes {
             None => Vec::new(),
-            Some(b) => rmp_serde::from_slice(&b)
-                .map_err(|e| StepError::Permanent(format!("stored outputs: {e}")))?,
+            Some(b) => {
+                rmp_serde::from_slice(&b).map_err(|e| StepError::refused("stored outputs", e))?
+            }
         };
         stored.insert(id, events);
     }
@@ -288,7 +291,7 @@ async fn attempt<S: BatchStep>(
         let inputs: Vec<&S::Input> = todo.iter().map(|i| &i.input).collect();
         let outputs = step.apply(&mut tx, &inputs).await?;
         if outputs.len() != todo.len() {
-            return Err(StepError::Permanent(format!(
+            return Err(StepError::permanent(format!(
                 "{durable} returned {} outputs for {} inputs",
                 outputs.len(),
                 todo.len()
@@ -298,7 +301,7 @@ async fn attempt<S: BatchStep>(
         for events in &outputs {
             encoded.push(
                 rmp_serde::to_vec_named(events)
-                    .map_err(|e| StepError::Permanent(format!("outputs do not encode: {e}")))?,
+                    .map_err(|e| StepError::refused("outputs do not encode", e))?,
             );
         }
         let todo_ids: Vec<&str> = todo.iter().map(|i| i.event_id.as_str()).collect();
@@ -370,8 +373,10 @@ async fn fail<I>(bus: &Bus, policy: &Policy, item: &Item<I>, error: StepError) {
 async fn fail_in_span<I>(bus: &Bus, policy: &Policy, item: &Item<I>, error: StepError) {
     let last_chance = policy.max_deliver > 0 && item.delivered >= policy.max_deliver;
     match error {
-        StepError::Permanent(reason) => item.dead_letter(bus, policy).send(&reason).await,
-        e if last_chance => {
+        e @ StepError::Permanent { .. } => {
+            item.dead_letter(bus, policy).send(&e.dead_reason()).await;
+        }
+        e @ (StepError::Transient(_) | StepError::RetryAfter(_)) if last_chance => {
             let reason = format!("gave up after {} deliveries: {e}", item.delivered);
             item.dead_letter(bus, policy).send(&reason).await;
         }

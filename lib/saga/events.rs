@@ -8,7 +8,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::{Address, Sku};
+use crate::domain::{Address, Currency, Quantity, Sku};
 
 /// The payload schema version, also sent as the `Checkout-Schema` header and as the payload's
 /// `v` field. 2 added attempt numbers to repeatable actions and the `timed_out` and
@@ -19,7 +19,7 @@ pub const SCHEMA_VERSION: u32 = 2;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
     pub sku: Sku,
-    pub qty: i32,
+    pub qty: Quantity,
     pub unit_price: Decimal,
     pub line_total: Decimal,
     /// This line's share of the discount.
@@ -42,7 +42,7 @@ pub struct Checkout {
     pub tax: Decimal,
     pub shipping: Decimal,
     pub total: Decimal,
-    pub currency: String,
+    pub currency: Currency,
     pub payment_token: String,
     /// Where the order ships. Only in the edge's stored request: no step needs it, so events
     /// on the bus carry none (older payloads did; they still decode).
@@ -460,7 +460,7 @@ mod tests {
             cart_id: Uuid::nil(),
             items: vec![Line {
                 sku: Sku::parse("TEE.RED").expect("sku"),
-                qty: 2,
+                qty: Quantity::new(2).expect("qty"),
                 unit_price: Decimal::new(1250, 2),
                 line_total: Decimal::new(2500, 2),
                 discount: Decimal::ZERO,
@@ -471,7 +471,7 @@ mod tests {
             tax: Decimal::new(500, 2),
             shipping: Decimal::ZERO,
             total: Decimal::new(3000, 2),
-            currency: "USD".into(),
+            currency: Currency::parse("USD").expect("currency"),
             payment_token: "tok_visa".into(),
             address: Some(Address {
                 name: "Ada".into(),

@@ -71,7 +71,7 @@ impl Outgoing {
 
 /// A failure's cause: the typed error where there is one (a database error stays a
 /// `sqlx::Error` behind `source()`), or words.
-pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::bus::Cause;
 
 /// How a step failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +79,14 @@ pub enum StepError {
     /// Worth retrying later (database or provider unavailable); the cause is kept.
     #[error("transient: {0}")]
     Transient(#[source] Cause),
-    /// Retrying cannot help (an event this step cannot act on).
-    #[error("permanent: {0}")]
-    Permanent(String),
+    /// Retrying cannot help (an event this step cannot act on, data the database refuses):
+    /// the message is dead-lettered with the reason and its cause.
+    #[error("permanent: {reason}")]
+    Permanent {
+        reason: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// Not attempted (breaker open, rate limit spent): try again after this delay.
     #[error("deferred for {0:?}")]
     RetryAfter(Duration),
@@ -91,6 +96,38 @@ impl StepError {
     /// A transient failure with its cause.
     pub fn transient(cause: impl Into<Cause>) -> Self {
         Self::Transient(cause.into())
+    }
+
+    /// A permanent failure of the message itself, with no underlying error.
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self::Permanent {
+            reason: reason.into(),
+            cause: None,
+        }
+    }
+
+    /// A permanent failure caused by `cause` (kept as the error's source).
+    pub fn refused(reason: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        Self::Permanent {
+            reason: reason.into(),
+            cause: Some(cause.into()),
+        }
+    }
+
+    /// What a dead letter says: the reason and its cause (our errors' messages include
+    /// their own causes, so the immediate one says it all).
+    pub fn dead_reason(&self) -> String {
+        match self {
+            Self::Permanent {
+                reason,
+                cause: Some(cause),
+            } => format!("{reason}: {cause}"),
+            Self::Permanent {
+                reason,
+                cause: None,
+            } => reason.clone(),
+            other => other.to_string(),
+        }
     }
 }
 
@@ -105,7 +142,7 @@ impl From<sqlx::Error> for StepError {
             .unwrap_or_default();
         let permanent = code.starts_with("22") || (code.starts_with("23") && code != "23505");
         if permanent {
-            Self::Permanent(format!("database refused the data: {e}"))
+            Self::refused("the database refused the data", e)
         } else {
             Self::transient(e)
         }
@@ -116,7 +153,7 @@ impl From<InboxError> for StepError {
     fn from(e: InboxError) -> Self {
         match e {
             InboxError::Database(e) => e.into(),
-            other => Self::Permanent(other.to_string()),
+            other => Self::refused("the inbox row", other),
         }
     }
 }
@@ -524,7 +561,7 @@ async fn process<S: Step>(step: &S, bus: &Bus, policy: &Policy, message: jetstre
         crate::metrics::step_duration(step.durable(), started.elapsed());
         let result = match result {
             Some(Ok(result)) => result,
-            Some(Err(_panic)) => Err(StepError::Permanent("the handler panicked".into())),
+            Some(Err(_panic)) => Err(StepError::permanent("the handler panicked")),
             None => Err(StepError::transient(format!(
                 "the handler ran longer than {:?}",
                 policy.settings.handler_timeout
@@ -533,7 +570,7 @@ async fn process<S: Step>(step: &S, bus: &Bus, policy: &Policy, message: jetstre
         let last_chance = policy.max_deliver > 0 && delivered >= policy.max_deliver;
         match result {
             Ok(outputs) => finish(bus, policy, &message, &hop, delivered, &outputs).await,
-            Err(StepError::Permanent(reason)) => letter.send(&reason).await,
+            Err(e @ StepError::Permanent { .. }) => letter.send(&e.dead_reason()).await,
             Err(e) if last_chance => {
                 letter
                     .send(&format!("gave up after {delivered} deliveries: {e}"))

@@ -1,8 +1,9 @@
-//! Batch-native steps: one bad message in a batch does not fail its neighbours, and the
-//! inbox keeps a batch idempotent.
+//! Batch-native steps: one bad message in a batch does not fail its neighbours, a message
+//! the database refuses is dead-lettered (alone or in a batch), and the inbox keeps a batch
+//! idempotent.
 
 use checkout::app::Role;
-use checkout::domain::{Address, Sku};
+use checkout::domain::{Address, Currency, Quantity, Sku};
 use checkout::saga::events::{Checkout, Event, Line};
 use checkout::saga::runner::Outgoing;
 use rust_decimal::Decimal;
@@ -10,7 +11,7 @@ use uuid::Uuid;
 
 use crate::helpers::TestApp;
 
-fn checkout_of(sku: &str, qty: i32) -> Checkout {
+fn checkout_of(sku: &str, qty: i64) -> Checkout {
     let price = Decimal::new(1000, 2);
     Checkout {
         order_id: Uuid::now_v7(),
@@ -18,7 +19,7 @@ fn checkout_of(sku: &str, qty: i32) -> Checkout {
         cart_id: Uuid::new_v4(),
         items: vec![Line {
             sku: Sku::parse(sku).expect("sku"),
-            qty,
+            qty: Quantity::new(qty).expect("qty"),
             unit_price: price,
             line_total: price * Decimal::from(qty),
             discount: Decimal::ZERO,
@@ -29,7 +30,7 @@ fn checkout_of(sku: &str, qty: i32) -> Checkout {
         tax: Decimal::ZERO,
         shipping: Decimal::ZERO,
         total: price * Decimal::from(qty),
-        currency: "USD".into(),
+        currency: Currency::parse("USD").expect("currency"),
         payment_token: "tok_visa".into(),
         address: Some(Address {
             name: "Ada".into(),
@@ -58,17 +59,33 @@ async fn one_bad_message_in_a_batch_does_not_fail_its_neighbours() {
     let app = TestApp::spawn_roles(&roles, |_| {}).await;
     app.product("TEE", "10.00", 10).await;
     let good: Vec<Checkout> = (0..4).map(|_| checkout_of("TEE", 1)).collect();
-    // A line of zero units: the database refuses the hold (a check constraint).
-    let bad = checkout_of("TEE", 0);
     let js = app.jetstream().await;
-    for checkout in good.iter().take(2).chain([&bad]).chain(good.iter().skip(2)) {
-        let out = Outgoing::new(
+    let requested = |checkout: &Checkout| {
+        Outgoing::new(
             &Event::Requested {
                 checkout: checkout.clone(),
             },
             None,
         )
-        .expect("encodes");
+        .expect("encodes")
+    };
+    // A line of zero units, as a buggy producer would send it: valid msgpack, refused when
+    // decoded (a quantity is 1 to 1000), so the schema stops it before any write.
+    let mut bad = requested(&checkout_of("TEE", 1));
+    let qty_one: &[u8] = b"\xa3qty\x01";
+    let at = bad
+        .payload
+        .windows(qty_one.len())
+        .position(|w| w == qty_one)
+        .expect("the encoded line has qty 1");
+    bad.payload[at + qty_one.len() - 1] = 0;
+    for out in good
+        .iter()
+        .take(2)
+        .map(requested)
+        .chain([bad])
+        .chain(good.iter().skip(2).map(requested))
+    {
         app.bus_publish(&js, &out).await;
     }
     let _reserve = app.start_roles(&[Role::Reserve]).await;
@@ -94,4 +111,73 @@ async fn one_bad_message_in_a_batch_does_not_fail_its_neighbours() {
             .await,
         4
     );
+}
+
+/// A committed checkout for the order step whose buyer id PostgreSQL cannot store (a NUL in
+/// text): it decodes, so only the order's insert refuses it.
+fn committed(checkout: Checkout) -> Outgoing {
+    Outgoing::new(
+        &Event::Committed {
+            checkout,
+            payment_id: Uuid::now_v7(),
+            auth_id: "auth_test".into(),
+        },
+        None,
+    )
+    .expect("encodes")
+}
+
+#[tokio::test]
+async fn a_message_the_database_refuses_is_dead_lettered_alone_or_in_a_batch() {
+    // No order role yet: the committed events queue up and are pulled as one batch.
+    let roles = [Role::Psp, Role::Edge, Role::Compensate];
+    let app = TestApp::spawn_roles(&roles, |_| {}).await;
+    let js = app.jetstream().await;
+    let good: Vec<Checkout> = (0..3).map(|_| checkout_of("TEE", 1)).collect();
+    let mut bad = checkout_of("TEE", 1);
+    bad.user_id = "nul\u{0}byte".into();
+    for out in [
+        committed(good[0].clone()),
+        committed(bad),
+        committed(good[1].clone()),
+    ] {
+        app.bus_publish(&js, &out).await;
+    }
+    let _order = app.start_roles(&[Role::Order]).await;
+    app.eventually("the batch's good orders confirmed", || async {
+        app.count("SELECT count(*) FROM orders.orders WHERE status = 'confirmed'")
+            .await
+            == 2
+    })
+    .await;
+    app.eventually("the refused one dead-lettered", || async {
+        app.dead_letters().await == 1
+    })
+    .await;
+
+    // Alone (a batch of one), the same refusal must dead-letter too, not loop.
+    let mut lone = checkout_of("TEE", 1);
+    lone.user_id = "another\u{0}nul".into();
+    app.bus_publish(&js, &committed(lone)).await;
+    app.eventually("the lone refused one dead-lettered", || async {
+        app.dead_letters().await == 2
+    })
+    .await;
+    app.bus_publish(&js, &committed(good[2].clone())).await;
+    app.eventually("the next good one confirmed", || async {
+        app.count("SELECT count(*) FROM orders.orders WHERE status = 'confirmed'")
+            .await
+            == 3
+    })
+    .await;
+    let stream = js.get_stream("CHECKOUT").await.expect("stream");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("order").await.expect("consumer");
+    let info = consumer.info().await.expect("info");
+    assert_eq!(info.num_ack_pending, 0, "nothing left in flight");
+    assert_eq!(
+        info.num_redelivered, 0,
+        "no refused message was redelivered"
+    );
+    assert_eq!(app.dead_letters().await, 2);
 }

@@ -132,12 +132,19 @@ async fn one_checkout_is_one_trace_across_every_process() {
             .unwrap_or_default()
     };
     let wanted: HashSet<&str> = ["edge", "reserve", "authorize", "order", "psp"].into();
+    // Each process exports in batches on its own schedule: wait until every process's spans
+    // and every span's parent have arrived (the assertions below then say what is wrong).
     eventually(
-        "spans from every process",
+        "spans from every process, each with its parent",
         Duration::from_secs(20),
         || async {
-            let services: HashSet<String> = of_trace().into_iter().map(|s| s.service).collect();
+            let trace = of_trace();
+            let services: HashSet<&str> = trace.iter().map(|s| s.service.as_str()).collect();
+            let ids: HashSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
             wanted.iter().all(|w| services.contains(*w))
+                && trace
+                    .iter()
+                    .all(|s| s.parent.is_empty() || ids.contains(s.parent.as_str()))
         },
     )
     .await;

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::bus::Cause;
 use crate::edge::cart::CartError;
 use crate::edge::checkout::CheckoutError;
 use crate::inventory::StockError;
@@ -19,14 +20,15 @@ pub enum ApiError {
         code: &'static str,
         message: String,
     },
-    /// A dependency is down (database, NATS): 503 with `Retry-After`, safe to retry.
-    Unavailable(String),
+    /// A dependency is down (database, NATS): 503 with `Retry-After`, safe to retry. The
+    /// cause is logged, not answered.
+    Unavailable(Cause),
     /// More requests in flight than the edge admits: 503 with `Retry-After` (seconds), at once.
     Busy(u64),
     /// One user's requests are over their rate limit: 429 with `Retry-After` (seconds).
     TooManyRequests(u64),
-    /// A bug: 500, logged, details withheld.
-    Internal(String),
+    /// A bug: 500, logged with its cause, details withheld.
+    Internal(Cause),
 }
 
 impl ApiError {
@@ -127,9 +129,9 @@ impl From<sqlx::Error> for ApiError {
             .unwrap_or_default();
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::Unavailable(e.to_string())
+                Self::Unavailable(e.into())
             }
-            _ if transient_code => Self::Unavailable(e.to_string()),
+            _ if transient_code => Self::Unavailable(e.into()),
             _ if code == "23505" => Self::client(
                 StatusCode::CONFLICT,
                 "conflict",
@@ -139,7 +141,7 @@ impl From<sqlx::Error> for ApiError {
                 "invalid_data",
                 "a value is out of range or breaks a rule of the data",
             ),
-            _ => Self::Internal(e.to_string()),
+            _ => Self::Internal(e.into()),
         }
     }
 }

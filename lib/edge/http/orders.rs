@@ -163,7 +163,7 @@ pub async fn get_order(
         Some(_) if payment.status.is_none() => "authorizing",
         Some(_) => "confirming",
     };
-    let currency = pending.currency.clone();
+    let currency = pending.currency.code().to_owned();
     Ok(Json(OrderJson {
         order_id,
         status: "pending".into(),
@@ -174,7 +174,7 @@ pub async fn get_order(
             .iter()
             .map(|l| ItemJson {
                 sku: l.sku.to_string(),
-                qty: l.qty,
+                qty: l.qty.get(),
                 unit_price: money(l.unit_price, &currency),
                 line_total: money(l.line_total, &currency),
             })
@@ -243,8 +243,8 @@ async fn request(
             }
             let fallback = started.unwrap_or_else(TraceParent::new_root);
             let trace = TraceParent::of_span(&span, &fallback);
-            let out = Outgoing::new(&event, Some(&trace))
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let out =
+                Outgoing::new(&event, Some(&trace)).map_err(|e| ApiError::Internal(e.into()))?;
             Outbox::stage(&mut tx, &out).await?;
             tx.commit().await?;
             state.outbox.publish(&out).await;

@@ -88,19 +88,19 @@ pub async fn events(
         .jetstream()
         .get_stream(checkout_stream(partition_of(order_id, k), k))
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(|e| ApiError::Unavailable(e.into()))?
         .create_consumer(OrderedConfig {
             filter_subject: order_filter(order_id, k),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::Unavailable(e.into()))?;
     let pending = consumer.cached_info().num_pending;
     let messages = consumer
         .messages()
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::Unavailable(e.into()))?;
     if live {
         let all = follow.follow.as_deref() == Some("all");
         return Ok(stream(messages, all).into_response());

@@ -517,15 +517,20 @@ async fn drop_database(base_url: &str, name: &str) {
 
 /// The size of a typical `checkout.requested` payload (one line).
 fn sample_payload_size() -> usize {
-    let sku = crate::domain::Sku::parse("BENCH-00001").ok();
-    let Some(sku) = sku else { return 700 };
+    let (Ok(sku), Ok(qty), Ok(currency)) = (
+        crate::domain::Sku::parse("BENCH-00001"),
+        crate::domain::Quantity::new(1),
+        crate::domain::Currency::parse("USD"),
+    ) else {
+        return 700;
+    };
     let checkout = Checkout {
         order_id: uuid::Uuid::now_v7(),
         user_id: "bench-42-1".into(),
         cart_id: uuid::Uuid::now_v7(),
         items: vec![Line {
             sku,
-            qty: 1,
+            qty,
             unit_price: rust_decimal::Decimal::new(1650, 2),
             line_total: rust_decimal::Decimal::new(1650, 2),
             discount: rust_decimal::Decimal::ZERO,
@@ -536,7 +541,7 @@ fn sample_payload_size() -> usize {
         tax: rust_decimal::Decimal::ZERO,
         shipping: rust_decimal::Decimal::ZERO,
         total: rust_decimal::Decimal::new(1650, 2),
-        currency: "USD".into(),
+        currency,
         payment_token: "tok_visa".into(),
         // Events on the bus carry no address (it stays in the edge's stored request).
         address: None,
