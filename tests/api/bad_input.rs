@@ -31,18 +31,19 @@ async fn requests_without_a_valid_token_are_unauthorized() {
         Some(expired.as_str()),
         Some(forged.as_str()),
     ] {
-        let (status, body) = app.call(Method::GET, "/api/cart", token, None, &[]).await;
+        let request = app.request(Method::GET, "/api/cart");
+        let request = match token {
+            Some(t) => request.token(t),
+            None => request,
+        };
+        let (status, body) = request.send().await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}: {body}");
         assert_eq!(code(&body), "unauthorized");
     }
     let (status, body) = app
-        .call(
-            Method::GET,
-            "/api/cart",
-            None,
-            None,
-            &[("Authorization", "Basic abc")],
-        )
+        .request(Method::GET, "/api/cart")
+        .header("Authorization", "Basic abc")
+        .send()
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
 }
@@ -52,13 +53,10 @@ async fn admin_routes_need_the_admin_role() {
     let app = TestApp::spawn().await;
     let alice = app.token("alice");
     let (status, body) = app
-        .call(
-            Method::PUT,
-            "/api/admin/products/TEE",
-            Some(&alice),
-            Some(json!({"name": "Tee", "price": "1.00", "currency": "USD", "weightGrams": 1})),
-            &[],
-        )
+        .request(Method::PUT, "/api/admin/products/TEE")
+        .token(&alice)
+        .json(json!({"name": "Tee", "price": "1.00", "currency": "USD", "weightGrams": 1}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(code(&body), "forbidden");
@@ -101,48 +99,36 @@ async fn invalid_products_and_stock_are_refused() {
     ];
     for (body, expected) in cases {
         let (status, reply) = app
-            .call(
-                Method::PUT,
-                "/api/admin/products/TEE",
-                Some(&admin),
-                Some(body.clone()),
-                &[],
-            )
+            .request(Method::PUT, "/api/admin/products/TEE")
+            .token(&admin)
+            .json(body.clone())
+            .send()
             .await;
         assert!(status.is_client_error(), "{body}: {status} {reply}");
         assert_eq!(code(&reply), expected, "{body}");
     }
     let (status, reply) = app
-        .call(
-            Method::PUT,
-            "/api/admin/products/bad%20sku",
-            Some(&admin),
-            Some(json!({"name": "T", "price": "1.00", "currency": "USD", "weightGrams": 1})),
-            &[],
-        )
+        .request(Method::PUT, "/api/admin/products/bad%20sku")
+        .token(&admin)
+        .json(json!({"name": "T", "price": "1.00", "currency": "USD", "weightGrams": 1}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
     assert_eq!(app.count("SELECT count(*) FROM catalog.products").await, 0);
 
     app.product("TEE", "1.00", 3).await;
     let (status, reply) = app
-        .call(
-            Method::PUT,
-            "/api/admin/stock/TEE",
-            Some(&admin),
-            Some(json!({"onHand": -1})),
-            &[],
-        )
+        .request(Method::PUT, "/api/admin/stock/TEE")
+        .token(&admin)
+        .json(json!({"onHand": -1}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
     let (status, reply) = app
-        .call(
-            Method::PUT,
-            "/api/admin/stock/NOPE",
-            Some(&admin),
-            Some(json!({"onHand": 1})),
-            &[],
-        )
+        .request(Method::PUT, "/api/admin/stock/NOPE")
+        .token(&admin)
+        .json(json!({"onHand": 1}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{reply}");
     assert_eq!(app.stock("TEE").await, (3, 0, 3));
@@ -163,13 +149,10 @@ async fn invalid_cart_changes_leave_the_cart_unchanged() {
         json!(null),
     ] {
         let (status, body) = app
-            .call(
-                Method::POST,
-                "/api/cart/items",
-                Some(&alice),
-                Some(json!({"sku": "TEE", "qty": qty})),
-                &[],
-            )
+            .request(Method::POST, "/api/cart/items")
+            .token(&alice)
+            .json(json!({"sku": "TEE", "qty": qty}))
+            .send()
             .await;
         assert_eq!(
             status,
@@ -180,34 +163,25 @@ async fn invalid_cart_changes_leave_the_cart_unchanged() {
     }
     // 999 more would exceed 1000 units on one line.
     let (status, body) = app
-        .call(
-            Method::POST,
-            "/api/cart/items",
-            Some(&alice),
-            Some(json!({"sku": "TEE", "qty": 999})),
-            &[],
-        )
+        .request(Method::POST, "/api/cart/items")
+        .token(&alice)
+        .json(json!({"sku": "TEE", "qty": 999}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let (status, body) = app
-        .call(
-            Method::POST,
-            "/api/cart/items",
-            Some(&alice),
-            Some(json!({"sku": "NOPE", "qty": 1})),
-            &[],
-        )
+        .request(Method::POST, "/api/cart/items")
+        .token(&alice)
+        .json(json!({"sku": "NOPE", "qty": 1}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(code(&body), "unknown_sku");
     let (status, body) = app
-        .call(
-            Method::PUT,
-            "/api/cart/items/NOPE",
-            Some(&alice),
-            Some(json!({"qty": 1})),
-            &[],
-        )
+        .request(Method::PUT, "/api/cart/items/NOPE")
+        .token(&alice)
+        .json(json!({"qty": 1}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     let (status, body) = app
@@ -224,9 +198,7 @@ async fn invalid_cart_changes_leave_the_cart_unchanged() {
     let body: Value = body.json().await.expect("json error");
     assert_eq!(code(&body), "invalid_json");
 
-    let (_, cart) = app
-        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
-        .await;
+    let (_, cart) = app.cart(&alice).await;
     assert_eq!(cart["items"].as_array().map(Vec::len), Some(1));
     assert_eq!(cart["items"][0]["qty"], 2);
     assert_eq!(cart["total"], "10.00");
@@ -256,9 +228,7 @@ async fn invalid_checkouts_are_refused_without_an_order() {
     let alice = app.token("alice");
 
     // An empty cart.
-    let (_, cart) = app
-        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
-        .await;
+    let (_, cart) = app.cart(&alice).await;
     let empty_id = cart["cartId"].as_str().expect("cart id").to_owned();
     let (status, body) = app.checkout(&alice, "k1", &empty_id, "tok_visa").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -267,13 +237,10 @@ async fn invalid_checkouts_are_refused_without_an_order() {
     let cart = app.add(&alice, "TEE", 1).await;
     // No Idempotency-Key.
     let (status, body) = app
-        .call(
-            Method::POST,
-            "/api/checkout",
-            Some(&alice),
-            Some(checkout_body(&cart, "tok_visa")),
-            &[],
-        )
+        .request(Method::POST, "/api/checkout")
+        .token(&alice)
+        .json(checkout_body(&cart, "tok_visa"))
+        .send()
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(code(&body), "idempotency_key_required");
@@ -315,13 +282,11 @@ async fn invalid_checkouts_are_refused_without_an_order() {
         (garbage_cart, StatusCode::NOT_FOUND, "cart_not_found"),
     ] {
         let (status, reply) = app
-            .call(
-                Method::POST,
-                "/api/checkout",
-                Some(&alice),
-                Some(body.clone()),
-                &[("Idempotency-Key", "k2")],
-            )
+            .request(Method::POST, "/api/checkout")
+            .token(&alice)
+            .json(body.clone())
+            .header("Idempotency-Key", "k2")
+            .send()
             .await;
         assert_eq!(status, status_expected, "{body}: {reply}");
         assert_eq!(code(&reply), code_expected, "{body}");
@@ -347,31 +312,23 @@ async fn carts_are_capped_so_no_saga_event_outgrows_the_server() {
     app.add(&alice, "A", 1).await;
     app.add(&alice, "B", 1).await;
     let (status, reply) = app
-        .call(
-            Method::POST,
-            "/api/cart/items",
-            Some(&alice),
-            Some(json!({"sku": "C", "qty": 1})),
-            &[],
-        )
+        .request(Method::POST, "/api/cart/items")
+        .token(&alice)
+        .json(json!({"sku": "C", "qty": 1}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
     assert_eq!(code(&reply), "too_many_lines");
     let (status, reply) = app
-        .call(
-            Method::PUT,
-            "/api/cart/items/C",
-            Some(&alice),
-            Some(json!({"qty": 1})),
-            &[],
-        )
+        .request(Method::PUT, "/api/cart/items/C")
+        .token(&alice)
+        .json(json!({"qty": 1}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
     // Lines already in the cart can still change.
     let cart = app.add(&alice, "A", 2).await;
-    let (_, body) = app
-        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
-        .await;
+    let (_, body) = app.cart(&alice).await;
     assert_eq!(body["cartId"], cart.as_str());
     assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "{body}");
 }
@@ -384,14 +341,11 @@ async fn promo_limits_the_data_cannot_hold_are_4xx_not_5xx() {
         let app = &app;
         let admin = admin.clone();
         async move {
-            app.call(
-                Method::PUT,
-                "/api/admin/promos/SALE",
-                Some(&admin),
-                Some(body),
-                &[],
-            )
-            .await
+            app.request(Method::PUT, "/api/admin/promos/SALE")
+                .token(&admin)
+                .json(body)
+                .send()
+                .await
         }
     };
     let (status, _) = put(json!({"kind": "percent", "value": "10", "usageLimit": 5})).await;

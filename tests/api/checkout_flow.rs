@@ -57,7 +57,9 @@ async fn the_order_is_visible_as_pending_with_a_location_right_after_checkout() 
         .expect("Location header")
         .to_owned();
     let (status, body) = app
-        .call(Method::GET, &location, Some(&alice), None, &[])
+        .request(Method::GET, location)
+        .token(&alice)
+        .send()
         .await;
     assert_eq!(status, StatusCode::OK, "never 404 for the owner: {body}");
     assert!(
@@ -129,9 +131,7 @@ async fn a_decline_releases_the_reservation_and_reopens_the_cart() {
     );
 
     // The same cart is open again: its owner can change it and check out with a new key.
-    let (status, cart_now) = app
-        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
-        .await;
+    let (status, cart_now) = app.cart(&alice).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(cart_now["cartId"], cart.as_str());
     assert_eq!(cart_now["items"][0]["sku"], "BOOK");
@@ -200,9 +200,7 @@ async fn a_buyers_concurrent_first_requests_fill_one_cart() {
             .await,
         1
     );
-    let (status, cart) = app
-        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
-        .await;
+    let (status, cart) = app.cart(&alice).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(cart["items"].as_array().map(Vec::len), Some(12), "{cart}");
 }

@@ -12,13 +12,10 @@ use crate::helpers::TestApp;
 async fn try_to_buy(app: &TestApp, user: &str) -> Result<String, String> {
     let token = app.token(user);
     let (status, body) = app
-        .call(
-            Method::POST,
-            "/api/cart/items",
-            Some(&token),
-            Some(json!({"sku": "HOT", "qty": 1})),
-            &[],
-        )
+        .request(Method::POST, "/api/cart/items")
+        .token(&token)
+        .json(json!({"sku": "HOT", "qty": 1}))
+        .send()
         .await;
     if status == StatusCode::CONFLICT {
         return Err(body["error"]["code"]
@@ -157,6 +154,6 @@ async fn overload_is_a_503_with_retry_after_at_once_never_a_500() {
     }
     assert!(busy > 0, "some requests were turned away");
     // Health and metrics are not behind admission control.
-    let (status, _) = app.call(Method::GET, "/healthz", None, None, &[]).await;
+    let (status, _) = app.request(Method::GET, "/healthz").send().await;
     assert_eq!(status, StatusCode::OK);
 }

@@ -429,42 +429,14 @@ impl TestApp {
         .expect("token")
     }
 
-    /// Sends a request and returns status and JSON body (Null when not JSON).
-    pub async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-        headers: &[(&str, &str)],
-    ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
     /// Creates a USD product and stocks it.
     pub async fn product(&self, sku: &str, price: &str, on_hand: i64) {
         let admin = self.admin();
         let (status, body) = self
-            .call(
-                reqwest::Method::PUT,
-                &format!("/api/admin/products/{sku}"),
-                Some(&admin),
-                Some(json!({"name": sku, "price": price, "currency": "USD", "weightGrams": 100})),
-                &[],
-            )
+            .request(reqwest::Method::PUT, format!("/api/admin/products/{sku}"))
+            .token(&admin)
+            .json(json!({"name": sku, "price": price, "currency": "USD", "weightGrams": 100}))
+            .send()
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         self.set_stock(sku, on_hand).await;
@@ -473,13 +445,10 @@ impl TestApp {
     /// Sets a SKU's on-hand stock.
     pub async fn set_stock(&self, sku: &str, on_hand: i64) {
         let (status, body) = self
-            .call(
-                reqwest::Method::PUT,
-                &format!("/api/admin/stock/{sku}"),
-                Some(&self.admin()),
-                Some(json!({"onHand": on_hand})),
-                &[],
-            )
+            .request(reqwest::Method::PUT, format!("/api/admin/stock/{sku}"))
+            .token(&self.admin())
+            .json(json!({"onHand": on_hand}))
+            .send()
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
@@ -487,13 +456,9 @@ impl TestApp {
     /// A SKU's stock as `(onHand, reserved, available)`.
     pub async fn stock(&self, sku: &str) -> (i64, i64, i64) {
         let (status, body) = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/api/admin/stock/{sku}"),
-                Some(&self.admin()),
-                None,
-                &[],
-            )
+            .request(reqwest::Method::GET, format!("/api/admin/stock/{sku}"))
+            .token(&self.admin())
+            .send()
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         (
@@ -506,13 +471,10 @@ impl TestApp {
     /// Adds to the caller's cart and returns the cart id.
     pub async fn add(&self, token: &str, sku: &str, qty: i64) -> String {
         let (status, body) = self
-            .call(
-                reqwest::Method::POST,
-                "/api/cart/items",
-                Some(token),
-                Some(json!({"sku": sku, "qty": qty})),
-                &[],
-            )
+            .request(reqwest::Method::POST, "/api/cart/items")
+            .token(token)
+            .json(json!({"sku": sku, "qty": qty}))
+            .send()
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["cartId"].as_str().expect("cartId").to_owned()
@@ -534,16 +496,20 @@ impl TestApp {
             .await
     }
 
+    /// Gets the caller's cart.
+    pub async fn cart(&self, token: &str) -> (StatusCode, Value) {
+        self.request(reqwest::Method::GET, "/api/cart")
+            .token(token)
+            .send()
+            .await
+    }
+
     /// Gets an order.
     pub async fn order(&self, token: &str, order_id: &str) -> (StatusCode, Value) {
-        self.call(
-            reqwest::Method::GET,
-            &format!("/api/orders/{order_id}"),
-            Some(token),
-            None,
-            &[],
-        )
-        .await
+        self.request(reqwest::Method::GET, format!("/api/orders/{order_id}"))
+            .token(token)
+            .send()
+            .await
     }
 
     /// Polls an order until it leaves `pending`, with a deadline.
@@ -646,20 +612,23 @@ impl Request<'_> {
 
     /// Sends it; the status and the JSON body (Null when not JSON).
     pub async fn send(self) -> (StatusCode, Value) {
-        let headers: Vec<(&str, &str)> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        self.app
-            .call(
-                self.method,
-                &self.path,
-                self.token.as_deref(),
-                self.body,
-                &headers,
-            )
-            .await
+        let app = self.app;
+        let mut req = app
+            .http
+            .request(self.method, format!("{}{}", app.base, self.path));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = &self.body {
+            req = req.json(b);
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }
 
@@ -677,7 +646,9 @@ impl TestApp {
     /// Asks to ship an order (admin).
     pub async fn ship(&self, order_id: &str) -> (StatusCode, Value) {
         let path = format!("/api/orders/{order_id}/ship");
-        self.call(reqwest::Method::POST, &path, Some(&self.admin()), None, &[])
+        self.request(reqwest::Method::POST, path)
+            .token(&self.admin())
+            .send()
             .await
     }
 
@@ -731,7 +702,9 @@ impl TestApp {
     /// Asks to cancel an order, as `token`.
     pub async fn cancel(&self, token: &str, order_id: &str) -> (StatusCode, Value) {
         let path = format!("/api/orders/{order_id}/cancel");
-        self.call(reqwest::Method::POST, &path, Some(token), None, &[])
+        self.request(reqwest::Method::POST, path)
+            .token(token)
+            .send()
             .await
     }
 

@@ -206,13 +206,10 @@ async fn restocking_below_what_is_held_is_refused() {
     app.eventually("the hold", || async { app.stock("TEE").await == (5, 3, 2) })
         .await;
     let (status, body) = app
-        .call(
-            Method::PUT,
-            "/api/admin/stock/TEE",
-            Some(&app.admin()),
-            Some(json!({"onHand": 2})),
-            &[],
-        )
+        .request(Method::PUT, "/api/admin/stock/TEE")
+        .token(&app.admin())
+        .json(json!({"onHand": 2}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["code"], "stock_below_reserved");

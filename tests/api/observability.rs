@@ -187,14 +187,10 @@ async fn the_timeline_tells_each_orders_story_to_its_owner() {
     let timeline = |token: String, id: String| {
         let app = &app;
         async move {
-            app.call(
-                reqwest::Method::GET,
-                &format!("/api/orders/{id}/events"),
-                Some(&token),
-                None,
-                &[],
-            )
-            .await
+            app.request(reqwest::Method::GET, format!("/api/orders/{id}/events"))
+                .token(&token)
+                .send()
+                .await
         }
     };
     let (status, story) = timeline(alice.clone(), paid.clone()).await;

@@ -113,7 +113,7 @@ async fn failing_between_the_provider_answer_and_the_commit_never_authorizes_twi
 
 /// The breakers' states as `/readyz` counts them, one entry per authorize process.
 async fn breaker_state(app: &TestApp) -> Vec<String> {
-    let (_, ready) = app.call(Method::GET, "/readyz", None, None, &[]).await;
+    let (_, ready) = app.request(Method::GET, "/readyz").send().await;
     let counts = &ready["payments"]["breakers"];
     ["closed", "half_open", "open"]
         .iter()
@@ -232,15 +232,7 @@ async fn ship_captures_once_and_refund_refunds_once() {
     assert_eq!(order["payment"]["status"], "captured");
     assert_eq!(app.ledger_count(&id, "capture").await, 1);
 
-    let (status, body) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/cancel"),
-            Some(&token),
-            None,
-            &[],
-        )
-        .await;
+    let (status, body) = app.cancel(&token, &id).await;
     assert_eq!(
         status,
         StatusCode::CONFLICT,
@@ -273,26 +265,10 @@ async fn cancel_voids_and_restocks_once() {
     })
     .await;
     let bob = app.token("bob");
-    let (status, _) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/cancel"),
-            Some(&bob),
-            None,
-            &[],
-        )
-        .await;
+    let (status, _) = app.cancel(&bob, &id).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "not bob's order");
     for _ in 0..2 {
-        let (status, body) = app
-            .call(
-                Method::POST,
-                &format!("/api/orders/{id}/cancel"),
-                Some(&token),
-                None,
-                &[],
-            )
-            .await;
+        let (status, body) = app.cancel(&token, &id).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     }
     app.eventually("cancelled", || async {
@@ -362,15 +338,7 @@ async fn a_capture_the_provider_refuses_releases_the_ship_lock() {
     .await;
     assert_eq!(app.ledger_count(&id, "capture").await, 0);
     // The order can still be cancelled: nothing is stuck.
-    let (status, _) = app
-        .call(
-            Method::POST,
-            &format!("/api/orders/{id}/cancel"),
-            Some(&token),
-            None,
-            &[],
-        )
-        .await;
+    let (status, _) = app.cancel(&token, &id).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     app.eventually("cancelled", || async {
         app.order(&token, &id).await.1["status"] == "cancelled"

@@ -14,13 +14,10 @@ fn code(body: &Value) -> &str {
 
 async fn put_promo(app: &TestApp, code: &str, body: Value) {
     let (status, reply) = app
-        .call(
-            Method::PUT,
-            &format!("/api/admin/promos/{code}"),
-            Some(&app.admin()),
-            Some(body),
-            &[],
-        )
+        .request(Method::PUT, format!("/api/admin/promos/{code}"))
+        .token(&app.admin())
+        .json(body)
+        .send()
         .await;
     assert_eq!(status, StatusCode::OK, "{reply}");
 }
@@ -94,13 +91,9 @@ async fn promo_codes_apply_by_their_rules() {
     assert_eq!(cart["total"], "40.00");
     // Removing the only eligible line leaves the promo in place, shown as not applied.
     let (_, cart) = app
-        .call(
-            Method::DELETE,
-            "/api/cart/items/MUG",
-            Some(&alice),
-            None,
-            &[],
-        )
+        .request(Method::DELETE, "/api/cart/items/MUG")
+        .token(&alice)
+        .send()
         .await;
     assert_eq!(cart["promo"]["applied"], false, "{cart}");
     assert_eq!(cart["promo"]["reason"], "promo_not_applicable");
@@ -196,14 +189,7 @@ async fn a_per_customer_limit_is_enforced_and_given_back_on_cancel() {
     assert_eq!(code(&body), "promo_limit_reached");
 
     // Cancelling gives the redemption back.
-    app.call(
-        Method::POST,
-        &format!("/api/orders/{id}/cancel"),
-        Some(&alice),
-        None,
-        &[],
-    )
-    .await;
+    app.cancel(&alice, &id).await;
     app.eventually("cancelled", || async {
         app.order(&alice, &id).await.1["status"] == "cancelled"
     })
@@ -218,8 +204,10 @@ async fn quotes_price_tax_and_shipping_for_the_destination() {
     app.product("TEE", "20.00", 100).await;
     let admin = app.admin();
     let (status, _) = app
-        .call(Method::PUT, "/api/admin/products/BOOK", Some(&admin),
-              Some(json!({"name": "Book", "price": "10.00", "currency": "USD", "weightGrams": 400, "taxCode": "reduced"})), &[])
+        .request(Method::PUT, "/api/admin/products/BOOK")
+        .token(&admin)
+        .json(json!({"name": "Book", "price": "10.00", "currency": "USD", "weightGrams": 400, "taxCode": "reduced"}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::OK);
     app.set_stock("BOOK", 10).await;
@@ -231,13 +219,10 @@ async fn quotes_price_tax_and_shipping_for_the_destination() {
         if let Some(m) = method {
             body["shippingMethod"] = json!(m);
         }
-        app.call(
-            Method::POST,
-            "/api/cart/quote",
-            Some(&alice),
-            Some(body),
-            &[],
-        )
+        app.request(Method::POST, "/api/cart/quote")
+            .token(&alice)
+            .json(body)
+            .send()
     };
     let addr = |country: &str, region: Option<&str>| json!({"name": "A", "line1": "1 St", "city": "X", "postalCode": "1", "country": country, "region": region});
     // California: 7.25 % on the tee and shipping, books are not taxed there (reduced = 0).
@@ -275,40 +260,35 @@ async fn quotes_price_tax_and_shipping_for_the_destination() {
 
     // Admin changes take effect at once: a new rate and a new zone.
     let (status, body) = app
-        .call(
-            Method::PUT,
-            "/api/admin/tax-rates/DE",
-            Some(&admin),
-            Some(json!({"rates": {"standard": "0.20", "reduced": "0.10"}})),
-            &[],
-        )
+        .request(Method::PUT, "/api/admin/tax-rates/DE")
+        .token(&admin)
+        .json(json!({"rates": {"standard": "0.20", "reduced": "0.10"}}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (_, q) = quote(addr("DE", None), None).await;
     assert_eq!(q["tax"], "7.00", "4.00 + 1.00 + 9.99 × 20 % = 2.00: {q}");
     let (status, body) = app
-        .call(Method::PUT, "/api/admin/shipping-rates/asia", Some(&admin),
-              Some(json!({"countries": ["JP"], "currency": "USD",
-                          "methods": {"standard": {"bands": [{"maxGrams": 2000, "price": "12.00"}]}}})), &[])
+        .request(Method::PUT, "/api/admin/shipping-rates/asia")
+        .token(&admin)
+        .json(json!({"countries": ["JP"], "currency": "USD",
+                     "methods": {"standard": {"bands": [{"maxGrams": 2000, "price": "12.00"}]}}}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, q) = quote(addr("JP", None), None).await;
     assert_eq!(status, StatusCode::OK, "{q}");
     assert_eq!(q["shipping"], "12.00");
     // A checkout to a destination we do not ship to creates no order.
-    let (_, cart) = app
-        .call(Method::GET, "/api/cart", Some(&alice), None, &[])
-        .await;
+    let (_, cart) = app.cart(&alice).await;
     let mut body = crate::helpers::checkout_body(cart["cartId"].as_str().expect("id"), "tok_visa");
     body["address"]["country"] = json!("BR");
     let (status, reply) = app
-        .call(
-            Method::POST,
-            "/api/checkout",
-            Some(&alice),
-            Some(body),
-            &[("Idempotency-Key", "k")],
-        )
+        .request(Method::POST, "/api/checkout")
+        .token(&alice)
+        .json(body)
+        .header("Idempotency-Key", "k")
+        .send()
         .await;
     assert_eq!(
         (status, code(&reply)),
@@ -322,40 +302,33 @@ async fn inactive_products_and_other_currencies_cannot_be_added() {
     let app = TestApp::spawn().await;
     app.product("TEE", "20.00", 10).await;
     let admin = app.admin();
-    app.call(Method::PUT, "/api/admin/products/OLD", Some(&admin),
-             Some(json!({"name": "Old", "price": "1.00", "currency": "USD", "weightGrams": 1, "active": false})), &[])
+    app.request(Method::PUT, "/api/admin/products/OLD")
+        .token(&admin)
+        .json(json!({"name": "Old", "price": "1.00", "currency": "USD", "weightGrams": 1, "active": false}))
+        .send()
         .await;
-    app.call(
-        Method::PUT,
-        "/api/admin/products/EURO",
-        Some(&admin),
-        Some(json!({"name": "Euro", "price": "1.00", "currency": "EUR", "weightGrams": 1})),
-        &[],
-    )
-    .await;
+    app.request(Method::PUT, "/api/admin/products/EURO")
+        .token(&admin)
+        .json(json!({"name": "Euro", "price": "1.00", "currency": "EUR", "weightGrams": 1}))
+        .send()
+        .await;
     let alice = app.token("alice");
     app.add(&alice, "TEE", 1).await;
     let (status, body) = app
-        .call(
-            Method::POST,
-            "/api/cart/items",
-            Some(&alice),
-            Some(json!({"sku": "OLD", "qty": 1})),
-            &[],
-        )
+        .request(Method::POST, "/api/cart/items")
+        .token(&alice)
+        .json(json!({"sku": "OLD", "qty": 1}))
+        .send()
         .await;
     assert_eq!(
         (status, code(&body)),
         (StatusCode::UNPROCESSABLE_ENTITY, "product_inactive")
     );
     let (status, body) = app
-        .call(
-            Method::POST,
-            "/api/cart/items",
-            Some(&alice),
-            Some(json!({"sku": "EURO", "qty": 1})),
-            &[],
-        )
+        .request(Method::POST, "/api/cart/items")
+        .token(&alice)
+        .json(json!({"sku": "EURO", "qty": 1}))
+        .send()
         .await;
     assert_eq!(
         (status, code(&body)),
@@ -391,13 +364,10 @@ async fn a_price_change_reaches_every_edge_within_a_second_and_never_changes_an_
 
     // The price changes through the first edge...
     let (status, _) = app
-        .call(
-            Method::PUT,
-            "/api/admin/products/TEE.RED.L",
-            Some(&app.admin()),
-            Some(json!({"name": "Tee", "price": "25.00", "currency": "USD", "weightGrams": 100})),
-            &[],
-        )
+        .request(Method::PUT, "/api/admin/products/TEE.RED.L")
+        .token(&app.admin())
+        .json(json!({"name": "Tee", "price": "25.00", "currency": "USD", "weightGrams": 100}))
+        .send()
         .await;
     assert_eq!(status, StatusCode::OK);
     app.add(&alice, "TEE.RED.L", 1).await;

@@ -39,9 +39,7 @@ fn es256(kid: &str, claims: Value) -> String {
 }
 
 async fn cart_status(app: &TestApp, token: &str) -> StatusCode {
-    app.call(Method::GET, "/api/cart", Some(token), None, &[])
-        .await
-        .0
+    app.cart(token).await.0
 }
 
 #[tokio::test]
@@ -102,9 +100,7 @@ async fn every_kind_of_bad_token_is_refused() {
         ("wrong iss", hs256(&secret, wrong_iss)),
         ("unknown ES256 key", es256("test-es256", good.clone())),
     ] {
-        let (status, body) = app
-            .call(Method::GET, "/api/cart", Some(&token), None, &[])
-            .await;
+        let (status, body) = app.cart(&token).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
         assert_eq!(body["error"]["code"], "unauthorized", "{what}");
     }
@@ -118,13 +114,9 @@ async fn tokens_signed_by_an_identity_provider_are_accepted_through_jwks() {
     let token = es256("test-es256", claims.clone());
     assert_eq!(cart_status(&app, &token).await, StatusCode::OK);
     let (status, _) = app
-        .call(
-            Method::GET,
-            "/api/admin/stock/NOPE",
-            Some(&token),
-            None,
-            &[],
-        )
+        .request(Method::GET, "/api/admin/stock/NOPE")
+        .token(&token)
+        .send()
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "the admin role is honoured");
     // A kid the JWKS does not hold is refused.
