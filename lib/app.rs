@@ -16,7 +16,7 @@ use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::edge::cart::CartLimits;
 use crate::edge::checkout::Checkouts;
-use crate::edge::http::{self, AppState};
+use crate::edge::http::{self, AppState, EdgeState};
 use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
 use crate::inventory::{self, CommitStep, ReserveStep};
@@ -441,7 +441,7 @@ impl Shared {
             rates.clone(),
             sold_out.clone(),
         );
-        let state = AppState {
+        let state = AppState::new(EdgeState {
             pool: self.pool.clone(),
             bus: self.bus.clone(),
             checkouts,
@@ -459,7 +459,7 @@ impl Shared {
             catalog,
             rates,
             verifier: verifier.clone(),
-        };
+        });
         let listener = bind(&self.settings.http.addr).await?;
         let addr = local_addr(&listener, &self.settings.http.addr)?;
         let router = http::router(state, self.settings.http.body_limit_bytes);

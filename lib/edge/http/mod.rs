@@ -27,9 +27,28 @@ use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
 use crate::pricing::destination::RatesCache;
 
-/// What every handler can reach.
+/// What every handler can reach. Axum clones the state for every request: one `Arc`
+/// instead of a dozen handles (pools, caches, a NATS client) each with its own counters.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<EdgeState>);
+
+impl AppState {
+    /// The state handlers share.
+    pub fn new(state: EdgeState) -> Self {
+        Self(std::sync::Arc::new(state))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = EdgeState;
+
+    fn deref(&self) -> &EdgeState {
+        &self.0
+    }
+}
+
+/// The edge's services and settings, behind [`AppState`].
+pub struct EdgeState {
     pub pool: PgPool,
     pub bus: Bus,
     pub checkouts: Checkouts,
