@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 
 use crate::config::NatsSettings;
-use crate::saga::runner::Outgoing;
+use crate::saga::outgoing::Outgoing;
 use crate::saga::subjects::{
     checkout_stream, checkout_stream_subjects, checkout_streams, DEADLETTER_STREAM,
     DEADLETTER_SUBJECTS, HEADER_EVENT, HEADER_ORDER_ID, HEADER_SCHEMA, HEADER_TRACEPARENT,

@@ -17,7 +17,7 @@ use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
 use crate::pricing::destination::RatesCache;
 use crate::saga::events::{Checkout, Event, Line};
-use crate::saga::runner::Outgoing;
+use crate::saga::outgoing::Outgoing;
 use crate::saga::trace::TraceParent;
 
 /// A validated checkout request.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::saga::events::EventKind;
-use crate::saga::runner::Outgoing;
+use crate::saga::outgoing::Outgoing;
 use crate::saga::subjects::event_subject;
 
 /// Rows whose publish failed this many times are reported as stuck.

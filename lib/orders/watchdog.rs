@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::bus::Bus;
 use crate::saga::events::Event;
-use crate::saga::runner::Outgoing;
+use crate::saga::outgoing::Outgoing;
 use crate::saga::trace::TraceParent;
 
 /// Finds orders pending too long and asks for their compensation.

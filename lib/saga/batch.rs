@@ -21,9 +21,10 @@ use crate::bus::{Bus, BusError};
 use crate::config::{ConsumerSettings, Redeliver};
 use crate::saga::events::{Event, EventKind};
 use crate::saga::inbox::InboxTable;
+use crate::saga::outgoing::Outgoing;
 use crate::saga::runner::{
-    admit, backoff, consume, nak_after, publish_budget, Admission, DeadLetter, Dispatch, Outgoing,
-    Policy, Pulled, StepError, Work,
+    admit, backoff, consume, nak_after, publish_budget, Admission, DeadLetter, Dispatch, Policy,
+    Pulled, StepError, Work,
 };
 use crate::saga::subjects::HEADER_TRACEPARENT;
 use crate::saga::trace::TraceParent;

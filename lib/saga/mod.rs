@@ -1,13 +1,16 @@
 //! The saga's contract and plumbing: events, subjects, the inbox that makes handlers
-//! idempotent, and the runner that turns a JetStream message into ack, nak or term.
+//! idempotent, the outgoing events, and the runner that turns a JetStream message into ack,
+//! nak or term.
 
 pub mod batch;
 pub mod events;
 pub mod inbox;
+pub mod outgoing;
 pub mod runner;
 pub mod subjects;
 pub mod trace;
 
 pub use batch::BatchStep;
 pub use events::{Checkout, Event, EventKind, FailureReason, Line};
-pub use runner::{Outgoing, Step, StepError};
+pub use outgoing::Outgoing;
+pub use runner::{Step, StepError};

@@ -27,47 +27,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
-use uuid::Uuid;
 
 use crate::bus::{Bus, BusError, ConsumerSpec};
 use crate::config::{ConsumerSettings, Redeliver};
 use crate::saga::events::{Event, EventKind, SCHEMA_VERSION};
 use crate::saga::inbox::InboxError;
+use crate::saga::outgoing::Outgoing;
 use crate::saga::subjects::{
-    deadletter_msg_id, deadletter_subject, event_subject, HEADER_EVENT, HEADER_SCHEMA,
-    HEADER_TRACEPARENT,
+    deadletter_msg_id, deadletter_subject, HEADER_EVENT, HEADER_SCHEMA, HEADER_TRACEPARENT,
 };
 use crate::saga::trace::TraceParent;
-
-/// An event ready to publish: subject, dedup id and encoded payload.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    pub kind: EventKind,
-    pub order_id: Uuid,
-    pub subject: String,
-    pub msg_id: String,
-    pub payload: Vec<u8>,
-    pub traceparent: Option<String>,
-}
-
-impl Outgoing {
-    /// Encodes an event with its deterministic subject and `Nats-Msg-Id`.
-    pub fn new(
-        event: &Event,
-        trace: Option<&TraceParent>,
-    ) -> Result<Self, crate::saga::events::EncodeError> {
-        let order_id = event.checkout().order_id;
-        let kind = event.kind();
-        Ok(Self {
-            kind,
-            order_id,
-            subject: event_subject(kind, order_id),
-            msg_id: event.msg_id(),
-            payload: event.encode()?,
-            traceparent: trace.map(TraceParent::header_value),
-        })
-    }
-}
 
 /// A failure's cause: the typed error where there is one (a database error stays a
 /// `sqlx::Error` behind `source()`), or words.

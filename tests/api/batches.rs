@@ -5,7 +5,7 @@
 use checkout::app::Role;
 use checkout::domain::{Address, Currency, Quantity, Sku};
 use checkout::saga::events::{Checkout, Event, Line};
-use checkout::saga::runner::Outgoing;
+use checkout::saga::Outgoing;
 use rust_decimal::Decimal;
 use uuid::Uuid;
 

@@ -733,7 +733,7 @@ impl TestApp {
     pub async fn bus_publish(
         &self,
         js: &async_nats::jetstream::Context,
-        out: &checkout::saga::runner::Outgoing,
+        out: &checkout::saga::Outgoing,
     ) {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Checkout-Event", out.kind.as_str());

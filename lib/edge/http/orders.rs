@@ -17,7 +17,7 @@ use crate::edge::outbox::Outbox;
 use crate::orders::{Action, ActionRequest};
 use crate::payments::PaymentView;
 use crate::saga::events::Event;
-use crate::saga::runner::Outgoing;
+use crate::saga::outgoing::Outgoing;
 use crate::saga::trace::TraceParent;
 use crate::{inventory, orders, payments};
 
