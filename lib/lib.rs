@@ -21,11 +21,14 @@
 //! ## Plumbing
 //!
 //! - [`saga`]: event types, subjects and dedup ids, the inbox that makes every step
-//!   idempotent, and the runner (ack only after commit and PublishAck; nak, term, dead letter).
+//!   idempotent, [`saga::outgoing`] (an encoded event, what the bus publishes), and the runner
+//!   (ack only after commit and PublishAck; nak, term, dead letter).
 //! - [`bus`]: JetStream connection, stream and consumer declarations, publishing.
 //! - [`db`]: pool and embedded migrations. [`config`]: settings. [`telemetry`]: tracing.
 //! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`) and start-up.
-//! - [`domain`]: value types that parse (SKU, quantity, money, address). [`auth`]: JWTs.
+//! - [`domain`]: value types that parse (SKU, quantity, money, address) and `text_enum!` for
+//!   stored states ([`orders::OrderStatus`], [`orders::Action`], [`payments::PaymentStatus`]).
+//!   [`auth`]: JWTs.
 //! - [`retention`]: the pruner that keeps inbox, outbox and ledger tables bounded.
 //! - [`payments::breaker_status`]: circuit-breaker states shared through a JetStream
 //!   key-value bucket.
