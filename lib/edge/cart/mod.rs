@@ -144,12 +144,5 @@ pub async fn current(
     user_id: &str,
     catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
-    let mut conn = pool.acquire().await?;
-    let cart_id = {
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let cart = open_cart_for_update(&mut tx, user_id).await?;
-        tx.commit().await?;
-        cart.cart_id
-    };
-    pricing::view(&mut conn, cart_id, catalog, None).await
+    pricing::open_and_view(pool, user_id, catalog, None).await
 }

@@ -174,6 +174,16 @@ pub async fn quote(
     catalog: &CatalogCache,
     ship_to: ShipTo<'_>,
 ) -> Result<CartView, CartError> {
+    open_and_view(pool, user_id, catalog, Some(ship_to)).await
+}
+
+/// The caller's open cart (made if there is none), priced, for a destination if given.
+pub(super) async fn open_and_view(
+    pool: &PgPool,
+    user_id: &str,
+    catalog: &CatalogCache,
+    ship_to: Option<ShipTo<'_>>,
+) -> Result<CartView, CartError> {
     let mut conn = pool.acquire().await?;
     let cart_id = {
         let mut tx = conn.begin().await?;
@@ -181,5 +191,5 @@ pub async fn quote(
         tx.commit().await?;
         cart.cart_id
     };
-    view(&mut conn, cart_id, catalog, Some(ship_to)).await
+    view(&mut conn, cart_id, catalog, ship_to).await
 }
