@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use moka::future::Cache;
 use rust_decimal::Decimal;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Currency, Money, Sku};
@@ -42,19 +42,22 @@ pub struct Product {
     pub active: bool,
 }
 
+/// A `catalog.products` row as read, by this module or by a statement of another service
+/// that joins `catalog.product(sku)`.
 #[derive(sqlx::FromRow)]
-struct ProductRow {
-    sku: String,
-    name: String,
-    price: Decimal,
-    currency: String,
-    weight_grams: i32,
-    tax_code: String,
-    active: bool,
+pub(crate) struct ProductRow {
+    pub sku: String,
+    pub name: String,
+    pub price: Decimal,
+    pub currency: String,
+    pub weight_grams: i32,
+    pub tax_code: String,
+    pub active: bool,
 }
 
 impl ProductRow {
-    fn into_product(self) -> Option<Product> {
+    /// The product, or `None` if the row holds what no product can (an unknown currency).
+    pub fn into_product(self) -> Option<Product> {
         let currency = Currency::parse(self.currency.trim()).ok()?;
         Some(Product {
             sku: Sku::parse(&self.sku).ok()?,
@@ -98,21 +101,6 @@ pub async fn get(pool: &PgPool, sku: &Sku) -> Result<Option<Product>, sqlx::Erro
         .fetch_optional(pool)
         .await?;
     Ok(row.and_then(ProductRow::into_product))
-}
-
-/// The products among `skus` that exist, from the database.
-pub async fn get_many_in(
-    conn: &mut PgConnection,
-    skus: &[String],
-) -> Result<Vec<Product>, sqlx::Error> {
-    let rows: Vec<ProductRow> = sqlx::query_as(&format!("{SELECT} WHERE sku = ANY($1)"))
-        .bind(skus)
-        .fetch_all(conn)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(ProductRow::into_product)
-        .collect())
 }
 
 /// The edge's bounded, expiring cache of products (absent ones too).

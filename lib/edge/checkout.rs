@@ -1,21 +1,28 @@
 //! Checkout submission (the edge's half of the saga): an idempotent request record, the
 //! cart lock, and the outbox row that guarantees `checkout.requested` reaches JetStream.
 //!
-//! The request row, the cart lock and the outbox row commit in one statement; the event is
-//! published right after. If the process dies in between, the outbox sweeper republishes it
+//! The cart is read and priced without a lock, then the request row, the outbox row and the
+//! cart's new state commit in one call that first checks, under the cart's lock, that the
+//! cart is still what was priced; the event is published right after. If the process dies in between, the outbox sweeper republishes it
 //! (same `Nats-Msg-Id`), so an accepted checkout is never lost.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
+use rust_decimal::Decimal;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::catalog::{Product, ProductRow};
 use crate::domain::Address;
+use crate::edge::cart::pricing::{Item, Products};
 use crate::edge::cart::{self, CartError};
 use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
 use crate::pricing::destination::RatesCache;
+use crate::pricing::Priced;
 use crate::saga::events::{Checkout, Event, Line};
 use crate::saga::outgoing::Outgoing;
 use crate::saga::trace::TraceParent;
@@ -50,15 +57,122 @@ pub enum CheckoutError {
     Encode(#[source] crate::bus::Cause),
 }
 
-/// The request already recorded under the Idempotency-Key (if any) beside one of the cart's
-/// lines (if any).
+/// How often a checkout reads and prices the cart again after the cart changed between its
+/// read and its acceptance (a concurrent cart change or duplicate of the same buyer).
+const ACCEPT_ATTEMPTS: usize = 3;
+
+/// The checkout's one read: the request already recorded under the Idempotency-Key (if
+/// any), whether the cart may be checked out, its promotion code, and its lines joined to
+/// the catalog's current products. A row per line, or one row of nulls for an empty cart.
+const READ: &str = "SELECT k.request_hash, k.order_id, c.checkable, c.promo_code, i.sku, i.qty,
+        p.name, p.price, p.currency, p.weight_grams, p.tax_code, p.active
+    FROM (SELECT 1) AS one
+    LEFT JOIN edge.checkouts k ON k.user_id = $1 AND k.idempotency_key = $2
+    LEFT JOIN (SELECT cart_id, promo_code,
+                      status = 'open' OR order_id IS NULL OR orders.has_failed(order_id) AS checkable
+               FROM edge.carts WHERE cart_id = $3 AND user_id = $1) AS c ON true
+    LEFT JOIN edge.cart_items i ON i.cart_id = c.cart_id
+    LEFT JOIN LATERAL catalog.product(i.sku) AS p ON true
+    ORDER BY i.added_at, i.sku";
+
+/// One row of [`READ`].
 #[derive(sqlx::FromRow)]
-struct KeyAndLine {
+struct ReadRow {
     request_hash: Option<Vec<u8>>,
     order_id: Option<Uuid>,
+    checkable: Option<bool>,
     promo_code: Option<String>,
     sku: Option<String>,
     qty: Option<i32>,
+    name: Option<String>,
+    price: Option<Decimal>,
+    currency: Option<String>,
+    weight_grams: Option<i32>,
+    tax_code: Option<String>,
+    active: Option<bool>,
+}
+
+impl ReadRow {
+    /// The line's product as the catalog has it now (`None`: no such product).
+    fn product(&mut self) -> Option<Product> {
+        ProductRow {
+            sku: self.sku.clone()?,
+            name: self.name.take()?,
+            price: self.price?,
+            currency: self.currency.take()?,
+            weight_grams: self.weight_grams?,
+            tax_code: self.tax_code.take()?,
+            active: self.active?,
+        }
+        .into_product()
+    }
+}
+
+/// What the read found.
+enum Found {
+    /// The key was used before: its order, or a refusal if the request differs.
+    Replay(Result<Uuid, CheckoutError>),
+    /// A cart to price: its promotion code, its lines and their products.
+    Cart {
+        code: Option<String>,
+        items: Vec<Item>,
+        products: HashMap<String, Product>,
+    },
+}
+
+/// The request being accepted.
+#[derive(Clone, Copy)]
+struct Submission<'a> {
+    user_id: &'a str,
+    key: &'a str,
+    hash: &'a [u8],
+    request: &'a CheckoutRequest,
+    trace: &'a TraceParent,
+}
+
+/// The cart as the checkout read and priced it: its promotion code and lines.
+struct AsRead {
+    code: Option<String>,
+    skus: Vec<String>,
+    qtys: Vec<i32>,
+}
+
+/// Sorts the read's rows into a replay or a cart (or a refusal).
+fn found(mut rows: Vec<ReadRow>, hash: &[u8]) -> Result<Found, CheckoutError> {
+    if let Some((stored_hash, order_id)) = rows
+        .first()
+        .and_then(|r| Some((r.request_hash.as_ref()?, r.order_id?)))
+    {
+        // If its publish has not gone out yet, the outbox sweeper owes it.
+        return Ok(Found::Replay(if stored_hash.as_slice() == hash {
+            Ok(order_id)
+        } else {
+            Err(CheckoutError::KeyReused)
+        }));
+    }
+    match rows.first().and_then(|r| r.checkable) {
+        None => return Err(CheckoutError::CartNotFound),
+        Some(false) => return Err(CheckoutError::AlreadyCheckedOut),
+        Some(true) => {}
+    }
+    let code = rows.first().and_then(|r| r.promo_code.clone());
+    let mut items = Vec::with_capacity(rows.len());
+    let mut products = HashMap::with_capacity(rows.len());
+    for row in &mut rows {
+        let product = row.product();
+        let (Some(sku), Some(qty)) = (row.sku.take(), row.qty) else {
+            continue;
+        };
+        if let Some(product) = product {
+            products.insert(sku.clone(), product);
+        }
+        items.push((sku, qty));
+    }
+    Ok(Found::Cart {
+        code,
+        items,
+        products,
+    })
 }
 
 /// The edge's checkout service.
@@ -102,67 +216,82 @@ impl Checkouts {
             .rates
             .get(&request.address.country, request.address.region.as_deref())
             .await?;
-        let mut tx = self.pool.begin().await?;
-        // The cart's row lock serializes every request for this cart, duplicates included:
-        // a concurrent duplicate waits here, then finds the first one's key below.
-        let cart: Option<(bool,)> = sqlx::query_as(
-            "SELECT status = 'open' OR order_id IS NULL OR orders.has_failed(order_id)
-             FROM edge.carts WHERE cart_id = $1 AND user_id = $2 FOR UPDATE",
-        )
-        .bind(request.cart_id)
-        .bind(user_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        // The key and the cart's lines in one round trip, read after the lock.
-        let rows: Vec<KeyAndLine> = sqlx::query_as(
-            "SELECT k.request_hash, k.order_id, c.promo_code, i.sku, i.qty
-             FROM (SELECT 1) AS one
-             LEFT JOIN edge.checkouts k ON k.user_id = $1 AND k.idempotency_key = $2
-             LEFT JOIN edge.carts c ON c.cart_id = $3 AND c.user_id = $1
-             LEFT JOIN edge.cart_items i ON i.cart_id = c.cart_id
-             ORDER BY i.added_at, i.sku",
-        )
-        .bind(user_id)
-        .bind(key)
-        .bind(request.cart_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        if let Some((stored_hash, order_id)) = rows
-            .first()
-            .and_then(|r| Some((r.request_hash.as_ref()?, r.order_id?)))
-        {
-            if *stored_hash != hash {
-                return Err(CheckoutError::KeyReused);
-            }
-            // If its publish has not gone out yet, the outbox sweeper owes it.
-            return Ok(order_id);
-        }
-        match cart {
-            None => return Err(CheckoutError::CartNotFound),
-            Some((false,)) => return Err(CheckoutError::AlreadyCheckedOut),
-            Some((true,)) => {}
-        }
-        let code = rows.first().and_then(|r| r.promo_code.clone());
-        let items = rows
-            .into_iter()
-            .filter_map(|r| Some((r.sku?, r.qty?)))
-            .collect();
-        // Current prices from the database (not the edge cache): this is what gets charged.
-        let ship_to = cart::ShipTo {
-            rates: &rates,
-            method: &request.shipping_method,
-        };
-        let priced = cart::pricing::price_lines(&mut tx, code, items, None, Some(ship_to))
+        let mut conn = self.pool.acquire().await?;
+        // Optimistic: read and price without a lock, then accept only if the cart is still
+        // what was priced (`edge.accept_checkout` takes the cart's lock and checks). Two
+        // round trips instead of a six-statement transaction; a cart changed in between is
+        // read again.
+        for _ in 0..ACCEPT_ATTEMPTS {
+            let rows: Vec<ReadRow> = sqlx::query_as(READ)
+                .bind(user_id)
+                .bind(key)
+                .bind(request.cart_id)
+                .fetch_all(&mut *conn)
+                .await?;
+            let (code, items, products) = match found(rows, &hash)? {
+                Found::Replay(order) => return order,
+                Found::Cart {
+                    code,
+                    items,
+                    products,
+                } => (code, items, products),
+            };
+            let (skus, qtys): (Vec<String>, Vec<i32>) = items.iter().cloned().unzip();
+            // Current prices from the database (not the edge cache): this is what gets charged.
+            let ship_to = cart::ShipTo {
+                rates: &rates,
+                method: &request.shipping_method,
+            };
+            let priced = cart::pricing::price_lines(
+                &mut conn,
+                code.clone(),
+                items,
+                Products::Read(products),
+                Some(ship_to),
+            )
             .await?
             .ok_or(CheckoutError::EmptyCart)?;
-        // A SKU every edge has just heard is sold out: refuse here, before any write or the
-        // saga (the reserve step would only refuse it later). Never a promise of stock.
-        if let Some(line) = priced.lines.iter().find(|l| {
-            self.sold_out
-                .refuses(l.sku.as_str(), i64::from(l.qty.get()))
-        }) {
-            return Err(CheckoutError::OutOfStock(line.sku.to_string()));
+            // A SKU every edge has just heard is sold out: refuse here, before any write or
+            // the saga (the reserve step would only refuse it later). Never a promise of stock.
+            if let Some(line) = priced.lines.iter().find(|l| {
+                self.sold_out
+                    .refuses(l.sku.as_str(), i64::from(l.qty.get()))
+            }) {
+                return Err(CheckoutError::OutOfStock(line.sku.to_string()));
+            }
+            let submission = Submission {
+                user_id,
+                key,
+                hash: &hash,
+                request,
+                trace,
+            };
+            let as_read = AsRead { code, skus, qtys };
+            let accepted = self.accept(&mut conn, &submission, priced, as_read).await?;
+            if let Some((order_id, out)) = accepted {
+                self.outbox.publish(&out).await;
+                return Ok(order_id);
+            }
         }
+        Err(CheckoutError::Cart(CartError::Contended))
+    }
+
+    /// Records the priced checkout, its outbox row and the cart's new state, if the cart is
+    /// still as it was read; `None` if it changed since.
+    async fn accept(
+        &self,
+        conn: &mut PgConnection,
+        submission: &Submission<'_>,
+        priced: Priced,
+        as_read: AsRead,
+    ) -> Result<Option<(Uuid, Outgoing)>, CheckoutError> {
+        let Submission {
+            user_id,
+            key,
+            hash,
+            request,
+            trace,
+        } = *submission;
         let promo_code = priced
             .promo
             .as_ref()
@@ -215,29 +344,23 @@ impl Checkouts {
             Some(trace),
         )
         .map_err(|e| CheckoutError::Encode(e.into()))?;
-        // The request row, the outbox row and the cart lock in one statement.
-        sqlx::query(
-            "WITH accepted AS (
-                 INSERT INTO edge.checkouts
-                     (user_id, idempotency_key, request_hash, order_id, cart_id, event, traceparent)
-                 VALUES ($1, $2, $3, $4, $5, $10, $7)),
-             owed AS (
-                 INSERT INTO edge.outbox (msg_id, subject, payload, traceparent)
-                 VALUES ($8, $9, $6, $7))
-             UPDATE edge.carts SET status = 'checked_out', order_id = $4, updated_at = now()
-             WHERE cart_id = $5",
+        let accepted: bool = sqlx::query_scalar(
+            "SELECT edge.accept_checkout($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(user_id)
         .bind(key)
-        .bind(&hash)
+        .bind(hash)
         .bind(order_id)
         .bind(request.cart_id)
-        .bind(&out.payload)
+        .bind(as_read.code)
+        .bind(as_read.skus)
+        .bind(as_read.qtys)
+        .bind(&kept)
         .bind(&out.traceparent)
         .bind(&out.msg_id)
         .bind(&out.subject)
-        .bind(&kept)
-        .execute(&mut *tx)
+        .bind(&out.payload)
+        .fetch_one(&mut *conn)
         .await
         .map_err(|e| match e {
             // The same key on another cart, accepted concurrently: the cart locks did not
@@ -247,9 +370,7 @@ impl Checkouts {
             }
             e => CheckoutError::Database(e),
         })?;
-        tx.commit().await?;
-        self.outbox.publish(&out).await;
-        Ok(order_id)
+        Ok(accepted.then_some((order_id, out)))
     }
 }
 

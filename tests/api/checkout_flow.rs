@@ -204,3 +204,55 @@ async fn a_buyers_concurrent_first_requests_fill_one_cart() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(cart["items"].as_array().map(Vec::len), Some(12), "{cart}");
 }
+
+#[tokio::test]
+async fn a_line_added_while_the_checkout_is_priced_goes_into_the_order() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    app.product("MUG", "4.00", 5).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "TEE", 1).await;
+    // A change of this cart holds its lock, as another request of alice's adding a line would.
+    let mut change = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM edge.carts WHERE cart_id = $1::uuid FOR UPDATE")
+        .bind(&cart)
+        .execute(&mut *change)
+        .await
+        .expect("lock the cart");
+    // The checkout reads and prices the cart (one TEE) without the lock, then waits for it.
+    let checkout = app.checkout(&alice, "key-1", &cart, "tok_visa");
+    let change_lands = async {
+        app.eventually("the checkout waiting for the cart's lock", || async {
+            app.count(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                == 1
+        })
+        .await;
+        sqlx::query(
+            "INSERT INTO edge.cart_items (cart_id, sku, qty, currency) VALUES ($1::uuid, 'MUG', 2, 'USD')",
+        )
+        .bind(&cart)
+        .execute(&mut *change)
+        .await
+        .expect("add a line");
+        change.commit().await.expect("commit");
+    };
+    let ((status, body), ()) = tokio::join!(checkout, change_lands);
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let order_id = body["orderId"].as_str().expect("orderId");
+    // What was priced is not what is in the cart any more: the checkout priced it again.
+    let order = app.settled(&alice, order_id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    let mut skus: Vec<&str> = order["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["sku"].as_str())
+        .collect();
+    skus.sort_unstable();
+    assert_eq!(skus, ["MUG", "TEE"], "{order}");
+    assert_eq!(order["subtotal"], "18.00", "{order}");
+}

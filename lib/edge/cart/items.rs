@@ -1,11 +1,14 @@
-//! A cart's lines: add, set and remove, each one transaction of two statements (the cart's
-//! lock and the line's change, which also returns the lines to price).
+//! A cart's lines: add, set and remove. Adding or setting is one round trip
+//! (`edge.write_line`: the cart's lock, then the line's change within the cart's limits,
+//! returning the lines to price); removing is a transaction of the lock and the delete.
 
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgPool};
 
-use super::pricing::{self, Item};
-use super::{open_cart_for_update, CartError, CartView};
+use uuid::Uuid;
+
+use super::pricing::{self, Item, Products};
+use super::{contended, open_cart_for_update, CartError, CartView};
 use crate::catalog::{CatalogCache, Product};
 use crate::domain::{Quantity, Sku};
 
@@ -16,24 +19,11 @@ pub struct CartLimits {
     pub max_lines: i64,
 }
 
-/// Whether the line may be written (`$1` cart, `$2` sku, `$5` max lines, `$6` currency): it
-/// exists already or the cart has room for another, and no other line is in another
-/// currency. The cart row is locked, so these reads cannot race another change of this cart.
-const MAY_WRITE: &str = "(EXISTS (SELECT 1 FROM edge.cart_items WHERE cart_id = $1 AND sku = $2)
-        OR (SELECT count(*) FROM edge.cart_items WHERE cart_id = $1) < $5)
-    AND NOT EXISTS (SELECT 1 FROM edge.cart_items
-                    WHERE cart_id = $1 AND sku <> $2 AND currency <> $6)";
-
-/// The cart's lines as they were before the change, plus the changed line (`changed`): a
-/// data-modifying CTE's rows are not visible to the rest of its statement, so the caller
-/// merges them.
-const LINES_AFTER: &str = "SELECT sku, qty, currency, added_at, true AS changed FROM up
-    UNION ALL
-    SELECT sku, qty, currency, added_at, false FROM edge.cart_items WHERE cart_id = $1";
-
-/// One row of [`LINES_AFTER`].
+/// One row of `edge.write_line`: a line of the cart before the change, or the changed line.
 #[derive(sqlx::FromRow)]
 struct LineRow {
+    cart: Uuid,
+    promo: Option<String>,
     sku: String,
     qty: i32,
     currency: Option<String>,
@@ -93,16 +83,7 @@ pub async fn add_item(
     if !product.active {
         return Err(CartError::Inactive(product.sku.to_string()));
     }
-    write_line(
-        pool,
-        user_id,
-        product,
-        qty,
-        limits,
-        catalog,
-        "edge.cart_items.qty + EXCLUDED.qty",
-    )
-    .await
+    write_line(pool, user_id, product, qty, limits, catalog, true).await
 }
 
 /// Sets a line's quantity; `None` removes the line.
@@ -115,7 +96,7 @@ pub async fn set_item(
     catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
     match qty {
-        Some(qty) => write_line(pool, user_id, product, qty, limits, catalog, "EXCLUDED.qty").await,
+        Some(qty) => write_line(pool, user_id, product, qty, limits, catalog, false).await,
         None => remove(pool, user_id, &product.sku, catalog, false).await,
     }
 }
@@ -130,8 +111,8 @@ pub async fn remove_item(
     remove(pool, user_id, sku, catalog, true).await
 }
 
-/// Inserts the line or sets its quantity to `new_qty` (an expression over the existing row
-/// and `EXCLUDED`), within the cart's limits.
+/// Inserts the line (`sum`: adds to the line already there) or sets its quantity, within
+/// the cart's limits, then prices the cart from the edge's catalog cache.
 async fn write_line(
     pool: &PgPool,
     user_id: &str,
@@ -139,36 +120,35 @@ async fn write_line(
     qty: Quantity,
     limits: &CartLimits,
     catalog: &CatalogCache,
-    new_qty: &str,
+    sum: bool,
 ) -> Result<CartView, CartError> {
     let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin().await?;
-    let cart = open_cart_for_update(&mut tx, user_id).await?;
-    let rows: Vec<LineRow> = sqlx::query_as(&format!(
-        "WITH up AS (
-             INSERT INTO edge.cart_items (cart_id, sku, qty, currency)
-             SELECT $1, $2, $3, $6 WHERE {MAY_WRITE}
-             ON CONFLICT (cart_id, sku) DO UPDATE SET qty = {new_qty}
-             WHERE {new_qty} <= $4
-             RETURNING sku, qty, currency, added_at)
-         {LINES_AFTER}"
-    ))
-    .bind(cart.cart_id)
+    let rows: Vec<LineRow> = sqlx::query_as(
+        "SELECT cart, promo, item_sku AS sku, item_qty AS qty, item_currency AS currency,
+                item_added_at AS added_at, changed
+         FROM edge.write_line($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(user_id)
+    .bind(Uuid::now_v7())
     .bind(product.sku.as_str())
     .bind(qty.get())
+    .bind(sum)
     .bind(Quantity::MAX)
     .bind(limits.max_lines)
     .bind(product.price.currency().code())
-    .fetch_all(&mut *tx)
-    .await?;
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(contended)?;
+    let Some((cart_id, promo_code)) = rows.first().map(|r| (r.cart, r.promo.clone())) else {
+        // Nothing written and no lines: only a cart limit of zero lines refuses an empty cart.
+        return Err(CartError::TooManyLines {
+            max: limits.max_lines,
+        });
+    };
     let items = outcome(rows, product, *limits)?;
-    tx.commit().await?;
     let priced =
-        pricing::price_lines(&mut conn, cart.promo_code, items, Some(catalog), None).await?;
-    Ok(CartView {
-        cart_id: cart.cart_id,
-        priced,
-    })
+        pricing::price_lines(&mut conn, promo_code, items, Products::Cache(catalog), None).await?;
+    Ok(CartView { cart_id, priced })
 }
 
 /// Deletes a line; `must_exist` makes a missing line an error.
@@ -181,9 +161,9 @@ async fn remove(
 ) -> Result<CartView, CartError> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
-    let cart = open_cart_for_update(&mut tx, user_id).await?;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     let removed = sqlx::query("DELETE FROM edge.cart_items WHERE cart_id = $1 AND sku = $2")
-        .bind(cart.cart_id)
+        .bind(cart_id)
         .bind(sku.as_str())
         .execute(&mut *tx)
         .await?
@@ -192,5 +172,5 @@ async fn remove(
         return Err(CartError::NotInCart(sku.to_string()));
     }
     tx.commit().await?;
-    pricing::view(&mut conn, cart.cart_id, catalog, None).await
+    pricing::view(&mut conn, cart_id, catalog, None).await
 }

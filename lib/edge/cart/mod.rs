@@ -57,85 +57,28 @@ pub enum CartError {
     Database(#[from] sqlx::Error),
 }
 
-/// The caller's open cart, locked for the rest of the transaction.
-pub(crate) struct OpenCart {
-    pub cart_id: Uuid,
-    pub promo_code: Option<String>,
-}
-
-/// How often a buyer's first request retries after losing the race to create the cart to a
-/// concurrent request of the same buyer (each retry finds the winner's cart).
-const OPEN_ATTEMPTS: usize = 3;
-
-/// The caller's open cart, created or reopened as needed, locked for this transaction.
+/// The caller's open cart's id, created or reopened as needed, locked for this transaction.
 ///
-/// One statement in the common cases. It locks the buyer's latest cart first, so one buyer's
-/// cart changes and checkout are serialized on that row; when there is no cart to lock, the
-/// partial unique index "one open cart per user" decides which of two first requests makes it.
-async fn open_cart_for_update(
-    conn: &mut PgConnection,
-    user_id: &str,
-) -> Result<OpenCart, CartError> {
-    for _ in 0..OPEN_ATTEMPTS {
-        // A checked-out cart whose order failed is the buyer's cart again; whether it failed
-        // is the orders service's to say (`orders.has_failed`).
-        let rows: Vec<(Uuid, String, Option<String>, bool)> = sqlx::query_as(
-            "WITH latest AS (
-                 SELECT cart_id, status, promo_code,
-                        status <> 'open' AND order_id IS NOT NULL
-                            AND orders.has_failed(order_id) AS failed
-                 FROM edge.carts WHERE user_id = $1
-                 ORDER BY created_at DESC LIMIT 1 FOR UPDATE),
-             made AS (
-                 INSERT INTO edge.carts (cart_id, user_id, status)
-                 SELECT $2, $1, 'open'
-                 WHERE NOT EXISTS (SELECT 1 FROM latest WHERE status = 'open' OR failed)
-                 ON CONFLICT (user_id) WHERE status = 'open' DO NOTHING
-                 RETURNING cart_id)
-             SELECT cart_id, status, promo_code, failed FROM latest
-             UNION ALL SELECT cart_id, 'new', NULL, false FROM made",
-        )
+/// One round trip: `edge.open_cart` (migration `20261126000004`) locks the buyer's latest
+/// cart first, so one buyer's cart changes and checkout are serialized on that row; when
+/// there is no cart to lock, the partial unique index "one open cart per user" decides which
+/// of two first requests makes it, and the loser finds the winner's cart.
+async fn open_cart_for_update(conn: &mut PgConnection, user_id: &str) -> Result<Uuid, CartError> {
+    sqlx::query_scalar("SELECT cart FROM edge.open_cart($1, $2)")
         .bind(user_id)
         .bind(Uuid::now_v7())
-        .fetch_all(&mut *conn)
-        .await?;
-        if let Some((cart_id, _, _, _)) = rows.iter().find(|r| r.1 == "new") {
-            return Ok(OpenCart {
-                cart_id: *cart_id,
-                promo_code: None,
-            });
-        }
-        match rows.into_iter().next() {
-            Some((cart_id, status, promo_code, _)) if status == "open" => {
-                return Ok(OpenCart {
-                    cart_id,
-                    promo_code,
-                })
-            }
-            Some((cart_id, _, promo_code, true)) => {
-                reopen(conn, cart_id).await?;
-                return Ok(OpenCart {
-                    cart_id,
-                    promo_code,
-                });
-            }
-            // Another request of this buyer made the open cart after this statement's
-            // snapshot: the next attempt finds it.
-            _ => {}
-        }
-    }
-    Err(CartError::Contended)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(contended)
 }
 
-/// Unlocks a cart whose order failed: a decline must never strand the cart.
-pub(crate) async fn reopen(conn: &mut PgConnection, cart_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE edge.carts SET status = 'open', order_id = NULL, updated_at = now() WHERE cart_id = $1",
-    )
-    .bind(cart_id)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// A cart function's `serialization_failure` is a concurrent request of the same buyer that
+/// kept winning: the caller may try again.
+fn contended(e: sqlx::Error) -> CartError {
+    match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("40001") => CartError::Contended,
+        _ => CartError::Database(e),
+    }
 }
 
 /// The caller's open cart (created empty if there is none).

@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{open_cart_for_update, CartError, CartView};
-use crate::catalog::{self, CatalogCache, Product};
+use crate::catalog::{CatalogCache, Product};
 use crate::domain::{Currency, Quantity};
 use crate::pricing::destination::DestinationRates;
 use crate::pricing::{self as prices, promo, Destination, LineInput, Priced, PromoOutcome};
@@ -15,22 +15,30 @@ use crate::pricing::{self as prices, promo, Destination, LineInput, Priced, Prom
 /// A cart line as stored: SKU and quantity.
 pub(crate) type Item = (String, i32);
 
+/// Where the prices of a cart's products come from.
+pub(crate) enum Products<'a> {
+    /// The edge's catalog cache: for showing a cart.
+    Cache(&'a CatalogCache),
+    /// Read from the database with the lines: what a checkout charges.
+    Read(HashMap<String, Product>),
+}
+
 /// Where a quote or a checkout ships to.
 pub struct ShipTo<'a> {
     pub rates: &'a DestinationRates,
     pub method: &'a str,
 }
 
-/// Prices a cart at current catalog prices (from the cache when given, else the database),
-/// with its promotion and, for a quote or a checkout, the destination's tax and shipping.
+/// Prices a cart at the catalog cache's prices, with its promotion and, for a quote, the
+/// destination's tax and shipping.
 pub(crate) async fn price_cart(
     conn: &mut PgConnection,
     cart_id: Uuid,
-    catalog: Option<&CatalogCache>,
+    catalog: &CatalogCache,
     ship_to: Option<ShipTo<'_>>,
 ) -> Result<Option<Priced>, CartError> {
     let (code, items) = lines(conn, cart_id).await?;
-    price_lines(conn, code, items, catalog, ship_to).await
+    price_lines(conn, code, items, Products::Cache(catalog), ship_to).await
 }
 
 /// The cart's promotion code and lines, in the order they were added (one round trip).
@@ -59,19 +67,24 @@ pub(crate) async fn price_lines(
     conn: &mut PgConnection,
     code: Option<String>,
     items: Vec<Item>,
-    catalog: Option<&CatalogCache>,
+    products: Products<'_>,
     ship_to: Option<ShipTo<'_>>,
 ) -> Result<Option<Priced>, CartError> {
     if items.is_empty() {
         return Ok(None);
     }
-    let skus: Vec<String> = items.iter().map(|(s, _)| s.clone()).collect();
-    let found = match catalog {
-        Some(cache) => cache.get_many(&skus).await?,
-        None => catalog::get_many_in(conn, &skus).await?,
+    let products: HashMap<String, Product> = match products {
+        Products::Cache(cache) => {
+            let skus: Vec<String> = items.iter().map(|(s, _)| s.clone()).collect();
+            cache
+                .get_many(&skus)
+                .await?
+                .into_iter()
+                .map(|p| (p.sku.to_string(), p))
+                .collect()
+        }
+        Products::Read(read) => read,
     };
-    let products: HashMap<String, Product> =
-        found.into_iter().map(|p| (p.sku.to_string(), p)).collect();
     let mut currency: Option<Currency> = None;
     let mut lines = Vec::with_capacity(items.len());
     for (sku, qty) in items {
@@ -163,7 +176,7 @@ pub(super) async fn view(
 ) -> Result<CartView, CartError> {
     Ok(CartView {
         cart_id,
-        priced: price_cart(conn, cart_id, Some(catalog), ship_to).await?,
+        priced: price_cart(conn, cart_id, catalog, ship_to).await?,
     })
 }
 
@@ -185,11 +198,7 @@ pub(super) async fn open_and_view(
     ship_to: Option<ShipTo<'_>>,
 ) -> Result<CartView, CartError> {
     let mut conn = pool.acquire().await?;
-    let cart_id = {
-        let mut tx = conn.begin().await?;
-        let cart = open_cart_for_update(&mut tx, user_id).await?;
-        tx.commit().await?;
-        cart.cart_id
-    };
+    // One statement on its own: the cart's lock lasts only while it is found or made.
+    let cart_id = open_cart_for_update(&mut conn, user_id).await?;
     view(&mut conn, cart_id, catalog, ship_to).await
 }

@@ -21,7 +21,7 @@ pub async fn apply_promo(
         message: message.to_owned(),
     };
     let mut tx = pool.begin().await?;
-    let cart_id = open_cart_for_update(&mut tx, user_id).await?.cart_id;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     let promo = promo::get(&mut tx, code)
         .await?
         .ok_or_else(|| refuse("promo_not_found", "no such promotion code"))?;
@@ -49,7 +49,7 @@ pub async fn apply_promo(
         .bind(&promo.code)
         .execute(&mut *tx)
         .await?;
-    let priced = price_cart(&mut tx, cart_id, Some(catalog), None).await?;
+    let priced = price_cart(&mut tx, cart_id, catalog, None).await?;
     // An empty cart has nothing eligible yet.
     let reason = match &priced {
         None => Some("promo_not_applicable"),
@@ -82,7 +82,7 @@ pub async fn remove_promo(
 ) -> Result<CartView, CartError> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
-    let cart_id = open_cart_for_update(&mut tx, user_id).await?.cart_id;
+    let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     sqlx::query("UPDATE edge.carts SET promo_code = NULL, updated_at = now() WHERE cart_id = $1")
         .bind(cart_id)
         .execute(&mut *tx)
