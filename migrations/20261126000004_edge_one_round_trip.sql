@@ -43,13 +43,21 @@ BEGIN
             promo := latest.promo_code;
             RETURN;
         END IF;
-        -- A checked-out cart whose order failed is the buyer's cart again.
+        -- A checked-out cart whose order failed is the buyer's cart again, unless a
+        -- concurrent request made a new one while the order was still pending: it did so
+        -- under this cart's lock, so it committed before this statement's snapshot, and the
+        -- next attempt finds it.
         IF FOUND AND latest.order_id IS NOT NULL AND orders.has_failed(latest.order_id) THEN
             UPDATE edge.carts c SET status = 'open', order_id = NULL, updated_at = now()
-            WHERE c.cart_id = latest.cart_id;
-            cart := latest.cart_id;
-            promo := latest.promo_code;
-            RETURN;
+            WHERE c.cart_id = latest.cart_id
+              AND NOT EXISTS (SELECT 1 FROM edge.carts o
+                              WHERE o.user_id = p_user_id AND o.status = 'open');
+            IF FOUND THEN
+                cart := latest.cart_id;
+                promo := latest.promo_code;
+                RETURN;
+            END IF;
+            CONTINUE;
         END IF;
         INSERT INTO edge.carts (cart_id, user_id, status) VALUES (p_new_cart, p_user_id, 'open')
         ON CONFLICT (user_id) WHERE status = 'open' DO NOTHING;

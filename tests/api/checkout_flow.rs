@@ -256,3 +256,52 @@ async fn a_line_added_while_the_checkout_is_priced_goes_into_the_order() {
     assert_eq!(skus, ["MUG", "TEE"], "{order}");
     assert_eq!(order["subtotal"], "18.00", "{order}");
 }
+
+#[tokio::test]
+async fn a_cart_made_while_the_failed_order_was_pending_wins_over_reopening() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    app.product("MUG", "4.00", 5).await;
+    let alice = app.token("alice");
+    let first = app.add(&alice, "TEE", 1).await;
+    let (_, body) = app.checkout(&alice, "first", &first, "tok_declined").await;
+    let order = app
+        .settled(&alice, body["orderId"].as_str().expect("orderId"))
+        .await;
+    assert_eq!(order["status"], "failed", "{order}");
+    // Another request of alice's saw the order still pending and made a new cart, under the
+    // checked-out cart's lock: this one is waiting for that lock, to reopen the cart.
+    let mut other = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM edge.carts WHERE cart_id = $1::uuid FOR UPDATE")
+        .bind(&first)
+        .execute(&mut *other)
+        .await
+        .expect("lock the checked-out cart");
+    let made = uuid::Uuid::now_v7();
+    sqlx::query("INSERT INTO edge.carts (cart_id, user_id, status) VALUES ($1, 'alice', 'open')")
+        .bind(made)
+        .execute(&mut *other)
+        .await
+        .expect("make a new cart");
+    let add = app.add(&alice, "MUG", 1);
+    let other_commits = async {
+        app.eventually("the add waiting for the cart's lock", || async {
+            app.count(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                == 1
+        })
+        .await;
+        other.commit().await.expect("commit");
+    };
+    // Not a second open cart (the index refuses it), not an error: the new cart.
+    let (cart, ()) = tokio::join!(add, other_commits);
+    assert_eq!(cart, made.to_string());
+    assert_eq!(
+        app.count("SELECT count(*) FROM edge.carts WHERE status = 'open'")
+            .await,
+        1
+    );
+}
