@@ -186,3 +186,68 @@ async fn a_message_the_database_refuses_is_dead_lettered_alone_or_in_a_batch() {
     );
     assert_eq!(app.dead_letters().await, 2);
 }
+
+#[tokio::test]
+async fn a_replayed_event_is_recognised_by_the_inbox_and_not_applied_again() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    let js = app.jetstream().await;
+    let requested = Outgoing::new(
+        &Event::Requested {
+            checkout: checkout_of("TEE", 2),
+        },
+        None,
+    )
+    .expect("encodes");
+    app.bus_publish(&js, &requested).await;
+    app.eventually("the order confirmed and its stock committed", || async {
+        app.count("SELECT count(*) FROM orders.orders WHERE status = 'confirmed'")
+            .await
+            == 1
+            && app.stock("TEE").await == (8, 0, 8)
+    })
+    .await;
+    // The same event as a new stream message (another Nats-Msg-Id), as a replay with the
+    // `nats` CLI or a republish after the dedup window makes it: a first delivery of an event
+    // the reserve step handled. The batch skips the inbox look-up for first deliveries, so
+    // the inbox's insert has to catch it.
+    let stream = js.get_stream("CHECKOUT").await.expect("stream");
+    let mut reserve: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("reserve").await.expect("consumer");
+    // Every delivery, redeliveries included, takes a consumer sequence number.
+    let before = reserve
+        .info()
+        .await
+        .expect("info")
+        .delivered
+        .consumer_sequence;
+    let mut replay = requested.clone();
+    replay.msg_id = format!("replay-{}", requested.msg_id);
+    let seq = app.bus_publish(&js, &replay).await;
+    app.eventually("the replay acked by reserve", || {
+        let mut c = reserve.clone();
+        async move {
+            c.info()
+                .await
+                .is_ok_and(|i| i.ack_floor.stream_sequence >= seq)
+        }
+    })
+    .await;
+    // Handled on its first delivery: the failed attempt without the look-up was redone with
+    // it at once, not handed back to the server for a redelivery.
+    let info = reserve.info().await.expect("info").clone();
+    assert_eq!(info.delivered.consumer_sequence, before + 1, "{info:?}");
+    // Reserved once: no second hold, no second movement, one inbox row.
+    assert_eq!(app.stock("TEE").await, (8, 0, 8));
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'reserve'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.inbox WHERE consumer = 'reserve'")
+            .await,
+        1
+    );
+    assert_eq!(app.dead_letters().await, 0);
+}

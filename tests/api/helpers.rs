@@ -729,12 +729,13 @@ impl TestApp {
         (token, body["orderId"].as_str().expect("id").to_owned())
     }
 
-    /// Publishes a saga event as its producer would (subject, message id, headers).
+    /// Publishes a saga event as its producer would (subject, message id, headers); returns
+    /// its stream sequence.
     pub async fn bus_publish(
         &self,
         js: &async_nats::jetstream::Context,
         out: &checkout::saga::Outgoing,
-    ) {
+    ) -> u64 {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Checkout-Event", out.kind.as_str());
         headers.insert("Checkout-Order-Id", out.order_id.to_string().as_str());
@@ -744,7 +745,8 @@ impl TestApp {
             .await
             .expect("publish")
             .await
-            .expect("stored");
+            .expect("stored")
+            .sequence
     }
 
     /// Messages in the dead-letter stream.
