@@ -225,26 +225,25 @@ async fn write(conn: &mut PgConnection, writes: &Writes) -> Result<(), sqlx::Err
     let skus: Vec<&str> = writes.stock.keys().map(String::as_str).collect();
     let on_hand: Vec<i32> = writes.stock.values().map(|d| d.0).collect();
     let reserved: Vec<i32> = writes.stock.values().map(|d| d.1).collect();
+    // One statement: the stock rows are locked already (read FOR UPDATE in SKU order), so
+    // the order in which its parts run does not matter.
     sqlx::query(
-        "UPDATE inventory.stock s SET on_hand = s.on_hand + d.on_hand,
-             reserved = s.reserved + d.reserved, updated_at = now()
-         FROM unnest($1::text[], $2::int[], $3::int[]) AS d(sku, on_hand, reserved)
-         WHERE s.sku = d.sku AND s.sku = ANY($1)",
+        "WITH stock AS (
+             UPDATE inventory.stock s SET on_hand = s.on_hand + d.on_hand,
+                 reserved = s.reserved + d.reserved, updated_at = now()
+             FROM unnest($1::text[], $2::int[], $3::int[]) AS d(sku, on_hand, reserved)
+             WHERE s.sku = d.sku AND s.sku = ANY($1)),
+         c AS (
+             UPDATE inventory.inventory_reservations r SET status = 'committed', updated_at = now()
+             FROM unnest($4::uuid[], $5::text[]) AS c(order_id, sku)
+             WHERE r.order_id = c.order_id AND r.sku = c.sku AND r.order_id = ANY($4))
+         INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
+         SELECT sku, 'commit', order_id, on_hand, reserved
+         FROM unnest($6::text[], $7::uuid[], $8::int[], $9::int[]) AS m(sku, order_id, on_hand, reserved)",
     )
     .bind(&skus)
     .bind(&on_hand)
     .bind(&reserved)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "WITH c AS (
-             UPDATE inventory.inventory_reservations r SET status = 'committed', updated_at = now()
-             FROM unnest($1::uuid[], $2::text[]) AS c(order_id, sku)
-             WHERE r.order_id = c.order_id AND r.sku = c.sku AND r.order_id = ANY($1))
-         INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
-         SELECT sku, 'commit', order_id, on_hand, reserved
-         FROM unnest($3::text[], $4::uuid[], $5::int[], $6::int[]) AS m(sku, order_id, on_hand, reserved)",
-    )
     .bind(&writes.committed_orders)
     .bind(&writes.committed_skus)
     .bind(&writes.moved_skus)

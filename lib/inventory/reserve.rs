@@ -150,26 +150,24 @@ impl BatchStep for ReserveStep {
             return Ok(outputs);
         }
         let (taken_skus, taken_qtys): (Vec<String>, Vec<i32>) = taken.into_iter().unzip();
+        // One statement: the stock rows are locked already (above, in SKU order).
         sqlx::query(
-            "UPDATE inventory.stock s SET reserved = s.reserved + d.qty, updated_at = now()
-             FROM unnest($1::text[], $2::int[]) AS d(sku, qty)
-             WHERE s.sku = d.sku AND s.sku = ANY($1)",
-        )
-        .bind(&taken_skus)
-        .bind(&taken_qtys)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "WITH held AS (
+            "WITH stock AS (
+                 UPDATE inventory.stock s SET reserved = s.reserved + d.qty, updated_at = now()
+                 FROM unnest($1::text[], $2::int[]) AS d(sku, qty)
+                 WHERE s.sku = d.sku AND s.sku = ANY($1)),
+             held AS (
                  INSERT INTO inventory.inventory_reservations
                      (reservation_id, order_id, sku, qty, status, expires_at)
-                 SELECT id, order_id, sku, qty, 'held', $5
-                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[])
+                 SELECT id, order_id, sku, qty, 'held', $7
+                 FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::int[])
                       AS r(id, order_id, sku, qty)
                  RETURNING order_id, sku, qty)
              INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
              SELECT sku, 'reserve', order_id, 0, qty FROM held",
         )
+        .bind(&taken_skus)
+        .bind(&taken_qtys)
         .bind(&holds.ids)
         .bind(&holds.orders)
         .bind(&holds.skus)
