@@ -3,8 +3,9 @@
 //!
 //! The cart is read and priced without a lock, then the request row, the outbox row and the
 //! cart's new state commit in one call that first checks, under the cart's lock, that the
-//! cart is still what was priced; the event is published right after. If the process dies in between, the outbox sweeper republishes it
-//! (same `Nats-Msg-Id`), so an accepted checkout is never lost.
+//! cart is still what was priced; the event is published right after. If the process dies in
+//! between, the outbox sweeper republishes it (same `Nats-Msg-Id`), so an accepted checkout
+//! is never lost.
 
 use std::collections::HashMap;
 
@@ -269,6 +270,8 @@ impl Checkouts {
             let as_read = AsRead { code, skus, qtys };
             let accepted = self.accept(&mut conn, &submission, priced, as_read).await?;
             if let Some((order_id, out)) = accepted {
+                // Not holding a database connection while JetStream acknowledges.
+                drop(conn);
                 self.outbox.publish(&out).await;
                 return Ok(order_id);
             }

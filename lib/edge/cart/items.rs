@@ -4,7 +4,6 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgPool};
-
 use uuid::Uuid;
 
 use super::pricing::{self, Item, Products};
