@@ -514,6 +514,7 @@ impl Shared {
                 seal: self.seal.clone(),
                 fail_after_provider_call: self.settings.chaos.redeliver
                     == crate::config::Redeliver::AfterProviderCall,
+                pending_limit: self.settings.watchdog.pending_limit,
             }),
         );
         self.step(

@@ -34,6 +34,8 @@ pub struct AuthorizeStep {
     pub seal: Arc<super::token_seal::TokenSeal>,
     /// Fault injection: fail once after the provider answered, before committing.
     pub fail_after_provider_call: bool,
+    /// The watchdog's `pending_limit`: only orders older than this are abandoned.
+    pub pending_limit: Duration,
 }
 
 const DURABLE: &str = "authorize";
@@ -66,38 +68,24 @@ impl Step for AuthorizeStep {
                 event.kind()
             )));
         };
-        // The provider call cannot sit inside a transaction, so look first: a redelivery of
-        // a handled event must not even reach the provider. One round trip asks both things
-        // this step must know before the call.
         let table = InboxTable::Payments;
         let order_id = checkout.order_id;
-        let (handled, outputs, abandoned_already): (bool, Option<Vec<u8>>, bool) = sqlx::query_as(
-            "SELECT i.event_id IS NOT NULL, i.outputs,
-                        EXISTS (SELECT 1 FROM payments.payments
-                                WHERE order_id = $3 AND status = 'abandoned')
-                 FROM (SELECT 1) AS one
-                 LEFT JOIN payments.inbox i ON i.consumer = $1 AND i.event_id = $2",
-        )
-        .bind(DURABLE)
-        .bind(&delivery.event_id)
-        .bind(order_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(StepError::transient)?;
-        if let Some(events) = inbox::outputs_of(handled.then_some(outputs))? {
-            return Ok(events);
-        }
-        if abandoned_already {
-            // The watchdog failed this order before its payment started: do not start one.
-            let outputs = abandoned(checkout);
-            return Ok(inbox::record_alone(
-                &self.pool,
-                table,
-                DURABLE,
-                &delivery.event_id,
-                outputs,
-            )
-            .await?);
+        // The provider call cannot sit inside a transaction, so look first: a redelivery of
+        // a handled event must not even reach the provider, nor may an abandoned order start
+        // a payment. A young first delivery needs neither look: nothing handled it yet (a
+        // handled message is acked, so its redelivery counts two or more), and only the
+        // watchdog abandons payments, of orders older than `pending_limit` (half of it here,
+        // for clocks that disagree). A replay under another message id still meets the
+        // payment row and then the inbox below, after the provider, whose idempotency key
+        // answers a repeated call as it answered the first.
+        let young = delivery.delivered == 1
+            && (Utc::now() - checkout.requested_at)
+                .to_std()
+                .is_ok_and(|age| age < self.pending_limit / 2);
+        if !young {
+            if let Some(events) = self.look_first(&checkout, delivery).await? {
+                return Ok(events);
+            }
         }
         let decision = match self.seal.open(&checkout.payment_token) {
             Ok(token) => {
@@ -170,6 +158,42 @@ impl Step for AuthorizeStep {
 }
 
 impl AuthorizeStep {
+    /// What a delivery that may have been handled, or whose order may have been abandoned,
+    /// must know before the provider is called (one round trip): the events it emitted then,
+    /// or the abandonment's, or `None` to go on.
+    async fn look_first(
+        &self,
+        checkout: &Checkout,
+        delivery: &Delivery,
+    ) -> Result<Option<Vec<Event>>, StepError> {
+        let table = InboxTable::Payments;
+        let (handled, outputs, abandoned_already): (bool, Option<Vec<u8>>, bool) = sqlx::query_as(
+            "SELECT i.event_id IS NOT NULL, i.outputs,
+                        EXISTS (SELECT 1 FROM payments.payments
+                                WHERE order_id = $3 AND status = 'abandoned')
+                 FROM (SELECT 1) AS one
+                 LEFT JOIN payments.inbox i ON i.consumer = $1 AND i.event_id = $2",
+        )
+        .bind(DURABLE)
+        .bind(&delivery.event_id)
+        .bind(checkout.order_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StepError::transient)?;
+        if let Some(events) = inbox::outputs_of(handled.then_some(outputs))? {
+            return Ok(Some(events));
+        }
+        if abandoned_already {
+            // The watchdog failed this order before its payment started: do not start one.
+            let outputs = abandoned(checkout.clone());
+            return Ok(Some(
+                inbox::record_alone(&self.pool, table, DURABLE, &delivery.event_id, outputs)
+                    .await?,
+            ));
+        }
+        Ok(None)
+    }
+
     /// Asks the provider and turns its answer into a decision, or into a retry.
     async fn decide(&self, request: &AuthorizeRequest) -> Result<Decision, StepError> {
         match self.provider.authorize(request).await {
