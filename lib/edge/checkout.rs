@@ -280,7 +280,7 @@ impl Checkouts {
     }
 
     /// Records the priced checkout, its outbox row and the cart's new state, if the cart is
-    /// still as it was read; `None` if it changed since.
+    /// still as it was read and the key still unused; `None` if either changed since.
     async fn accept(
         &self,
         conn: &mut PgConnection,
@@ -347,7 +347,7 @@ impl Checkouts {
             Some(trace),
         )
         .map_err(|e| CheckoutError::Encode(e.into()))?;
-        let accepted: bool = sqlx::query_scalar(
+        let accepted: Result<bool, sqlx::Error> = sqlx::query_scalar(
             "SELECT edge.accept_checkout($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(user_id)
@@ -364,16 +364,16 @@ impl Checkouts {
         .bind(&out.subject)
         .bind(&out.payload)
         .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| match e {
-            // The same key on another cart, accepted concurrently: the cart locks did not
-            // serialize the two, the key's primary key did.
-            sqlx::Error::Database(db) if db.constraint() == Some("checkouts_pkey") => {
-                CheckoutError::KeyReused
-            }
-            e => CheckoutError::Database(e),
-        })?;
-        Ok(accepted.then_some((order_id, out)))
+        .await;
+        match accepted {
+            Ok(accepted) => Ok(accepted.then_some((order_id, out))),
+            // The key was accepted after this request read it: on another cart (the cart
+            // locks did not serialize the two, the key's primary key did), or on this one by
+            // an identical request whose order then failed. The next read finds the key and
+            // tells a replay from a reused key.
+            Err(sqlx::Error::Database(db)) if db.constraint() == Some("checkouts_pkey") => Ok(None),
+            Err(e) => Err(CheckoutError::Database(e)),
+        }
     }
 }
 

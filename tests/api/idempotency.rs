@@ -82,3 +82,61 @@ async fn concurrent_requests_with_one_key_make_one_order() {
     assert_eq!(app.count("SELECT count(*) FROM edge.checkouts").await, 1);
     assert_eq!(app.ledger_count(&ids[0], "authorization").await, 1);
 }
+
+#[tokio::test]
+async fn a_duplicate_that_read_before_the_first_committed_gets_the_first_order() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 50).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "TEE", 1).await;
+    let (status, body) = app.checkout(&alice, "once", &cart, "tok_declined").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let first = body["orderId"].as_str().expect("id").to_owned();
+    let order = app.settled(&alice, &first).await;
+    assert_eq!(order["status"], "failed", "{order}");
+    // Rewind to the moment before the first request committed: its key row is gone (kept
+    // aside), and its cart, whose order failed, may be checked out again.
+    let (hash, event): (Vec<u8>, Vec<u8>) = sqlx::query_as(
+        "DELETE FROM edge.checkouts WHERE idempotency_key = 'once' RETURNING request_hash, event",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("the first request's row");
+    // The identical request reads now (no key yet) and then waits for the cart's lock...
+    let mut first_commits = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM edge.carts WHERE cart_id = $1::uuid FOR UPDATE")
+        .bind(&cart)
+        .execute(&mut *first_commits)
+        .await
+        .expect("lock the cart");
+    let duplicate = app.checkout(&alice, "once", &cart, "tok_declined");
+    let first_lands = async {
+        app.eventually("the duplicate waiting for the cart's lock", || async {
+            app.count(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                == 1
+        })
+        .await;
+        // ...while the first request's row commits under the same key.
+        sqlx::query(
+            "INSERT INTO edge.checkouts (user_id, idempotency_key, request_hash, order_id, cart_id, event)
+             VALUES ('alice', 'once', $1, $2::uuid, $3::uuid, $4)",
+        )
+        .bind(&hash)
+        .bind(&first)
+        .bind(&cart)
+        .bind(&event)
+        .execute(&mut *first_commits)
+        .await
+        .expect("the first request's row again");
+        first_commits.commit().await.expect("commit");
+    };
+    let ((status, body), ()) = tokio::join!(duplicate, first_lands);
+    // The same request under the same key: the first one's order, not "key reused".
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["orderId"], first.as_str());
+    assert_eq!(app.count("SELECT count(*) FROM edge.checkouts").await, 1);
+}
