@@ -129,7 +129,11 @@ impl Step for AuthorizeStep {
             return Ok(outputs);
         }
         if let Some(events) = inbox::lookup(&self.pool, table, DURABLE, &delivery.event_id).await? {
-            // A concurrent delivery recorded first: emit what it recorded.
+            // A concurrent delivery, or the first handling of a replay, recorded first: emit
+            // what it recorded, and give back a hold it does not hold.
+            if let Some(auth_id) = record.auth_id.as_deref() {
+                self.give_back_unrecorded(order_id, auth_id).await?;
+            }
             return Ok(events);
         }
         // The order was abandoned while the provider was answering: give the hold back.
@@ -158,6 +162,41 @@ impl Step for AuthorizeStep {
 }
 
 impl AuthorizeStep {
+    /// Voids `auth_id` unless it is the authorization the order's payment recorded. The
+    /// provider answers a repeated call from its idempotency key, unless the first calls
+    /// failed before it bound the key: then a replay after the order ended (with
+    /// `payment_unavailable`) gets a new hold that nobody would capture or void. If the void
+    /// cannot be made now, the reconciler is asked to look at the order's payment again.
+    async fn give_back_unrecorded(&self, order_id: Uuid, auth_id: &str) -> Result<(), StepError> {
+        let recorded: Option<Option<String>> =
+            sqlx::query_scalar("SELECT auth_id FROM payments.payments WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StepError::transient)?;
+        if recorded.flatten().as_deref() == Some(auth_id) {
+            return Ok(());
+        }
+        let key = idempotency_key(order_id, &format!("void:{auth_id}"));
+        match self.provider.void(auth_id, &key).await {
+            Ok(()) => {
+                tracing::warn!(%auth_id, "voided an authorization the order's payment does not hold");
+            }
+            Err(e) => {
+                tracing::warn!(%auth_id, error = %e, "cannot void an authorization the order's payment does not hold; the reconciler will");
+                sqlx::query(
+                    "UPDATE payments.payments SET reconciled_at = NULL, updated_at = now()
+                     WHERE order_id = $1 AND status IN ('failed', 'abandoned')",
+                )
+                .bind(order_id)
+                .execute(&self.pool)
+                .await
+                .map_err(StepError::transient)?;
+            }
+        }
+        Ok(())
+    }
+
     /// What a delivery that may have been handled, or whose order may have been abandoned,
     /// must know before the provider is called (one round trip): the events it emitted then,
     /// or the abandonment's, or `None` to go on.

@@ -441,3 +441,64 @@ async fn a_young_replay_of_a_reserved_event_authorizes_nothing_again() {
     assert_eq!(app.order(&token, &order_id).await.1["status"], "confirmed");
     assert_eq!(app.dead_letters().await, 0);
 }
+
+#[tokio::test]
+async fn a_replay_after_the_provider_failed_gives_back_the_hold_it_gets() {
+    let app = TestApp::spawn_with(|s| {
+        s.payments.max_attempts = 2;
+        s.payments.retry_window = Duration::ZERO;
+        s.payments.reconcile_delay = Duration::ZERO;
+        s.watchdog.interval = Duration::from_millis(100);
+    })
+    .await;
+    app.product("TEE", "12.00", 10).await;
+    // The provider fails both calls before it binds their idempotency key.
+    app.psp_fault(serde_json::json!({"status": 503, "count": 2, "operations": ["authorize"]}))
+        .await;
+    let (token, order_id, order) = checkout_with(&app, "alice", "tok_visa").await;
+    assert_eq!(order["reason"], "payment_unavailable", "{order}");
+    app.eventually("the reconciler looked at the failed payment", || async {
+        app.count("SELECT count(*) FROM payments.payments WHERE reconciled_at IS NOT NULL")
+            .await
+            == 1
+    })
+    .await;
+    // The reserved event again under another Nats-Msg-Id, minutes later in a real shop (after
+    // the dedup window): a young first delivery, so it goes straight to the provider, which
+    // is healthy now and, its key unbound, makes a new hold.
+    let js = app.jetstream().await;
+    let stream = js.get_stream("CHECKOUT").await.expect("stream");
+    let reserved = stream
+        .get_last_raw_message_by_subject(&format!("checkout.reserved.{order_id}"))
+        .await
+        .expect("the reserved event");
+    let mut headers = reserved.headers.clone();
+    headers.insert("Nats-Msg-Id", format!("replay-{order_id}").as_str());
+    let seq = js
+        .publish_with_headers(
+            reserved.subject.to_string(),
+            headers,
+            reserved.payload.clone(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored")
+        .sequence;
+    let authorize: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("authorize").await.expect("consumer");
+    app.eventually("the replay acked by authorize", || {
+        let mut c = authorize.clone();
+        async move {
+            c.info()
+                .await
+                .is_ok_and(|i| i.ack_floor.stream_sequence >= seq)
+        }
+    })
+    .await;
+    // The hold the failed order's payment does not hold was given back.
+    assert_eq!(app.ledger_count(&order_id, "authorization").await, 1);
+    assert_eq!(app.ledger_count(&order_id, "void").await, 1);
+    let (_, order) = app.order(&token, &order_id).await;
+    assert_eq!(order["status"], "failed", "{order}");
+}
