@@ -270,15 +270,33 @@ async fn attempt<S: BatchStep>(
             Ok(Some(outputs)) => return Ok(outputs),
             Ok(None) => {}
             // Applying a message handled before may fail where its stored outputs would
-            // not: the look-up decides.
-            Err(e) => {
-                debug!(error = %e, "first-delivery attempt failed; again with the inbox look-up");
+            // not (a key or a check refuses the repeat): the look-up decides, at once.
+            Err(e) if may_be_a_repeat(&e) => {
+                debug!(error = %e, "first-delivery attempt refused; again with the inbox look-up");
             }
+            // Anything else (a connection, a timeout, a deadlock) is retried later, as any
+            // failure is, rather than doubled at once under load.
+            Err(e) => return Err(e),
         }
     }
     attempt_with(step, items, true).await?.ok_or_else(|| {
         StepError::transient("a concurrent delivery handled part of this batch first")
     })
+}
+
+/// Whether a failed first-delivery attempt may have failed because one of its messages
+/// was handled before: the database refused the data (a unique key, or a check such as stock
+/// going negative), or the step refused it.
+fn may_be_a_repeat(e: &StepError) -> bool {
+    match e {
+        StepError::Permanent { .. } => true,
+        StepError::Transient(cause) => cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(sqlx::Error::as_database_error)
+            .and_then(sqlx::error::DatabaseError::code)
+            .is_some_and(|code| code.starts_with("23")),
+        StepError::RetryAfter(_) => false,
+    }
 }
 
 /// One transaction: with `look_up`, first read which items were handled before (and what
