@@ -211,32 +211,14 @@ async fn a_replayed_event_is_recognised_by_the_inbox_and_not_applied_again() {
     // `nats` CLI or a republish after the dedup window makes it: a first delivery of an event
     // the reserve step handled. The batch skips the inbox look-up for first deliveries, so
     // the inbox's insert has to catch it.
-    let stream = js.get_stream("CHECKOUT").await.expect("stream");
-    let mut reserve: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer("reserve").await.expect("consumer");
-    // Every delivery, redeliveries included, takes a consumer sequence number.
-    let before = reserve
-        .info()
-        .await
-        .expect("info")
-        .delivered
-        .consumer_sequence;
-    let mut replay = requested.clone();
-    replay.msg_id = format!("replay-{}", requested.msg_id);
-    let seq = app.bus_publish(&js, &replay).await;
-    app.eventually("the replay acked by reserve", || {
-        let mut c = reserve.clone();
-        async move {
-            c.info()
-                .await
-                .is_ok_and(|i| i.ack_floor.stream_sequence >= seq)
-        }
-    })
-    .await;
+    let before = app.deliveries("reserve").await;
+    let seq = app
+        .replay_last(&format!("checkout.requested.{}", requested.order_id))
+        .await;
+    app.until_acked("reserve", seq).await;
     // Handled on its first delivery: the failed attempt without the look-up was redone with
     // it at once, not handed back to the server for a redelivery.
-    let info = reserve.info().await.expect("info").clone();
-    assert_eq!(info.delivered.consumer_sequence, before + 1, "{info:?}");
+    assert_eq!(app.deliveries("reserve").await, before + 1);
     // Reserved once: no second hold, no second movement, one inbox row.
     assert_eq!(app.stock("TEE").await, (8, 0, 8));
     assert_eq!(

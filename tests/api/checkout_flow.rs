@@ -213,24 +213,12 @@ async fn a_line_added_while_the_checkout_is_priced_goes_into_the_order() {
     let alice = app.token("alice");
     let cart = app.add(&alice, "TEE", 1).await;
     // A change of this cart holds its lock, as another request of alice's adding a line would.
-    let mut change = app.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM edge.carts WHERE cart_id = $1::uuid FOR UPDATE")
-        .bind(&cart)
-        .execute(&mut *change)
-        .await
-        .expect("lock the cart");
+    let mut change = app.lock_cart(&cart).await;
     // The checkout reads and prices the cart (one TEE) without the lock, then waits for it.
     let checkout = app.checkout(&alice, "key-1", &cart, "tok_visa");
     let change_lands = async {
-        app.eventually("the checkout waiting for the cart's lock", || async {
-            app.count(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-                == 1
-        })
-        .await;
+        app.until_waiting_for_a_lock("the checkout waiting for the cart's lock")
+            .await;
         sqlx::query(
             "INSERT INTO edge.cart_items (cart_id, sku, qty, currency) VALUES ($1::uuid, 'MUG', 2, 'USD')",
         )
@@ -271,12 +259,7 @@ async fn a_cart_made_while_the_failed_order_was_pending_wins_over_reopening() {
     assert_eq!(order["status"], "failed", "{order}");
     // Another request of alice's saw the order still pending and made a new cart, under the
     // checked-out cart's lock: this one is waiting for that lock, to reopen the cart.
-    let mut other = app.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM edge.carts WHERE cart_id = $1::uuid FOR UPDATE")
-        .bind(&first)
-        .execute(&mut *other)
-        .await
-        .expect("lock the checked-out cart");
+    let mut other = app.lock_cart(&first).await;
     let made = uuid::Uuid::now_v7();
     sqlx::query("INSERT INTO edge.carts (cart_id, user_id, status) VALUES ($1, 'alice', 'open')")
         .bind(made)
@@ -285,15 +268,8 @@ async fn a_cart_made_while_the_failed_order_was_pending_wins_over_reopening() {
         .expect("make a new cart");
     let add = app.add(&alice, "MUG", 1);
     let other_commits = async {
-        app.eventually("the add waiting for the cart's lock", || async {
-            app.count(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-                == 1
-        })
-        .await;
+        app.until_waiting_for_a_lock("the add waiting for the cart's lock")
+            .await;
         other.commit().await.expect("commit");
     };
     // Not a second open cart (the index refuses it), not an error: the new cart.

@@ -579,6 +579,82 @@ impl TestApp {
         let client = async_nats::connect(self.nats.url()).await.expect("nats");
         async_nats::jetstream::new(client)
     }
+
+    /// A transaction holding a cart's row lock, as a concurrent change of that cart would.
+    pub async fn lock_cart(&self, cart_id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = self.pool.begin().await.expect("begin");
+        sqlx::query("SELECT 1 FROM edge.carts WHERE cart_id = $1::uuid FOR UPDATE")
+            .bind(cart_id)
+            .execute(&mut *tx)
+            .await
+            .expect("lock the cart");
+        tx
+    }
+
+    /// Polls until one session of the test's database waits for a lock (`what` waits).
+    pub async fn until_waiting_for_a_lock(&self, what: &str) {
+        self.eventually(what, || async {
+            self.count(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                == 1
+        })
+        .await;
+    }
+
+    /// Publishes the last message of `subject` again under another `Nats-Msg-Id`, as a replay
+    /// with the `nats` CLI makes it; returns its stream sequence.
+    pub async fn replay_last(&self, subject: &str) -> u64 {
+        let js = self.jetstream().await;
+        let stream = js.get_stream("CHECKOUT").await.expect("stream");
+        let last = stream
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .expect("the message to replay");
+        let mut headers = last.headers.clone();
+        headers.insert("Nats-Msg-Id", format!("replay-{}", last.sequence).as_str());
+        js.publish_with_headers(last.subject.to_string(), headers, last.payload.clone())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored")
+            .sequence
+    }
+
+    /// A consumer of the saga's stream, by durable name.
+    pub async fn consumer(&self, durable: &str) -> async_nats::jetstream::consumer::PullConsumer {
+        let js = self.jetstream().await;
+        let stream = js.get_stream("CHECKOUT").await.expect("stream");
+        stream.get_consumer(durable).await.expect("consumer")
+    }
+
+    /// Deliveries a consumer has made so far, redeliveries included (each takes a consumer
+    /// sequence number).
+    pub async fn deliveries(&self, durable: &str) -> u64 {
+        let mut consumer = self.consumer(durable).await;
+        consumer
+            .info()
+            .await
+            .expect("info")
+            .delivered
+            .consumer_sequence
+    }
+
+    /// Polls until `durable` has acked the stream's message `seq`.
+    pub async fn until_acked(&self, durable: &str, seq: u64) {
+        let consumer = self.consumer(durable).await;
+        self.eventually(&format!("{durable} acking message {seq}"), || {
+            let mut c = consumer.clone();
+            async move {
+                c.info()
+                    .await
+                    .is_ok_and(|i| i.ack_floor.stream_sequence >= seq)
+            }
+        })
+        .await;
+    }
 }
 
 /// A request to the edge being built (see `TestApp::request`).
@@ -729,13 +805,12 @@ impl TestApp {
         (token, body["orderId"].as_str().expect("id").to_owned())
     }
 
-    /// Publishes a saga event as its producer would (subject, message id, headers); returns
-    /// its stream sequence.
+    /// Publishes a saga event as its producer would (subject, message id, headers).
     pub async fn bus_publish(
         &self,
         js: &async_nats::jetstream::Context,
         out: &checkout::saga::Outgoing,
-    ) -> u64 {
+    ) {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Checkout-Event", out.kind.as_str());
         headers.insert("Checkout-Order-Id", out.order_id.to_string().as_str());
@@ -745,8 +820,7 @@ impl TestApp {
             .await
             .expect("publish")
             .await
-            .expect("stored")
-            .sequence
+            .expect("stored");
     }
 
     /// Messages in the dead-letter stream.

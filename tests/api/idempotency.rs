@@ -103,23 +103,11 @@ async fn a_duplicate_that_read_before_the_first_committed_gets_the_first_order()
     .await
     .expect("the first request's row");
     // The identical request reads now (no key yet) and then waits for the cart's lock...
-    let mut first_commits = app.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM edge.carts WHERE cart_id = $1::uuid FOR UPDATE")
-        .bind(&cart)
-        .execute(&mut *first_commits)
-        .await
-        .expect("lock the cart");
+    let mut first_commits = app.lock_cart(&cart).await;
     let duplicate = app.checkout(&alice, "once", &cart, "tok_declined");
     let first_lands = async {
-        app.eventually("the duplicate waiting for the cart's lock", || async {
-            app.count(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-                == 1
-        })
-        .await;
+        app.until_waiting_for_a_lock("the duplicate waiting for the cart's lock")
+            .await;
         // ...while the first request's row commits under the same key.
         sqlx::query(
             "INSERT INTO edge.checkouts (user_id, idempotency_key, request_hash, order_id, cart_id, event)

@@ -391,47 +391,14 @@ async fn a_young_replay_of_a_reserved_event_authorizes_nothing_again() {
     app.product("TEE", "12.00", 10).await;
     let (_, order_id, order) = checkout_with(&app, "alice", "tok_visa").await;
     assert_eq!(order["status"], "confirmed", "{order}");
-    let js = app.jetstream().await;
-    let stream = js.get_stream("CHECKOUT").await.expect("stream");
-    let reserved = stream
-        .get_last_raw_message_by_subject(&format!("checkout.reserved.{order_id}"))
-        .await
-        .expect("the reserved event");
-    let mut authorize: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer("authorize").await.expect("consumer");
-    // Every delivery, redeliveries included, takes a consumer sequence number.
-    let before = authorize
-        .info()
-        .await
-        .expect("info")
-        .delivered
-        .consumer_sequence;
+    let before = app.deliveries("authorize").await;
     // The same event seconds later under another Nats-Msg-Id, as a replay with the `nats`
     // CLI makes it: a young first delivery, which authorize handles without its look-up.
-    let mut headers = reserved.headers.clone();
-    headers.insert("Nats-Msg-Id", format!("replay-{order_id}").as_str());
-    let seq = js
-        .publish_with_headers(
-            reserved.subject.to_string(),
-            headers,
-            reserved.payload.clone(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("stored")
-        .sequence;
-    app.eventually("the replay acked by authorize", || {
-        let mut c = authorize.clone();
-        async move {
-            c.info()
-                .await
-                .is_ok_and(|i| i.ack_floor.stream_sequence >= seq)
-        }
-    })
-    .await;
-    let info = authorize.info().await.expect("info").clone();
-    assert_eq!(info.delivered.consumer_sequence, before + 1, "{info:?}");
+    let seq = app
+        .replay_last(&format!("checkout.reserved.{order_id}"))
+        .await;
+    app.until_acked("authorize", seq).await;
+    assert_eq!(app.deliveries("authorize").await, before + 1);
     // The provider answered the repeated call from its idempotency key: one authorization,
     // nothing voided, the order as it was.
     assert_eq!(app.ledger_count(&order_id, "authorization").await, 1);
@@ -466,36 +433,10 @@ async fn a_replay_after_the_provider_failed_gives_back_the_hold_it_gets() {
     // The reserved event again under another Nats-Msg-Id, minutes later in a real shop (after
     // the dedup window): a young first delivery, so it goes straight to the provider, which
     // is healthy now and, its key unbound, makes a new hold.
-    let js = app.jetstream().await;
-    let stream = js.get_stream("CHECKOUT").await.expect("stream");
-    let reserved = stream
-        .get_last_raw_message_by_subject(&format!("checkout.reserved.{order_id}"))
-        .await
-        .expect("the reserved event");
-    let mut headers = reserved.headers.clone();
-    headers.insert("Nats-Msg-Id", format!("replay-{order_id}").as_str());
-    let seq = js
-        .publish_with_headers(
-            reserved.subject.to_string(),
-            headers,
-            reserved.payload.clone(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("stored")
-        .sequence;
-    let authorize: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer("authorize").await.expect("consumer");
-    app.eventually("the replay acked by authorize", || {
-        let mut c = authorize.clone();
-        async move {
-            c.info()
-                .await
-                .is_ok_and(|i| i.ack_floor.stream_sequence >= seq)
-        }
-    })
-    .await;
+    let seq = app
+        .replay_last(&format!("checkout.reserved.{order_id}"))
+        .await;
+    app.until_acked("authorize", seq).await;
     // The hold the failed order's payment does not hold was given back.
     assert_eq!(app.ledger_count(&order_id, "authorization").await, 1);
     assert_eq!(app.ledger_count(&order_id, "void").await, 1);
