@@ -213,14 +213,9 @@ async fn one_run(
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
     // PostgreSQL: a fresh database on the configured server.
     let mut db = settings.database.clone();
-    let base_url = db
-        .url
-        .expose()
-        .rsplit_once('/')
-        .map(|(b, _)| b.to_owned())
-        .unwrap_or_default();
+    let base_url = db.url.expose().to_owned();
     let db_name = format!("checkout_bench_{}_{index}", std::process::id());
-    db.url = crate::config::Secret::new(format!("{base_url}/{db_name}"));
+    db.url = crate::config::Secret::new(with_database(&base_url, &db_name));
     crate::db::create_if_missing(&db).await?;
     let pool = crate::db::connect(&db).await?;
     crate::db::migrate(&pool).await?;
@@ -508,10 +503,26 @@ async fn hot_check(
 
 async fn drop_database(base_url: &str, name: &str) {
     use sqlx::Connection;
-    if let Ok(mut conn) = sqlx::PgConnection::connect(&format!("{base_url}/postgres")).await {
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&with_database(base_url, "postgres")).await {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
             .execute(&mut conn)
             .await;
+    }
+}
+
+/// `url` naming database `name` instead, keeping its query (`?host=/run/postgresql` for a
+/// Unix socket, say).
+fn with_database(url: &str, name: &str) -> String {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let server = match path.rsplit_once('/') {
+        // `postgres://host:port/db`: the last slash is the database's, not the scheme's.
+        Some((server, _)) if !server.ends_with('/') => server,
+        _ => path,
+    };
+    if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
     }
 }
 
@@ -657,6 +668,27 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
             first.stats.quantile_ms(0.99),
             first.ceiling_per_s,
             ratio
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn a_bench_database_keeps_the_servers_address_and_options() {
+        assert_eq!(
+            with_database("postgres://u@127.0.0.1:5432/checkout", "b1"),
+            "postgres://u@127.0.0.1:5432/b1"
+        );
+        assert_eq!(
+            with_database("postgres://u@localhost/checkout?host=/run/postgresql", "b1"),
+            "postgres://u@localhost/b1?host=/run/postgresql"
+        );
+        assert_eq!(
+            with_database("postgres://u@localhost:5432", "b1"),
+            "postgres://u@localhost:5432/b1"
         );
     }
 }
