@@ -116,9 +116,52 @@ struct BenchArgs {
     ceiling: Duration,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Command::Run { role, partitions } = cli.command {
+        let mut settings = Settings::load()?;
+        if !partitions.is_empty() {
+            settings.nats.own_partitions = partitions;
+            settings.check()?;
+        }
+        let roles = Role::parse_list(&role).map_err(anyhow::Error::msg)?;
+        let threads = Role::worker_threads(&roles, &settings.runtime);
+        if threads > 0 {
+            runtime.worker_threads(threads);
+        }
+        return runtime
+            .build()?
+            .block_on(run(cli.log_json, settings, &role, roles));
+    }
+    runtime.build()?.block_on(command(cli))
+}
+
+/// Runs `roles` (named `role` on the command line) until a shutdown signal.
+async fn run(log_json: bool, settings: Settings, role: &str, roles: Vec<Role>) -> Result<()> {
+    let otlp = (!settings.telemetry.otlp_endpoint.is_empty()).then(|| telemetry::Otlp {
+        endpoint: settings.telemetry.otlp_endpoint.clone(),
+        service: role.replace(',', "+"),
+    });
+    // Kept until this returns: dropping it flushes the spans not yet exported.
+    let _spans = telemetry::init_with(log_json, otlp);
+    let app = App::build(settings, &roles)
+        .await
+        .with_context(|| format!("starting {role}"))?;
+    let token = app.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight messages");
+        token.cancel();
+    });
+    app.run_until_stopped()
+        .await
+        .context("stopped with an error")
+}
+
+/// Every command but `run`.
+async fn command(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Decode => decode(),
         Command::Token { user, admin, ttl } => {
@@ -187,32 +230,8 @@ async fn main() -> Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::Run { role, partitions } => {
-            let mut settings = Settings::load()?;
-            if !partitions.is_empty() {
-                settings.nats.own_partitions = partitions;
-                settings.check()?;
-            }
-            let otlp = (!settings.telemetry.otlp_endpoint.is_empty()).then(|| telemetry::Otlp {
-                endpoint: settings.telemetry.otlp_endpoint.clone(),
-                service: role.replace(',', "+"),
-            });
-            // Kept until main returns: dropping it flushes the spans not yet exported.
-            let _spans = telemetry::init_with(cli.log_json, otlp);
-            let roles = Role::parse_list(&role).map_err(anyhow::Error::msg)?;
-            let app = App::build(settings, &roles)
-                .await
-                .with_context(|| format!("starting {role}"))?;
-            let token = app.shutdown_token();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down: finishing in-flight messages");
-                token.cancel();
-            });
-            app.run_until_stopped()
-                .await
-                .context("stopped with an error")
-        }
+        // `main` starts `run` itself, on a runtime sized for its roles.
+        Command::Run { .. } => bail!("`run` is started by main"),
     }
 }
 

@@ -58,6 +58,19 @@ impl Role {
         self != Role::Psp
     }
 
+    fn serves_http(self) -> bool {
+        matches!(self, Role::Edge | Role::Psp)
+    }
+
+    /// The async runtime's worker threads for a process running `roles` (0: one per core).
+    pub fn worker_threads(roles: &[Role], runtime: &crate::config::RuntimeSettings) -> usize {
+        if roles.iter().any(|r| r.serves_http()) {
+            runtime.http_worker_threads
+        } else {
+            runtime.consumer_worker_threads
+        }
+    }
+
     /// `all`, or a comma-separated list of roles (what `checkout run` takes).
     pub fn parse_list(list: &str) -> Result<Vec<Role>, String> {
         if list == "all" {
@@ -662,5 +675,28 @@ impl<S: Step> StepLauncher for S {
             .map_err(TaskError::from);
             (name, result)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Role;
+    use crate::config::RuntimeSettings;
+
+    #[test]
+    fn a_process_serving_http_gets_the_http_threads_and_a_consumer_its_own() {
+        let runtime = RuntimeSettings {
+            http_worker_threads: 0,
+            consumer_worker_threads: 1,
+        };
+        let threads = |list: &str| -> Result<usize, String> {
+            Ok(Role::worker_threads(&Role::parse_list(list)?, &runtime))
+        };
+        assert_eq!(threads("reserve"), Ok(1));
+        assert_eq!(threads("reserve,authorize,order,compensate"), Ok(1));
+        assert_eq!(threads("edge"), Ok(0));
+        assert_eq!(threads("psp"), Ok(0));
+        assert_eq!(threads("edge,reserve"), Ok(0));
+        assert_eq!(threads("all"), Ok(0));
     }
 }

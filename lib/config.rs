@@ -24,6 +24,7 @@ pub struct Settings {
     pub retention: RetentionSettings,
     pub metrics: MetricsSettings,
     pub telemetry: TelemetrySettings,
+    pub runtime: RuntimeSettings,
     pub chaos: ChaosSettings,
 }
 
@@ -232,6 +233,17 @@ pub struct MetricsSettings {
 pub struct TelemetrySettings {
     /// OTLP/HTTP collector base URL (e.g. `http://127.0.0.1:4318`); empty: no export.
     pub otlp_endpoint: String,
+}
+
+/// Threads of a process's async runtime.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RuntimeSettings {
+    /// Worker threads of a process that serves HTTP (the edge, the sandbox PSP, `run all`);
+    /// 0: one per core.
+    pub http_worker_threads: usize,
+    /// Worker threads of a process that only consumes (reserve, authorize, order, compensate);
+    /// 0: one per core.
+    pub consumer_worker_threads: usize,
 }
 
 /// Fault injection, off unless a test turns it on.
