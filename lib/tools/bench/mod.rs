@@ -290,7 +290,7 @@ async fn one_run(
     let http = reqwest::Client::new();
     wait_nats(nats_port).await?;
     let mut roles = vec![Proc::spawn(
-        "psp",
+        SANDBOX_PSP,
         &exe,
         &["run", "psp"],
         &env,
@@ -397,7 +397,7 @@ async fn one_run(
     }
     cpu.push(("nats-server".into(), cpu_seconds(nats.pid()) - nats_before));
     cpu.push((
-        "load generator".into(),
+        LOAD_GENERATOR.into(),
         cpu_seconds(std::process::id()) - me_before,
     ));
     cpu.push((
@@ -508,6 +508,25 @@ async fn drop_database(base_url: &str, name: &str) {
             .execute(&mut conn)
             .await;
     }
+}
+
+/// The bench's own process, as named in the CPU figures.
+const LOAD_GENERATOR: &str = "load generator";
+/// The sandbox payment provider's process, as named in the CPU figures.
+const SANDBOX_PSP: &str = "psp";
+
+/// The CPU per checkout of the pipeline's own processes, and of the two that stand in for
+/// the world around it (the buyers and the payment provider).
+fn cpu_totals(per_process: &[(String, f64)]) -> (f64, f64) {
+    per_process
+        .iter()
+        .fold((0.0, 0.0), |(pipeline, around), (name, ms)| {
+            if name == LOAD_GENERATOR || name == SANDBOX_PSP {
+                (pipeline, around + ms)
+            } else {
+                (pipeline + ms, around)
+            }
+        })
 }
 
 /// `url` naming database `name` instead, keeping its query (`?host=/run/postgresql` for a
@@ -643,6 +662,11 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
             .map(|(n, ms)| format!("{n} {ms:.2}"))
             .collect();
         println!("    CPU ms per checkout: {}", cpu.join(", "));
+        let (pipeline, around) = cpu_totals(&r.cpu_ms_per_checkout);
+        println!(
+            "    CPU ms per checkout in all: {:.2}, of which the pipeline (edge, roles, nats-server, postgres) {pipeline:.2}, the load generator and sandbox PSP {around:.2}",
+            pipeline + around
+        );
         println!("    bound by: {}", binding(r));
         let rss: Vec<String> = r
             .peak_rss_mib
@@ -661,20 +685,34 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
         } else {
             0.0
         };
+        let (pipeline, around) = cpu_totals(&first.cpu_ms_per_checkout);
         println!(
-            "RESULT checkouts_per_s={:.1} p50_ms={:.1} p99_ms={:.1} ceiling_per_s={:.1} ratio={:.3}",
+            "RESULT checkouts_per_s={:.1} p50_ms={:.1} p99_ms={:.1} ceiling_per_s={:.1} ratio={:.3} cpu_ms={:.2} pipeline_cpu_ms={pipeline:.2}",
             rate,
             first.stats.quantile_ms(0.5),
             first.stats.quantile_ms(0.99),
             first.ceiling_per_s,
-            ratio
+            ratio,
+            pipeline + around
         );
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{cpu_totals, with_database};
+
+    #[test]
+    fn the_pipelines_cpu_leaves_out_the_buyers_and_the_provider() {
+        let per_process = [
+            ("psp".to_owned(), 0.25),
+            ("edge".to_owned(), 0.5),
+            ("nats-server".to_owned(), 0.25),
+            ("load generator".to_owned(), 0.5),
+            ("postgres".to_owned(), 1.0),
+        ];
+        assert_eq!(cpu_totals(&per_process), (1.75, 0.75));
+    }
 
     #[test]
     fn a_bench_database_keeps_the_servers_address_and_options() {
