@@ -394,7 +394,17 @@ async fn consume_stream(
         }
     }
     drain(&mut tasks, settings.drain_timeout, &spec.durable).await;
-    let _ = bus.client().flush().await;
+    // Pushes out the acks still buffered. The flush waits for the server, so with NATS down
+    // it would never return: bounded, an ack it could not send only means a redelivery.
+    if tokio::time::timeout(settings.drain_timeout, bus.client().flush())
+        .await
+        .is_err()
+    {
+        warn!(
+            consumer = spec.durable,
+            "acks not flushed (NATS unreachable); they will be redelivered"
+        );
+    }
     info!(consumer = spec.durable, "consumer stopped");
     Ok(())
 }

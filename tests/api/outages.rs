@@ -247,3 +247,17 @@ async fn a_database_outage_longer_than_any_retry_budget_strands_nothing() {
     // The outage plus the steps' capped backoff (nak_max_delay) and a pool reconnect.
     assert!(stall_ms < 20_000.0, "{stall_ms} ms");
 }
+
+#[tokio::test]
+async fn sigterm_stops_within_seconds_while_nats_is_down() {
+    let (mut app, mut process) = harness().await;
+    app.product("TEE", "5.00", 10).await;
+    app.nats.kill();
+    let stopped = process.terminate(Duration::from_secs(30)).await;
+    let (took, _) = stopped.expect("the process exits after SIGTERM with NATS down");
+    // Draining is bounded by consumer.drain_timeout; nothing may wait for NATS to return.
+    assert!(
+        took < app.settings.consumer.drain_timeout + Duration::from_secs(5),
+        "took {took:?}"
+    );
+}
