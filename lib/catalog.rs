@@ -158,13 +158,40 @@ impl CatalogCache {
     }
 }
 
+/// How long an admin change waits for NATS to take its notice. Bounded, because a change
+/// is committed before it is announced and must be answered during a NATS outage too: a
+/// notice that cannot go out only means the other edges see the change when their caches
+/// expire (the TTL), as they would have before notices existed.
+const ANNOUNCE_WITHIN: Duration = Duration::from_secs(2);
+
 /// Announces a product change to every edge instance.
 pub async fn announce_change(client: &async_nats::Client, sku: &Sku) {
-    let subject = format!("{CHANGED_PREFIX}.{}", sku_token(sku));
-    if let Err(e) = client.publish(subject, bytes::Bytes::new()).await {
-        tracing::warn!(error = %e, %sku, "catalog change not announced; caches expire by TTL");
+    announce(client, format!("{CHANGED_PREFIX}.{}", sku_token(sku))).await;
+}
+
+/// Announces a tax or shipping change to every edge instance.
+pub async fn announce_rates_change(client: &async_nats::Client) {
+    announce(client, RATES_CHANGED.to_owned()).await;
+}
+
+/// Publishes an empty notice and waits, at most [`ANNOUNCE_WITHIN`], until the server has it.
+async fn announce(client: &async_nats::Client, subject: String) {
+    let sent = tokio::time::timeout(ANNOUNCE_WITHIN, async {
+        client.publish(subject.clone(), bytes::Bytes::new()).await?;
+        client.flush().await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, %subject, "change not announced; caches expire by TTL");
+        }
+        Err(_) => tracing::warn!(
+            %subject,
+            "change not announced (NATS unreachable); caches expire by TTL"
+        ),
     }
-    let _ = client.flush().await;
 }
 
 /// Drops cached products and rates when any instance announces a change, until shutdown.

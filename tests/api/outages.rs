@@ -261,3 +261,49 @@ async fn sigterm_stops_within_seconds_while_nats_is_down() {
         "took {took:?}"
     );
 }
+
+#[tokio::test]
+async fn admin_changes_are_answered_while_nats_is_down() {
+    let (mut app, _process) = harness().await;
+    app.product("TEE", "5.00", 10).await;
+    app.nats.kill();
+    let admin = app.admin();
+    // Each change commits, then announces itself to the other edges over NATS; the notice
+    // may be lost, the answer may not wait for NATS to return.
+    let changes = [
+        (
+            "/api/admin/products/TEE",
+            serde_json::json!({"name": "Tee", "price": "6.00", "currency": "USD", "weightGrams": 100}),
+            "/price",
+            "6.00",
+        ),
+        (
+            "/api/admin/tax-rates/DE",
+            serde_json::json!({"rates": {"standard": "0.20", "reduced": "0.10"}}),
+            "/rates/standard",
+            "0.20",
+        ),
+    ];
+    for (path, body, field, stored) in changes {
+        let started = Instant::now();
+        let sent = app
+            .request(reqwest::Method::PUT, path)
+            .token(&admin)
+            .json(body)
+            .send();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(20), sent)
+            .await
+            .unwrap_or_else(|_| panic!("{path} still unanswered after 20 s with NATS down"));
+        assert_eq!(status, reqwest::StatusCode::OK, "{path}: {body}");
+        assert_eq!(
+            body.pointer(field),
+            Some(&serde_json::json!(stored)),
+            "{path}: {body}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{path} took {:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -34,9 +34,5 @@ fn parse_country(raw: &str) -> Result<String, ApiError> {
 /// Tax or shipping rates changed: drop this edge's cache and tell the others.
 async fn rates_changed(state: &AppState) {
     state.rates.invalidate_all();
-    let _ = state
-        .bus
-        .client()
-        .publish(catalog::RATES_CHANGED, bytes::Bytes::new())
-        .await;
+    catalog::announce_rates_change(state.bus.client()).await;
 }
