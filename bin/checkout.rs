@@ -102,6 +102,10 @@ struct BenchArgs {
     /// Processes per consumer role to compare, e.g. 1,2.
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
     processes: Vec<usize>,
+    /// Saga partitions on the bench's nats-server (`nats.partitions`): K > 1 adds the servers'
+    /// subject mapping, so the saga runs on K streams.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    partitions: u32,
     /// Skip the flash-sale comparison run.
     #[arg(long)]
     no_hot: bool,
@@ -186,6 +190,7 @@ async fn command(cli: Cli) -> Result<()> {
                 with_hot: !args.no_hot,
                 ceiling_duration: args.ceiling,
                 warmup: args.warmup,
+                partitions: args.partitions,
                 work_dir: ".run/bench".into(),
             };
             bench::run(settings, options).await?;

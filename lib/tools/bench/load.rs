@@ -277,11 +277,11 @@ pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
         .await
         .map_err(|e| BenchError::Setup(format!("nats: {e}")))?;
     let mut confirmed_sub = client
-        .subscribe("checkout.confirmed.*")
+        .subscribe("checkout.confirmed.>")
         .await
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let mut failed_sub = client
-        .subscribe("checkout.failed.*")
+        .subscribe("checkout.failed.>")
         .await
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let watcher = {
@@ -293,10 +293,11 @@ pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
                     Some(m) = failed_sub.next() => (m, false),
                     else => break,
                 };
+                // checkout.<event>.<order_id>, and .<partition> after it when partitioned.
                 if let Some(id) = msg
                     .subject
-                    .rsplit('.')
-                    .next()
+                    .split('.')
+                    .nth(2)
                     .and_then(|s| Uuid::parse_str(s).ok())
                 {
                     settlements.settle(id, ok);

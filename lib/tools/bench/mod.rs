@@ -91,6 +91,8 @@ pub struct BenchOptions {
     /// Spread load before measuring, then `ANALYZE`: a shop's database is not empty, and
     /// plans made on empty tables (sequential scans) would be measured instead of ours.
     pub warmup: Duration,
+    /// Saga partitions (`nats.partitions`) on the bench's nats-server.
+    pub partitions: u32,
     pub work_dir: PathBuf,
 }
 
@@ -137,7 +139,8 @@ pub async fn run(mut settings: Settings, opts: BenchOptions) -> Result<(), Bench
             },
             processes
         )
-        .to_lowercase();
+        .to_lowercase()
+            + &partitions_label(opts.partitions);
         eprintln!("== run {}: {label}", i + 1);
         let measure_ceiling = *processes == 1;
         reports.push(
@@ -178,6 +181,27 @@ pub async fn run(mut settings: Settings, opts: BenchOptions) -> Result<(), Bench
     Ok(())
 }
 
+/// What a run's label adds for partitions (nothing for one).
+fn partitions_label(partitions: u32) -> String {
+    if partitions > 1 {
+        format!(" partitions={partitions}")
+    } else {
+        String::new()
+    }
+}
+
+/// The servers' subject mapping for K partitions, as `nats/cluster/partitions.conf` has it
+/// for three (none for one: a single `CHECKOUT` stream stores `checkout.>`).
+fn partition_mapping(partitions: u32) -> String {
+    if partitions > 1 {
+        format!(
+            "mappings = {{\n  \"checkout.*.*\": \"checkout.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({partitions},2)}}}}\"\n}}\n"
+        )
+    } else {
+        String::new()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn one_run(
     settings: &Settings,
@@ -198,9 +222,10 @@ async fn one_run(
     std::fs::write(
         &conf,
         format!(
-            "listen: 127.0.0.1:{nats_port}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{}\"\n{}}}\n",
+            "listen: 127.0.0.1:{nats_port}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{}\"\n{}}}\n{}",
             dir.join("js").display(),
-            if sync == Sync::Always { "  sync_interval: always\n" } else { "" }
+            if sync == Sync::Always { "  sync_interval: always\n" } else { "" },
+            partition_mapping(opts.partitions),
         ),
     )?;
     let nats = Proc::spawn(
@@ -251,6 +276,10 @@ async fn one_run(
         (
             "CHECKOUT__DATABASE__MIGRATE_ON_START".to_owned(),
             "false".to_owned(),
+        ),
+        (
+            "CHECKOUT__NATS__PARTITIONS".to_owned(),
+            opts.partitions.to_string(),
         ),
         ("RUST_LOG".to_owned(), "warn".to_owned()),
         // One process per role on one host: each serves /metrics on a port of its own.
@@ -617,8 +646,8 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
     let settings = crate::config::Settings::load().ok();
     if let Some(s) = settings {
         println!(
-            "settings that could bind: payments.rate_limit_per_s={BENCH_RATE_LIMIT} (bench), breaker_min_calls=1000000 (bench), per-user limits 1000000 (bench), edge.max_in_flight={}, database.max_connections={} per process, consumer.concurrency={}, consumer.batch={}, consumer.linger={:?}, users={}",
-            s.edge.max_in_flight, s.database.max_connections, s.consumer.concurrency, s.consumer.batch, s.consumer.linger, opts.users
+            "settings that could bind: payments.rate_limit_per_s={BENCH_RATE_LIMIT} (bench), breaker_min_calls=1000000 (bench), per-user limits 1000000 (bench), edge.max_in_flight={}, database.max_connections={} per process, consumer.concurrency={}, consumer.batch={}, consumer.linger={:?}, nats.partitions={}, users={}",
+            s.edge.max_in_flight, s.database.max_connections, s.consumer.concurrency, s.consumer.batch, s.consumer.linger, opts.partitions, opts.users
         );
     }
     println!(
@@ -700,7 +729,22 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_totals, with_database};
+    use super::{cpu_totals, partition_mapping, with_database};
+
+    #[test]
+    fn the_bench_maps_partitions_as_the_cluster_does() {
+        assert_eq!(partition_mapping(1), "");
+        let cluster = include_str!("../../../nats/cluster/partitions.conf");
+        let mapping = partition_mapping(3);
+        let line = mapping
+            .lines()
+            .find(|l| l.contains("partition("))
+            .expect("a mapping line");
+        assert!(
+            cluster.lines().any(|l| l == line),
+            "{line:?} is not in nats/cluster/partitions.conf"
+        );
+    }
 
     #[test]
     fn the_pipelines_cpu_leaves_out_the_buyers_and_the_provider() {
