@@ -197,6 +197,7 @@ impl App {
             }
             let shared = Shared {
                 settings: settings.clone(),
+                leases: db::Leases::new(pool.clone()),
                 pool: pool.clone(),
                 bus: bus.clone(),
                 provider: provider.clone(),
@@ -355,6 +356,8 @@ fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, AppError
 struct Shared {
     settings: Settings,
     pool: sqlx::PgPool,
+    /// The hot paths' connections from `pool` (see `db::lease`).
+    leases: db::Leases,
     bus: Bus,
     provider: Arc<dyn PaymentProvider>,
     breaker: Arc<crate::payments::guard::CircuitBreaker>,
@@ -448,7 +451,7 @@ impl Shared {
             }
         });
         let checkouts = Checkouts::new(
-            self.pool.clone(),
+            self.leases.clone(),
             self.seal.clone(),
             outbox.clone(),
             rates.clone(),
@@ -456,6 +459,7 @@ impl Shared {
         );
         let state = AppState::new(EdgeState {
             pool: self.pool.clone(),
+            leases: self.leases.clone(),
             bus: self.bus.clone(),
             checkouts,
             outbox,
@@ -493,7 +497,7 @@ impl Shared {
         self.step(
             tasks,
             Arc::new(Batch(Arc::new(ReserveStep {
-                pool: self.pool.clone(),
+                leases: self.leases.clone(),
                 ttl: self.settings.inventory.reservation_ttl,
                 notices: Some(self.bus.client().clone()),
             }))),
@@ -501,7 +505,7 @@ impl Shared {
         self.step(
             tasks,
             Arc::new(Batch(Arc::new(CommitStep {
-                pool: self.pool.clone(),
+                leases: self.leases.clone(),
             }))),
         );
         let (pool, token) = (self.pool.clone(), self.shutdown.clone());
@@ -520,6 +524,7 @@ impl Shared {
             tasks,
             Arc::new(AuthorizeStep {
                 pool: self.pool.clone(),
+                leases: self.leases.clone(),
                 provider: self.provider.clone(),
                 max_attempts: self.settings.payments.max_attempts,
                 retry_window: self.settings.payments.retry_window,
@@ -560,7 +565,7 @@ impl Shared {
         self.step(
             tasks,
             Arc::new(Batch(Arc::new(OrderStep {
-                pool: self.pool.clone(),
+                leases: self.leases.clone(),
             }))),
         );
         self.step(

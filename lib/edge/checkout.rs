@@ -17,6 +17,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::catalog::{Product, ProductRow};
+use crate::db::Leases;
 use crate::domain::Address;
 use crate::edge::cart::pricing::{Item, Products};
 use crate::edge::cart::{self, CartError};
@@ -179,7 +180,7 @@ fn found(mut rows: Vec<ReadRow>, hash: &[u8]) -> Result<Found, CheckoutError> {
 /// The edge's checkout service.
 #[derive(Clone)]
 pub struct Checkouts {
-    pool: PgPool,
+    leases: Leases,
     seal: std::sync::Arc<crate::payments::token_seal::TokenSeal>,
     outbox: Outbox,
     rates: RatesCache,
@@ -189,14 +190,14 @@ pub struct Checkouts {
 impl Checkouts {
     /// The service; accepted requests go out through `outbox`.
     pub fn new(
-        pool: PgPool,
+        leases: Leases,
         seal: std::sync::Arc<crate::payments::token_seal::TokenSeal>,
         outbox: Outbox,
         rates: RatesCache,
         sold_out: SoldOut,
     ) -> Self {
         Self {
-            pool,
+            leases,
             seal,
             outbox,
             rates,
@@ -217,7 +218,7 @@ impl Checkouts {
             .rates
             .get(&request.address.country, request.address.region.as_deref())
             .await?;
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.leases.acquire().await?;
         // Optimistic: read and price without a lock, then accept only if the cart is still
         // what was priced (`edge.accept_checkout` takes the cart's lock and checks). Two
         // round trips instead of a six-statement transaction; a cart changed in between is
@@ -271,7 +272,7 @@ impl Checkouts {
             let accepted = self.accept(&mut conn, &submission, priced, as_read).await?;
             if let Some((order_id, out)) = accepted {
                 // Not holding a database connection while JetStream acknowledges.
-                drop(conn);
+                conn.park();
                 self.outbox.publish(&out).await;
                 return Ok(order_id);
             }

@@ -12,7 +12,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
+
+use crate::db::Leases;
 use uuid::Uuid;
 
 use crate::saga::batch::BatchStep;
@@ -22,7 +24,7 @@ use crate::saga::runner::StepError;
 
 /// Consumes `checkout.authorized`, emits `checkout.committed` or `checkout.rejected`.
 pub struct CommitStep {
-    pub pool: PgPool,
+    pub leases: Leases,
 }
 
 /// An authorized checkout.
@@ -67,8 +69,8 @@ impl BatchStep for CommitStep {
         InboxTable::Inventory
     }
 
-    fn pool(&self) -> &PgPool {
-        &self.pool
+    fn leases(&self) -> &Leases {
+        &self.leases
     }
 
     fn input(&self, event: Event) -> Result<Authorized, String> {

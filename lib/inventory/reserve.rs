@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
+
+use crate::db::Leases;
 use uuid::Uuid;
 
 use super::soldout;
@@ -21,7 +23,7 @@ use crate::saga::runner::StepError;
 
 /// Consumes `checkout.requested`, emits `checkout.reserved` or `checkout.rejected`.
 pub struct ReserveStep {
-    pub pool: PgPool,
+    pub leases: Leases,
     pub ttl: Duration,
     /// Where shortages are announced to every edge (see `soldout`); none in some tests.
     pub notices: Option<async_nats::Client>,
@@ -51,8 +53,8 @@ impl BatchStep for ReserveStep {
         InboxTable::Inventory
     }
 
-    fn pool(&self) -> &PgPool {
-        &self.pool
+    fn leases(&self) -> &Leases {
+        &self.leases
     }
 
     fn committed(&self, outputs: &[Vec<Event>]) {

@@ -7,7 +7,9 @@
 
 use std::collections::HashSet;
 
-use sqlx::{Acquire, PgConnection, PgPool};
+use sqlx::{Acquire, PgConnection};
+
+use crate::db::Leases;
 use uuid::Uuid;
 
 use super::record::{self, OrderStatus};
@@ -20,7 +22,7 @@ use crate::saga::runner::StepError;
 /// Consumes `checkout.committed`, emits `checkout.confirmed`, or `checkout.rejected` when the
 /// promotion's limits were reached first or the order timed out meanwhile.
 pub struct OrderStep {
-    pub pool: PgPool,
+    pub leases: Leases,
 }
 
 impl BatchStep for OrderStep {
@@ -38,8 +40,8 @@ impl BatchStep for OrderStep {
         InboxTable::Orders
     }
 
-    fn pool(&self) -> &PgPool {
-        &self.pool
+    fn leases(&self) -> &Leases {
+        &self.leases
     }
 
     fn committed(&self, outputs: &[Vec<Event>]) {

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
 use super::{idempotency_key, payment_id_for, PaymentStatus};
+use crate::db::Leases;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
@@ -23,6 +24,8 @@ use crate::saga::runner::{Delivery, Step, StepError};
 /// Consumes `checkout.reserved`, emits `checkout.authorized` or `checkout.declined`.
 pub struct AuthorizeStep {
     pub pool: PgPool,
+    /// The hot path's connections (the look-up before the provider call, the record after).
+    pub leases: Leases,
     pub provider: Arc<dyn PaymentProvider>,
     /// Failed provider calls allowed per order (together with `retry_window`).
     pub max_attempts: i32,
@@ -119,7 +122,15 @@ impl Step for AuthorizeStep {
             ));
         }
         let (record, outputs) = outcome(&checkout, decision, self.provider.name());
-        if claim_and_record(&self.pool, &delivery.event_id, &outputs, &checkout, &record).await? {
+        if claim_and_record(
+            &self.leases,
+            &delivery.event_id,
+            &outputs,
+            &checkout,
+            &record,
+        )
+        .await?
+        {
             let flagged = outputs.iter().any(|e| {
                 matches!(e, Event::Declined { reason, .. } if *reason == FailureReason::FraudSuspected)
             });
@@ -206,6 +217,7 @@ impl AuthorizeStep {
         delivery: &Delivery,
     ) -> Result<Option<Vec<Event>>, StepError> {
         let table = InboxTable::Payments;
+        let mut lease = self.leases.acquire().await.map_err(StepError::transient)?;
         let (handled, outputs, abandoned_already): (bool, Option<Vec<u8>>, bool) = sqlx::query_as(
             "SELECT i.event_id IS NOT NULL, i.outputs,
                         EXISTS (SELECT 1 FROM payments.payments
@@ -216,9 +228,10 @@ impl AuthorizeStep {
         .bind(DURABLE)
         .bind(&delivery.event_id)
         .bind(checkout.order_id)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *lease)
         .await
         .map_err(StepError::transient)?;
+        lease.park();
         if let Some(events) = inbox::outputs_of(handled.then_some(outputs))? {
             return Ok(Some(events));
         }
@@ -386,7 +399,7 @@ fn outcome(
 /// with no effect, if the order already has a payment row: a concurrent delivery recorded
 /// first, or the order was abandoned.
 async fn claim_and_record(
-    pool: &PgPool,
+    leases: &Leases,
     event_id: &str,
     outputs: &[Event],
     checkout: &Checkout,
@@ -394,6 +407,7 @@ async fn claim_and_record(
 ) -> Result<bool, StepError> {
     let bytes = rmp_serde::to_vec_named(outputs)
         .map_err(|e| StepError::refused("outputs do not encode", e))?;
+    let mut lease = leases.acquire().await?;
     let (claimed,): (bool,) = sqlx::query_as(
         "WITH p AS (
              INSERT INTO payments.payments
@@ -418,8 +432,9 @@ async fn claim_and_record(
     .bind(checkout.currency)
     .bind(record.decline_code.as_deref())
     .bind(record.expires_at)
-    .fetch_one(pool)
+    .fetch_one(&mut *lease)
     .await?;
+    lease.park();
     Ok(claimed)
 }
 

@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use async_nats::jetstream::{self, AckKind};
 use futures::FutureExt;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection};
+
+use crate::db::Leases;
 use tracing::{debug, debug_span, info_span, warn, Instrument};
 
 use crate::bus::{Bus, BusError};
@@ -41,8 +43,8 @@ pub trait BatchStep: Send + Sync + 'static {
     fn consumes(&self) -> Vec<EventKind>;
     /// The inbox of the service this step writes.
     fn inbox(&self) -> InboxTable;
-    /// The service's database.
-    fn pool(&self) -> &PgPool;
+    /// The service's database connections.
+    fn leases(&self) -> &Leases;
     /// The step's input from an event it consumes; an error dead-letters the message.
     fn input(&self, event: Event) -> Result<Self::Input, String>;
     /// Called after the commit with the outputs of the inputs handled for the first time (not
@@ -320,7 +322,8 @@ async fn attempt_with<S: BatchStep>(
 ) -> Result<Option<Vec<Vec<Event>>>, StepError> {
     let table = step.inbox().name();
     let durable = step.durable();
-    let mut tx = step.pool().begin_with(BEGIN).await?;
+    let mut lease = step.leases().acquire().await?;
+    let mut tx = lease.begin_with(BEGIN).await?;
     let mut stored: HashMap<String, Vec<Event>> = HashMap::new();
     if look_up {
         let ids: Vec<&str> = items.iter().map(|i| i.event_id.as_str()).collect();
@@ -385,6 +388,7 @@ async fn attempt_with<S: BatchStep>(
         }
     }
     tx.commit().await?;
+    lease.park();
     step.committed(&fresh_outputs);
     Ok(Some(
         items

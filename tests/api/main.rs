@@ -15,6 +15,7 @@ mod flash_sale;
 mod helpers;
 mod idempotency;
 mod inventory;
+mod leases;
 mod nats_auth;
 mod observability;
 mod outages;

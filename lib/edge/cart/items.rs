@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::pricing::{self, Item, Products};
 use super::{contended, open_cart_for_update, CartError, CartView};
 use crate::catalog::{CatalogCache, Product};
+use crate::db::Leases;
 use crate::domain::{Quantity, Sku};
 
 /// How big a cart may grow. Quantities are capped by [`Quantity::MAX`]; the number of lines
@@ -72,7 +73,7 @@ fn outcome(
 
 /// Adds `qty` of a product to the caller's open cart (summing with what is there).
 pub async fn add_item(
-    pool: &PgPool,
+    leases: &Leases,
     user_id: &str,
     product: &Product,
     qty: Quantity,
@@ -82,12 +83,12 @@ pub async fn add_item(
     if !product.active {
         return Err(CartError::Inactive(product.sku.to_string()));
     }
-    write_line(pool, user_id, product, qty, limits, catalog, true).await
+    write_line(leases, user_id, product, qty, limits, catalog, true).await
 }
 
 /// Sets a line's quantity; `None` removes the line.
 pub async fn set_item(
-    pool: &PgPool,
+    leases: &Leases,
     user_id: &str,
     product: &Product,
     qty: Option<Quantity>,
@@ -95,8 +96,8 @@ pub async fn set_item(
     catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
     match qty {
-        Some(qty) => write_line(pool, user_id, product, qty, limits, catalog, false).await,
-        None => remove(pool, user_id, &product.sku, catalog, false).await,
+        Some(qty) => write_line(leases, user_id, product, qty, limits, catalog, false).await,
+        None => remove(leases.pool(), user_id, &product.sku, catalog, false).await,
     }
 }
 
@@ -113,7 +114,7 @@ pub async fn remove_item(
 /// Inserts the line (`sum`: adds to the line already there) or sets its quantity, within
 /// the cart's limits, then prices the cart from the edge's catalog cache.
 async fn write_line(
-    pool: &PgPool,
+    leases: &Leases,
     user_id: &str,
     product: &Product,
     qty: Quantity,
@@ -121,7 +122,7 @@ async fn write_line(
     catalog: &CatalogCache,
     sum: bool,
 ) -> Result<CartView, CartError> {
-    let mut conn = pool.acquire().await?;
+    let mut conn = leases.acquire().await?;
     let rows: Vec<LineRow> = sqlx::query_as(
         "SELECT cart, promo, item_sku AS sku, item_qty AS qty, item_currency AS currency,
                 item_added_at AS added_at, changed
@@ -147,6 +148,7 @@ async fn write_line(
     let items = outcome(rows, product, *limits)?;
     let priced =
         pricing::price_lines(&mut conn, promo_code, items, Products::Cache(catalog), None).await?;
+    conn.park();
     Ok(CartView { cart_id, priced })
 }
 

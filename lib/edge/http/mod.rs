@@ -50,6 +50,8 @@ impl std::ops::Deref for AppState {
 /// The edge's services and settings, behind [`AppState`].
 pub struct EdgeState {
     pub pool: PgPool,
+    /// The hot paths' connections from `pool` (see `db::lease`).
+    pub leases: crate::db::Leases,
     pub bus: Bus,
     pub checkouts: Checkouts,
     /// Publishes ship, cancel and refund requests staged with their order locks.

@@ -7,6 +7,10 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::config::DatabaseSettings;
 
+pub mod lease;
+
+pub use lease::{Lease, Leases};
+
 /// Failures preparing the database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
