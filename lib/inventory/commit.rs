@@ -13,10 +13,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sqlx::PgConnection;
-
-use crate::db::Leases;
 use uuid::Uuid;
 
+use crate::db::Leases;
 use crate::saga::batch::BatchStep;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::InboxTable;

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::PgConnection;
-
-use crate::db::Leases;
 use uuid::Uuid;
 
 use super::soldout;
+use crate::db::Leases;
 use crate::saga::batch::BatchStep;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason, Short};
 use crate::saga::inbox::InboxTable;

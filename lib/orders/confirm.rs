@@ -8,11 +8,10 @@
 use std::collections::HashSet;
 
 use sqlx::{Acquire, PgConnection};
-
-use crate::db::Leases;
 use uuid::Uuid;
 
 use super::record::{self, OrderStatus};
+use crate::db::Leases;
 use crate::pricing::promo::{self, RedeemRefusal};
 use crate::saga::batch::BatchStep;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};

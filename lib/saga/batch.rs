@@ -15,12 +15,11 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, AckKind};
 use futures::FutureExt;
 use sqlx::{Connection, PgConnection};
-
-use crate::db::Leases;
 use tracing::{debug, debug_span, info_span, warn, Instrument};
 
 use crate::bus::{Bus, BusError};
 use crate::config::{ConsumerSettings, Redeliver};
+use crate::db::Leases;
 use crate::saga::events::{Event, EventKind};
 use crate::saga::inbox::InboxTable;
 use crate::saga::outgoing::Outgoing;
