@@ -106,18 +106,10 @@ impl Inner {
 
     /// The newest parked connection still fresh; stale ones go back to the pool.
     fn take(&self) -> Option<PoolConnection<Postgres>> {
-        let mut stale = Vec::new();
-        let found = {
+        let (stale, found) = {
             let mut parked = self.lock();
-            let mut found = None;
-            while let Some((conn, since)) = parked.pop() {
-                if since.elapsed() < PARKED_FOR {
-                    found = Some(conn);
-                    break;
-                }
-                stale.push(conn);
-            }
-            found
+            let stale = drain_stale(&mut parked);
+            (stale, parked.pop().map(|(conn, _)| conn))
         };
         // Dropped outside the lock: each spawns the pool's return (and its ping).
         drop(stale);
@@ -126,16 +118,21 @@ impl Inner {
 
     /// Hands back the connections parked for longer than [`PARKED_FOR`].
     fn reap(&self) {
-        let stale: Vec<_> = {
-            let mut parked = self.lock();
-            let keep = parked
-                .iter()
-                .position(|(_, since)| since.elapsed() < PARKED_FOR)
-                .unwrap_or(parked.len());
-            parked.drain(..keep).collect()
-        };
+        let stale = drain_stale(&mut self.lock());
         drop(stale);
     }
+}
+
+/// Takes out the connections parked for longer than [`PARKED_FOR`]: the oldest ones, as
+/// connections are parked in time order.
+fn drain_stale(
+    parked: &mut Vec<(PoolConnection<Postgres>, Instant)>,
+) -> Vec<(PoolConnection<Postgres>, Instant)> {
+    let fresh = parked
+        .iter()
+        .position(|(_, since)| since.elapsed() < PARKED_FOR)
+        .unwrap_or(parked.len());
+    parked.drain(..fresh).collect()
 }
 
 /// Reaps stale parked connections until the leases are gone.
