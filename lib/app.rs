@@ -523,7 +523,6 @@ impl Shared {
         self.step(
             tasks,
             Arc::new(AuthorizeStep {
-                pool: self.pool.clone(),
                 leases: self.leases.clone(),
                 provider: self.provider.clone(),
                 max_attempts: self.settings.payments.max_attempts,

@@ -23,8 +23,8 @@ use crate::saga::runner::{Delivery, Step, StepError};
 
 /// Consumes `checkout.reserved`, emits `checkout.authorized` or `checkout.declined`.
 pub struct AuthorizeStep {
-    pub pool: PgPool,
-    /// The hot path's connections (the look-up before the provider call, the record after).
+    /// The payments database: leases on the hot path (the look-up before the provider call,
+    /// the record after), its pool for the rest.
     pub leases: Leases,
     pub provider: Arc<dyn PaymentProvider>,
     /// Failed provider calls allowed per order (together with `retry_window`).
@@ -139,7 +139,9 @@ impl Step for AuthorizeStep {
             }
             return Ok(outputs);
         }
-        if let Some(events) = inbox::lookup(&self.pool, table, DURABLE, &delivery.event_id).await? {
+        if let Some(events) =
+            inbox::lookup(self.leases.pool(), table, DURABLE, &delivery.event_id).await?
+        {
             // A concurrent delivery, or the first handling of a replay, recorded first: emit
             // what it recorded, and give back a hold it does not hold.
             if let Some(auth_id) = record.auth_id.as_deref() {
@@ -168,7 +170,14 @@ impl Step for AuthorizeStep {
             }
         }
         let outputs = abandoned(checkout);
-        Ok(inbox::record_alone(&self.pool, table, DURABLE, &delivery.event_id, outputs).await?)
+        Ok(inbox::record_alone(
+            self.leases.pool(),
+            table,
+            DURABLE,
+            &delivery.event_id,
+            outputs,
+        )
+        .await?)
     }
 }
 
@@ -182,7 +191,7 @@ impl AuthorizeStep {
         let recorded: Option<Option<String>> =
             sqlx::query_scalar("SELECT auth_id FROM payments.payments WHERE order_id = $1")
                 .bind(order_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.leases.pool())
                 .await
                 .map_err(StepError::transient)?;
         if recorded.flatten().as_deref() == Some(auth_id) {
@@ -200,7 +209,7 @@ impl AuthorizeStep {
                      WHERE order_id = $1 AND status IN ('failed', 'abandoned')",
                 )
                 .bind(order_id)
-                .execute(&self.pool)
+                .execute(self.leases.pool())
                 .await
                 .map_err(StepError::transient)?;
             }
@@ -239,8 +248,14 @@ impl AuthorizeStep {
             // The watchdog failed this order before its payment started: do not start one.
             let outputs = abandoned(checkout.clone());
             return Ok(Some(
-                inbox::record_alone(&self.pool, table, DURABLE, &delivery.event_id, outputs)
-                    .await?,
+                inbox::record_alone(
+                    self.leases.pool(),
+                    table,
+                    DURABLE,
+                    &delivery.event_id,
+                    outputs,
+                )
+                .await?,
             ));
         }
         Ok(None)
@@ -279,7 +294,7 @@ impl AuthorizeStep {
             Err(ProviderError::Deferred(wait)) => Err(StepError::RetryAfter(wait)),
             Err(ProviderError::Unavailable(e)) => {
                 let spent = record_failure(
-                    &self.pool,
+                    self.leases.pool(),
                     request.order_id,
                     &e,
                     self.max_attempts,
