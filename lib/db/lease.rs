@@ -2,8 +2,8 @@
 //! work finished cleanly.
 //!
 //! sqlx tests every connection handed back to its pool with a Sync/ReadyForQuery round trip
-//! (a send, a receive, and a wake-up on both sides), whatever the connection just did. On the
-//! hot paths that was about four round trips per checkout that did nothing (BENCHMARKS.md). A
+//! (a send, a receive, and a wake-up on both sides), whatever the connection just did: on the
+//! hot paths, several per checkout that did nothing (BENCHMARKS.md has the measurements). A
 //! lease whose work ended cleanly (its transaction committed, its statement answered) is
 //! [`Lease::park`]ed instead and goes to the next lease as it is. A lease dropped any other way
 //! (an error, a cancelled future) goes back the pool's way, ping included: that ping is what
