@@ -36,6 +36,12 @@ pub enum BusError {
         #[source]
         source: Cause,
     },
+    /// The server created a consumer without the subject filters it was given.
+    #[error(
+        "nats-server {version} ignored the subject filters of consumer {consumer}: \
+         checkout needs nats-server 2.10 or newer"
+    )]
+    ServerTooOld { consumer: String, version: String },
     /// `hint` says what the failure usually means here (an election, a busy server).
     #[error("publish to {subject}: {source}{hint}")]
     Publish {
@@ -330,11 +336,29 @@ impl Bus {
         };
         // Without an action the server creates the durable or updates it in place, so every
         // instance of a role can run this at start-up.
-        settling(&what, consumer_error_transient, || {
+        let consumer = settling(&what, consumer_error_transient, || {
             stream.create_consumer(config.clone())
         })
         .await
-        .map_err(|e| err(e.into()))
+        .map_err(|e| err(e.into()))?;
+        // A server older than 2.10 does not know `filter_subjects`: it creates the consumer
+        // without any filter, and the step would be handed every event of the stream and
+        // dead-letter all it does not consume. Refuse to start instead.
+        let applied = &consumer.cached_info().config;
+        if !filters_applied(
+            &spec.filter_subjects,
+            &applied.filter_subject,
+            &applied.filter_subjects,
+        ) {
+            let version = self.client.server_info().version;
+            // The consumer as created would misroute every event: leave none behind.
+            let _ = stream.delete_consumer(&spec.durable).await;
+            return Err(BusError::ServerTooOld {
+                consumer: spec.durable.clone(),
+                version,
+            });
+        }
+        Ok(consumer)
     }
 
     /// Publishes one event and waits for its PublishAck. A duplicate (same `Nats-Msg-Id`
@@ -471,6 +495,22 @@ where
 }
 
 /// JetStream API codes that mean "not now", not "no".
+/// Whether the consumer the server created filters as asked: a single filter may come back
+/// in either field, several only in `filter_subjects`.
+fn filters_applied(asked: &[String], single: &str, several: &[String]) -> bool {
+    match asked {
+        [] => true,
+        [one] if single == one.as_str() => true,
+        _ => {
+            let mut asked = asked.to_vec();
+            let mut got = several.to_vec();
+            asked.sort();
+            got.sort();
+            asked == got
+        }
+    }
+}
+
 fn code_transient(e: &jetstream::Error) -> bool {
     use jetstream::ErrorCode as C;
     e.code() == 503
@@ -546,7 +586,24 @@ fn redacted(urls: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use super::{filters_applied, redacted};
+
+    #[test]
+    fn a_consumer_created_without_its_filters_is_noticed() {
+        let two = [
+            "checkout.reserved.*".to_owned(),
+            "checkout.failed.*".to_owned(),
+        ];
+        let one = ["checkout.reserved.*".to_owned()];
+        // What nats-server 2.9 answers: neither field set.
+        assert!(!filters_applied(&two, "", &[]));
+        assert!(!filters_applied(&one, "", &[]));
+        assert!(filters_applied(&two, "", &[two[1].clone(), two[0].clone()]));
+        assert!(filters_applied(&one, "checkout.reserved.*", &[]));
+        assert!(filters_applied(&one, "", &one));
+        assert!(!filters_applied(&two, "", &one));
+        assert!(filters_applied(&[], "", &[]));
+    }
 
     #[test]
     fn credentials_never_reach_the_logs() {

@@ -284,6 +284,8 @@ async fn consume_stream(
     'outer: while !shutdown.is_cancelled() {
         let consumer = match bus.ensure_consumer(&spec).await {
             Ok(c) => c,
+            // Waiting cannot make the server newer: stop the process, saying why.
+            Err(e @ BusError::ServerTooOld { .. }) => return Err(e),
             Err(e) => {
                 warn!(consumer = spec.durable, error = %e, "consumer unavailable, retrying");
                 tokio::select! {

