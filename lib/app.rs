@@ -524,6 +524,7 @@ impl Shared {
             tasks,
             Arc::new(AuthorizeStep {
                 leases: self.leases.clone(),
+                claims: crate::db::group::Group::new(crate::payments::Claims, self.leases.clone()),
                 provider: self.provider.clone(),
                 max_attempts: self.settings.payments.max_attempts,
                 retry_window: self.settings.payments.retry_window,

@@ -39,6 +39,8 @@ pub struct Leases {
 struct Inner {
     pool: PgPool,
     permits: Arc<Semaphore>,
+    /// How many leases there can be at once.
+    size: usize,
     /// Newest last.
     parked: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
 }
@@ -61,10 +63,16 @@ impl Leases {
         let inner = Arc::new(Inner {
             pool,
             permits: Arc::new(Semaphore::new(permits)),
+            size: permits,
             parked: Mutex::new(Vec::new()),
         });
         tokio::spawn(reap(Arc::downgrade(&inner)));
         Self { inner }
+    }
+
+    /// How many leases there can be at once.
+    pub fn size(&self) -> usize {
+        self.inner.size
     }
 
     /// The pool the leases come from.

@@ -7,6 +7,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::config::DatabaseSettings;
 
+pub mod group;
 pub mod lease;
 
 pub use lease::{Lease, Leases};

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
 use super::{idempotency_key, payment_id_for, PaymentStatus};
+use crate::db::group::{Group, Writes};
 use crate::db::Leases;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, InboxTable};
@@ -26,6 +27,8 @@ pub struct AuthorizeStep {
     /// The payments database: leases on the hot path (the look-up before the provider call,
     /// the record after), its pool for the rest.
     pub leases: Leases,
+    /// Records the payments, many orders per commit under load.
+    pub claims: Group<Claims>,
     pub provider: Arc<dyn PaymentProvider>,
     /// Failed provider calls allowed per order (together with `retry_window`).
     pub max_attempts: i32,
@@ -122,15 +125,9 @@ impl Step for AuthorizeStep {
             ));
         }
         let (record, outputs) = outcome(&checkout, decision, self.provider.name());
-        if claim_and_record(
-            &self.leases,
-            &delivery.event_id,
-            &outputs,
-            &checkout,
-            &record,
-        )
-        .await?
-        {
+        let auth_id = record.auth_id.clone();
+        let claim = Claim::new(&delivery.event_id, &outputs, &checkout, record)?;
+        if self.claims.write(claim).await? {
             let flagged = outputs.iter().any(|e| {
                 matches!(e, Event::Declined { reason, .. } if *reason == FailureReason::FraudSuspected)
             });
@@ -144,13 +141,13 @@ impl Step for AuthorizeStep {
         {
             // A concurrent delivery, or the first handling of a replay, recorded first: emit
             // what it recorded, and give back a hold it does not hold.
-            if let Some(auth_id) = record.auth_id.as_deref() {
+            if let Some(auth_id) = auth_id.as_deref() {
                 self.give_back_unrecorded(order_id, auth_id).await?;
             }
             return Ok(events);
         }
         // The order was abandoned while the provider was answering: give the hold back.
-        if let Some(auth_id) = record.auth_id.as_deref() {
+        if let Some(auth_id) = auth_id.as_deref() {
             match self
                 .provider
                 .void(auth_id, &idempotency_key(order_id, "void"))
@@ -410,47 +407,90 @@ fn outcome(
     }
 }
 
-/// Records the payment and claims the event in one statement (one round trip). Returns false,
-/// with no effect, if the order already has a payment row: a concurrent delivery recorded
-/// first, or the order was abandoned.
-async fn claim_and_record(
-    leases: &Leases,
-    event_id: &str,
-    outputs: &[Event],
-    checkout: &Checkout,
-    record: &PaymentRecord,
-) -> Result<bool, StepError> {
-    let bytes = rmp_serde::to_vec_named(outputs)
-        .map_err(|e| StepError::refused("outputs do not encode", e))?;
-    let mut lease = leases.acquire().await?;
-    let (claimed,): (bool,) = sqlx::query_as(
-        "WITH p AS (
-             INSERT INTO payments.payments
-                 (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
-             VALUES ($4, $5, $6, $7, $8, $9, $10, $11, $12)
-             ON CONFLICT (order_id) DO NOTHING RETURNING 1),
-         c AS (
-             INSERT INTO payments.inbox (consumer, event_id, outputs)
-             SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM p)
-             ON CONFLICT DO NOTHING RETURNING 1)
-         SELECT EXISTS (SELECT 1 FROM c)",
-    )
-    .bind(DURABLE)
-    .bind(event_id)
-    .bind(bytes)
-    .bind(payment_id_for(checkout.order_id))
-    .bind(checkout.order_id)
-    .bind(record.provider)
-    .bind(record.status)
-    .bind(record.auth_id.as_deref())
-    .bind(checkout.total)
-    .bind(checkout.currency)
-    .bind(record.decline_code.as_deref())
-    .bind(record.expires_at)
-    .fetch_one(&mut *lease)
-    .await?;
-    lease.park();
-    Ok(claimed)
+/// A payment to record, with the event that claims it.
+pub struct Claim {
+    event_id: String,
+    /// The events the claim emits, encoded for the inbox.
+    outputs: Vec<u8>,
+    order_id: Uuid,
+    amount: rust_decimal::Decimal,
+    currency: &'static str,
+    record: PaymentRecord,
+}
+
+impl Claim {
+    fn new(
+        event_id: &str,
+        outputs: &[Event],
+        checkout: &Checkout,
+        record: PaymentRecord,
+    ) -> Result<Self, StepError> {
+        Ok(Self {
+            event_id: event_id.to_owned(),
+            outputs: rmp_serde::to_vec_named(outputs)
+                .map_err(|e| StepError::refused("outputs do not encode", e))?,
+            order_id: checkout.order_id,
+            amount: checkout.total,
+            currency: checkout.currency.code(),
+            record,
+        })
+    }
+}
+
+/// Records payments and claims their events, many orders per statement ([`Group`]). A claim
+/// is answered false, with no effect, if its order already has a payment row: a concurrent
+/// delivery recorded first, or the order was abandoned.
+pub struct Claims;
+
+impl Writes for Claims {
+    type Row = Claim;
+    type Answer = bool;
+    type Key = Uuid;
+
+    fn key(row: &Claim) -> Uuid {
+        row.order_id
+    }
+
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[Claim],
+    ) -> Result<Vec<bool>, sqlx::Error> {
+        let claimed: Vec<String> = sqlx::query_scalar(
+            "WITH r AS (
+                 SELECT * FROM unnest($2::text[], $3::bytea[], $4::uuid[], $5::uuid[], $6::text[],
+                                      $7::text[], $8::text[], $9::numeric[], $10::text[],
+                                      $11::text[], $12::timestamptz[])
+                     AS r(event_id, outputs, payment_id, order_id, provider, status, auth_id,
+                          amount, currency, decline_code, expires_at)),
+             p AS (
+                 INSERT INTO payments.payments
+                     (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
+                 SELECT payment_id, order_id, provider, status, auth_id, amount, currency,
+                        decline_code, expires_at FROM r
+                 ON CONFLICT (order_id) DO NOTHING RETURNING order_id),
+             c AS (
+                 INSERT INTO payments.inbox (consumer, event_id, outputs)
+                 SELECT $1, r.event_id, r.outputs FROM r JOIN p USING (order_id)
+                 ON CONFLICT DO NOTHING RETURNING event_id)
+             SELECT event_id FROM c",
+        )
+        .bind(DURABLE)
+        .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outputs.as_slice()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| payment_id_for(r.order_id)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.record.provider).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.record.status.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.record.auth_id.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.amount).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.currency).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.record.decline_code.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.record.expires_at).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows.iter().map(|r| claimed.contains(&r.event_id)).collect())
+    }
 }
 
 /// Counts a failed provider call; true once the order's retry budget is spent (at least

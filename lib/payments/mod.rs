@@ -11,7 +11,7 @@ pub mod sandbox_client;
 pub mod token_seal;
 pub mod void;
 
-pub use authorize::AuthorizeStep;
+pub use authorize::{AuthorizeStep, Claims};
 pub use lifecycle::{CaptureStep, RefundStep};
 pub use provider::{PaymentProvider, ProviderError};
 pub use void::{abandon, void_for_order, VoidOutcome};

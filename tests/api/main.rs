@@ -12,6 +12,7 @@ mod cluster;
 mod endings;
 mod faults;
 mod flash_sale;
+mod group_commit;
 mod helpers;
 mod idempotency;
 mod inventory;

@@ -1,0 +1,173 @@
+//! Group commit: concurrent callers' writes of one kind go to PostgreSQL together, as one
+//! statement and one commit.
+//!
+//! A caller hands its row to [`Group::write`] and awaits its own answer. While every lease is
+//! busy with a statement, the rows that arrive queue, and the next statement takes them all
+//! (up to [`MAX_ROWS`]). At low load a statement carries one row and nothing waits for
+//! company; under load one round trip and one WAL flush serve many callers, where each
+//! caller's own commit made PostgreSQL wake, write and flush once per row.
+//!
+//! A statement never carries two rows with the same key (a repeat waits for the next one), so
+//! a write can tell its rows apart by key. If a statement of several rows fails, each of its
+//! rows is written again alone: one bad row fails only its own caller, with its own error.
+//! A caller that gave up (its future dropped) before its row was taken is not written for.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use sqlx::PgConnection;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{debug, Instrument};
+
+use super::Leases;
+
+/// The most rows one statement carries.
+pub const MAX_ROWS: usize = 256;
+
+/// A kind of write that can carry many callers' rows in one statement.
+pub trait Writes: Send + Sync + 'static {
+    /// One caller's row.
+    type Row: Send + Sync + 'static;
+    /// What one caller learns of its row.
+    type Answer: Send + 'static;
+    /// Rows with the same key never share a statement.
+    type Key: Eq + Hash + Send;
+
+    /// The row's key.
+    fn key(row: &Self::Row) -> Self::Key;
+
+    /// Writes `rows` (distinct keys) durably, and answers each, in order.
+    fn write<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        rows: &'a [Self::Row],
+    ) -> impl Future<Output = Result<Vec<Self::Answer>, sqlx::Error>> + Send + 'a;
+}
+
+/// A queue of rows of one kind and the task that writes them (see the module's documentation).
+pub struct Group<W: Writes> {
+    queue: mpsc::UnboundedSender<Pending<W>>,
+}
+
+struct Pending<W: Writes> {
+    row: W::Row,
+    reply: oneshot::Sender<Result<W::Answer, sqlx::Error>>,
+}
+
+impl<W: Writes> Group<W> {
+    /// Starts the writing task; it ends when the group is dropped.
+    pub fn new(writes: W, leases: Leases) -> Self {
+        let (queue, pending) = mpsc::unbounded_channel();
+        tokio::spawn(run(Arc::new(writes), leases, pending));
+        Self { queue }
+    }
+
+    /// Writes `row`, together with whatever other rows are waiting, and returns its answer.
+    pub async fn write(&self, row: W::Row) -> Result<W::Answer, sqlx::Error> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { row, reply })
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+async fn run<W: Writes>(
+    writes: Arc<W>,
+    leases: Leases,
+    mut queue: mpsc::UnboundedReceiver<Pending<W>>,
+) {
+    // As many statements in flight as there are leases: a caller never waits for company
+    // while a connection is free, so at low load every row goes at once, as it would alone,
+    // and rows gather only behind statements that hold every lease.
+    let in_flight = Arc::new(Semaphore::new(leases.size()));
+    while let Some(first) = queue.recv().await {
+        // Waiting for a free slot is what lets rows gather behind a statement in flight.
+        let Ok(slot) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut taken = vec![first];
+        while taken.len() < MAX_ROWS {
+            match queue.try_recv() {
+                Ok(pending) => taken.push(pending),
+                Err(_) => break,
+            }
+        }
+        let writes = writes.clone();
+        let leases = leases.clone();
+        let span = tracing::debug_span!("group_commit", rows = taken.len());
+        tokio::spawn(
+            async move {
+                write_all(&*writes, &leases, taken).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Writes the rows whose callers still wait: those with distinct keys in one statement, the
+/// repeats after it, alone.
+async fn write_all<W: Writes>(writes: &W, leases: &Leases, taken: Vec<Pending<W>>) {
+    let (first, repeats): (Vec<_>, Vec<_>) = {
+        let mut keys = HashSet::new();
+        taken
+            .into_iter()
+            .filter(|p| !p.reply.is_closed())
+            .partition(|p| keys.insert(W::key(&p.row)))
+    };
+    if !first.is_empty() {
+        write_together(writes, leases, first).await;
+    }
+    for pending in repeats {
+        write_together(writes, leases, vec![pending]).await;
+    }
+}
+
+/// One statement for `pending`; if it fails and carried several rows, each again alone.
+async fn write_together<W: Writes>(writes: &W, leases: &Leases, pending: Vec<Pending<W>>) {
+    let (rows, replies): (Vec<W::Row>, Vec<_>) =
+        pending.into_iter().map(|p| (p.row, p.reply)).unzip();
+    match write_once(writes, leases, &rows).await {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Err(e) if rows.len() == 1 => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(e));
+            }
+        }
+        Err(e) => {
+            debug!(error = %e, rows = rows.len(), "group write failed; each row again alone");
+            for (row, reply) in rows.iter().zip(replies) {
+                let answer = write_once(writes, leases, std::slice::from_ref(row))
+                    .await
+                    .and_then(|mut answers| answers.pop().ok_or_else(|| unanswered(0, 1)));
+                let _ = reply.send(answer);
+            }
+        }
+    }
+}
+
+/// One statement on a lease, answering every row.
+async fn write_once<W: Writes>(
+    writes: &W,
+    leases: &Leases,
+    rows: &[W::Row],
+) -> Result<Vec<W::Answer>, sqlx::Error> {
+    let mut lease = leases.acquire().await?;
+    let answers = writes.write(&mut lease, rows).await?;
+    lease.park();
+    if answers.len() != rows.len() {
+        return Err(unanswered(answers.len(), rows.len()));
+    }
+    Ok(answers)
+}
+
+fn unanswered(answered: usize, rows: usize) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("a group write answered {answered} of {rows} rows"))
+}
