@@ -460,6 +460,7 @@ impl Shared {
         let state = AppState::new(EdgeState {
             pool: self.pool.clone(),
             leases: self.leases.clone(),
+            lines: crate::edge::cart::Lines::new(self.leases.clone()),
             bus: self.bus.clone(),
             checkouts,
             outbox,

@@ -8,8 +8,10 @@
 //! caller's own commit made PostgreSQL wake, write and flush once per row.
 //!
 //! A statement never carries two rows with the same key (a repeat waits for the next one), so
-//! a write can tell its rows apart by key. If a statement of several rows fails, each of its
-//! rows is written again alone: one bad row fails only its own caller, with its own error.
+//! a write can tell its rows apart by key, and it carries them in key order, so statements
+//! that lock per key lock in one order. If the database refuses a statement of several rows,
+//! each of its rows is written again alone: one bad row fails only its own caller, with its
+//! own error. If no statement could run (no connection), every row fails at once.
 //! A caller that gave up (its future dropped) before its row was taken is not written for.
 
 use std::collections::HashSet;
@@ -32,8 +34,10 @@ pub trait Writes: Send + Sync + 'static {
     type Row: Send + Sync + 'static;
     /// What one caller learns of its row.
     type Answer: Send + 'static;
-    /// Rows with the same key never share a statement.
-    type Key: Eq + Hash + Send;
+    /// Rows with the same key never share a statement, and a statement's rows come in key
+    /// order: two statements that lock what their rows' keys name lock it in the same order,
+    /// so they cannot deadlock each other.
+    type Key: Ord + Hash + Send;
 
     /// The row's key.
     fn key(row: &Self::Row) -> Self::Key;
@@ -49,6 +53,14 @@ pub trait Writes: Send + Sync + 'static {
 /// A queue of rows of one kind and the task that writes them (see the module's documentation).
 pub struct Group<W: Writes> {
     queue: mpsc::UnboundedSender<Pending<W>>,
+}
+
+impl<W: Writes> Clone for Group<W> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
 }
 
 struct Pending<W: Writes> {
@@ -111,13 +123,14 @@ async fn run<W: Writes>(
 /// Writes the rows whose callers still wait: those with distinct keys in one statement, the
 /// repeats after it, alone.
 async fn write_all<W: Writes>(writes: &W, leases: &Leases, taken: Vec<Pending<W>>) {
-    let (first, repeats): (Vec<_>, Vec<_>) = {
+    let (mut first, repeats): (Vec<_>, Vec<_>) = {
         let mut keys = HashSet::new();
         taken
             .into_iter()
             .filter(|p| !p.reply.is_closed())
             .partition(|p| keys.insert(W::key(&p.row)))
     };
+    first.sort_by_key(|p| W::key(&p.row));
     if !first.is_empty() {
         write_together(writes, leases, first).await;
     }
@@ -141,15 +154,41 @@ async fn write_together<W: Writes>(writes: &W, leases: &Leases, pending: Vec<Pen
                 let _ = reply.send(Err(e));
             }
         }
-        Err(e) => {
+        // The statement itself was refused: one of its rows may be the cause, so each row
+        // again alone (at once, each on its own lease), and each caller gets its own answer.
+        Err(e @ sqlx::Error::Database(_)) => {
             debug!(error = %e, rows = rows.len(), "group write failed; each row again alone");
-            for (row, reply) in rows.iter().zip(replies) {
-                let answer = write_once(writes, leases, std::slice::from_ref(row))
+            let alone = rows.iter().map(|row| async move {
+                write_once(writes, leases, std::slice::from_ref(row))
                     .await
-                    .and_then(|mut answers| answers.pop().ok_or_else(|| unanswered(0, 1)));
+                    .and_then(|mut answers| answers.pop().ok_or_else(|| unanswered(0, 1)))
+            });
+            for (answer, reply) in futures::future::join_all(alone)
+                .await
+                .into_iter()
+                .zip(replies)
+            {
                 let _ = reply.send(answer);
             }
         }
+        // No statement ran (no connection, a lost connection): every row failed for the
+        // same reason, and trying them one by one would only make each wait again.
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(same_failure(&e)));
+            }
+        }
+    }
+}
+
+/// The same failure for another caller (`sqlx::Error` is not `Clone`).
+fn same_failure(e: &sqlx::Error) -> sqlx::Error {
+    match e {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        sqlx::Error::WorkerCrashed => sqlx::Error::WorkerCrashed,
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        other => sqlx::Error::Protocol(other.to_string()),
     }
 }
 

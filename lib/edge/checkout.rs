@@ -17,6 +17,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::catalog::{Product, ProductRow};
+use crate::db::group::{Group, Writes};
 use crate::db::Leases;
 use crate::domain::Address;
 use crate::edge::cart::pricing::{Item, Products};
@@ -181,6 +182,8 @@ fn found(mut rows: Vec<ReadRow>, hash: &[u8]) -> Result<Found, CheckoutError> {
 #[derive(Clone)]
 pub struct Checkouts {
     leases: Leases,
+    /// Accepts checkouts, many buyers' per statement under load.
+    accepts: Group<Accepts>,
     seal: std::sync::Arc<crate::payments::token_seal::TokenSeal>,
     outbox: Outbox,
     rates: RatesCache,
@@ -197,6 +200,7 @@ impl Checkouts {
         sold_out: SoldOut,
     ) -> Self {
         Self {
+            accepts: Group::new(Accepts, leases.clone()),
             leases,
             seal,
             outbox,
@@ -218,12 +222,12 @@ impl Checkouts {
             .rates
             .get(&request.address.country, request.address.region.as_deref())
             .await?;
-        let mut conn = self.leases.acquire().await?;
         // Optimistic: read and price without a lock, then accept only if the cart is still
         // what was priced (`edge.accept_checkout` takes the cart's lock and checks). Two
         // round trips instead of a six-statement transaction; a cart changed in between is
         // read again.
         for _ in 0..ACCEPT_ATTEMPTS {
+            let mut conn = self.leases.acquire().await?;
             let rows: Vec<ReadRow> = sqlx::query_as(READ)
                 .bind(user_id)
                 .bind(key)
@@ -231,7 +235,10 @@ impl Checkouts {
                 .fetch_all(&mut *conn)
                 .await?;
             let (code, items, products) = match found(rows, &hash)? {
-                Found::Replay(order) => return order,
+                Found::Replay(order) => {
+                    conn.park();
+                    return order;
+                }
                 Found::Cart {
                     code,
                     items,
@@ -253,6 +260,8 @@ impl Checkouts {
             )
             .await?
             .ok_or(CheckoutError::EmptyCart)?;
+            // The acceptance goes with other buyers' on the group's own connection.
+            conn.park();
             // A SKU every edge has just heard is sold out: refuse here, before any write or
             // the saga (the reserve step would only refuse it later). Never a promise of stock.
             if let Some(line) = priced.lines.iter().find(|l| {
@@ -269,10 +278,8 @@ impl Checkouts {
                 trace,
             };
             let as_read = AsRead { code, skus, qtys };
-            let accepted = self.accept(&mut conn, &submission, priced, as_read).await?;
+            let accepted = self.accept(&submission, priced, as_read).await?;
             if let Some((order_id, out)) = accepted {
-                // Not holding a database connection while JetStream acknowledges.
-                conn.park();
                 self.outbox.publish(&out).await;
                 return Ok(order_id);
             }
@@ -284,7 +291,6 @@ impl Checkouts {
     /// still as it was read and the key still unused; `None` if either changed since.
     async fn accept(
         &self,
-        conn: &mut PgConnection,
         submission: &Submission<'_>,
         priced: Priced,
         as_read: AsRead,
@@ -348,24 +354,22 @@ impl Checkouts {
             Some(trace),
         )
         .map_err(|e| CheckoutError::Encode(e.into()))?;
-        let accepted: Result<bool, sqlx::Error> = sqlx::query_scalar(
-            "SELECT edge.accept_checkout($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(user_id)
-        .bind(key)
-        .bind(hash)
-        .bind(order_id)
-        .bind(request.cart_id)
-        .bind(as_read.code)
-        .bind(as_read.skus)
-        .bind(as_read.qtys)
-        .bind(&kept)
-        .bind(&out.traceparent)
-        .bind(&out.msg_id)
-        .bind(&out.subject)
-        .bind(&out.payload)
-        .fetch_one(&mut *conn)
-        .await;
+        let acceptance = Acceptance {
+            user_id: user_id.to_owned(),
+            key: key.to_owned(),
+            hash: hash.to_vec(),
+            order_id,
+            cart_id: request.cart_id,
+            promo: as_read.code,
+            skus: as_read.skus,
+            qtys: as_read.qtys,
+            event: kept,
+            traceparent: out.traceparent.clone(),
+            msg_id: out.msg_id.clone(),
+            subject: out.subject.clone(),
+            payload: out.payload.clone(),
+        };
+        let accepted = self.accepts.write(acceptance).await;
         match accepted {
             Ok(accepted) => Ok(accepted.then_some((order_id, out))),
             // The key was accepted after this request read it: on another cart (the cart
@@ -375,6 +379,91 @@ impl Checkouts {
             Err(sqlx::Error::Database(db)) if db.constraint() == Some("checkouts_pkey") => Ok(None),
             Err(e) => Err(CheckoutError::Database(e)),
         }
+    }
+}
+
+/// A checkout to accept: the arguments of `edge.accept_checkout`.
+pub struct Acceptance {
+    user_id: String,
+    key: String,
+    hash: Vec<u8>,
+    order_id: Uuid,
+    cart_id: Uuid,
+    promo: Option<String>,
+    skus: Vec<String>,
+    qtys: Vec<i32>,
+    event: Vec<u8>,
+    traceparent: Option<String>,
+    msg_id: String,
+    subject: String,
+    payload: Vec<u8>,
+}
+
+/// Accepts checkouts of different buyers in one statement ([`Group`]), each answered as
+/// `edge.accept_checkout` answers it. The buyer is the key: `accept_checkout` locks the
+/// buyer's cart, so statements lock carts in buyer order.
+pub struct Accepts;
+
+/// One statement: `edge.accept_checkout` per row, in the rows' order. The lines of every row
+/// travel as one flat array (arrays of arrays must be rectangular); each row takes its slice.
+const ACCEPT_ALL: &str = "SELECT edge.accept_checkout(r.user_id, r.key, r.hash, r.order_id,
+        r.cart_id, r.promo, ($7::text[])[r.lo:r.hi], ($8::int[])[r.lo:r.hi], r.event,
+        r.traceparent, r.msg_id, r.subject, r.payload)
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::uuid[], $6::text[],
+                $9::int[], $10::int[], $11::bytea[], $12::text[], $13::text[], $14::text[],
+                $15::bytea[])
+        WITH ORDINALITY AS r(user_id, key, hash, order_id, cart_id, promo, lo, hi, event,
+                             traceparent, msg_id, subject, payload, n)
+    ORDER BY r.n";
+
+impl Writes for Accepts {
+    type Row = Acceptance;
+    type Answer = bool;
+    type Key = String;
+
+    fn key(row: &Acceptance) -> String {
+        row.user_id.clone()
+    }
+
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[Acceptance],
+    ) -> Result<Vec<bool>, sqlx::Error> {
+        let (mut skus, mut qtys, mut lo, mut hi) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for row in rows {
+            // PostgreSQL arrays count from 1; an empty slice (lo > hi) is an empty array.
+            lo.push(i32::try_from(skus.len() + 1).unwrap_or(i32::MAX));
+            skus.extend(row.skus.iter().map(String::as_str));
+            qtys.extend(row.qtys.iter().copied());
+            hi.push(i32::try_from(skus.len()).unwrap_or(i32::MAX));
+        }
+        sqlx::query_scalar(ACCEPT_ALL)
+            .bind(rows.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.key.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.hash.as_slice()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.cart_id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.promo.as_deref()).collect::<Vec<_>>())
+            .bind(skus)
+            .bind(qtys)
+            .bind(lo)
+            .bind(hi)
+            .bind(rows.iter().map(|r| r.event.as_slice()).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|r| r.traceparent.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.subject.as_str()).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|r| r.payload.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *conn)
+            .await
     }
 }
 

@@ -3,12 +3,13 @@
 //! returning the lines to price); removing is a transaction of the lock and the delete.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::pricing::{self, Item, Products};
 use super::{contended, open_cart_for_update, CartError, CartView};
 use crate::catalog::{CatalogCache, Product};
+use crate::db::group::{Group, Writes};
 use crate::db::Leases;
 use crate::domain::{Quantity, Sku};
 
@@ -19,9 +20,100 @@ pub struct CartLimits {
     pub max_lines: i64,
 }
 
+/// Where cart lines are added and set: many buyers' changes per statement under load.
+#[derive(Clone)]
+pub struct Lines {
+    leases: Leases,
+    writes: Group<LineWrites>,
+}
+
+impl Lines {
+    /// Line changes over `leases`.
+    pub fn new(leases: Leases) -> Self {
+        Self {
+            writes: Group::new(LineWrites, leases.clone()),
+            leases,
+        }
+    }
+}
+
+/// One buyer's line change: the arguments of `edge.write_line`.
+pub struct LineWrite {
+    user_id: String,
+    new_cart: Uuid,
+    sku: String,
+    qty: i32,
+    sum: bool,
+    max_lines: i64,
+    currency: &'static str,
+}
+
+/// Changes lines of different buyers in one statement ([`Group`]), each answered with the
+/// rows `edge.write_line` returns for it. The buyer is the key: `write_line` locks the
+/// buyer's cart, so statements lock carts in buyer order.
+pub struct LineWrites;
+
+/// One statement: `edge.write_line` per row, its rows tagged with the row's position.
+const WRITE_ALL: &str = "SELECT r.n, w.cart, w.promo, w.item_sku AS sku, w.item_qty AS qty,
+        w.item_currency AS currency, w.item_added_at AS added_at, w.changed
+    FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bool[], $6::bigint[],
+                $7::text[])
+        WITH ORDINALITY AS r(user_id, new_cart, sku, qty, sum, max_lines, currency, n)
+    CROSS JOIN LATERAL edge.write_line(r.user_id, r.new_cart, r.sku, r.qty, r.sum, $8,
+                                       r.max_lines, r.currency) AS w
+    ORDER BY r.n";
+
+/// A row of [`WRITE_ALL`]: whose it is, and what `edge.write_line` returned.
+#[derive(sqlx::FromRow)]
+struct TaggedRow {
+    n: i64,
+    #[sqlx(flatten)]
+    row: LineRow,
+}
+
+impl Writes for LineWrites {
+    type Row = LineWrite;
+    type Answer = Vec<LineRow>;
+    type Key = String;
+
+    fn key(row: &LineWrite) -> String {
+        row.user_id.clone()
+    }
+
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[LineWrite],
+    ) -> Result<Vec<Vec<LineRow>>, sqlx::Error> {
+        let tagged: Vec<TaggedRow> = sqlx::query_as(WRITE_ALL)
+            .bind(rows.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.new_cart).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.qty).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.sum).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.max_lines).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.currency).collect::<Vec<_>>())
+            .bind(Quantity::MAX)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut answers: Vec<Vec<LineRow>> = rows.iter().map(|_| Vec::new()).collect();
+        for TaggedRow { n, row } in tagged {
+            // WITH ORDINALITY counts from 1.
+            let slot = usize::try_from(n - 1)
+                .ok()
+                .and_then(|i| answers.get_mut(i))
+                .ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("write_line row {n} of {}", rows.len()))
+                })?;
+            slot.push(row);
+        }
+        Ok(answers)
+    }
+}
+
 /// One row of `edge.write_line`: a line of the cart before the change, or the changed line.
 #[derive(sqlx::FromRow)]
-struct LineRow {
+pub struct LineRow {
     cart: Uuid,
     promo: Option<String>,
     sku: String,
@@ -73,7 +165,7 @@ fn outcome(
 
 /// Adds `qty` of a product to the caller's open cart (summing with what is there).
 pub async fn add_item(
-    leases: &Leases,
+    lines: &Lines,
     user_id: &str,
     product: &Product,
     qty: Quantity,
@@ -83,12 +175,12 @@ pub async fn add_item(
     if !product.active {
         return Err(CartError::Inactive(product.sku.to_string()));
     }
-    write_line(leases, user_id, product, qty, limits, catalog, true).await
+    write_line(lines, user_id, product, qty, limits, catalog, true).await
 }
 
 /// Sets a line's quantity; `None` removes the line.
 pub async fn set_item(
-    leases: &Leases,
+    lines: &Lines,
     user_id: &str,
     product: &Product,
     qty: Option<Quantity>,
@@ -96,8 +188,8 @@ pub async fn set_item(
     catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
     match qty {
-        Some(qty) => write_line(leases, user_id, product, qty, limits, catalog, false).await,
-        None => remove(leases.pool(), user_id, &product.sku, catalog, false).await,
+        Some(qty) => write_line(lines, user_id, product, qty, limits, catalog, false).await,
+        None => remove(lines.leases.pool(), user_id, &product.sku, catalog, false).await,
     }
 }
 
@@ -114,7 +206,7 @@ pub async fn remove_item(
 /// Inserts the line (`sum`: adds to the line already there) or sets its quantity, within
 /// the cart's limits, then prices the cart from the edge's catalog cache.
 async fn write_line(
-    leases: &Leases,
+    lines: &Lines,
     user_id: &str,
     product: &Product,
     qty: Quantity,
@@ -122,23 +214,19 @@ async fn write_line(
     catalog: &CatalogCache,
     sum: bool,
 ) -> Result<CartView, CartError> {
-    let mut conn = leases.acquire().await?;
-    let rows: Vec<LineRow> = sqlx::query_as(
-        "SELECT cart, promo, item_sku AS sku, item_qty AS qty, item_currency AS currency,
-                item_added_at AS added_at, changed
-         FROM edge.write_line($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(user_id)
-    .bind(Uuid::now_v7())
-    .bind(product.sku.as_str())
-    .bind(qty.get())
-    .bind(sum)
-    .bind(Quantity::MAX)
-    .bind(limits.max_lines)
-    .bind(product.price.currency().code())
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(contended)?;
+    let rows = lines
+        .writes
+        .write(LineWrite {
+            user_id: user_id.to_owned(),
+            new_cart: Uuid::now_v7(),
+            sku: product.sku.to_string(),
+            qty: qty.get(),
+            sum,
+            max_lines: limits.max_lines,
+            currency: product.price.currency().code(),
+        })
+        .await
+        .map_err(contended)?;
     let Some((cart_id, promo_code)) = rows.first().map(|r| (r.cart, r.promo.clone())) else {
         // Nothing written and no lines: only a cart limit of zero lines refuses an empty cart.
         return Err(CartError::TooManyLines {
@@ -146,6 +234,8 @@ async fn write_line(
         });
     };
     let items = outcome(rows, product, *limits)?;
+    // Pricing reads the database only for a promotion code.
+    let mut conn = lines.leases.acquire().await?;
     let priced =
         pricing::price_lines(&mut conn, promo_code, items, Products::Cache(catalog), None).await?;
     conn.park();

@@ -16,7 +16,7 @@ use crate::catalog::CatalogCache;
 use crate::domain::Quantity;
 use crate::pricing::Priced;
 
-pub use items::{add_item, remove_item, set_item, CartLimits};
+pub use items::{add_item, remove_item, set_item, CartLimits, Lines};
 pub use pricing::{quote, ShipTo};
 pub use promo::{apply_promo, remove_promo};
 

@@ -91,7 +91,7 @@ pub async fn add_item(
     let product = product(&state, &sku).await?;
     Ok(Json(
         cart::add_item(
-            &state.leases,
+            &state.lines,
             &caller.user_id,
             &product,
             qty,
@@ -124,7 +124,7 @@ pub async fn set_item(
     let product = product(&state, &sku).await?;
     Ok(Json(
         cart::set_item(
-            &state.leases,
+            &state.lines,
             &caller.user_id,
             &product,
             qty,

@@ -52,6 +52,8 @@ pub struct EdgeState {
     pub pool: PgPool,
     /// The hot paths' connections from `pool` (see `db::lease`).
     pub leases: crate::db::Leases,
+    /// Cart line changes (many buyers' per statement under load).
+    pub lines: crate::edge::cart::Lines,
     pub bus: Bus,
     pub checkouts: Checkouts,
     /// Publishes ship, cancel and refund requests staged with their order locks.
