@@ -375,6 +375,15 @@ async fn one_run(
             opts.users
         );
     }
+    // A role that refused to start (an old nats-server, a bad setting) would leave every
+    // checkout unsettled for the whole run: say which one and why instead.
+    if let Some(dead) = roles.iter_mut().find_map(|p| (!p.alive()).then_some(&*p)) {
+        return Err(BenchError::Setup(format!(
+            "{} exited before the load started: {}",
+            dead.name,
+            dead.last_words()
+        )));
+    }
 
     if !opts.warmup.is_zero() {
         let warm = load::LoadOptions {

