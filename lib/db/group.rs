@@ -7,11 +7,12 @@
 //! company; under load one round trip and one WAL flush serve many callers, where each
 //! caller's own commit made PostgreSQL wake, write and flush once per row.
 //!
-//! A statement never carries two rows with the same key (a repeat waits for the next one), so
-//! a write can tell its rows apart by key, and it carries them in key order, so statements
-//! that lock per key lock in one order. If the database refuses a statement of several rows,
-//! each of its rows is written again alone: one bad row fails only its own caller, with its
-//! own error. If no statement could run (no connection), every row fails at once.
+//! A statement never carries two rows with the same key (a repeat gets a statement of its
+//! own after it), so a write can tell its rows apart by key; and it carries its rows in key
+//! order, so statements that lock per key lock in one order. If the database refuses a
+//! statement of several rows, each of its rows is written again alone: one bad row fails only
+//! its own caller, with its own error. If no statement could run (no connection), every row
+//! fails at once.
 //! A caller that gave up (its future dropped) before its row was taken is not written for.
 
 use std::collections::HashSet;

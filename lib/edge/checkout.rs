@@ -3,9 +3,10 @@
 //!
 //! The cart is read and priced without a lock, then the request row, the outbox row and the
 //! cart's new state commit in one call that first checks, under the cart's lock, that the
-//! cart is still what was priced; the event is published right after. If the process dies in
-//! between, the outbox sweeper republishes it (same `Nats-Msg-Id`), so an accepted checkout
-//! is never lost.
+//! cart is still what was priced (under load, one statement and commit carry several buyers'
+//! calls: `db::group`); the event is published right after. If the process dies in between,
+//! the outbox sweeper republishes it (same `Nats-Msg-Id`), so an accepted checkout is never
+//! lost.
 
 use std::collections::HashMap;
 

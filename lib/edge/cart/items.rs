@@ -1,6 +1,7 @@
 //! A cart's lines: add, set and remove. Adding or setting is one round trip
 //! (`edge.write_line`: the cart's lock, then the line's change within the cart's limits,
-//! returning the lines to price); removing is a transaction of the lock and the delete.
+//! returning the lines to price), shared with other buyers' under load (`db::group`);
+//! removing is a transaction of the lock and the delete.
 
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
