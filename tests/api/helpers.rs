@@ -100,17 +100,7 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a server on a free port.
     pub fn start() -> Self {
-        let store = tempfile::tempdir().expect("temp dir");
-        let mut server = Self {
-            child: None,
-            port: free_port(),
-            store,
-            config: None,
-            scheme: "nats",
-            bin: None,
-        };
-        server.restart();
-        server
+        Self::launch(None, "nats", None)
     }
 
     /// Starts a server on a free port with a config file (port and store dir still ours).
@@ -119,29 +109,26 @@ impl NatsServer {
         env: Vec<(String, String)>,
         scheme: &'static str,
     ) -> Self {
-        let store = tempfile::tempdir().expect("temp dir");
-        let mut server = Self {
-            child: None,
-            port: free_port(),
-            store,
-            config: Some((config, env)),
-            scheme,
-            bin: None,
-        };
-        server.restart();
-        server
+        Self::launch(Some((config, env)), scheme, None)
     }
 
     /// Starts `bin` (unchecked: any version) on a free port.
     pub fn start_bin(bin: PathBuf) -> Self {
-        let store = tempfile::tempdir().expect("temp dir");
+        Self::launch(None, "nats", Some(bin))
+    }
+
+    fn launch(
+        config: Option<(PathBuf, Vec<(String, String)>)>,
+        scheme: &'static str,
+        bin: Option<PathBuf>,
+    ) -> Self {
         let mut server = Self {
             child: None,
             port: free_port(),
-            store,
-            config: None,
-            scheme: "nats",
-            bin: Some(bin),
+            store: tempfile::tempdir().expect("temp dir"),
+            config,
+            scheme,
+            bin,
         };
         server.restart();
         server
