@@ -40,6 +40,7 @@ migrate:
 # Run every test against real NATS and PostgreSQL (each test gets its own of both).
 test: tools
     scripts/ensure-postgres.sh
+    scripts/ensure-old-nats.sh
     cargo test --locked
 
 # Hold the edge to its OpenAPI document: schemathesis against a live stack (every route, stateful links).
