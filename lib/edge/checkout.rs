@@ -253,7 +253,7 @@ impl Checkouts {
                 method: &request.shipping_method,
             };
             let priced = cart::pricing::price_lines(
-                &mut conn,
+                &mut *conn,
                 code.clone(),
                 items,
                 Products::Read(products),

@@ -24,8 +24,8 @@ use crate::saga::runner::{Delivery, Step, StepError};
 
 /// Consumes `checkout.reserved`, emits `checkout.authorized` or `checkout.declined`.
 pub struct AuthorizeStep {
-    /// The payments database: leases on the hot path (the look-up before the provider call,
-    /// the record after), its pool for the rest.
+    /// The payments database: a lease for the look-up before the provider call, the pool for
+    /// the cold paths (`claims` records through the same leases).
     pub leases: Leases,
     /// Records the payments, many orders per commit under load.
     pub claims: Group<Claims>,

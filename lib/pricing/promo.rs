@@ -166,14 +166,14 @@ struct PromoRow {
 }
 
 /// A promotion by code (case-insensitive).
-pub async fn get(conn: &mut PgConnection, code: &str) -> Result<Option<Promo>, sqlx::Error> {
+pub async fn get(db: impl sqlx::PgExecutor<'_>, code: &str) -> Result<Option<Promo>, sqlx::Error> {
     let row: Option<PromoRow> = sqlx::query_as(
         "SELECT code, kind, value, min_subtotal, starts_at, ends_at, usage_limit,
                 per_customer_limit, skus, used
          FROM pricing.promos WHERE code = lower($1)",
     )
     .bind(code)
-    .fetch_optional(conn)
+    .fetch_optional(db)
     .await?;
     Ok(row.and_then(|r| {
         Some(Promo {

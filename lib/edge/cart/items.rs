@@ -235,11 +235,15 @@ async fn write_line(
         });
     };
     let items = outcome(rows, product, *limits)?;
-    // Pricing reads the database only for a promotion code.
-    let mut conn = lines.leases.acquire().await?;
-    let priced =
-        pricing::price_lines(&mut conn, promo_code, items, Products::Cache(catalog), None).await?;
-    conn.park();
+    // Pricing reads the database only for a promotion code: no connection held for it.
+    let priced = pricing::price_lines(
+        lines.leases.pool(),
+        promo_code,
+        items,
+        Products::Cache(catalog),
+        None,
+    )
+    .await?;
     Ok(CartView { cart_id, priced })
 }
 

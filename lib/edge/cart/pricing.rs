@@ -62,9 +62,9 @@ pub(crate) async fn lines(
     Ok((code, items))
 }
 
-/// Prices lines already read (see [`price_cart`]).
+/// Prices lines already read (see [`price_cart`]); `db` is read only for a promotion code.
 pub(crate) async fn price_lines(
-    conn: &mut PgConnection,
+    db: impl sqlx::PgExecutor<'_>,
     code: Option<String>,
     items: Vec<Item>,
     products: Products<'_>,
@@ -118,7 +118,7 @@ pub(crate) async fn price_lines(
     let mut unusable = None;
     let promo = match code {
         None => None,
-        Some(code) => match promo::get(conn, &code).await? {
+        Some(code) => match promo::get(db, &code).await? {
             None => {
                 unusable = Some(PromoOutcome {
                     code,

@@ -22,7 +22,7 @@ pub async fn apply_promo(
     };
     let mut tx = pool.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
-    let promo = promo::get(&mut tx, code)
+    let promo = promo::get(&mut *tx, code)
         .await?
         .ok_or_else(|| refuse("promo_not_found", "no such promotion code"))?;
     match promo.unusable_at(chrono::Utc::now()) {
