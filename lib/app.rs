@@ -19,7 +19,7 @@ use crate::edge::checkout::Checkouts;
 use crate::edge::http::{self, AppState, EdgeState};
 use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
-use crate::inventory::{self, CommitStep, ReserveStep};
+use crate::inventory::{self, ReserveStep};
 use crate::orders::watchdog::Watchdog;
 use crate::orders::{LifecycleStep, OrderStep};
 use crate::payments::guard::GuardedProvider;
@@ -217,7 +217,7 @@ impl App {
             let durables: Vec<&'static str> = roles
                 .iter()
                 .flat_map(|role| match role {
-                    Role::Reserve => vec!["reserve", "inventory-commit"],
+                    Role::Reserve => vec!["reserve"],
                     Role::Authorize => vec!["authorize", "capture", "refund"],
                     Role::Order => vec!["order", "order-lifecycle"],
                     Role::Compensate => vec!["compensate"],
@@ -493,7 +493,7 @@ impl Shared {
         Ok(addr)
     }
 
-    /// Reserve and inventory-commit steps, and the sweeper of expired holds.
+    /// The reserve step and the sweeper of expired holds.
     fn reserve(&self, tasks: &mut JoinSet<TaskResult>) {
         self.step(
             tasks,
@@ -501,12 +501,6 @@ impl Shared {
                 leases: self.leases.clone(),
                 ttl: self.settings.inventory.reservation_ttl,
                 notices: Some(self.bus.client().clone()),
-            }))),
-        );
-        self.step(
-            tasks,
-            Arc::new(Batch(Arc::new(CommitStep {
-                leases: self.leases.clone(),
             }))),
         );
         let (pool, token) = (self.pool.clone(), self.shutdown.clone());

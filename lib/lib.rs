@@ -12,9 +12,9 @@
 //! 2. [`inventory`]'s reserve step holds stock for every line or none: `reserved` / `rejected`.
 //! 3. [`payments`]' authorize step asks the PSP ([`payments::sandbox_client`], served by
 //!    [`tools::sandbox_psp`]) with a per-order idempotency key: `authorized` / `declined`.
-//! 4. [`inventory`]'s commit step takes the units out of stock (re-taking a lapsed hold if it
-//!    can): `committed` / `rejected`; [`orders`]' order step then creates the confirmed
-//!    order: `confirmed`. Expired holds are swept back to available stock.
+//! 4. [`orders`]' order step, in one transaction, takes the units out of stock
+//!    ([`inventory`]'s commit, re-taking a lapsed hold if it can) and creates the confirmed
+//!    order: `confirmed` / `rejected`. Expired holds are swept back to available stock.
 //! 5. [`compensate`] answers `rejected` and `declined`: releases stock, voids an
 //!    authorization, records the failed order: `failed`.
 //!

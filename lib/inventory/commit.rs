@@ -1,37 +1,22 @@
-//! The commit step: once the payment is authorized, the order's units leave stock.
+//! Finalizing an authorized checkout's stock: its units leave stock.
 //!
-//! It runs before the order is confirmed, so that no order is ever confirmed without its
-//! stock: if a hold expired while the payment was pending, the units are taken again from
-//! what is available, and if they are gone the checkout is rejected with
-//! `reservation_expired` (compensation then voids the authorization). Holds that compensation
-//! released (the watchdog unwound the order) are never committed.
+//! The order step calls this in its own transaction, before it inserts the order, so that no
+//! order is ever confirmed without its stock: if a hold expired while the payment was
+//! pending, the units are taken again from what is available, and if they are gone the
+//! checkout is rejected with `reservation_expired` (compensation then voids the
+//! authorization). Holds that compensation released (the watchdog unwound the order) are never
+//! committed, and a hold committed already is not committed again.
 //!
-//! Batch-native: a batch locks its orders' holds, then every stock row it touches in SKU order
-//! (like every other writer), decides each order against what it sees, and writes with
-//! set-based statements.
+//! Set-based: the batch's holds are locked first, then every stock row it touches in SKU order
+//! (like every other writer), each order is decided against what the batch has seen, and the
+//! writes are one statement.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::db::Leases;
-use crate::saga::batch::BatchStep;
-use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
-use crate::saga::inbox::InboxTable;
-use crate::saga::runner::StepError;
-
-/// Consumes `checkout.authorized`, emits `checkout.committed` or `checkout.rejected`.
-pub struct CommitStep {
-    pub leases: Leases,
-}
-
-/// An authorized checkout.
-pub struct Authorized {
-    checkout: Checkout,
-    payment_id: Uuid,
-    auth_id: String,
-}
+use crate::saga::events::{Checkout, Event, FailureReason};
 
 /// One SKU's stock as the batch changes it.
 #[derive(Clone, Copy)]
@@ -53,105 +38,75 @@ struct Writes {
     moved_reserved: Vec<i32>,
 }
 
-impl BatchStep for CommitStep {
-    type Input = Authorized;
-
-    fn durable(&self) -> &'static str {
-        "inventory-commit"
+/// Commits the stock of `checkouts` (authorized, their holds placed by reserve) in the
+/// caller's transaction. For each checkout, in order: `None` if its units left stock (now or
+/// before), or the `rejected` event that ends it.
+pub(crate) async fn commit_stock(
+    conn: &mut PgConnection,
+    checkouts: &[&Checkout],
+) -> Result<Vec<Option<Event>>, sqlx::Error> {
+    if checkouts.is_empty() {
+        return Ok(Vec::new());
     }
-
-    fn consumes(&self) -> Vec<EventKind> {
-        vec![EventKind::Authorized]
-    }
-
-    fn inbox(&self) -> InboxTable {
-        InboxTable::Inventory
-    }
-
-    fn leases(&self) -> &Leases {
-        &self.leases
-    }
-
-    fn input(&self, event: Event) -> Result<Authorized, String> {
-        match event {
-            Event::Authorized {
-                checkout,
-                payment_id,
-                auth_id,
-            } => Ok(Authorized {
-                checkout,
-                payment_id,
-                auth_id,
-            }),
-            other => Err(format!("inventory-commit cannot handle {:?}", other.kind())),
-        }
-    }
-
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        inputs: &[&Authorized],
-    ) -> Result<Vec<Vec<Event>>, StepError> {
-        let order_ids: Vec<Uuid> = inputs.iter().map(|i| i.checkout.order_id).collect();
-        // The orders' holds first, so a concurrent compensation either ran before (its holds
-        // are `released`) or waits for us.
-        let mut holds: HashMap<Uuid, HashMap<String, (i32, String)>> = HashMap::new();
-        let rows: Vec<(Uuid, String, i32, String)> = sqlx::query_as(
-            "SELECT order_id, sku, qty, status FROM inventory.inventory_reservations
+    let order_ids: Vec<Uuid> = checkouts.iter().map(|c| c.order_id).collect();
+    // The orders' holds first, so a concurrent compensation either ran before (its holds
+    // are `released`) or waits for us.
+    let mut holds: HashMap<Uuid, HashMap<String, (i32, String)>> = HashMap::new();
+    let rows: Vec<(Uuid, String, i32, String)> = sqlx::query_as(
+        "SELECT order_id, sku, qty, status FROM inventory.inventory_reservations
              WHERE order_id = ANY($1) ORDER BY order_id, sku FOR UPDATE",
-        )
-        .bind(&order_ids)
-        .fetch_all(&mut *conn)
-        .await?;
-        for (order_id, sku, qty, status) in rows {
-            holds
-                .entry(order_id)
-                .or_default()
-                .insert(sku, (qty, status));
-        }
-        let skus: BTreeSet<&str> = inputs
-            .iter()
-            .flat_map(|i| i.checkout.items.iter().map(|l| l.sku.as_str()))
-            .collect();
-        let skus: Vec<&str> = skus.into_iter().collect();
-        let mut levels: HashMap<String, Level> = sqlx::query_as::<_, (String, i32, i32)>(
-            "SELECT sku, on_hand, reserved FROM inventory.stock
-             WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
-        )
-        .bind(&skus)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|(sku, on_hand, reserved)| (sku, Level { on_hand, reserved }))
-        .collect();
-        let mut writes = Writes::default();
-        let mut outputs = Vec::with_capacity(inputs.len());
-        let none = HashMap::new();
-        for input in inputs {
-            let held = holds.get(&input.checkout.order_id).unwrap_or(&none);
-            outputs.push(decide(input, held, &mut levels, &mut writes));
-        }
-        write(conn, &writes).await?;
-        Ok(outputs)
+    )
+    .bind(&order_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (order_id, sku, qty, status) in rows {
+        holds
+            .entry(order_id)
+            .or_default()
+            .insert(sku, (qty, status));
     }
+    let skus: BTreeSet<&str> = checkouts
+        .iter()
+        .flat_map(|c| c.items.iter().map(|l| l.sku.as_str()))
+        .collect();
+    let skus: Vec<&str> = skus.into_iter().collect();
+    let mut levels: HashMap<String, Level> = sqlx::query_as::<_, (String, i32, i32)>(
+        "SELECT sku, on_hand, reserved FROM inventory.stock
+             WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(&skus)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|(sku, on_hand, reserved)| (sku, Level { on_hand, reserved }))
+    .collect();
+    let mut writes = Writes::default();
+    let mut outputs = Vec::with_capacity(checkouts.len());
+    let none = HashMap::new();
+    for checkout in checkouts {
+        let held = holds.get(&checkout.order_id).unwrap_or(&none);
+        outputs.push(decide(checkout, held, &mut levels, &mut writes));
+    }
+    write(conn, &writes).await?;
+    Ok(outputs)
 }
 
-/// Decides one order against the levels the batch has seen so far, recording its writes.
+/// Decides one order against the levels the batch has seen so far, recording its writes:
+/// `None` if its units leave stock, or the event that rejects it.
 fn decide(
-    input: &Authorized,
+    checkout: &Checkout,
     held: &HashMap<String, (i32, String)>,
     levels: &mut HashMap<String, Level>,
     writes: &mut Writes,
-) -> Vec<Event> {
-    let checkout = &input.checkout;
+) -> Option<Event> {
     if held.values().any(|(_, status)| status == "released") {
         tracing::warn!(order_id = %checkout.order_id, "the order was unwound before its stock was committed");
-        return vec![Event::Rejected {
+        return Some(Event::Rejected {
             short: Vec::new(),
             checkout: checkout.clone(),
             reason: FailureReason::TimedOut,
             detail: "the order was unwound before its stock was committed".into(),
-        }];
+        });
     }
     let mut lines: Vec<(&str, i32)> = checkout
         .items
@@ -163,6 +118,15 @@ fn decide(
     let mut planned = Vec::with_capacity(lines.len());
     let mut scratch: HashMap<&str, Level> = HashMap::new();
     for (sku, qty) in &lines {
+        let hold = held
+            .get(*sku)
+            .filter(|(q, _)| q == qty)
+            .map(|(_, s)| s.as_str());
+        // Committed already (an `authorized` event handled by a process of the version that
+        // committed stock in a step of its own): its units left stock once, and only once.
+        if hold == Some("committed") {
+            continue;
+        }
         let level = scratch
             .get(sku)
             .copied()
@@ -171,9 +135,7 @@ fn decide(
                 on_hand: 0,
                 reserved: 0,
             });
-        let still_held = held
-            .get(*sku)
-            .is_some_and(|(q, status)| status == "held" && q == qty);
+        let still_held = hold == Some("held");
         // A held unit moves from reserved to gone; a lapsed one is taken from available.
         let next = if still_held {
             Level {
@@ -187,12 +149,12 @@ fn decide(
             }
         } else {
             tracing::warn!(order_id = %checkout.order_id, %sku, "reservation expired and the stock is gone");
-            return vec![Event::Rejected {
+            return Some(Event::Rejected {
                 short: Vec::new(),
                 checkout: checkout.clone(),
                 reason: FailureReason::ReservationExpired,
                 detail: format!("hold expired and no stock left for {sku}"),
-            }];
+            });
         };
         scratch.insert(sku, next);
         planned.push((*sku, *qty, still_held));
@@ -212,11 +174,7 @@ fn decide(
         writes.moved_on_hand.push(-qty);
         writes.moved_reserved.push(reserved_delta);
     }
-    vec![Event::Committed {
-        checkout: checkout.clone(),
-        payment_id: input.payment_id,
-        auth_id: input.auth_id.clone(),
-    }]
+    None
 }
 
 async fn write(conn: &mut PgConnection, writes: &Writes) -> Result<(), sqlx::Error> {

@@ -4,14 +4,13 @@
 //! (never below zero available); committing lowers both; releasing and expiring lower
 //! `reserved`. Every change is a row in `stock_movements`, so stock can be audited.
 
-mod commit;
+pub(crate) mod commit;
 mod expiry;
 mod release;
 mod reserve;
 pub mod soldout;
 mod stock;
 
-pub use commit::CommitStep;
 pub use expiry::{expire_due, run_sweeper};
 pub use release::{release_for_order, restock_for_order};
 pub use reserve::ReserveStep;

@@ -1,9 +1,16 @@
-//! The order step: an authorized checkout whose stock is committed becomes a confirmed order.
+//! The order step: an authorized checkout's stock leaves the shelf and it becomes a confirmed
+//! order, in one transaction.
 //!
-//! Batch-native: orders without a promotion are inserted with one statement for the whole
-//! batch; an order with a promotion redeems it in the same transaction (a row-locked
-//! conditional counter), so it is confirmed if and only if its redemption fits the limits.
-//! An order the watchdog already failed is not confirmed: it goes back to compensation.
+//! Batch-native: the batch's stock is committed first (`inventory::commit`, which rejects an
+//! order whose lapsed hold can no longer be taken again), then the orders without a promotion
+//! are inserted with one statement; an order with a promotion redeems it in the same
+//! transaction (a row-locked conditional counter), so it is confirmed if and only if its
+//! redemption fits the limits. An order the watchdog already failed is not confirmed: it goes
+//! back to compensation.
+//!
+//! One step rather than two (stock, then order, each with its event): the seed's order step
+//! "creates the order, finalizes reservations", and a step of its own cost every checkout one
+//! more publish (an fsync at `sync_interval: always`), delivery, ack and transaction.
 
 use std::collections::HashSet;
 
@@ -12,27 +19,36 @@ use uuid::Uuid;
 
 use super::record::{self, OrderStatus};
 use crate::db::Leases;
+use crate::inventory;
 use crate::pricing::promo::{self, RedeemRefusal};
 use crate::saga::batch::BatchStep;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::InboxTable;
 use crate::saga::runner::StepError;
 
-/// Consumes `checkout.committed`, emits `checkout.confirmed`, or `checkout.rejected` when the
-/// promotion's limits were reached first or the order timed out meanwhile.
+/// Consumes `checkout.authorized` (and `checkout.committed`, which older versions emitted
+/// once stock was committed), emits `checkout.confirmed`, or `checkout.rejected` when the stock
+/// is gone, the promotion's limits were reached first or the order timed out meanwhile.
 pub struct OrderStep {
     pub leases: Leases,
 }
 
+/// A checkout to confirm.
+pub struct ToConfirm {
+    checkout: Checkout,
+    /// Its stock left already (a `committed` event).
+    stock_committed: bool,
+}
+
 impl BatchStep for OrderStep {
-    type Input = Checkout;
+    type Input = ToConfirm;
 
     fn durable(&self) -> &'static str {
         "order"
     }
 
     fn consumes(&self) -> Vec<EventKind> {
-        vec![EventKind::Committed]
+        vec![EventKind::Authorized, EventKind::Committed]
     }
 
     fn inbox(&self) -> InboxTable {
@@ -51,9 +67,16 @@ impl BatchStep for OrderStep {
         }
     }
 
-    fn input(&self, event: Event) -> Result<Checkout, String> {
+    fn input(&self, event: Event) -> Result<ToConfirm, String> {
         match event {
-            Event::Committed { checkout, .. } => Ok(checkout),
+            Event::Authorized { checkout, .. } => Ok(ToConfirm {
+                checkout,
+                stock_committed: false,
+            }),
+            Event::Committed { checkout, .. } => Ok(ToConfirm {
+                checkout,
+                stock_committed: true,
+            }),
             other => Err(format!("order cannot handle {:?}", other.kind())),
         }
     }
@@ -61,10 +84,25 @@ impl BatchStep for OrderStep {
     async fn apply(
         &self,
         conn: &mut PgConnection,
-        inputs: &[&Checkout],
+        inputs: &[&ToConfirm],
     ) -> Result<Vec<Vec<Event>>, StepError> {
+        let to_commit: Vec<&Checkout> = inputs
+            .iter()
+            .filter(|i| !i.stock_committed)
+            .map(|i| &i.checkout)
+            .collect();
+        let mut refusals = inventory::commit::commit_stock(conn, &to_commit)
+            .await?
+            .into_iter();
         let mut outcome: Vec<Option<Vec<Event>>> = vec![None; inputs.len()];
-        for (n, checkout) in inputs.iter().enumerate() {
+        for (n, input) in inputs.iter().enumerate() {
+            if !input.stock_committed {
+                if let Some(rejected) = refusals.next().flatten() {
+                    outcome[n] = Some(vec![rejected]);
+                    continue;
+                }
+            }
+            let checkout = &input.checkout;
             if let Some(code) = checkout.promo_code.as_deref() {
                 outcome[n] = Some(with_promo(conn, checkout, code).await?);
             }
@@ -73,19 +111,42 @@ impl BatchStep for OrderStep {
             .iter()
             .zip(&outcome)
             .filter(|(_, o)| o.is_none())
-            .map(|(c, _)| *c)
+            .map(|(i, _)| &i.checkout)
             .collect();
         let inserted: HashSet<Uuid> = record::insert_confirmed_many(conn, &plain)
             .await?
             .into_iter()
             .collect();
+        // An order that existed already: failed by the watchdog first (the usual case), or
+        // confirmed by another delivery of the same checkout (the legacy `committed` event of
+        // one confirmed from its `authorized` event, around an upgrade), which needs nothing.
+        let existing: Vec<Uuid> = plain
+            .iter()
+            .map(|c| c.order_id)
+            .filter(|id| !inserted.contains(id))
+            .collect();
+        let confirmed_before: HashSet<Uuid> = if existing.is_empty() {
+            HashSet::new()
+        } else {
+            sqlx::query_scalar(
+                "SELECT order_id FROM orders.orders WHERE order_id = ANY($1) AND status <> 'failed'",
+            )
+            .bind(&existing)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+        };
         Ok(inputs
             .iter()
             .zip(outcome)
-            .map(|(checkout, done)| {
+            .map(|(input, done)| {
+                let checkout = &input.checkout;
                 done.unwrap_or_else(|| {
                     if inserted.contains(&checkout.order_id) {
                         confirmed(checkout)
+                    } else if confirmed_before.contains(&checkout.order_id) {
+                        Vec::new()
                     } else {
                         timed_out(checkout)
                     }

@@ -139,8 +139,8 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         emptied: Vec<String>,
     },
-    /// reserve or inventory-commit -> compensate: a line could not be held (or, after its
-    /// hold expired, taken again); nothing is held.
+    /// reserve or order -> compensate: a line could not be held (or, after its hold expired,
+    /// taken again), or the order could not be confirmed; compensation gives back what is held.
     Rejected {
         checkout: Checkout,
         reason: FailureReason,
@@ -149,13 +149,14 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         short: Vec<Short>,
     },
-    /// authorize -> inventory-commit: the PSP authorized the total.
+    /// authorize -> order: the PSP authorized the total.
     Authorized {
         checkout: Checkout,
         payment_id: Uuid,
         auth_id: String,
     },
-    /// inventory-commit -> order: the order's units left stock (re-taken if the hold lapsed).
+    /// No longer emitted: older versions' inventory-commit step -> order, once the order's
+    /// units left stock. The order step still confirms one in flight.
     Committed {
         checkout: Checkout,
         payment_id: Uuid,

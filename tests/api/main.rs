@@ -27,3 +27,4 @@ mod pricing;
 mod retention;
 mod security;
 mod traces;
+mod upgrade;

@@ -166,8 +166,9 @@ async fn one_checkout_is_one_trace_across_every_process() {
         *m.entry(s.name.as_str()).or_default() += 1;
         m
     });
+    // One per step the checkout passed: reserve, authorize, order.
     assert!(
-        names.get("saga_step").copied().unwrap_or(0) >= 4,
+        names.get("saga_step").copied().unwrap_or(0) >= 3,
         "{names:?}"
     );
     assert!(
