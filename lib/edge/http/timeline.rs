@@ -222,8 +222,8 @@ fn stage_after(kind: EventKind) -> &'static str {
     match kind {
         EventKind::Requested => "reserving",
         EventKind::Reserved => "authorizing",
-        EventKind::Authorized => "committing_stock",
-        EventKind::Committed => "confirming",
+        // The order step commits the stock and inserts the order together.
+        EventKind::Authorized | EventKind::Committed => "confirming",
         EventKind::Rejected | EventKind::Declined | EventKind::TimedOut => "compensating",
         EventKind::Confirmed | EventKind::CaptureFailed | EventKind::CancelFailed => "confirmed",
         EventKind::Failed => "failed",
