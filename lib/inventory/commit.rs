@@ -11,7 +11,7 @@
 //! (like every other writer), each order is decided against what the batch has seen, and the
 //! writes are one statement.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -65,21 +65,11 @@ pub(crate) async fn commit_stock(
             .or_default()
             .insert(sku, (qty, status));
     }
-    let skus: BTreeSet<&str> = checkouts
-        .iter()
-        .flat_map(|c| c.items.iter().map(|l| l.sku.as_str()))
+    let mut levels: HashMap<String, Level> = super::stock::lock_rows(&mut *conn, checkouts)
+        .await?
+        .into_iter()
+        .map(|(sku, on_hand, reserved)| (sku, Level { on_hand, reserved }))
         .collect();
-    let skus: Vec<&str> = skus.into_iter().collect();
-    let mut levels: HashMap<String, Level> = sqlx::query_as::<_, (String, i32, i32)>(
-        "SELECT sku, on_hand, reserved FROM inventory.stock
-             WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
-    )
-    .bind(&skus)
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|(sku, on_hand, reserved)| (sku, Level { on_hand, reserved }))
-    .collect();
     let mut writes = Writes::default();
     let mut outputs = Vec::with_capacity(checkouts.len());
     let none = HashMap::new();

@@ -6,7 +6,7 @@
 //! locks, then writes every hold with set-based statements. A checkout that cannot be held
 //! in full holds nothing and is rejected `out_of_stock`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -93,21 +93,11 @@ impl BatchStep for ReserveStep {
     ) -> Result<Vec<Vec<Event>>, StepError> {
         let ttl = chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::minutes(10));
         let expires_at = Utc::now() + ttl;
-        let skus: BTreeSet<&str> = inputs
-            .iter()
-            .flat_map(|c| c.items.iter().map(|l| l.sku.as_str()))
+        let mut available: HashMap<String, i64> = super::stock::lock_rows(&mut *conn, inputs)
+            .await?
+            .into_iter()
+            .map(|(sku, on_hand, reserved)| (sku, i64::from(on_hand) - i64::from(reserved)))
             .collect();
-        let skus: Vec<&str> = skus.into_iter().collect();
-        let mut available: HashMap<String, i64> = sqlx::query_as::<_, (String, i32, i32)>(
-            "SELECT sku, on_hand, reserved FROM inventory.stock
-             WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
-        )
-        .bind(&skus)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|(sku, on_hand, reserved)| (sku, i64::from(on_hand) - i64::from(reserved)))
-        .collect();
         let mut outputs = Vec::with_capacity(inputs.len());
         let mut holds = Holds::default();
         let mut taken: BTreeMap<String, i32> = BTreeMap::new();

@@ -1,9 +1,12 @@
 //! Stock levels and the admin's corrections to them.
 
-use sqlx::PgPool;
+use std::collections::BTreeSet;
+
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::domain::Sku;
+use crate::saga::events::Checkout;
 
 /// One SKU's stock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,4 +95,25 @@ pub async fn reservation_status(
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|(s,)| s))
+}
+
+/// Locks the stock row of every SKU a batch of checkouts touches, in SKU order (the order every
+/// writer of stock takes them in, so two batches never deadlock), and reads them:
+/// `(sku, on_hand, reserved)`.
+pub(crate) async fn lock_rows(
+    conn: &mut PgConnection,
+    checkouts: &[&Checkout],
+) -> Result<Vec<(String, i32, i32)>, sqlx::Error> {
+    let skus: BTreeSet<&str> = checkouts
+        .iter()
+        .flat_map(|c| c.items.iter().map(|l| l.sku.as_str()))
+        .collect();
+    let skus: Vec<&str> = skus.into_iter().collect();
+    sqlx::query_as(
+        "SELECT sku, on_hand, reserved FROM inventory.stock
+         WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(&skus)
+    .fetch_all(conn)
+    .await
 }
