@@ -282,23 +282,23 @@ fn test_settings_for(cluster: &Cluster, db: &TestDb) -> checkout::config::Settin
     settings
 }
 
-/// What one buyer got: an order id once a checkout was accepted.
+/// What one buyer got: an order id once a checkout was accepted, or what the last try saw.
 struct Outcome {
     user: String,
-    order: Option<String>,
+    order: Result<String, String>,
 }
 
 /// One request as a real client makes it: on a refused connection, a timeout or a 5xx, try
 /// again (the other edge first) up to 3 more times within 5 s, with the same body and
-/// Idempotency-Key. Returns the last status and body.
+/// Idempotency-Key. Returns the last status and body, or what the last try ran into.
 async fn with_retries(
     http: &reqwest::Client,
     edges: &[String],
     first_edge: usize,
     send: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
-) -> Option<(StatusCode, Value)> {
+) -> Result<(StatusCode, Value), String> {
     let started = Instant::now();
-    let mut last = None;
+    let mut last = String::new();
     for attempt in 0..4 {
         if attempt > 0 {
             if started.elapsed() >= Duration::from_secs(5) {
@@ -311,13 +311,24 @@ async fn with_retries(
             Ok(resp) if !resp.status().is_server_error() => {
                 let status = resp.status();
                 let body = resp.json().await.unwrap_or(Value::Null);
-                return Some((status, body));
+                return Ok((status, body));
             }
-            Ok(resp) => last = Some((resp.status(), Value::Null)),
-            Err(_) => {}
+            Ok(resp) => {
+                let status = resp.status();
+                let body: Value = resp.json().await.unwrap_or(Value::Null);
+                last = format!("{status} {}", body["error"]["code"]);
+            }
+            Err(e) if e.is_timeout() => last = "timeout".to_owned(),
+            Err(e) if e.is_connect() => last = "connection refused".to_owned(),
+            Err(e) => last = format!("transport error ({e})"),
         }
     }
-    last
+    Err(last)
+}
+
+/// What a 4xx answer says, for the tally of refused buyers.
+fn refusal(status: StatusCode, body: &Value) -> String {
+    format!("{status} {}", body["error"]["code"])
 }
 
 /// A buyer: one unit into a cart on one edge, checkout on the other.
@@ -331,8 +342,16 @@ async fn buy(shop: Arc<ShopClient>, n: usize) -> Outcome {
             .json(&json!({"sku": SKU, "qty": 1}))
     })
     .await;
-    let Some((StatusCode::OK, body)) = cart else {
-        return Outcome { user, order: None };
+    let body = match cart {
+        Ok((StatusCode::OK, body)) => body,
+        Ok((status, body)) => {
+            let order = Err(format!("cart: {}", refusal(status, &body)));
+            return Outcome { user, order };
+        }
+        Err(last) => {
+            let order = Err(format!("cart: {last}"));
+            return Outcome { user, order };
+        }
     };
     let cart_id = body["cartId"].as_str().unwrap_or_default().to_owned();
     let placed = with_retries(&shop.http, &shop.edges, n + 1, |http, base| {
@@ -343,8 +362,12 @@ async fn buy(shop: Arc<ShopClient>, n: usize) -> Outcome {
     })
     .await;
     let order = match placed {
-        Some((status, body)) if status.is_success() => body["orderId"].as_str().map(str::to_owned),
-        _ => None,
+        Ok((status, body)) if status.is_success() => body["orderId"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("checkout: {status} without an order id")),
+        Ok((status, body)) => Err(format!("checkout: {}", refusal(status, &body))),
+        Err(last) => Err(format!("checkout: {last}")),
     };
     Outcome { user, order }
 }
@@ -448,9 +471,13 @@ async fn failover(fault: Fault) {
     let tried = outcomes.len();
     let accepted: Vec<(&str, &str)> = outcomes
         .iter()
-        .filter_map(|o| o.order.as_deref().map(|id| (o.user.as_str(), id)))
+        .filter_map(|o| o.order.as_deref().ok().map(|id| (o.user.as_str(), id)))
         .collect();
     let share = accepted.len() as f64 / tried as f64;
+    let mut refused: HashMap<&str, usize> = HashMap::new();
+    for why in outcomes.iter().filter_map(|o| o.order.as_ref().err()) {
+        *refused.entry(why.as_str()).or_default() += 1;
+    }
 
     // Every accepted order ends (within 60 s of the load's end).
     let ids: Vec<uuid::Uuid> = accepted
@@ -489,13 +516,17 @@ async fn failover(fault: Fault) {
 
     eprintln!(
         "failover: {}/{} checkouts accepted ({:.2} %), {confirmed} confirmed, \
-         longest acceptance-to-end {:.1} s",
+         longest acceptance-to-end {:.1} s; not accepted: {refused:?}",
         accepted.len(),
         tried,
         share * 100.0,
         stall_ms / 1000.0
     );
-    assert!(share >= 0.999, "only {:.2} % accepted", share * 100.0);
+    assert!(
+        share >= 0.999,
+        "only {:.2} % accepted; the others' last answers: {refused:?}",
+        share * 100.0
+    );
     assert_eq!(
         confirmed as usize,
         ids.len(),
