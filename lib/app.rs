@@ -421,8 +421,9 @@ impl Shared {
         let (outbox, marks) = Outbox::new(self.pool.clone(), self.bus.clone());
         tasks.spawn({
             let (outbox, token) = (outbox.clone(), self.shutdown.clone());
+            let every = self.settings.edge.outbox_mark_every;
             async move {
-                outbox.run_marker(marks, token).await;
+                outbox.run_marker(marks, every, token).await;
                 ("outbox-marker".to_owned(), Ok(()))
             }
         });

@@ -177,6 +177,9 @@ pub struct EdgeSettings {
     pub outbox_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub outbox_max_backoff: Duration,
+    /// The marker records published rows at most once per this interval (one commit).
+    #[serde(with = "humantime_serde")]
+    pub outbox_mark_every: Duration,
     pub cart_max_lines: i64,
     #[serde(with = "humantime_serde")]
     pub sold_out_ttl: Duration,

@@ -96,13 +96,14 @@ impl Outbox {
         }
     }
 
-    /// Marks published rows in batches (one UPDATE per batch, off the request path) until
-    /// shutdown, then marks what is left.
-    pub async fn run_marker(self, marks: Marks, shutdown: CancellationToken) {
+    /// Marks published rows in batches until shutdown, then marks what is left: one UPDATE
+    /// (one commit) per `every` at most, off the request path.
+    pub async fn run_marker(self, marks: Marks, every: Duration, shutdown: CancellationToken) {
         let Marks(mut rx) = marks;
         let mut batch = Vec::with_capacity(512);
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => {
                     while let Ok(id) = rx.try_recv() {
                         batch.push(id);
@@ -110,11 +111,19 @@ impl Outbox {
                     self.mark(&mut batch).await;
                     return;
                 }
-                n = rx.recv_many(&mut batch, 512) => {
+                n = rx.recv_many(&mut batch, 4096) => {
                     if n == 0 {
                         return;
                     }
+                    // A mark is bookkeeping (a row left unmarked is republished after
+                    // outbox_grace, and JetStream drops the duplicate), so marks wait and
+                    // share a commit rather than cost the database one per few checkouts.
+                    let next = tokio::time::Instant::now() + every;
                     self.mark(&mut batch).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep_until(next) => {}
+                    }
                 }
             }
         }
