@@ -90,11 +90,30 @@ pub fn nats_version(bin: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// A port no other server of this test run was given, below Linux's ephemeral range
+/// (32768-60999). A port the kernel picks (bind to port 0) comes from that range, and once
+/// released it can be taken as the source port of any outgoing connection before the server
+/// binds it: in a full run, with thousands of connections, a cluster node then failed to
+/// start now and then. Handed out in turn from a per-process offset, each checked free.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 15_000;
+    const SPAN: u32 = 17_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        let port = u16::try_from(FIRST + n).expect("below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 impl NatsServer {
