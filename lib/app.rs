@@ -457,11 +457,15 @@ impl Shared {
             outbox.clone(),
             rates.clone(),
             sold_out.clone(),
+            self.settings.database.group_linger,
         );
         let state = AppState::new(EdgeState {
             pool: self.pool.clone(),
             leases: self.leases.clone(),
-            lines: crate::edge::cart::Lines::new(self.leases.clone()),
+            lines: crate::edge::cart::Lines::new(
+                self.leases.clone(),
+                self.settings.database.group_linger,
+            ),
             bus: self.bus.clone(),
             checkouts,
             outbox,
@@ -520,7 +524,11 @@ impl Shared {
             tasks,
             Arc::new(AuthorizeStep {
                 leases: self.leases.clone(),
-                claims: crate::db::group::Group::new(crate::payments::Claims, self.leases.clone()),
+                claims: crate::db::group::Group::new(
+                    crate::payments::Claims,
+                    self.leases.clone(),
+                    self.settings.database.group_linger,
+                ),
                 provider: self.provider.clone(),
                 max_attempts: self.settings.payments.max_attempts,
                 retry_window: self.settings.payments.retry_window,

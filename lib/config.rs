@@ -41,6 +41,9 @@ pub struct DatabaseSettings {
     pub url: Secret,
     pub max_connections: u32,
     pub migrate_on_start: bool,
+    /// How long a group-committed statement waits for company while another is in flight.
+    #[serde(with = "humantime_serde")]
+    pub group_linger: Duration,
 }
 
 /// JetStream streams and consumer defaults.

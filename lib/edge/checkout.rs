@@ -199,9 +199,10 @@ impl Checkouts {
         outbox: Outbox,
         rates: RatesCache,
         sold_out: SoldOut,
+        group_linger: std::time::Duration,
     ) -> Self {
         Self {
-            accepts: Group::new(Accepts, leases.clone()),
+            accepts: Group::new(Accepts, leases.clone(), group_linger),
             leases,
             seal,
             outbox,

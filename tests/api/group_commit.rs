@@ -1,16 +1,17 @@
 //! Group commit (`db::group`): concurrent callers' rows share statements, every caller gets
-//! its own answer, a bad row fails only its own caller, and rows with the same key never
-//! share a statement.
+//! its own answer, a bad row fails only its own caller, rows with the same key never share a
+//! statement, and rows arriving while a statement is in flight wait for it and go together.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use checkout::config::{DatabaseSettings, Secret};
 use checkout::db::group::{Group, Writes};
 use checkout::db::{self, Leases};
 use sqlx::PgConnection;
 
-use crate::helpers::TestDb;
+use crate::helpers::{eventually, TestDb};
 
 /// Rows of `scratch`: (key, value); the table refuses negative values.
 struct Scratch {
@@ -60,11 +61,12 @@ impl Writes for Scratch {
     }
 }
 
-async fn group(test_db: &TestDb) -> (Group<Scratch>, Leases, Scratch) {
+async fn group(test_db: &TestDb, linger: Duration) -> (Group<Scratch>, Leases, Scratch) {
     let settings = DatabaseSettings {
         url: Secret::new(test_db.url.clone()),
         max_connections: 6,
         migrate_on_start: false,
+        group_linger: Duration::ZERO,
     };
     db::create_if_missing(&settings).await.expect("database");
     let leases = Leases::new(db::connect(&settings).await.expect("pool"));
@@ -82,13 +84,13 @@ async fn group(test_db: &TestDb) -> (Group<Scratch>, Leases, Scratch) {
         seen: seen.clone(),
     };
     let probe = Scratch { statements, seen };
-    (Group::new(writes, leases.clone()), leases, probe)
+    (Group::new(writes, leases.clone(), linger), leases, probe)
 }
 
 #[tokio::test]
 async fn concurrent_rows_share_statements_and_each_caller_gets_its_own_answer() {
     let test_db = TestDb::new();
-    let (group, leases, probe) = group(&test_db).await;
+    let (group, leases, probe) = group(&test_db, Duration::ZERO).await;
     let group = Arc::new(group);
     let callers: Vec<_> = (0..300)
         .map(|n| {
@@ -133,7 +135,7 @@ async fn concurrent_rows_share_statements_and_each_caller_gets_its_own_answer() 
 #[tokio::test]
 async fn a_bad_row_fails_only_its_own_caller() {
     let test_db = TestDb::new();
-    let (group, leases, _probe) = group(&test_db).await;
+    let (group, leases, _probe) = group(&test_db, Duration::ZERO).await;
     let group = Arc::new(group);
     let callers: Vec<_> = (0..100)
         .map(|n| {
@@ -161,4 +163,60 @@ async fn a_bad_row_fails_only_its_own_caller() {
         .await
         .expect("count");
     assert_eq!(rows, 99);
+}
+
+#[tokio::test]
+async fn rows_arriving_while_a_statement_is_in_flight_wait_for_it_and_share_the_next() {
+    let test_db = TestDb::new();
+    // A linger longer than the test: only the landing of the statement in flight ends the wait.
+    let linger = Duration::from_secs(60);
+    let (group, leases, probe) = group(&test_db, linger).await;
+    let group = Arc::new(group);
+    let started = Instant::now();
+    // The table held by another transaction keeps the first statement in flight.
+    let mut holder = leases.pool().begin().await.expect("transaction");
+    sqlx::query("LOCK TABLE scratch IN SHARE MODE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let write = |row: (i32, i32)| {
+        let group = group.clone();
+        tokio::spawn(async move { group.write(row).await })
+    };
+    let first = write((1, 1));
+    let statements = probe.statements.clone();
+    eventually(
+        "the first statement to be in flight",
+        Duration::from_secs(5),
+        || {
+            let statements = statements.clone();
+            async move { statements.load(Ordering::SeqCst) == 1 }
+        },
+    )
+    .await;
+    // Five leases are free, yet a row arriving now does not get a statement of its own.
+    let second = write((2, 2));
+    let watch_until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < watch_until {
+        assert_eq!(
+            probe.statements.load(Ordering::SeqCst),
+            1,
+            "a row went alone while a statement was in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let third = write((3, 3));
+    holder.commit().await.expect("release the table");
+    for caller in [first, second, third] {
+        caller.await.expect("caller").expect("written");
+    }
+    let seen = probe.seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 2, "statements: {seen:?}");
+    let mut next = seen[1].clone();
+    next.sort_unstable();
+    assert_eq!(next, vec![2, 3], "the rows that waited went together");
+    assert!(
+        started.elapsed() < linger,
+        "they went when the first statement landed, not when the linger ran out"
+    );
 }

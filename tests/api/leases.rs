@@ -16,6 +16,7 @@ async fn leases(test_db: &TestDb, connections: u32) -> Leases {
         url: Secret::new(test_db.url.clone()),
         max_connections: connections,
         migrate_on_start: false,
+        group_linger: Duration::ZERO,
     };
     db::create_if_missing(&settings).await.expect("database");
     Leases::new(db::connect(&settings).await.expect("pool"))

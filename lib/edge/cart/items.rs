@@ -29,10 +29,10 @@ pub struct Lines {
 }
 
 impl Lines {
-    /// Line changes over `leases`.
-    pub fn new(leases: Leases) -> Self {
+    /// Line changes over `leases`, group-committed with `group_linger` (`database.group_linger`).
+    pub fn new(leases: Leases, group_linger: std::time::Duration) -> Self {
         Self {
-            writes: Group::new(LineWrites, leases.clone()),
+            writes: Group::new(LineWrites, leases.clone(), group_linger),
             leases,
         }
     }
