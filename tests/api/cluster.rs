@@ -315,8 +315,7 @@ async fn with_retries(
             }
             Ok(resp) => {
                 let status = resp.status();
-                let body: Value = resp.json().await.unwrap_or(Value::Null);
-                last = format!("{status} {}", body["error"]["code"]);
+                last = refusal(status, &resp.json().await.unwrap_or(Value::Null));
             }
             Err(e) if e.is_timeout() => last = "timeout".to_owned(),
             Err(e) if e.is_connect() => last = "connection refused".to_owned(),
@@ -326,7 +325,7 @@ async fn with_retries(
     Err(last)
 }
 
-/// What a 4xx answer says, for the tally of refused buyers.
+/// What an error answer says (status and error code), for the tally of refused buyers.
 fn refusal(status: StatusCode, body: &Value) -> String {
     format!("{status} {}", body["error"]["code"])
 }

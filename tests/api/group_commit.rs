@@ -194,7 +194,8 @@ async fn rows_arriving_while_a_statement_is_in_flight_wait_for_it_and_share_the_
         },
     )
     .await;
-    // Five leases are free, yet a row arriving now does not get a statement of its own.
+    // Five leases are free, yet a row arriving now does not get a statement of its own: watched
+    // for 300 ms (the wait is the point: without the rule it goes within milliseconds).
     let second = write((2, 2));
     let watch_until = Instant::now() + Duration::from_millis(300);
     while Instant::now() < watch_until {

@@ -97,15 +97,11 @@ pub fn nats_version(bin: &Path) -> Vec<u32> {
 /// start now and then. Handed out in turn from a per-process offset, each checked free.
 fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::LazyLock;
     const FIRST: u32 = 15_000;
     const SPAN: u32 = 17_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7_919) % SPAN,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
+    static NEXT: LazyLock<AtomicU32> =
+        LazyLock::new(|| AtomicU32::new(std::process::id().wrapping_mul(7_919) % SPAN));
     for _ in 0..SPAN {
         let n = NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
         let port = u16::try_from(FIRST + n).expect("below 32768");
