@@ -451,12 +451,20 @@ impl Shared {
                 ("sold-out-notices".to_owned(), Ok(()))
             }
         });
+        let seen = crate::edge::cart::SeenCarts::new(
+            self.settings.edge.seen_carts_capacity,
+            self.settings.edge.seen_carts_ttl,
+        );
         let checkouts = Checkouts::new(
             self.leases.clone(),
             self.seal.clone(),
             outbox.clone(),
-            rates.clone(),
-            sold_out.clone(),
+            crate::edge::checkout::Known {
+                rates: rates.clone(),
+                catalog: catalog.clone(),
+                seen: seen.clone(),
+                sold_out: sold_out.clone(),
+            },
             self.settings.database.group_linger,
         );
         let state = AppState::new(EdgeState {
@@ -465,6 +473,7 @@ impl Shared {
             lines: crate::edge::cart::Lines::new(
                 self.leases.clone(),
                 self.settings.database.group_linger,
+                seen,
             ),
             bus: self.bus.clone(),
             checkouts,

@@ -198,6 +198,10 @@ pub struct EdgeSettings {
     pub product_cache_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub rates_cache_ttl: Duration,
+    /// Carts whose last write each edge process remembers, so their checkout skips a read.
+    pub seen_carts_capacity: u64,
+    #[serde(with = "humantime_serde")]
+    pub seen_carts_ttl: Duration,
 }
 
 /// The watchdog that ends orders stuck pending, and the reconciler of unknown payments.

@@ -4,7 +4,9 @@
 //! The cart is read and priced without a lock, then the request row, the outbox row and the
 //! cart's new state commit in one call that first checks, under the cart's lock, that the
 //! cart is still what was priced (under load, one statement and commit carry several buyers'
-//! calls: `db::group`); the event is published right after. If the process dies in between,
+//! calls: `db::group`); the event is published right after. Where this edge wrote the cart
+//! moments before, it prices what it remembers with its product cache and skips the read; the
+//! acceptance then checks the products too, and any difference sends it back to the read. If the process dies in between,
 //! the outbox sweeper republishes it (same `Nats-Msg-Id`), so an accepted checkout is never
 //! lost.
 
@@ -15,17 +17,18 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
+use tracing::debug;
 use uuid::Uuid;
 
-use crate::catalog::{Product, ProductRow};
+use crate::catalog::{CatalogCache, Product, ProductRow};
 use crate::db::group::{Group, Writes};
 use crate::db::Leases;
 use crate::domain::Address;
 use crate::edge::cart::pricing::{Item, Products};
-use crate::edge::cart::{self, CartError};
+use crate::edge::cart::{self, CartError, SeenCart, SeenCarts};
 use crate::edge::outbox::Outbox;
 use crate::inventory::soldout::SoldOut;
-use crate::pricing::destination::RatesCache;
+use crate::pricing::destination::{DestinationRates, RatesCache};
 use crate::pricing::Priced;
 use crate::saga::events::{Checkout, Event, Line};
 use crate::saga::outgoing::Outgoing;
@@ -134,11 +137,65 @@ struct Submission<'a> {
     trace: &'a TraceParent,
 }
 
-/// The cart as the checkout read and priced it: its promotion code and lines.
+/// The cart as the checkout read and priced it: its promotion code and lines, and the
+/// products as priced where they came from the edge's cache.
 struct AsRead {
     code: Option<String>,
     skus: Vec<String>,
     qtys: Vec<i32>,
+    products: Option<AsPriced>,
+}
+
+/// A cart about to be priced.
+struct ToPrice {
+    code: Option<String>,
+    items: Vec<Item>,
+    products: HashMap<String, Product>,
+    as_of: AsOf,
+}
+
+/// Where a cart to price came from.
+#[derive(Clone, Copy)]
+enum AsOf {
+    /// Read with its products just now.
+    ReadNow,
+    /// Remembered by this edge ([`SeenCarts`]), its products from the catalog cache: the
+    /// acceptance checks both.
+    Remembered,
+}
+
+/// Each line's product as priced, for the acceptance to check against the catalog.
+struct AsPriced {
+    currency: &'static str,
+    prices: Vec<Decimal>,
+    weights: Vec<i32>,
+    tax_codes: Vec<&'static str>,
+}
+
+impl AsPriced {
+    /// The products of `skus`, in order; `None` if one is missing or the currencies differ
+    /// (pricing would refuse the cart, and the read should say why).
+    fn of(skus: &[String], products: &HashMap<String, Product>) -> Option<Self> {
+        let mut currency = None;
+        let mut as_priced = Self {
+            currency: "",
+            prices: Vec::with_capacity(skus.len()),
+            weights: Vec::with_capacity(skus.len()),
+            tax_codes: Vec::with_capacity(skus.len()),
+        };
+        for sku in skus {
+            let product = products.get(sku)?;
+            let code = product.price.currency().code();
+            if *currency.get_or_insert(code) != code {
+                return None;
+            }
+            as_priced.prices.push(product.price.amount());
+            as_priced.weights.push(product.weight_grams);
+            as_priced.tax_codes.push(product.tax_code.as_str());
+        }
+        as_priced.currency = currency?;
+        Some(as_priced)
+    }
 }
 
 /// Sorts the read's rows into a replay or a cart (or a refusal).
@@ -187,8 +244,16 @@ pub struct Checkouts {
     accepts: Group<Accepts>,
     seal: std::sync::Arc<crate::payments::token_seal::TokenSeal>,
     outbox: Outbox,
-    rates: RatesCache,
-    sold_out: SoldOut,
+    known: Known,
+}
+
+/// What the edge process keeps in memory that a checkout uses instead of asking PostgreSQL.
+#[derive(Clone)]
+pub struct Known {
+    pub rates: RatesCache,
+    pub catalog: CatalogCache,
+    pub seen: SeenCarts,
+    pub sold_out: SoldOut,
 }
 
 impl Checkouts {
@@ -197,8 +262,7 @@ impl Checkouts {
         leases: Leases,
         seal: std::sync::Arc<crate::payments::token_seal::TokenSeal>,
         outbox: Outbox,
-        rates: RatesCache,
-        sold_out: SoldOut,
+        known: Known,
         group_linger: std::time::Duration,
     ) -> Self {
         Self {
@@ -206,8 +270,7 @@ impl Checkouts {
             leases,
             seal,
             outbox,
-            rates,
-            sold_out,
+            known,
         }
     }
 
@@ -221,9 +284,24 @@ impl Checkouts {
     ) -> Result<Uuid, CheckoutError> {
         let hash = request_hash(request);
         let rates = self
+            .known
             .rates
             .get(&request.address.country, request.address.region.as_deref())
             .await?;
+        let submission = Submission {
+            user_id,
+            key,
+            hash: &hash,
+            request,
+            trace,
+        };
+        // The cart as this edge wrote it moments ago: priced without reading it, and checked
+        // at acceptance instead (one statement fewer per checkout).
+        if let Some(seen) = self.known.seen.take(request.cart_id, user_id).await {
+            if let Some(order_id) = self.accept_as_seen(&submission, &rates, &seen).await? {
+                return Ok(order_id);
+            }
+        }
         // Optimistic: read and price without a lock, then accept only if the cart is still
         // what was priced (`edge.accept_checkout` takes the cart's lock and checks). Two
         // round trips instead of a six-statement transaction; a cart changed in between is
@@ -236,57 +314,125 @@ impl Checkouts {
                 .bind(request.cart_id)
                 .fetch_all(&mut *conn)
                 .await?;
-            let (code, items, products) = match found(rows, &hash)? {
-                Found::Replay(order) => {
-                    conn.park();
-                    return order;
-                }
+            // Pricing reads the database only for a promotion code, from the pool.
+            conn.park();
+            let cart = match found(rows, &hash)? {
+                Found::Replay(order) => return order,
                 Found::Cart {
                     code,
                     items,
                     products,
-                } => (code, items, products),
+                } => ToPrice {
+                    code,
+                    items,
+                    products,
+                    as_of: AsOf::ReadNow,
+                },
             };
-            let (skus, qtys): (Vec<String>, Vec<i32>) = items.iter().cloned().unzip();
-            // Current prices from the database (not the edge cache): this is what gets charged.
-            let ship_to = cart::ShipTo {
-                rates: &rates,
-                method: &request.shipping_method,
-            };
-            let priced = cart::pricing::price_lines(
-                &mut *conn,
-                code.clone(),
-                items,
-                Products::Read(products),
-                Some(ship_to),
-            )
-            .await?
-            .ok_or(CheckoutError::EmptyCart)?;
-            // The acceptance goes with other buyers' on the group's own connection.
-            conn.park();
-            // A SKU every edge has just heard is sold out: refuse here, before any write or
-            // the saga (the reserve step would only refuse it later). Never a promise of stock.
-            if let Some(line) = priced.lines.iter().find(|l| {
-                self.sold_out
-                    .refuses(l.sku.as_str(), i64::from(l.qty.get()))
-            }) {
-                return Err(CheckoutError::OutOfStock(line.sku.to_string()));
-            }
-            let submission = Submission {
-                user_id,
-                key,
-                hash: &hash,
-                request,
-                trace,
-            };
-            let as_read = AsRead { code, skus, qtys };
-            let accepted = self.accept(&submission, priced, as_read).await?;
-            if let Some((order_id, out)) = accepted {
-                self.outbox.publish(&out).await;
+            if let Some(order_id) = self.price_and_accept(&submission, &rates, cart).await? {
                 return Ok(order_id);
             }
         }
         Err(CheckoutError::Cart(CartError::Contended))
+    }
+
+    /// Prices the cart as this edge last wrote it, with the catalog cache's products, and
+    /// accepts it if the cart and its products are still what was priced. `None` if not, or
+    /// if pricing refused it: the memory may be what is wrong, so the read decides.
+    async fn accept_as_seen(
+        &self,
+        submission: &Submission<'_>,
+        rates: &DestinationRates,
+        seen: &SeenCart,
+    ) -> Result<Option<Uuid>, CheckoutError> {
+        let skus: Vec<String> = seen.items.iter().map(|(sku, _)| sku.clone()).collect();
+        let products = self
+            .known
+            .catalog
+            .get_many(&skus)
+            .await?
+            .into_iter()
+            .map(|p| (p.sku.to_string(), p))
+            .collect();
+        let cart = ToPrice {
+            code: seen.promo_code.clone(),
+            items: seen.items.clone(),
+            products,
+            as_of: AsOf::Remembered,
+        };
+        match self.price_and_accept(submission, rates, cart).await {
+            Ok(accepted) => Ok(accepted),
+            Err(
+                e @ (CheckoutError::Database(_)
+                | CheckoutError::Encode(_)
+                | CheckoutError::Cart(CartError::Database(_))),
+            ) => Err(e),
+            Err(refused) => {
+                debug!(reason = %refused, "the remembered cart does not price; reading it");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Prices the cart and accepts it if it is still what was priced, then publishes its
+    /// request; `None` if the cart (or a remembered product) changed since.
+    async fn price_and_accept(
+        &self,
+        submission: &Submission<'_>,
+        rates: &DestinationRates,
+        cart: ToPrice,
+    ) -> Result<Option<Uuid>, CheckoutError> {
+        let ToPrice {
+            code,
+            items,
+            products,
+            as_of,
+        } = cart;
+        let (skus, qtys): (Vec<String>, Vec<i32>) = items.iter().cloned().unzip();
+        let products_as_priced = match as_of {
+            AsOf::ReadNow => None,
+            AsOf::Remembered => match AsPriced::of(&skus, &products) {
+                Some(as_priced) => Some(as_priced),
+                // A product the cache does not know: the read decides.
+                None => return Ok(None),
+            },
+        };
+        // What gets charged is the catalog's price now: read just before, or remembered by
+        // the edge's cache and checked against the catalog at acceptance.
+        let ship_to = cart::ShipTo {
+            rates,
+            method: &submission.request.shipping_method,
+        };
+        let priced = cart::pricing::price_lines(
+            self.leases.pool(),
+            code.clone(),
+            items,
+            Products::Read(products),
+            Some(ship_to),
+        )
+        .await?
+        .ok_or(CheckoutError::EmptyCart)?;
+        // A SKU every edge has just heard is sold out: refuse here, before any write or
+        // the saga (the reserve step would only refuse it later). Never a promise of stock.
+        if let Some(line) = priced.lines.iter().find(|l| {
+            self.known
+                .sold_out
+                .refuses(l.sku.as_str(), i64::from(l.qty.get()))
+        }) {
+            return Err(CheckoutError::OutOfStock(line.sku.to_string()));
+        }
+        let as_read = AsRead {
+            code,
+            skus,
+            qtys,
+            products: products_as_priced,
+        };
+        let accepted = self.accept(submission, priced, as_read).await?;
+        let Some((order_id, out)) = accepted else {
+            return Ok(None);
+        };
+        self.outbox.publish(&out).await;
+        Ok(Some(order_id))
     }
 
     /// Records the priced checkout, its outbox row and the cart's new state, if the cart is
@@ -365,22 +511,19 @@ impl Checkouts {
             promo: as_read.code,
             skus: as_read.skus,
             qtys: as_read.qtys,
+            products: as_read.products,
             event: kept,
             traceparent: out.traceparent.clone(),
             msg_id: out.msg_id.clone(),
             subject: out.subject.clone(),
             payload: out.payload.clone(),
         };
-        let accepted = self.accepts.write(acceptance).await;
-        match accepted {
-            Ok(accepted) => Ok(accepted.then_some((order_id, out))),
-            // The key was accepted after this request read it: on another cart (the cart
-            // locks did not serialize the two, the key's primary key did), or on this one by
-            // an identical request whose order then failed. The next read finds the key and
-            // tells a replay from a reused key.
-            Err(sqlx::Error::Database(db)) if db.constraint() == Some("checkouts_pkey") => Ok(None),
-            Err(e) => Err(CheckoutError::Database(e)),
-        }
+        // Refused (false) also when the key was accepted after this request read it: on
+        // another cart (the cart locks did not serialize the two, the key's primary key did),
+        // or on this one by an identical request whose order then failed. The next read finds
+        // the key and tells a replay from a reused key.
+        let accepted = self.accepts.write(acceptance).await?;
+        Ok(accepted.then_some((order_id, out)))
     }
 }
 
@@ -394,6 +537,8 @@ pub struct Acceptance {
     promo: Option<String>,
     skus: Vec<String>,
     qtys: Vec<i32>,
+    /// Checked against the catalog if given.
+    products: Option<AsPriced>,
     event: Vec<u8>,
     traceparent: Option<String>,
     msg_id: String,
@@ -407,15 +552,18 @@ pub struct Acceptance {
 pub struct Accepts;
 
 /// One statement: `edge.accept_checkout` per row, in the rows' order. The lines of every row
-/// travel as one flat array (arrays of arrays must be rectangular); each row takes its slice.
+/// travel as flat arrays (arrays of arrays must be rectangular); each row takes its slice.
+/// A row's products are checked if it has a currency (its products came from the cache).
 const ACCEPT_ALL: &str = "SELECT edge.accept_checkout(r.user_id, r.key, r.hash, r.order_id,
         r.cart_id, r.promo, ($7::text[])[r.lo:r.hi], ($8::int[])[r.lo:r.hi], r.event,
-        r.traceparent, r.msg_id, r.subject, r.payload)
+        r.traceparent, r.msg_id, r.subject, r.payload, r.currency,
+        CASE WHEN r.currency IS NOT NULL THEN ($17::numeric[])[r.lo:r.hi] END,
+        ($18::int[])[r.lo:r.hi], ($19::text[])[r.lo:r.hi])
     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::uuid[], $6::text[],
                 $9::int[], $10::int[], $11::bytea[], $12::text[], $13::text[], $14::text[],
-                $15::bytea[])
+                $15::bytea[], $16::text[])
         WITH ORDINALITY AS r(user_id, key, hash, order_id, cart_id, promo, lo, hi, event,
-                             traceparent, msg_id, subject, payload, n)
+                             traceparent, msg_id, subject, payload, currency, n)
     ORDER BY r.n";
 
 impl Writes for Accepts {
@@ -433,12 +581,27 @@ impl Writes for Accepts {
         rows: &[Acceptance],
     ) -> Result<Vec<bool>, sqlx::Error> {
         let (mut skus, mut qtys, mut lo, mut hi) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut prices, mut weights, mut tax_codes) = (Vec::new(), Vec::new(), Vec::new());
         for row in rows {
             // PostgreSQL arrays count from 1; an empty slice (lo > hi) is an empty array.
             lo.push(i32::try_from(skus.len() + 1).unwrap_or(i32::MAX));
             skus.extend(row.skus.iter().map(String::as_str));
             qtys.extend(row.qtys.iter().copied());
             hi.push(i32::try_from(skus.len()).unwrap_or(i32::MAX));
+            // Every row fills its slice of the product arrays, checked or not, so that the
+            // slices line up.
+            match &row.products {
+                Some(p) if p.prices.len() == row.skus.len() => {
+                    prices.extend(p.prices.iter().copied());
+                    weights.extend(p.weights.iter().copied());
+                    tax_codes.extend(p.tax_codes.iter().copied());
+                }
+                _ => {
+                    prices.extend(row.skus.iter().map(|_| Decimal::ZERO));
+                    weights.extend(row.skus.iter().map(|_| 0));
+                    tax_codes.extend(row.skus.iter().map(|_| ""));
+                }
+            }
         }
         sqlx::query_scalar(ACCEPT_ALL)
             .bind(rows.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
@@ -464,6 +627,14 @@ impl Writes for Accepts {
                     .map(|r| r.payload.as_slice())
                     .collect::<Vec<_>>(),
             )
+            .bind(
+                rows.iter()
+                    .map(|r| r.products.as_ref().map(|p| p.currency))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(prices)
+            .bind(weights)
+            .bind(tax_codes)
             .fetch_all(&mut *conn)
             .await
     }

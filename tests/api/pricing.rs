@@ -388,3 +388,53 @@ async fn a_price_change_reaches_every_edge_within_a_second_and_never_changes_an_
     assert_eq!(order["subtotal"], "20.00");
     assert_eq!(order["items"][0]["unitPrice"], "20.00");
 }
+
+#[tokio::test]
+async fn a_checkout_charges_the_catalogs_price_even_when_this_edge_has_not_heard_of_the_change() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "20.00", 10).await;
+    let alice = app.token("alice");
+    // The edge remembers this cart and caches the product at 20.00...
+    let cart = app.add(&alice, "TEE", 2).await;
+    // ...and the price changes without a notice reaching it (as when one is lost).
+    sqlx::query("UPDATE catalog.products SET price = 25.00 WHERE sku = 'TEE'")
+        .execute(&app.pool)
+        .await
+        .expect("price change");
+    let (status, body) = app.checkout(&alice, "k", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let order_id = body["orderId"].as_str().expect("orderId");
+    let order = app.settled(&alice, order_id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(order["items"][0]["unitPrice"], "25.00", "{order}");
+    assert_eq!(order["subtotal"], "50.00", "{order}");
+}
+
+#[tokio::test]
+async fn a_line_added_through_another_edge_goes_into_the_order() {
+    let app = TestApp::spawn().await;
+    let second = app.start_roles(&[Role::Edge]).await;
+    let second_base = format!("http://{}", second.http_addr().expect("second edge"));
+    app.product("TEE", "10.00", 10).await;
+    app.product("MUG", "4.00", 10).await;
+    let alice = app.token("alice");
+    // The first edge remembers the cart with one line...
+    let cart = app.add(&alice, "TEE", 1).await;
+    // ...and the buyer's next change goes through the second.
+    let r = app
+        .http
+        .post(format!("{second_base}/api/cart/items"))
+        .bearer_auth(&alice)
+        .json(&json!({"sku": "MUG", "qty": 3}))
+        .send()
+        .await
+        .expect("add through the second edge");
+    assert_eq!(r.status(), StatusCode::OK);
+    let (status, body) = app.checkout(&alice, "k", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let order_id = body["orderId"].as_str().expect("orderId");
+    let order = app.settled(&alice, order_id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(order["subtotal"], "22.00", "{order}");
+    assert_eq!(order["items"].as_array().map(Vec::len), Some(2), "{order}");
+}

@@ -8,6 +8,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::pricing::{self, Item, Products};
+use super::seen::{SeenCart, SeenCarts};
 use super::{contended, open_cart_for_update, CartError, CartView};
 use crate::catalog::{CatalogCache, Product};
 use crate::db::group::{Group, Writes};
@@ -26,15 +27,29 @@ pub struct CartLimits {
 pub struct Lines {
     leases: Leases,
     writes: Group<LineWrites>,
+    /// What each write left in its cart, for the checkout that follows.
+    seen: SeenCarts,
 }
 
 impl Lines {
-    /// Line changes over `leases`, group-committed with `group_linger` (`database.group_linger`).
-    pub fn new(leases: Leases, group_linger: std::time::Duration) -> Self {
+    /// Line changes over `leases`, group-committed with `group_linger` (`database.group_linger`);
+    /// each write's outcome is remembered in `seen`.
+    pub fn new(leases: Leases, group_linger: std::time::Duration, seen: SeenCarts) -> Self {
         Self {
             writes: Group::new(LineWrites, leases.clone(), group_linger),
             leases,
+            seen,
         }
+    }
+
+    /// The memory of carts written here (changes made elsewhere must forget theirs).
+    pub fn seen(&self) -> &SeenCarts {
+        &self.seen
+    }
+
+    /// The pool for cart changes that are transactions of their own.
+    pub(super) fn pool(&self) -> &PgPool {
+        self.leases.pool()
     }
 }
 
@@ -190,18 +205,18 @@ pub async fn set_item(
 ) -> Result<CartView, CartError> {
     match qty {
         Some(qty) => write_line(lines, user_id, product, qty, limits, catalog, false).await,
-        None => remove(lines.leases.pool(), user_id, &product.sku, catalog, false).await,
+        None => remove(lines, user_id, &product.sku, catalog, false).await,
     }
 }
 
 /// Removes a line; removing a line that is not there is an error the caller can see.
 pub async fn remove_item(
-    pool: &PgPool,
+    lines: &Lines,
     user_id: &str,
     sku: &Sku,
     catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
-    remove(pool, user_id, sku, catalog, true).await
+    remove(lines, user_id, sku, catalog, true).await
 }
 
 /// Inserts the line (`sum`: adds to the line already there) or sets its quantity, within
@@ -235,6 +250,17 @@ async fn write_line(
         });
     };
     let items = outcome(rows, product, *limits)?;
+    lines
+        .seen
+        .remember(
+            cart_id,
+            SeenCart {
+                user_id: user_id.to_owned(),
+                promo_code: promo_code.clone(),
+                items: items.clone(),
+            },
+        )
+        .await;
     // Pricing reads the database only for a promotion code: no connection held for it.
     let priced = pricing::price_lines(
         lines.leases.pool(),
@@ -249,13 +275,13 @@ async fn write_line(
 
 /// Deletes a line; `must_exist` makes a missing line an error.
 async fn remove(
-    pool: &PgPool,
+    lines: &Lines,
     user_id: &str,
     sku: &Sku,
     catalog: &CatalogCache,
     must_exist: bool,
 ) -> Result<CartView, CartError> {
-    let mut conn = pool.acquire().await?;
+    let mut conn = lines.pool().acquire().await?;
     let mut tx = conn.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     let removed = sqlx::query("DELETE FROM edge.cart_items WHERE cart_id = $1 AND sku = $2")
@@ -268,5 +294,6 @@ async fn remove(
         return Err(CartError::NotInCart(sku.to_string()));
     }
     tx.commit().await?;
+    lines.seen.forget(cart_id).await;
     pricing::view(&mut conn, cart_id, catalog, None).await
 }

@@ -4,10 +4,12 @@
 //! - [`items`]: adding, changing and removing lines.
 //! - [`promo`]: a promotion code on the cart.
 //! - [`pricing`]: a cart's lines at current prices, with its promotion, tax and shipping.
+//! - [`seen`]: what this edge last wrote to each cart, so a checkout can skip reading it.
 
 pub mod items;
 pub mod pricing;
 pub mod promo;
+pub mod seen;
 
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -19,6 +21,7 @@ use crate::pricing::Priced;
 pub use items::{add_item, remove_item, set_item, CartLimits, Lines};
 pub use pricing::{quote, ShipTo};
 pub use promo::{apply_promo, remove_promo};
+pub use seen::{SeenCart, SeenCarts};
 
 /// A cart with its current prices.
 #[derive(Debug, Clone)]

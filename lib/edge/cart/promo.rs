@@ -1,17 +1,17 @@
 //! A promotion code on the cart: applied after checking it can be used now, by this
 //! customer, on this cart; removed on request.
 
-use sqlx::{Connection, PgPool};
+use sqlx::Connection;
 
 use super::pricing::{self, price_cart};
-use super::{open_cart_for_update, CartError, CartView};
+use super::{open_cart_for_update, CartError, CartView, Lines};
 use crate::catalog::CatalogCache;
 use crate::pricing::promo;
 
 /// Applies a promotion code to the caller's cart (replacing any other), after checking that
 /// it can be used now, by this customer, on this cart.
 pub async fn apply_promo(
-    pool: &PgPool,
+    lines: &Lines,
     user_id: &str,
     code: &str,
     catalog: &CatalogCache,
@@ -20,7 +20,7 @@ pub async fn apply_promo(
         code,
         message: message.to_owned(),
     };
-    let mut tx = pool.begin().await?;
+    let mut tx = lines.pool().begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     let promo = promo::get(&mut *tx, code)
         .await?
@@ -71,16 +71,17 @@ pub async fn apply_promo(
         _ => {}
     }
     tx.commit().await?;
+    lines.seen().forget(cart_id).await;
     Ok(CartView { cart_id, priced })
 }
 
 /// Removes the promotion code from the caller's cart.
 pub async fn remove_promo(
-    pool: &PgPool,
+    lines: &Lines,
     user_id: &str,
     catalog: &CatalogCache,
 ) -> Result<CartView, CartError> {
-    let mut conn = pool.acquire().await?;
+    let mut conn = lines.pool().acquire().await?;
     let mut tx = conn.begin().await?;
     let cart_id = open_cart_for_update(&mut tx, user_id).await?;
     sqlx::query("UPDATE edge.carts SET promo_code = NULL, updated_at = now() WHERE cart_id = $1")
@@ -88,5 +89,6 @@ pub async fn remove_promo(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    lines.seen().forget(cart_id).await;
     pricing::view(&mut conn, cart_id, catalog, None).await
 }

@@ -147,7 +147,7 @@ pub async fn remove_item(
 ) -> Result<Json<CartJson>, ApiError> {
     let sku = parse_sku(&sku)?;
     Ok(Json(
-        cart::remove_item(&state.pool, &caller.user_id, &sku, &state.catalog)
+        cart::remove_item(&state.lines, &caller.user_id, &sku, &state.catalog)
             .await?
             .into(),
     ))
@@ -177,7 +177,7 @@ pub async fn apply_promo(
         ));
     }
     Ok(Json(
-        cart::apply_promo(&state.pool, &caller.user_id, code, &state.catalog)
+        cart::apply_promo(&state.lines, &caller.user_id, code, &state.catalog)
             .await?
             .into(),
     ))
@@ -191,7 +191,7 @@ pub async fn remove_promo(
     Caller(caller): Caller,
 ) -> Result<Json<CartJson>, ApiError> {
     Ok(Json(
-        cart::remove_promo(&state.pool, &caller.user_id, &state.catalog)
+        cart::remove_promo(&state.lines, &caller.user_id, &state.catalog)
             .await?
             .into(),
     ))
