@@ -655,8 +655,8 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
     let settings = crate::config::Settings::load().ok();
     if let Some(s) = settings {
         println!(
-            "settings that could bind: payments.rate_limit_per_s={BENCH_RATE_LIMIT} (bench), breaker_min_calls=1000000 (bench), per-user limits 1000000 (bench), edge.max_in_flight={}, database.max_connections={} per process, consumer.concurrency={}, consumer.batch={}, consumer.linger={:?}, nats.partitions={}, users={}",
-            s.edge.max_in_flight, s.database.max_connections, s.consumer.concurrency, s.consumer.batch, s.consumer.linger, opts.partitions, opts.users
+            "settings that could bind: payments.rate_limit_per_s={BENCH_RATE_LIMIT} (bench), breaker_min_calls=1000000 (bench), per-user limits 1000000 (bench), edge.max_in_flight={}, edge.admission_wait={:?}, database.max_connections={} per process, consumer.concurrency={}, consumer.batch={}, consumer.linger={:?}, nats.partitions={}, users={}",
+            s.edge.max_in_flight, s.edge.admission_wait, s.database.max_connections, s.consumer.concurrency, s.consumer.batch, s.consumer.linger, opts.partitions, opts.users
         );
     }
     println!(
