@@ -137,9 +137,9 @@ struct Submission<'a> {
     trace: &'a TraceParent,
 }
 
-/// The cart as the checkout read and priced it: its promotion code and lines, and the
-/// products as priced where they came from the edge's cache.
-struct AsRead {
+/// What the acceptance checks the cart against: its promotion code and lines as priced, and
+/// their products where those came from the edge's cache.
+struct ToCheck {
     code: Option<String>,
     skus: Vec<String>,
     qtys: Vec<i32>,
@@ -421,13 +421,13 @@ impl Checkouts {
         }) {
             return Err(CheckoutError::OutOfStock(line.sku.to_string()));
         }
-        let as_read = AsRead {
+        let to_check = ToCheck {
             code,
             skus,
             qtys,
             products: products_as_priced,
         };
-        let accepted = self.accept(submission, priced, as_read).await?;
+        let accepted = self.accept(submission, priced, to_check).await?;
         let Some((order_id, out)) = accepted else {
             return Ok(None);
         };
@@ -441,7 +441,7 @@ impl Checkouts {
         &self,
         submission: &Submission<'_>,
         priced: Priced,
-        as_read: AsRead,
+        to_check: ToCheck,
     ) -> Result<Option<(Uuid, Outgoing)>, CheckoutError> {
         let Submission {
             user_id,
@@ -508,10 +508,10 @@ impl Checkouts {
             hash: hash.to_vec(),
             order_id,
             cart_id: request.cart_id,
-            promo: as_read.code,
-            skus: as_read.skus,
-            qtys: as_read.qtys,
-            products: as_read.products,
+            promo: to_check.code,
+            skus: to_check.skus,
+            qtys: to_check.qtys,
+            products: to_check.products,
             event: kept,
             traceparent: out.traceparent.clone(),
             msg_id: out.msg_id.clone(),
