@@ -43,6 +43,8 @@ pub const OUTBOX: &str = "checkout_outbox_unpublished";
 pub const TIMEOUTS: &str = "checkout_watchdog_timeouts_total";
 /// Rows the pruner removed, by table group.
 pub const PRUNED: &str = "checkout_pruned_rows_total";
+/// Accepted checkouts by where the edge found the cart it priced.
+pub const CHECKOUT_CARTS: &str = "checkout_accepted_carts_total";
 /// HTTP requests by route template, method and status class.
 pub const HTTP_REQUESTS: &str = "checkout_http_requests_total";
 /// HTTP request latency by route template and method.
@@ -118,6 +120,10 @@ fn describe() {
     describe_counter!(
         PRUNED,
         "Rows the pruner removed past retention, by what they were (inbox, outbox, payment_attempts, stock_movements)."
+    );
+    describe_counter!(
+        CHECKOUT_CARTS,
+        "Accepted checkouts by where the edge found the cart it priced: remembered (its own last write, no read) or read (from PostgreSQL)."
     );
     describe_counter!(
         HTTP_REQUESTS,
@@ -196,6 +202,11 @@ pub fn pruned(pass: &crate::retention::Pass) {
     ] {
         counter!(PRUNED, "table" => what).increment(n);
     }
+}
+
+/// A checkout was accepted, its cart `remembered` by the edge or `read` from PostgreSQL.
+pub fn checkout_accepted(cart: &'static str) {
+    counter!(CHECKOUT_CARTS, "cart" => cart).increment(1);
 }
 
 /// One HTTP request.

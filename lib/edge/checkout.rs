@@ -164,6 +164,16 @@ enum AsOf {
     Remembered,
 }
 
+impl AsOf {
+    /// The `cart` label of `checkout_accepted_carts_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Self::ReadNow => "read",
+            Self::Remembered => "remembered",
+        }
+    }
+}
+
 /// Each line's product as priced, for the acceptance to check against the catalog.
 struct AsPriced {
     currency: &'static str,
@@ -431,6 +441,7 @@ impl Checkouts {
         let Some((order_id, out)) = accepted else {
             return Ok(None);
         };
+        crate::metrics::checkout_accepted(as_of.label());
         self.outbox.publish(&out).await;
         Ok(Some(order_id))
     }

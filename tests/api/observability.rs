@@ -100,6 +100,12 @@ async fn each_family_moves_by_exactly_what_happened() {
         d(r#"checkout_http_requests_total{route="/api/checkout",method="POST",status="2xx"}"#),
         5.0
     );
+    // Each cart was written by this edge just before its checkout: none had to be read.
+    assert_eq!(
+        d(r#"checkout_accepted_carts_total{cart="remembered"}"#),
+        5.0
+    );
+    assert_eq!(d(r#"checkout_accepted_carts_total{cart="read"}"#), 0.0);
     // Gauges are read from JetStream and the database every 200 ms (in this test).
     eventually("the gauges", Duration::from_secs(10), || async {
         let now = scrape(&app).await;
