@@ -139,6 +139,9 @@ fn describe() {
     counter!(FRAUD_FLAGS).increment(0);
     counter!(STOCKOUTS).increment(0);
     counter!(TIMEOUTS).increment(0);
+    for cart in ["remembered", "read"] {
+        counter!(CHECKOUT_CARTS, "cart" => cart).increment(0);
+    }
 }
 
 /// An order reached its terminal status (call once, where that status commits).
