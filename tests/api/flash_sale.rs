@@ -157,3 +157,38 @@ async fn overload_is_a_503_with_retry_after_at_once_never_a_500() {
     let (status, _) = app.request(Method::GET, "/healthz").send().await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_request_that_finds_every_slot_taken_waits_in_line_and_is_served_when_one_frees() {
+    let app = TestApp::spawn_with(|s| {
+        s.edge.max_in_flight = 1;
+        s.edge.admission_wait = Duration::from_secs(10);
+    })
+    .await;
+    app.product("TEE", "10.00", 5).await;
+    let alice = app.token("alice");
+    let bob = app.token("bob");
+    let cart = app.add(&alice, "TEE", 1).await;
+    // Alice's checkout takes the edge's only slot and keeps it while it waits for her cart.
+    let lock = app.lock_cart(&cart).await;
+    let checkout = app.checkout(&alice, "k", &cart, "tok_visa");
+    let bob_waits = async {
+        app.until_waiting_for_a_lock("the checkout holding the only slot")
+            .await;
+        let look = app.request(Method::GET, "/api/cart").token(&bob).send();
+        tokio::pin!(look);
+        // A turned-away request would be answered (503) at once; this one waits in line...
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut look)
+                .await
+                .is_err(),
+            "bob was answered while the only slot was taken"
+        );
+        // ...and is served once the slot frees.
+        lock.commit().await.expect("release the cart");
+        look.await
+    };
+    let ((status, body), (bob_status, bob_body)) = tokio::join!(checkout, bob_waits);
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(bob_status, StatusCode::OK, "{bob_body}");
+}
