@@ -38,7 +38,7 @@ pub struct Product {
     pub price: Money,
     pub weight_grams: i32,
     pub tax_code: TaxCode,
-    /// Inactive products stay in carts' history but cannot be added.
+    /// Inactive products stay in carts but cannot be added or checked out.
     pub active: bool,
 }
 

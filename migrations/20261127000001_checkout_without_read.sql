@@ -3,9 +3,9 @@
 -- The edge remembers the lines of the carts it wrote and prices a checkout from that memory
 -- and its catalog cache, skipping the read. Neither may be trusted for what gets charged, so
 -- the acceptance checks both under the cart's lock: the lines, as before, and now also each
--- line's product as priced (price, currency, weight, tax code) against the catalog. Any
--- difference refuses the acceptance (false), and the edge reads the cart and prices it again,
--- as it does when a line changed in between.
+-- line's product as priced (price, currency, weight, tax code, still on sale) against the
+-- catalog. Any difference refuses the acceptance (false), and the edge reads the cart and
+-- prices it again, as it does when a line changed in between.
 --
 -- A key already used is also a refusal now (ON CONFLICT DO NOTHING) rather than an error:
 -- under load one statement accepts many buyers' checkouts, and an error would fail all of
@@ -45,8 +45,9 @@ BEGIN
     IF p_prices IS NOT NULL AND EXISTS (
         SELECT 1 FROM unnest(p_skus, p_prices, p_weights, p_tax_codes) AS l(sku, price, weight, tax_code)
         LEFT JOIN catalog.products p ON p.sku = l.sku
-        WHERE p.sku IS NULL OR p.price <> l.price OR trim(p.currency) <> p_currency
-           OR p.weight_grams <> l.weight OR p.tax_code <> l.tax_code)
+        WHERE p.sku IS NULL OR NOT p.active OR p.price <> l.price
+           OR trim(p.currency) <> p_currency OR p.weight_grams <> l.weight
+           OR p.tax_code <> l.tax_code)
     THEN
         RETURN false;
     END IF;

@@ -399,6 +399,13 @@ impl Checkouts {
             as_of,
         } = cart;
         let (skus, qtys): (Vec<String>, Vec<i32>) = items.iter().cloned().unzip();
+        // A product taken off sale (discontinued, recalled) stays in carts but is not sold.
+        if let Some(sku) = skus
+            .iter()
+            .find(|sku| products.get(*sku).is_some_and(|p| !p.active))
+        {
+            return Err(CartError::Inactive(sku.clone()).into());
+        }
         let products_as_priced = match as_of {
             AsOf::ReadNow => None,
             AsOf::Remembered => match AsPriced::of(&skus, &products) {

@@ -438,3 +438,36 @@ async fn a_line_added_through_another_edge_goes_into_the_order() {
     assert_eq!(order["subtotal"], "22.00", "{order}");
     assert_eq!(order["items"].as_array().map(Vec::len), Some(2), "{order}");
 }
+
+#[tokio::test]
+async fn a_product_taken_off_sale_after_it_was_added_is_not_sold() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    app.product("MUG", "4.00", 10).await;
+    let alice = app.token("alice");
+    app.add(&alice, "TEE", 1).await;
+    let cart = app.add(&alice, "MUG", 1).await;
+    // Taken off sale (a recall) without a notice reaching the edge: its cache says on sale.
+    sqlx::query("UPDATE catalog.products SET active = false WHERE sku = 'MUG'")
+        .execute(&app.pool)
+        .await
+        .expect("off sale");
+    let (status, body) = app.checkout(&alice, "k", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(code(&body), "product_inactive", "{body}");
+    assert_eq!(app.count("SELECT count(*) FROM edge.checkouts").await, 0);
+    // Without it, the rest of the cart checks out.
+    let (status, _) = app
+        .request(Method::DELETE, "/api/cart/items/MUG")
+        .token(&alice)
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.checkout(&alice, "k2", &cart, "tok_visa").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let order = app
+        .settled(&alice, body["orderId"].as_str().expect("orderId"))
+        .await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(order["subtotal"], "10.00", "{order}");
+}
