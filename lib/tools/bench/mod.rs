@@ -716,6 +716,20 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
             println!("    {}", r.note.trim());
         }
     }
+    // Issue #12: a flash sale is never slower than spread traffic. Its buyers all start at
+    // once, so its latency is the line; the rates are what compare.
+    if let (true, [spread, .., hot]) = (
+        opts.with_hot && opts.scenario != Scenario::Hot,
+        &reports[..],
+    ) {
+        let (spread, hot) = (spread.stats.per_second(), hot.stats.per_second());
+        if spread > 0.0 {
+            println!(
+                "flash sale against spread: {hot:.1}/s is {:.0} % of {spread:.1}/s",
+                100.0 * hot / spread
+            );
+        }
+    }
     if let Some(first) = reports.first_mut() {
         let rate = first.stats.per_second();
         let ratio = if first.ceiling_per_s > 0.0 {
