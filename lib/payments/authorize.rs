@@ -46,6 +46,16 @@ pub struct AuthorizeStep {
 
 const DURABLE: &str = "authorize";
 
+/// What the look before a redelivery's provider call found.
+enum Looked {
+    /// Handled before, or the order was abandoned: these events are the answer.
+    Done(Vec<Event>),
+    /// Go on to the provider; `failed_before`: an earlier call for this payment failed, so
+    /// the breaker does not take another failure as news of the provider (it may have
+    /// restarted and forgotten).
+    Go { failed_before: bool },
+}
+
 /// What to record and emit.
 enum Decision {
     Approved(String, Option<DateTime<Utc>>),
@@ -88,9 +98,11 @@ impl Step for AuthorizeStep {
             && (Utc::now() - checkout.requested_at)
                 .to_std()
                 .is_ok_and(|age| age < self.pending_limit / 2);
+        let mut failed_before = false;
         if !young {
-            if let Some(events) = self.look_first(&checkout, delivery).await? {
-                return Ok(events);
+            match self.look_first(&checkout, delivery).await? {
+                Looked::Done(events) => return Ok(events),
+                Looked::Go { failed_before: f } => failed_before = f,
             }
         }
         let decision = match self.seal.open(&checkout.payment_token) {
@@ -103,6 +115,7 @@ impl Step for AuthorizeStep {
                     // Same key on every retry: the provider returns the first authorization
                     // again, so a crash between its answer and our commit never authorizes twice.
                     idempotency_key: idempotency_key(order_id, "authorize"),
+                    failed_before,
                 };
                 self.decide(&request).await?
             }
@@ -216,18 +229,25 @@ impl AuthorizeStep {
 
     /// What a delivery that may have been handled, or whose order may have been abandoned,
     /// must know before the provider is called (one round trip): the events it emitted then,
-    /// or the abandonment's, or `None` to go on.
+    /// or the abandonment's, or whether an earlier call for the payment failed.
     async fn look_first(
         &self,
         checkout: &Checkout,
         delivery: &Delivery,
-    ) -> Result<Option<Vec<Event>>, StepError> {
+    ) -> Result<Looked, StepError> {
         let table = InboxTable::Payments;
         let mut lease = self.leases.acquire().await.map_err(StepError::transient)?;
-        let (handled, outputs, abandoned_already): (bool, Option<Vec<u8>>, bool) = sqlx::query_as(
+        let (handled, outputs, abandoned_already, failed_before): (
+            bool,
+            Option<Vec<u8>>,
+            bool,
+            bool,
+        ) = sqlx::query_as(
             "SELECT i.event_id IS NOT NULL, i.outputs,
                         EXISTS (SELECT 1 FROM payments.payments
-                                WHERE order_id = $3 AND status = 'abandoned')
+                                WHERE order_id = $3 AND status = 'abandoned'),
+                        EXISTS (SELECT 1 FROM payments.attempts
+                                WHERE order_id = $3 AND failures > 0)
                  FROM (SELECT 1) AS one
                  LEFT JOIN payments.inbox i ON i.consumer = $1 AND i.event_id = $2",
         )
@@ -239,12 +259,12 @@ impl AuthorizeStep {
         .map_err(StepError::transient)?;
         lease.park();
         if let Some(events) = inbox::outputs_of(handled.then_some(outputs))? {
-            return Ok(Some(events));
+            return Ok(Looked::Done(events));
         }
         if abandoned_already {
             // The watchdog failed this order before its payment started: do not start one.
             let outputs = abandoned(checkout.clone());
-            return Ok(Some(
+            return Ok(Looked::Done(
                 inbox::record_alone(
                     self.leases.pool(),
                     table,
@@ -255,7 +275,7 @@ impl AuthorizeStep {
                 .await?,
             ));
         }
-        Ok(None)
+        Ok(Looked::Go { failed_before })
     }
 
     /// Asks the provider and turns its answer into a decision, or into a retry.

@@ -183,6 +183,16 @@ impl CircuitBreaker {
         })
     }
 
+    /// Tells the breaker that the request `key` failed before, as the caller's own records
+    /// say: a process that restarted has forgotten it, and would count the retries of a
+    /// backlog of failing requests as news that the provider is failing.
+    pub fn failed_before(&self, key: &str) {
+        let Ok(mut b) = self.inner.lock() else { return };
+        if b.suspects.len() < MAX_TRACKED && !b.suspects.contains_key(key) {
+            b.suspects.insert(key.to_owned(), Instant::now());
+        }
+    }
+
     fn record(&self, generation: u64, probe: bool, outcome: Option<bool>, key: String) {
         let Ok(mut b) = self.inner.lock() else { return };
         let now = Instant::now();
@@ -397,6 +407,9 @@ impl PaymentProvider for GuardedProvider {
         &self,
         request: &AuthorizeRequest,
     ) -> Result<AuthorizeOutcome, ProviderError> {
+        if request.failed_before {
+            self.breaker.failed_before(&request.idempotency_key);
+        }
         let result = self
             .guarded(&request.idempotency_key, self.inner.authorize(request))
             .await;
@@ -594,6 +607,26 @@ mod tests {
             }
         }
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn requests_known_to_have_failed_before_a_restart_do_not_open_it() {
+        // A fresh process (a restart) takes over a backlog of retries: most of them are
+        // requests that fail per request, which the database says failed before.
+        let b = breaker(10, 60_000, 5);
+        for i in 0..12 {
+            let key = format!("retry{i}");
+            b.failed_before(&key);
+            b.admit(&key).expect("admitted").record(false);
+        }
+        for i in 0..4 {
+            b.admit(&format!("new{i}")).expect("admitted").record(true);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        // Without that knowledge, ten such calls open it.
+        let forgetful = breaker(10, 60_000, 5);
+        fail(&forgetful, 10);
+        assert_eq!(forgetful.state(), BreakerState::Open);
     }
 
     #[tokio::test]

@@ -13,6 +13,9 @@ pub struct AuthorizeRequest {
     pub currency: String,
     pub token: String,
     pub idempotency_key: String,
+    /// An earlier call for this request failed (as recorded in the database, so it holds
+    /// across a restart): another failure is the request's own, not news of the provider.
+    pub failed_before: bool,
 }
 
 /// The provider's answer to an authorization.
