@@ -174,37 +174,23 @@ impl AsOf {
     }
 }
 
-/// Each line's product as priced, for the acceptance to check against the catalog.
+/// Each line's product as priced, for the acceptance to check against the catalog (in the
+/// cart's currency, which pricing settled).
 struct AsPriced {
-    currency: &'static str,
     prices: Vec<Decimal>,
     weights: Vec<i32>,
     tax_codes: Vec<&'static str>,
 }
 
 impl AsPriced {
-    /// The products of `skus`, in order; `None` if one is missing or the currencies differ
-    /// (pricing would refuse the cart, and the read should say why).
-    fn of(skus: &[String], products: &HashMap<String, Product>) -> Option<Self> {
-        let mut currency = None;
-        let mut as_priced = Self {
-            currency: "",
-            prices: Vec::with_capacity(skus.len()),
-            weights: Vec::with_capacity(skus.len()),
-            tax_codes: Vec::with_capacity(skus.len()),
-        };
-        for sku in skus {
-            let product = products.get(sku)?;
-            let code = product.price.currency().code();
-            if *currency.get_or_insert(code) != code {
-                return None;
-            }
-            as_priced.prices.push(product.price.amount());
-            as_priced.weights.push(product.weight_grams);
-            as_priced.tax_codes.push(product.tax_code.as_str());
+    /// The products of `skus`, in order (a SKU without one fails pricing before this counts).
+    fn of(skus: &[String], products: &HashMap<String, Product>) -> Self {
+        let lines = skus.iter().filter_map(|sku| products.get(sku));
+        Self {
+            prices: lines.clone().map(|p| p.price.amount()).collect(),
+            weights: lines.clone().map(|p| p.weight_grams).collect(),
+            tax_codes: lines.map(|p| p.tax_code.as_str()).collect(),
         }
-        as_priced.currency = currency?;
-        Some(as_priced)
     }
 }
 
@@ -406,16 +392,9 @@ impl Checkouts {
         {
             return Err(CartError::Inactive(sku.clone()).into());
         }
-        let products_as_priced = match as_of {
-            AsOf::ReadNow => None,
-            AsOf::Remembered => match AsPriced::of(&skus, &products) {
-                Some(as_priced) => Some(as_priced),
-                // A product the cache does not know: the read decides.
-                None => return Ok(None),
-            },
-        };
         // What gets charged is the catalog's price now: read just before, or remembered by
         // the edge's cache and checked against the catalog at acceptance.
+        let from_cache = matches!(as_of, AsOf::Remembered).then(|| AsPriced::of(&skus, &products));
         let ship_to = cart::ShipTo {
             rates,
             method: &submission.request.shipping_method,
@@ -442,7 +421,7 @@ impl Checkouts {
             code,
             skus,
             qtys,
-            products: products_as_priced,
+            products: from_cache,
         };
         let accepted = self.accept(submission, priced, to_check).await?;
         let Some((order_id, out)) = accepted else {
@@ -473,6 +452,7 @@ impl Checkouts {
             .as_ref()
             .filter(|p| p.applied)
             .map(|p| p.code.clone());
+        let priced_currency = priced.currency.code();
         let order_id = Uuid::now_v7();
         let checkout = Checkout {
             order_id,
@@ -529,6 +509,7 @@ impl Checkouts {
             promo: to_check.code,
             skus: to_check.skus,
             qtys: to_check.qtys,
+            currency: priced_currency,
             products: to_check.products,
             event: kept,
             traceparent: out.traceparent.clone(),
@@ -555,6 +536,8 @@ pub struct Acceptance {
     promo: Option<String>,
     skus: Vec<String>,
     qtys: Vec<i32>,
+    /// The cart's currency, checked with the products.
+    currency: &'static str,
     /// Checked against the catalog if given.
     products: Option<AsPriced>,
     event: Vec<u8>,
@@ -647,7 +630,7 @@ impl Writes for Accepts {
             )
             .bind(
                 rows.iter()
-                    .map(|r| r.products.as_ref().map(|p| p.currency))
+                    .map(|r| r.products.is_some().then_some(r.currency))
                     .collect::<Vec<_>>(),
             )
             .bind(prices)
