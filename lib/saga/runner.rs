@@ -684,6 +684,11 @@ impl DeadLetter<'_> {
         error!(%reason, "dead-lettering message");
         let message = self.message;
         let mut headers = message.headers.clone().unwrap_or_default();
+        let stream = message
+            .info()
+            .map(|i| i.stream.to_owned())
+            .unwrap_or_default();
+        headers.insert("Checkout-Dead-Stream", stream.as_str());
         headers.insert("Checkout-Dead-Consumer", self.durable);
         headers.insert("Checkout-Dead-Subject", message.subject.as_str());
         headers.insert(
@@ -698,7 +703,7 @@ impl DeadLetter<'_> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(message.payload.clone())
             .headers(headers)
-            .message_id(deadletter_msg_id(self.durable, self.stream_seq));
+            .message_id(deadletter_msg_id(&stream, self.durable, self.stream_seq));
         if let Err(e) = self
             .bus
             .publish_message(&deadletter_subject(self.durable), publish)

@@ -94,9 +94,12 @@ pub fn deadletter_subject(consumer: &str) -> String {
     format!("deadletter.{consumer}")
 }
 
-/// The dedup id of a dead letter: one per consumer and stream sequence.
-pub fn deadletter_msg_id(consumer: &str, stream_sequence: u64) -> String {
-    format!("{consumer}.{stream_sequence}")
+/// The dedup id of a dead letter: one per stream, consumer and stream sequence. The stream
+/// is part of it because each partition's stream counts its sequences from 1: without it, two
+/// partitions' poison messages at the same sequence would share an id and the second would be
+/// dropped as a duplicate.
+pub fn deadletter_msg_id(stream: &str, consumer: &str, stream_sequence: u64) -> String {
+    format!("{stream}.{consumer}.{stream_sequence}")
 }
 
 #[cfg(test)]

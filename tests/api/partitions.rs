@@ -14,7 +14,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::cluster::Cluster;
-use crate::helpers::{checkout_body, eventually, test_settings_on, TestDb};
+use crate::helpers::{
+    checkout_body, eventually, test_settings, test_settings_on, NatsServer, TestDb,
+};
 
 /// What `nats/cluster/partitions.conf` says, for K = 3.
 const MAPPING: &str = r#"mappings = {
@@ -177,4 +179,69 @@ async fn three_partitions_spread_over_the_nodes_and_split_between_processes() {
         .collect();
     assert!(kinds.contains(&"confirmed"), "{timeline}");
     drop(split);
+}
+
+/// A single server with `MAPPING`, for tests that need partitions but not a cluster.
+pub fn partitioned_server(dir: &tempfile::TempDir) -> NatsServer {
+    let config = dir.path().join("partitions.conf");
+    std::fs::write(&config, MAPPING).expect("config written");
+    NatsServer::start_with_config(config, Vec::new(), "nats")
+}
+
+/// An order id whose events the mapping sends to partition `p` of 3.
+pub fn order_in_partition(p: u32) -> uuid::Uuid {
+    std::iter::repeat_with(uuid::Uuid::new_v4)
+        .find(|id| partition_of(*id, 3) == p)
+        .expect("some id lands in every partition")
+}
+
+#[tokio::test]
+async fn poison_messages_at_the_same_sequence_of_two_partitions_are_both_dead_lettered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = partitioned_server(&dir);
+    let db = TestDb::new();
+    let mut settings = test_settings(&nats, &db);
+    settings.nats.partitions = 3;
+    let _reserve = App::build(settings.clone(), &[Role::Reserve])
+        .await
+        .expect("reserve starts");
+    let bus = Bus::connect(&settings.nats).await.expect("bus");
+    let js = bus.jetstream();
+    // Each partition's stream counts from 1: both poison messages are sequence 1.
+    for p in [0, 1] {
+        let ack = js
+            .publish(
+                format!("checkout.requested.{}", order_in_partition(p)),
+                bytes::Bytes::from_static(b"\xc1 not msgpack"),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        assert_eq!(
+            (ack.stream.as_str(), ack.sequence),
+            (format!("CHECKOUT-{p}").as_str(), 1)
+        );
+    }
+    let dead = js.get_stream("DEADLETTER").await.expect("dead letters");
+    eventually(
+        "both poison messages dead-lettered",
+        Duration::from_secs(20),
+        || {
+            let mut dead = dead.clone();
+            async move { dead.info().await.is_ok_and(|i| i.state.messages == 2) }
+        },
+    )
+    .await;
+    let mut streams: Vec<String> = Vec::new();
+    for seq in 1..=2 {
+        let letter = dead.get_raw_message(seq).await.expect("dead letter");
+        let header = letter
+            .headers
+            .get("Checkout-Dead-Stream")
+            .map(ToString::to_string);
+        streams.push(header.expect("the stream it came from"));
+    }
+    streams.sort();
+    assert_eq!(streams, ["CHECKOUT-0", "CHECKOUT-1"]);
 }
