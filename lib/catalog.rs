@@ -129,14 +129,7 @@ impl CatalogCache {
         self.cache
             .try_get_with(sku.to_string(), async move { get(&pool, &sku2).await })
             .await
-            .map_err(|e| match *e {
-                // The cache shares one error between waiters; keep what matters to the caller:
-                // the database being away is a 503, not a 500.
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                    sqlx::Error::PoolTimedOut
-                }
-                _ => sqlx::Error::Protocol(e.to_string()),
-            })
+            .map_err(owned)
     }
 
     /// The products among `skus` that exist.
@@ -155,6 +148,18 @@ impl CatalogCache {
     /// Drops one product (after a change).
     pub async fn invalidate(&self, sku: &str) {
         self.cache.invalidate(sku).await;
+    }
+}
+
+/// The cache shares one error between every caller that waited on the same read; each gets an
+/// owned one that keeps what its answer depends on: a transient failure (the database away, a
+/// cancelled statement, a serialization failure) stays transient, a 503 and not a 500, with
+/// the shared error as its cause.
+fn owned(shared: std::sync::Arc<sqlx::Error>) -> sqlx::Error {
+    if crate::db::is_transient(&shared) {
+        sqlx::Error::Io(std::io::Error::other(shared))
+    } else {
+        sqlx::Error::Protocol(shared.to_string())
     }
 }
 

@@ -25,6 +25,20 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// Whether a failure is the database being away, restarting or overloaded (worth retrying,
+/// a 503 at the edge) rather than something wrong with the statement: pool and connection
+/// failures, and SQLSTATE classes 08 (connection), 53 (resources), 57 (operator
+/// intervention: a cancel, a shutdown) and 40 (serialization, deadlock).
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        _ => e
+            .as_database_error()
+            .and_then(sqlx::error::DatabaseError::code)
+            .is_some_and(|c| ["08", "53", "57", "40"].iter().any(|p| c.starts_with(p))),
+    }
+}
+
 /// The migrations in `migrations/`, compiled into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -307,3 +307,47 @@ async fn admin_changes_are_answered_while_nats_is_down() {
         );
     }
 }
+
+/// A statement the database cancels (SQLSTATE 57014: a `statement_timeout`, an operator's
+/// `pg_cancel_backend`, a shutdown) is transient: the buyer gets `503` and `Retry-After`,
+/// also when the product was read through the edge's catalog cache, which shares one error
+/// between every buyer waiting on the same read.
+#[tokio::test]
+async fn a_cancelled_catalog_read_is_a_503_not_a_500() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "5.00", 10).await;
+    let alice = app.token("alice");
+    let mut lock = app.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE catalog.products IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the catalog");
+    let add = {
+        let (http, base) = (app.http.clone(), app.base.clone());
+        tokio::spawn(async move {
+            http.post(format!("{base}/api/cart/items"))
+                .bearer_auth(alice)
+                .json(&serde_json::json!({"sku": "TEE", "qty": 1}))
+                .send()
+                .await
+                .expect("an answer")
+        })
+    };
+    app.until_waiting_for_a_lock("the catalog read").await;
+    sqlx::query(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("cancel the read");
+    let answer = add.await.expect("the request ends");
+    assert_eq!(answer.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answer.headers().contains_key("retry-after"));
+    let body: serde_json::Value = answer.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    lock.rollback().await.expect("unlock");
+    // Nothing of the failure is remembered: the next read serves the buyer.
+    let alice = app.token("alice");
+    app.add(&alice, "TEE", 1).await;
+}

@@ -112,14 +112,9 @@ impl IntoResponse for ApiError {
 }
 
 impl From<sqlx::Error> for ApiError {
-    /// The database being away, restarting or overloaded is a 503 (retry), not a 500: pool
-    /// and connection failures, and SQLSTATE classes 08 (connection), 53 (resources), 57
-    /// (operator intervention, e.g. a shutdown) and 40 (serialization, deadlock).
+    /// The database being away, restarting or overloaded is a 503 (retry), not a 500
+    /// (`db::is_transient`).
     fn from(e: sqlx::Error) -> Self {
-        let transient_code = e
-            .as_database_error()
-            .and_then(sqlx::error::DatabaseError::code)
-            .is_some_and(|c| ["08", "53", "57", "40"].iter().any(|p| c.starts_with(p)));
         // Data the database refused (out of range, a check or foreign key) came from the
         // request: a 4xx, never a 500. A unique violation is a conflict with what exists.
         let code = e
@@ -128,10 +123,7 @@ impl From<sqlx::Error> for ApiError {
             .map(std::borrow::Cow::into_owned)
             .unwrap_or_default();
         match &e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::Unavailable(e.into())
-            }
-            _ if transient_code => Self::Unavailable(e.into()),
+            _ if crate::db::is_transient(&e) => Self::Unavailable(e.into()),
             _ if code == "23505" => Self::client(
                 StatusCode::CONFLICT,
                 "conflict",
