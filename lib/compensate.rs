@@ -125,6 +125,7 @@ impl CompensateStep {
                         Some(FailureReason::TimedOut),
                         checkout.requested_at,
                     );
+                    crate::metrics::watchdog_timed_out();
                 }
             }
         }

@@ -35,11 +35,13 @@ pub const END_TO_END: &str = "checkout_end_to_end_seconds";
 pub const CONSUMER_PENDING: &str = "checkout_consumer_pending_messages";
 /// Messages in the dead-letter stream.
 pub const DEADLETTERS: &str = "checkout_deadletter_messages";
+/// Seconds since this process last read every backlog and the dead letters from JetStream.
+pub const JETSTREAM_READ_AGE: &str = "checkout_jetstream_read_age_seconds";
 /// The payment breaker: 0 closed, 1 half-open, 2 open.
 pub const BREAKER: &str = "checkout_payment_breaker_state";
 /// Requests the edge owes JetStream (its outbox).
 pub const OUTBOX: &str = "checkout_outbox_unpublished";
-/// Orders the watchdog timed out.
+/// Orders the watchdog failed (timed out).
 pub const TIMEOUTS: &str = "checkout_watchdog_timeouts_total";
 /// Rows the pruner removed, by table group.
 pub const PRUNED: &str = "checkout_pruned_rows_total";
@@ -106,6 +108,10 @@ fn describe() {
     );
     describe_gauge!(DEADLETTERS, "Messages in the dead-letter stream.");
     describe_gauge!(
+        JETSTREAM_READ_AGE,
+        "Seconds since this process last read every consumer backlog and the dead letters from JetStream (the two gauges above keep their last reading meanwhile)."
+    );
+    describe_gauge!(
         BREAKER,
         "The payment provider's circuit breaker: 0 closed, 1 half-open, 2 open."
     );
@@ -115,7 +121,7 @@ fn describe() {
     );
     describe_counter!(
         TIMEOUTS,
-        "Orders the watchdog sent to compensation for being pending too long."
+        "Orders failed with reason timed_out because they were pending past the watchdog's limit (not those that settled before compensation took the watchdog's request)."
     );
     describe_counter!(
         PRUNED,
@@ -190,9 +196,10 @@ pub fn outbox_unpublished(rows: i64) {
     gauge!(OUTBOX).set(rows as f64);
 }
 
-/// Orders the watchdog timed out.
-pub fn watchdog_timeouts(orders: usize) {
-    counter!(TIMEOUTS).increment(orders as u64);
+/// An order was failed for being pending past the watchdog's limit (call once, where that
+/// failure commits).
+pub fn watchdog_timed_out() {
+    counter!(TIMEOUTS).increment(1);
 }
 
 /// What one pruning pass removed.
@@ -227,42 +234,76 @@ pub fn http_request(route: String, method: String, status: u16, took: Duration) 
 }
 
 /// Reads backlogs of `durables` and the dead-letter count from JetStream every `every`.
+///
+/// A backlog is the sum over every partition this process consumes, each at its last reading:
+/// a partition that cannot be read (no leader during an election, NATS away) keeps its last
+/// value rather than dropping out of the sum, and `checkout_jetstream_read_age_seconds` says
+/// how old the readings are, so an alert can tell "no backlog" from "no idea".
 pub async fn report_jetstream(
     bus: Bus,
     durables: Vec<&'static str>,
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let js = bus.jetstream().clone();
+    let mut last: HashMap<(String, &'static str), u64> = HashMap::new();
+    let mut read_at = tokio::time::Instant::now();
+    // One round is bounded: a server that does not answer must not stop the age from growing.
+    let within = every.max(Duration::from_secs(2));
     loop {
-        // A durable's backlog across the partitions this process consumes.
-        let mut backlog: HashMap<&str, u64> = HashMap::new();
-        for name in bus.owned_streams() {
-            let Ok(stream) = js.get_stream(&name).await else {
-                continue;
-            };
-            for durable in &durables {
-                let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-                    stream.get_consumer(durable).await;
-                if let Ok(mut c) = consumer {
-                    if let Ok(info) = c.info().await {
-                        *backlog.entry(durable).or_default() +=
-                            info.num_pending + info.num_ack_pending as u64;
-                    }
-                }
-            }
+        let round = tokio::time::timeout(within, read_jetstream(&bus, &durables, &mut last)).await;
+        if matches!(round, Ok(true)) {
+            read_at = tokio::time::Instant::now();
+        }
+        let mut backlog: HashMap<&str, u64> = durables.iter().map(|d| (*d, 0)).collect();
+        for ((_, durable), pending) in &last {
+            *backlog.entry(durable).or_default() += pending;
         }
         for (durable, pending) in backlog {
             gauge!(CONSUMER_PENDING, "consumer" => durable).set(pending as f64);
         }
-        if let Ok(mut dead) = js.get_stream(DEADLETTER_STREAM).await {
-            if let Ok(info) = dead.info().await {
-                gauge!(DEADLETTERS).set(info.state.messages as f64);
-            }
-        }
+        gauge!(JETSTREAM_READ_AGE).set(read_at.elapsed().as_secs_f64());
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// Reads every backlog into `last` (per partition and durable) and the dead-letter gauge;
+/// whether every read succeeded.
+async fn read_jetstream(
+    bus: &Bus,
+    durables: &[&'static str],
+    last: &mut HashMap<(String, &'static str), u64>,
+) -> bool {
+    let js = bus.jetstream();
+    let mut complete = true;
+    for name in bus.owned_streams() {
+        let Ok(stream) = js.get_stream(&name).await else {
+            complete = false;
+            continue;
+        };
+        for durable in durables {
+            let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+                stream.get_consumer(durable).await;
+            match consumer {
+                Ok(mut c) => match c.info().await {
+                    Ok(info) => {
+                        let pending = info.num_pending + info.num_ack_pending as u64;
+                        last.insert((name.clone(), *durable), pending);
+                    }
+                    Err(_) => complete = false,
+                },
+                Err(_) => complete = false,
+            }
+        }
+    }
+    match js.get_stream(DEADLETTER_STREAM).await {
+        Ok(mut dead) => match dead.info().await {
+            Ok(info) => gauge!(DEADLETTERS).set(info.state.messages as f64),
+            Err(_) => complete = false,
+        },
+        Err(_) => complete = false,
+    }
+    complete
 }

@@ -54,8 +54,9 @@ impl Watchdog {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             match self.pass().await {
+                // Counted where compensation fails the order (`compensate`): an order that
+                // settled meanwhile was not timed out.
                 Ok(pass) if pass.timed_out + pass.reminded > 0 => {
-                    crate::metrics::watchdog_timeouts(pass.timed_out);
                     tracing::warn!(
                         timed_out = pass.timed_out,
                         reminded = pass.reminded,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::helpers::{eventually, harness_with, TestApp};
+use crate::helpers::{eventually, harness, harness_with, TestApp};
 
 /// `/metrics` as `series -> value` (the series is everything before the value).
 async fn scrape(app: &TestApp) -> HashMap<String, f64> {
@@ -280,4 +280,84 @@ async fn the_live_stream_shows_each_step_as_it_happens() {
     }
     assert_eq!(seen, ["requested", "reserved", "authorized", "confirmed"]);
     assert_eq!(pending_when_reserved, Some(serde_json::json!("pending")));
+}
+
+#[tokio::test]
+async fn backlog_gauges_say_how_old_they_are_when_jetstream_cannot_be_read() {
+    let (mut app, _process) = harness().await;
+    let reserve = r#"checkout_consumer_pending_messages{consumer="reserve"}"#;
+    let age = "checkout_jetstream_read_age_seconds";
+    eventually(
+        "fresh JetStream readings",
+        Duration::from_secs(10),
+        || async {
+            let now = scrape(&app).await;
+            now.contains_key(reserve) && now.get(age).is_some_and(|a| *a < 1.0)
+        },
+    )
+    .await;
+    app.nats.kill();
+    // Readings every 200 ms in tests: the age grows past them, and the backlog is still
+    // exported (its last reading) instead of dropping out.
+    eventually(
+        "the readings' age to grow",
+        Duration::from_secs(20),
+        || async {
+            let now = scrape(&app).await;
+            now.contains_key(reserve) && now.get(age).is_some_and(|a| *a > 3.0)
+        },
+    )
+    .await;
+    app.nats.restart();
+    eventually("fresh readings again", Duration::from_secs(20), || async {
+        scrape(&app).await.get(age).is_some_and(|a| *a < 1.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_order_that_settles_before_compensation_takes_the_watchdogs_request_is_not_a_timeout() {
+    let (app, _process) = harness_with(&[
+        ("CHECKOUT__WATCHDOG__PENDING_LIMIT", "300ms"),
+        ("CHECKOUT__WATCHDOG__INTERVAL", "100ms"),
+    ])
+    .await;
+    app.product("TEE", "10.00", 10).await;
+    // Compensation paused: the watchdog's request waits in the stream while the order settles.
+    let js = app.jetstream().await;
+    let stream = js.get_stream("CHECKOUT").await.expect("stream");
+    let until = async_nats::datetime::add_std_duration(
+        async_nats::datetime::now(),
+        Duration::from_secs(3600),
+    )
+    .expect("a time");
+    stream
+        .pause_consumer("compensate", until)
+        .await
+        .expect("compensation paused");
+    let before = scrape(&app).await;
+    // The provider takes about a second: the watchdog asks for compensation meanwhile.
+    let (token, id) = app.buy("alice", "TEE", "tok_slow").await;
+    let asked = format!("SELECT count(*) FROM orders.timeouts WHERE order_id = '{id}'");
+    app.eventually("the watchdog's request", || async {
+        app.count(&asked).await == 1
+    })
+    .await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    stream
+        .resume_consumer("compensate")
+        .await
+        .expect("compensation resumed");
+    let request = stream
+        .get_last_raw_message_by_subject(&format!("checkout.timed_out.{id}"))
+        .await
+        .expect("the watchdog's request");
+    app.until_acked("compensate", request.sequence).await;
+    let after = scrape(&app).await;
+    assert_eq!(
+        delta(&before, &after, "checkout_watchdog_timeouts_total"),
+        0.0
+    );
+    assert_eq!(delta(&before, &after, &failed("timed_out")), 0.0);
+    assert_eq!(app.order(&token, &id).await.1["status"], "confirmed");
 }
