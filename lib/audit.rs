@@ -9,6 +9,9 @@
 //! 4. Every authorization the provider holds belongs to an order that should hold it
 //!    (confirmed, or still pending), or was voided, captured for a shipped order, or refunded.
 //! 5. No authorization was captured or refunded twice.
+//! 6. Every order that kept its goods kept its money and its stock: no confirmed or shipped
+//!    order's authorization was voided, and no stock came back for a confirmed, shipped or
+//!    refunded order (outside a cancellation in flight).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -92,6 +95,7 @@ pub async fn run(
             stock(pool).await?,
             authorizations(pool, &theirs, pending_limit).await?,
             captures(&theirs),
+            kept(pool, &theirs).await?,
         ],
     })
 }
@@ -262,6 +266,57 @@ async fn authorizations(
             wrong.len()
         ),
         examples: wrong.into_iter().take(EXAMPLES).collect(),
+    })
+}
+
+/// Orders that kept their goods but lost their money or their stock: compensation undid part
+/// of an order that stayed (a late or replayed event taken for a failure).
+async fn kept(pool: &PgPool, theirs: &[ProviderAuthorization]) -> Result<Check, AuditError> {
+    let voided: Vec<Uuid> = theirs
+        .iter()
+        .filter(|a| a.status == "voided")
+        .filter_map(|a| Uuid::parse_str(&a.reference).ok())
+        .collect();
+    // A cancellation voids first and restocks before it records `cancelled`: while one is in
+    // flight (`pending_action = 'cancel'`), both are expected.
+    let unpaid: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT order_id, status FROM orders.orders
+         WHERE order_id = ANY($1) AND status IN ('confirmed', 'shipped')
+           AND pending_action IS DISTINCT FROM 'cancel'
+         ORDER BY order_id",
+    )
+    .bind(&voided)
+    .fetch_all(pool)
+    .await?;
+    let restocked: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT o.order_id, o.status FROM orders.orders o
+         WHERE o.status IN ('confirmed', 'shipped', 'refunded')
+           AND o.pending_action IS DISTINCT FROM 'cancel'
+           AND EXISTS (SELECT 1 FROM inventory.inventory_reservations r
+                       WHERE r.order_id = o.order_id AND r.status = 'released')
+         ORDER BY o.order_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let examples = unpaid
+        .iter()
+        .map(|(id, status)| format!("{id} {status} with its authorization voided"))
+        .chain(
+            restocked
+                .iter()
+                .map(|(id, status)| format!("{id} {status} with its stock given back")),
+        )
+        .take(EXAMPLES)
+        .collect();
+    Ok(Check {
+        name: "kept",
+        findings: unpaid.len() + restocked.len(),
+        summary: format!(
+            "{} orders that kept their goods had their authorization voided, {} had their stock given back",
+            unpaid.len(),
+            restocked.len()
+        ),
+        examples,
     })
 }
 

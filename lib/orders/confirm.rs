@@ -107,6 +107,7 @@ impl BatchStep for OrderStep {
                 outcome[n] = Some(with_promo(conn, checkout, code).await?);
             }
         }
+        settle_refusals(conn, inputs, &mut outcome).await?;
         let plain: Vec<&Checkout> = inputs
             .iter()
             .zip(&outcome)
@@ -154,6 +155,51 @@ impl BatchStep for OrderStep {
             })
             .collect())
     }
+}
+
+/// A refusal (a released hold, a promotion used up, an order that exists) is only right for
+/// an order that does not exist yet or that failed: another delivery for an order that is
+/// confirmed, cancelled or shipped (a legacy `committed` event after its `authorized` one, a
+/// replay after a cancellation) must change nothing, or compensation would restock the units
+/// and void the payment of an order that keeps them. Asked only when the batch refused
+/// something, so the hot path pays no extra statement.
+async fn settle_refusals(
+    conn: &mut PgConnection,
+    inputs: &[&ToConfirm],
+    outcome: &mut [Option<Vec<Event>>],
+) -> Result<(), StepError> {
+    let refused: Vec<Uuid> = inputs
+        .iter()
+        .zip(outcome.iter())
+        .filter(|(_, o)| {
+            o.iter()
+                .flatten()
+                .any(|e| matches!(e, Event::Rejected { .. }))
+        })
+        .map(|(i, _)| i.checkout.order_id)
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let existing: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT order_id, status FROM orders.orders WHERE order_id = ANY($1)")
+            .bind(&refused)
+            .fetch_all(&mut *conn)
+            .await?;
+    for (order_id, status) in existing {
+        for (input, done) in inputs.iter().zip(outcome.iter_mut()) {
+            if input.checkout.order_id != order_id {
+                continue;
+            }
+            *done = Some(if status == "failed" {
+                timed_out(&input.checkout)
+            } else {
+                tracing::info!(%order_id, %status, "the order exists already; nothing to do");
+                Vec::new()
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Redeems the promotion and inserts the order, or neither (a savepoint).

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use checkout::app::Role;
+use checkout::saga::{Event, Outgoing};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -385,4 +386,97 @@ async fn checkout_audit_exits_non_zero_on_a_finding() {
     let out = String::from_utf8_lossy(&dirty.stdout).to_string();
     assert_eq!(dirty.status.code(), Some(1), "{out}");
     assert!(out.contains("FAIL stock"), "{out}");
+}
+
+/// The last message of `subject` in the saga stream, if any.
+async fn last_on(
+    app: &TestApp,
+    subject: String,
+) -> Option<async_nats::jetstream::message::StreamMessage> {
+    let js = app.jetstream().await;
+    let stream = js.get_stream("CHECKOUT").await.expect("stream");
+    stream.get_last_raw_message_by_subject(&subject).await.ok()
+}
+
+#[tokio::test]
+async fn a_late_committed_event_for_a_confirmed_order_whose_promotion_is_used_up_changes_nothing() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    let (status, body) = app
+        .request(reqwest::Method::PUT, "/api/admin/promos/ONCE")
+        .token(&app.admin())
+        .json(json!({"kind": "percent", "value": "10", "usageLimit": 1}))
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let token = app.token("alice");
+    let cart = app.add(&token, "TEE", 1).await;
+    let (status, body) = app.apply_promo(&token, "ONCE").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, body) = app.checkout(&token, "k", &cart, "tok_visa").await;
+    let id = body["orderId"].as_str().expect("id").to_owned();
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+
+    // An older version's `committed` event for the same order, delivered after `authorized`
+    // (around an upgrade): the promotion it would redeem is used up, by this very order.
+    let authorized = last_on(&app, format!("checkout.authorized.{id}"))
+        .await
+        .expect("authorized");
+    let Event::Authorized {
+        checkout,
+        payment_id,
+        auth_id,
+    } = Event::decode(&authorized.payload).expect("an event")
+    else {
+        panic!("not an authorized event");
+    };
+    let late = Event::Committed {
+        checkout,
+        payment_id,
+        auth_id,
+    };
+    let js = app.jetstream().await;
+    app.bus_publish(&js, &Outgoing::new(&late, None).expect("encoded"))
+        .await;
+    let seq = last_on(&app, format!("checkout.committed.{id}"))
+        .await
+        .expect("committed")
+        .sequence;
+    app.until_acked("order", seq).await;
+    assert!(
+        last_on(&app, format!("checkout.rejected.{id}"))
+            .await
+            .is_none(),
+        "the confirmed order was rejected"
+    );
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    assert_eq!(app.ledger_count(&id, "void").await, 0);
+    assert_eq!(app.stock("TEE").await, (4, 0, 4));
+    app.audit().await;
+}
+
+#[tokio::test]
+async fn a_replayed_authorization_of_a_cancelled_order_does_not_fail_it() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    let (status, body) = app.cancel(&token, &id).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    app.eventually("the order cancelled", || async {
+        app.order(&token, &id).await.1["status"] == "cancelled"
+    })
+    .await;
+    // An operator replays the order's `authorized` event (its holds are released now).
+    let seq = app.replay_last(&format!("checkout.authorized.{id}")).await;
+    app.until_acked("order", seq).await;
+    assert!(
+        last_on(&app, format!("checkout.rejected.{id}"))
+            .await
+            .is_none(),
+        "the cancelled order was rejected"
+    );
+    assert_eq!(app.order(&token, &id).await.1["status"], "cancelled");
+    assert_eq!(app.stock("TEE").await, (5, 0, 5));
+    app.audit().await;
 }
