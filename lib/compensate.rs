@@ -186,14 +186,15 @@ impl CompensateStep {
     /// Both are no-ops when done.
     async fn give_stock_back(&self, checkout: &Checkout) -> Result<i64, StepError> {
         let order_id = checkout.order_id;
-        let units = release_for_order(&self.pool, order_id).await?
-            + restock_for_order(&self.pool, order_id).await?;
-        if let (Some(client), true) = (&self.notices, units > 0) {
-            for line in &checkout.items {
-                crate::inventory::soldout::announce_available(client, line.sku.as_str());
+        let given = release_for_order(&self.pool, order_id)
+            .await?
+            .and(restock_for_order(&self.pool, order_id).await?);
+        if let Some(client) = &self.notices {
+            for (sku, version) in &given.skus {
+                crate::inventory::soldout::announce_available(client, sku, *version);
             }
         }
-        Ok(units)
+        Ok(given.units)
     }
 
     /// Voids for a failing order. A refusal does not hold the order up: the buyer is not

@@ -68,7 +68,10 @@ pub(crate) async fn commit_stock(
     let mut levels: HashMap<String, Level> = super::stock::lock_rows(&mut *conn, checkouts)
         .await?
         .into_iter()
-        .map(|(sku, on_hand, reserved)| (sku, Level { on_hand, reserved }))
+        .map(|(sku, stock)| {
+            let (on_hand, reserved) = (stock.on_hand, stock.reserved);
+            (sku, Level { on_hand, reserved })
+        })
         .collect();
     let mut writes = Writes::default();
     let mut outputs = Vec::with_capacity(checkouts.len());

@@ -12,8 +12,12 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// Expires at most `batch` due holds; returns how many, and the SKUs whose units came back.
-pub async fn expire_due(pool: &PgPool, batch: i64) -> Result<(usize, Vec<String>), sqlx::Error> {
+/// Expires at most `batch` due holds; returns how many, and the SKUs whose units came back
+/// with their stock row's version after.
+pub async fn expire_due(
+    pool: &PgPool,
+    batch: i64,
+) -> Result<(usize, Vec<(String, i64)>), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let mut due: Vec<(String, i32, uuid::Uuid)> = sqlx::query_as(
         "WITH due AS (
@@ -40,14 +44,17 @@ pub async fn expire_due(pool: &PgPool, batch: i64) -> Result<(usize, Vec<String>
             _ => per_sku.push((sku.clone(), *qty)),
         }
     }
+    let mut versions = Vec::with_capacity(per_sku.len());
     for (sku, qty) in &per_sku {
-        sqlx::query(
-            "UPDATE inventory.stock SET reserved = reserved - $2, updated_at = now() WHERE sku = $1",
+        let (version,): (i64,) = sqlx::query_as(
+            "UPDATE inventory.stock SET reserved = reserved - $2, updated_at = now()
+             WHERE sku = $1 RETURNING version",
         )
         .bind(sku)
         .bind(qty)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        versions.push((sku.clone(), version));
     }
     let skus: Vec<&str> = due.iter().map(|(s, _, _)| s.as_str()).collect();
     let qtys: Vec<i32> = due.iter().map(|(_, q, _)| -q).collect();
@@ -64,7 +71,7 @@ pub async fn expire_due(pool: &PgPool, batch: i64) -> Result<(usize, Vec<String>
     .await?;
     tx.commit().await?;
     tracing::info!(count = due.len(), "reservations expired");
-    Ok((due.len(), per_sku.into_iter().map(|(sku, _)| sku).collect()))
+    Ok((due.len(), versions))
 }
 
 /// Sweeps every `interval` until shutdown; a full batch sweeps again at once.
@@ -78,8 +85,8 @@ pub async fn run_sweeper(
     loop {
         let swept = match expire_due(&pool, batch).await {
             Ok((holds, skus)) => {
-                for sku in &skus {
-                    super::soldout::announce_available(&notices, sku);
+                for (sku, version) in &skus {
+                    super::soldout::announce_available(&notices, sku, *version);
                 }
                 holds
             }

@@ -13,26 +13,49 @@ enum GiveBack {
     Committed,
 }
 
+/// Units an order gave back.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GivenBack {
+    pub units: i64,
+    /// Each SKU that got units back, with its stock row's version after (for the notices).
+    pub skus: Vec<(String, i64)>,
+}
+
+impl GivenBack {
+    /// Both give-backs of one order together.
+    pub fn and(mut self, other: GivenBack) -> GivenBack {
+        self.units += other.units;
+        self.skus.extend(other.skus);
+        self
+    }
+}
+
 /// Releases every held reservation of an order. Idempotent: only `held` rows move, so a
-/// second call releases nothing. Returns how many units were released.
-pub async fn release_for_order(pool: &PgPool, order_id: Uuid) -> Result<i64, sqlx::Error> {
+/// second call releases nothing.
+pub async fn release_for_order(pool: &PgPool, order_id: Uuid) -> Result<GivenBack, sqlx::Error> {
     give_back(pool, order_id, GiveBack::Held).await
 }
 
 /// Returns an order's committed units to stock. Idempotent: only `committed` rows move.
-pub async fn restock_for_order(pool: &PgPool, order_id: Uuid) -> Result<i64, sqlx::Error> {
+pub async fn restock_for_order(pool: &PgPool, order_id: Uuid) -> Result<GivenBack, sqlx::Error> {
     give_back(pool, order_id, GiveBack::Committed).await
 }
 
-async fn give_back(pool: &PgPool, order_id: Uuid, what: GiveBack) -> Result<i64, sqlx::Error> {
+async fn give_back(
+    pool: &PgPool,
+    order_id: Uuid,
+    what: GiveBack,
+) -> Result<GivenBack, sqlx::Error> {
     let (from, stock_update) = match what {
         GiveBack::Held => (
             "held",
-            "UPDATE inventory.stock SET reserved = reserved - $2, updated_at = now() WHERE sku = $1",
+            "UPDATE inventory.stock SET reserved = reserved - $2, updated_at = now()
+             WHERE sku = $1 RETURNING version",
         ),
         GiveBack::Committed => (
             "committed",
-            "UPDATE inventory.stock SET on_hand = on_hand + $2, updated_at = now() WHERE sku = $1",
+            "UPDATE inventory.stock SET on_hand = on_hand + $2, updated_at = now()
+             WHERE sku = $1 RETURNING version",
         ),
     };
     let mut tx = pool.begin().await?;
@@ -46,16 +69,19 @@ async fn give_back(pool: &PgPool, order_id: Uuid, what: GiveBack) -> Result<i64,
     .await?;
     if units.is_empty() {
         tx.rollback().await?;
-        return Ok(0);
+        return Ok(GivenBack::default());
     }
     // Stock rows in SKU order, like every other writer.
     units.sort();
+    let mut given = GivenBack::default();
     for (sku, qty) in &units {
-        sqlx::query(stock_update)
+        let (version,): (i64,) = sqlx::query_as(stock_update)
             .bind(sku)
             .bind(qty)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        given.units += i64::from(*qty);
+        given.skus.push((sku.clone(), version));
         let (on_hand_delta, reserved_delta) = match what {
             GiveBack::Held => (0, -qty),
             GiveBack::Committed => (*qty, 0),
@@ -72,5 +98,5 @@ async fn give_back(pool: &PgPool, order_id: Uuid, what: GiveBack) -> Result<i64,
         .await?;
     }
     tx.commit().await?;
-    Ok(units.iter().map(|(_, q)| i64::from(*q)).sum())
+    Ok(given)
 }

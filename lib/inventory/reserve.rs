@@ -61,17 +61,22 @@ impl BatchStep for ReserveStep {
             match (event, &self.notices) {
                 (Event::Rejected { short, .. }, notices) => {
                     crate::metrics::stockouts(short.len());
-                    for line in short.iter().filter(|_| notices.is_some()) {
-                        if let Some(client) = notices {
-                            soldout::announce_short(client, &line.sku, line.available);
+                    if let Some(client) = notices {
+                        for line in short {
+                            soldout::announce_short(
+                                client,
+                                &line.sku,
+                                line.available,
+                                line.version,
+                            );
                         }
                     }
                 }
                 // This order took the last units: every edge hears it now, not at the next
                 // buyer's refusal.
-                (Event::Reserved { emptied, .. }, Some(client)) => {
-                    for sku in emptied {
-                        soldout::announce_short(client, sku, 0);
+                (Event::Reserved { sold_out, .. }, Some(client)) => {
+                    for sku in sold_out {
+                        soldout::announce_short(client, &sku.sku, 0, sku.version);
                     }
                 }
                 _ => {}
@@ -93,10 +98,10 @@ impl BatchStep for ReserveStep {
     ) -> Result<Vec<Vec<Event>>, StepError> {
         let ttl = chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::minutes(10));
         let expires_at = Utc::now() + ttl;
-        let mut available: HashMap<String, i64> = super::stock::lock_rows(&mut *conn, inputs)
-            .await?
-            .into_iter()
-            .map(|(sku, on_hand, reserved)| (sku, i64::from(on_hand) - i64::from(reserved)))
+        let rows = super::stock::lock_rows(&mut *conn, inputs).await?;
+        let mut available: HashMap<String, i64> = rows
+            .iter()
+            .map(|(sku, stock)| (sku.clone(), i64::from(stock.available())))
             .collect();
         let mut outputs = Vec::with_capacity(inputs.len());
         let mut holds = Holds::default();
@@ -110,18 +115,23 @@ impl BatchStep for ReserveStep {
                 .map(|(sku, _, left)| Short {
                     sku: sku.clone(),
                     available: left.max(0),
+                    version: None,
                 })
                 .collect();
             if !short.is_empty() {
                 outputs.push(rejected((*checkout).clone(), short));
                 continue;
             }
-            let mut emptied = Vec::new();
+            let mut sold_out = Vec::new();
             for (sku, qty) in demand {
                 let left = available.entry(sku.clone()).or_default();
                 *left -= i64::from(qty);
                 if *left <= 0 {
-                    emptied.push(sku.clone());
+                    sold_out.push(Short {
+                        sku: sku.clone(),
+                        available: 0,
+                        version: None,
+                    });
                 }
                 *taken.entry(sku.clone()).or_default() += qty;
                 holds
@@ -134,9 +144,10 @@ impl BatchStep for ReserveStep {
             outputs.push(vec![Event::Reserved {
                 checkout: (*checkout).clone(),
                 expires_at,
-                emptied,
+                sold_out,
             }]);
         }
+        stamp_versions(&mut outputs, &rows, &taken);
         if holds.ids.is_empty() {
             return Ok(outputs);
         }
@@ -167,6 +178,32 @@ impl BatchStep for ReserveStep {
         .execute(&mut *conn)
         .await?;
         Ok(outputs)
+    }
+}
+
+/// Stamps each notice-to-be with the stock row's version after this batch: the version read
+/// under the lock, plus one where the batch's single update of the row bumps it.
+fn stamp_versions(
+    outputs: &mut [Vec<Event>],
+    rows: &[(String, super::Stock)],
+    taken: &BTreeMap<String, i32>,
+) {
+    let versions: HashMap<&str, i64> = rows
+        .iter()
+        .map(|(sku, stock)| {
+            let bump = i64::from(taken.contains_key(sku));
+            (sku.as_str(), stock.version + bump)
+        })
+        .collect();
+    for event in outputs.iter_mut().flatten() {
+        let notices = match event {
+            Event::Rejected { short, .. } => short,
+            Event::Reserved { sold_out, .. } => sold_out,
+            _ => continue,
+        };
+        for notice in notices {
+            notice.version = versions.get(notice.sku.as_str()).copied();
+        }
     }
 }
 

@@ -6,7 +6,14 @@
 //!   each new notice, and refuses add-to-cart and checkout for more than that many units with
 //!   `409 out_of_stock`.
 //! - `stock.available.<sku token>`: units came back (a restock, a released or expired hold);
-//!   every edge forgets the SKU at once.
+//!   every edge forgets the SKU at once. The edge that made a restock forgets it before it
+//!   answers, so its next add-to-cart never sees its own stale notice.
+//!
+//! Notices carry the stock row's version (`Stock-Version`, bumped by every change of the row),
+//! and an edge keeps only the newest it has heard per SKU: a shortage computed before a
+//! restock (a reserve batch that committed just before it, or whose notice travelled slower)
+//! cannot mark the SKU sold out again after the restock's notice. A notice without a version
+//! (an older process) is applied as it comes.
 //!
 //! Core NATS (at most once, fan-out to every edge): a lost notice costs at most the TTL of wrong
 //! refusals, or one buyer walking the saga to the reserve step's authoritative answer.
@@ -25,70 +32,130 @@ use crate::domain::Sku;
 pub const SHORT_PREFIX: &str = "stock.short";
 /// Subject prefix of availability notices.
 pub const AVAILABLE_PREFIX: &str = "stock.available";
+/// Header carrying the stock row's version a notice describes.
+pub const HEADER_VERSION: &str = "Stock-Version";
 
-/// Announces that `sku` could not serve a line: `available` units are left.
-pub fn announce_short(client: &async_nats::Client, sku: &str, available: i64) {
+/// Announces that `sku` could not serve a line: `available` units are left as of the stock
+/// row's `version`.
+pub fn announce_short(
+    client: &async_nats::Client,
+    sku: &str,
+    available: i64,
+    version: Option<i64>,
+) {
+    announce(
+        client,
+        SHORT_PREFIX,
+        sku,
+        available.max(0).to_string(),
+        version,
+    );
+}
+
+/// Announces that units of `sku` came back, as of the stock row's `version`.
+pub fn announce_available(client: &async_nats::Client, sku: &str, version: i64) {
+    announce(client, AVAILABLE_PREFIX, sku, String::new(), Some(version));
+}
+
+fn announce(
+    client: &async_nats::Client,
+    prefix: &str,
+    sku: &str,
+    payload: String,
+    version: Option<i64>,
+) {
     let Ok(sku) = Sku::parse(sku) else { return };
-    let subject = format!("{SHORT_PREFIX}.{}", sku_token(&sku));
+    let subject = format!("{prefix}.{}", sku_token(&sku));
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(version) = version {
+        headers.insert(HEADER_VERSION, version.to_string().as_str());
+    }
     let client = client.clone();
-    // Fire and forget: the step's transaction is committed; a lost notice only costs speed.
+    // Fire and forget: the change is committed; a lost notice only costs speed.
     tokio::spawn(async move {
         let _ = client
-            .publish(subject, available.max(0).to_string().into())
+            .publish_with_headers(subject, headers, payload.into())
             .await;
     });
 }
 
-/// Announces that units of `sku` came back.
-pub fn announce_available(client: &async_nats::Client, sku: &str) {
-    let Ok(sku) = Sku::parse(sku) else { return };
-    let subject = format!("{AVAILABLE_PREFIX}.{}", sku_token(&sku));
-    let client = client.clone();
-    tokio::spawn(async move {
-        let _ = client.publish(subject, bytes::Bytes::new()).await;
-    });
+/// What an edge knows of one SKU.
+#[derive(Clone, Copy)]
+struct Known {
+    /// The newest stock version any notice told of.
+    version: Option<i64>,
+    /// Units left and until when that is believed, if the SKU is short.
+    short: Option<(i64, Instant)>,
+    /// Last notice, for pruning.
+    heard: Instant,
 }
 
 /// An edge's memory of sold-out SKUs.
 #[derive(Clone)]
 pub struct SoldOut {
-    short: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
+    known: Arc<Mutex<HashMap<String, Known>>>,
     ttl: Duration,
 }
+
+/// How long a SKU's version is remembered after its last notice: far longer than any notice
+/// takes to arrive, so a late stale one still finds the newer version it lost to.
+const REMEMBER_VERSIONS: Duration = Duration::from_secs(60);
 
 impl SoldOut {
     /// An empty memory whose entries last `ttl`.
     pub fn new(ttl: Duration) -> Self {
         Self {
-            short: Arc::default(),
+            known: Arc::default(),
             ttl,
         }
     }
 
     /// Whether `qty` of `sku` is known not to be there (recently).
     pub fn refuses(&self, sku: &str, qty: i64) -> bool {
-        let Ok(short) = self.short.lock() else {
+        let Ok(known) = self.known.lock() else {
             return false;
         };
-        short
+        known
             .get(sku)
-            .is_some_and(|(available, until)| Instant::now() < *until && qty > *available)
+            .and_then(|k| k.short)
+            .is_some_and(|(available, until)| Instant::now() < until && qty > available)
     }
 
-    fn short(&self, sku: String, available: i64) {
-        if let Ok(mut short) = self.short.lock() {
-            short.insert(sku, (available, Instant::now() + self.ttl));
-            if short.len() > 100_000 {
-                let now = Instant::now();
-                short.retain(|_, (_, until)| *until > now);
+    /// A shortage notice: believed unless a newer version was heard.
+    pub fn short(&self, sku: String, available: i64, version: Option<i64>) {
+        let until = Instant::now() + self.ttl;
+        self.heard(sku, version, Some((available, until)));
+    }
+
+    /// Units came back (as of `version`): forget the shortage unless a newer one was heard.
+    pub fn available(&self, sku: &str, version: Option<i64>) {
+        self.heard(sku.to_owned(), version, None);
+    }
+
+    fn heard(&self, sku: String, version: Option<i64>, short: Option<(i64, Instant)>) {
+        let Ok(mut known) = self.known.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if known.len() > 100_000 {
+            known.retain(|_, k| {
+                k.short.is_some_and(|(_, until)| until > now)
+                    || now.duration_since(k.heard) < REMEMBER_VERSIONS
+            });
+        }
+        let entry = known.entry(sku).or_insert(Known {
+            version: None,
+            short: None,
+            heard: now,
+        });
+        if let (Some(theirs), Some(newest)) = (version, entry.version) {
+            if theirs < newest {
+                return;
             }
         }
-    }
-
-    fn available(&self, sku: &str) {
-        if let Ok(mut short) = self.short.lock() {
-            short.remove(sku);
-        }
+        entry.version = version.or(entry.version);
+        entry.short = short;
+        entry.heard = now;
     }
 
     /// Follows the notices until shutdown.
@@ -113,18 +180,25 @@ impl SoldOut {
                             .ok()
                             .and_then(|s| s.parse().ok())
                             .unwrap_or(0);
-                        self.short(sku_from_token(token), left);
+                        self.short(sku_from_token(token), left, version_of(&msg));
                     }
                 }
                 Some(msg) = available.next() => {
                     if let Some(token) = msg.subject.strip_prefix(&format!("{AVAILABLE_PREFIX}.")) {
-                        self.available(&sku_from_token(token));
+                        self.available(&sku_from_token(token), version_of(&msg));
                     }
                 }
                 else => return,
             }
         }
     }
+}
+
+fn version_of(msg: &async_nats::Message) -> Option<i64> {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(HEADER_VERSION))
+        .and_then(|v| v.as_str().parse().ok())
 }
 
 #[cfg(test)]
@@ -135,15 +209,34 @@ mod tests {
     fn refuses_only_more_than_is_left_and_only_for_a_while() {
         let memory = SoldOut::new(Duration::from_millis(50));
         assert!(!memory.refuses("TEE", 1));
-        memory.short("TEE".into(), 1);
+        memory.short("TEE".into(), 1, None);
         assert!(!memory.refuses("TEE", 1));
         assert!(memory.refuses("TEE", 2));
-        memory.short("TEE".into(), 0);
+        memory.short("TEE".into(), 0, None);
         assert!(memory.refuses("TEE", 1));
-        memory.available("TEE");
+        memory.available("TEE", None);
         assert!(!memory.refuses("TEE", 1));
-        memory.short("TEE".into(), 0);
+        memory.short("TEE".into(), 0, None);
         std::thread::sleep(Duration::from_millis(60));
         assert!(!memory.refuses("TEE", 1), "a notice lasts only its TTL");
+    }
+
+    #[test]
+    fn the_newest_version_wins_whatever_order_the_notices_come_in() {
+        let memory = SoldOut::new(Duration::from_secs(60));
+        memory.short("TEE".into(), 0, Some(7));
+        memory.available("TEE", Some(8));
+        // A shortage the reserve step saw before the restock arrives late: ignored.
+        memory.short("TEE".into(), 0, Some(7));
+        assert!(!memory.refuses("TEE", 1));
+        // A later sale empties it again: believed.
+        memory.short("TEE".into(), 0, Some(9));
+        assert!(memory.refuses("TEE", 1));
+        // An older restock's notice does not clear the newer shortage.
+        memory.available("TEE", Some(8));
+        assert!(memory.refuses("TEE", 1));
+        // Notices without a version (an older process) apply as they come.
+        memory.available("TEE", None);
+        assert!(!memory.refuses("TEE", 1));
     }
 }

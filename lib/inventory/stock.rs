@@ -13,6 +13,8 @@ use crate::saga::events::Checkout;
 pub struct Stock {
     pub on_hand: i32,
     pub reserved: i32,
+    /// The row's version (every change bumps it; see `soldout`).
+    pub version: i64,
 }
 
 impl Stock {
@@ -33,8 +35,8 @@ pub enum StockError {
 
 /// A SKU's stock; a SKU never stocked has none.
 pub async fn get_stock(pool: &PgPool, sku: &Sku) -> Result<Stock, sqlx::Error> {
-    let row: Option<(i32, i32)> =
-        sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1")
+    let row: Option<(i32, i32, i64)> =
+        sqlx::query_as("SELECT on_hand, reserved, version FROM inventory.stock WHERE sku = $1")
             .bind(sku.as_str())
             .fetch_optional(pool)
             .await?;
@@ -42,8 +44,13 @@ pub async fn get_stock(pool: &PgPool, sku: &Sku) -> Result<Stock, sqlx::Error> {
         Stock {
             on_hand: 0,
             reserved: 0,
+            version: 0,
         },
-        |(on_hand, reserved)| Stock { on_hand, reserved },
+        |(on_hand, reserved, version)| Stock {
+            on_hand,
+            reserved,
+            version,
+        },
     ))
 }
 
@@ -63,11 +70,14 @@ pub async fn set_on_hand(pool: &PgPool, sku: &Sku, on_hand: i32) -> Result<Stock
     if on_hand < reserved {
         return Err(StockError::BelowReserved { on_hand, reserved });
     }
-    sqlx::query("UPDATE inventory.stock SET on_hand = $2, updated_at = now() WHERE sku = $1")
-        .bind(sku.as_str())
-        .bind(on_hand)
-        .execute(&mut *tx)
-        .await?;
+    let (version,): (i64,) = sqlx::query_as(
+        "UPDATE inventory.stock SET on_hand = $2, updated_at = now() WHERE sku = $1
+         RETURNING version",
+    )
+    .bind(sku.as_str())
+    .bind(on_hand)
+    .fetch_one(&mut *tx)
+    .await?;
     if on_hand != before {
         sqlx::query(
             "INSERT INTO inventory.stock_movements (sku, kind, on_hand_delta, reserved_delta)
@@ -79,7 +89,11 @@ pub async fn set_on_hand(pool: &PgPool, sku: &Sku, on_hand: i32) -> Result<Stock
         .await?;
     }
     tx.commit().await?;
-    Ok(Stock { on_hand, reserved })
+    Ok(Stock {
+        on_hand,
+        reserved,
+        version,
+    })
 }
 
 /// The state of an order's reservations: `held`, `committed`, `released`, `expired`, or
@@ -98,22 +112,34 @@ pub async fn reservation_status(
 }
 
 /// Locks the stock row of every SKU a batch of checkouts touches, in SKU order (the order every
-/// writer of stock takes them in, so two batches never deadlock), and reads them:
-/// `(sku, on_hand, reserved)`.
+/// writer of stock takes them in, so two batches never deadlock), and reads them.
 pub(crate) async fn lock_rows(
     conn: &mut PgConnection,
     checkouts: &[&Checkout],
-) -> Result<Vec<(String, i32, i32)>, sqlx::Error> {
+) -> Result<Vec<(String, Stock)>, sqlx::Error> {
     let skus: BTreeSet<&str> = checkouts
         .iter()
         .flat_map(|c| c.items.iter().map(|l| l.sku.as_str()))
         .collect();
     let skus: Vec<&str> = skus.into_iter().collect();
-    sqlx::query_as(
-        "SELECT sku, on_hand, reserved FROM inventory.stock
+    let rows: Vec<(String, i32, i32, i64)> = sqlx::query_as(
+        "SELECT sku, on_hand, reserved, version FROM inventory.stock
          WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
     )
     .bind(&skus)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(sku, on_hand, reserved, version)| {
+            (
+                sku,
+                Stock {
+                    on_hand,
+                    reserved,
+                    version,
+                },
+            )
+        })
+        .collect())
 }

@@ -73,12 +73,17 @@ impl Checkout {
     }
 }
 
-/// A line the stock could not serve.
+/// A SKU's stock as the reserve step left it: a line it could not serve, or the last units it
+/// took.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Short {
     pub sku: String,
-    /// Units that were still available (fewer than the line asked for).
+    /// Units that were still available (fewer than the line asked for; 0 when emptied).
     pub available: i64,
+    /// The stock row's version after the step's transaction (`inventory.stock.version`), so
+    /// that an edge hearing notices out of order keeps the newest. None from older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
 }
 
 /// Why an order failed or ended early; the `reason` the API shows.
@@ -135,9 +140,10 @@ pub enum Event {
     Reserved {
         checkout: Checkout,
         expires_at: DateTime<Utc>,
-        /// SKUs whose last units this reservation took (sold out from now on).
+        /// SKUs whose last units this reservation took (sold out from now on). Older
+        /// versions sent their names as `emptied`, which only their own process read.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        emptied: Vec<String>,
+        sold_out: Vec<Short>,
     },
     /// reserve or order -> compensate: a line could not be held (or, after its hold expired,
     /// taken again), or the order could not be confirmed; compensation gives back what is held.

@@ -192,3 +192,71 @@ async fn a_request_that_finds_every_slot_taken_waits_in_line_and_is_served_when_
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(bob_status, StatusCode::OK, "{bob_body}");
 }
+
+/// Whether this edge refuses one unit of `sku` at add-to-cart (its sold-out memory).
+async fn refused_at_the_edge(app: &TestApp, token: &str, sku: &str) -> bool {
+    let (status, body) = app
+        .request(Method::POST, "/api/cart/items")
+        .token(token)
+        .json(json!({"sku": sku, "qty": 1}))
+        .send()
+        .await;
+    status == StatusCode::CONFLICT && body["error"]["code"] == "out_of_stock"
+}
+
+#[tokio::test]
+async fn a_restock_is_sold_at_once_and_a_shortage_seen_before_it_cannot_undo_it() {
+    let app = TestApp::spawn_with(|s| s.edge.sold_out_ttl = Duration::from_secs(60)).await;
+    app.product("HOT", "5.00", 3).await;
+    app.product("OTHER", "5.00", 0).await;
+    let alice = app.token("alice");
+    let cart = app.add(&alice, "HOT", 3).await;
+    let (_, body) = app.checkout(&alice, "k", &cart, "tok_visa").await;
+    let id = body["orderId"].as_str().expect("id");
+    assert_eq!(app.settled(&alice, id).await["status"], "confirmed");
+    let bob = app.token("bob");
+    app.eventually("the edge to know HOT is sold out", || async {
+        refused_at_the_edge(&app, &bob, "HOT").await
+    })
+    .await;
+
+    // The restock answers, and the very next add-to-cart is served.
+    app.set_stock("HOT", 10).await;
+    let (status, body) = app
+        .request(Method::POST, "/api/cart/items")
+        .token(&bob)
+        .json(json!({"sku": "HOT", "qty": 3}))
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A shortage the reserve step computed before the restock arrives after it (a slower
+    // notice, another process): it is older than what the edge knows and changes nothing.
+    let (version,): (i64,) =
+        sqlx::query_as("SELECT version FROM inventory.stock WHERE sku = 'HOT'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("version");
+    let client = async_nats::connect(app.nats.url()).await.expect("nats");
+    let mut stale = async_nats::HeaderMap::new();
+    stale.insert("Stock-Version", (version - 1).to_string().as_str());
+    client
+        .publish_with_headers("stock.short.HOT", stale, "0".into())
+        .await
+        .expect("stale notice");
+    // Notices on one subscription arrive in order: once OTHER is refused, HOT's was read.
+    client
+        .publish("stock.short.OTHER", "0".into())
+        .await
+        .expect("marker notice");
+    client.flush().await.expect("flushed");
+    let carol = app.token("carol");
+    app.eventually("the marker notice heard", || async {
+        refused_at_the_edge(&app, &carol, "OTHER").await
+    })
+    .await;
+    assert!(
+        !refused_at_the_edge(&app, &carol, "HOT").await,
+        "a shortage older than the restock marked HOT sold out again"
+    );
+}

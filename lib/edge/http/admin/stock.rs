@@ -63,8 +63,10 @@ pub async fn put_stock(
         ));
     }
     let stock = inventory::set_on_hand(&state.pool, &sku, on_hand).await?;
-    // A restock clears every edge's sold-out memory of the SKU at once.
-    inventory::soldout::announce_available(state.bus.client(), sku.as_str());
+    // A restock clears every edge's sold-out memory of the SKU: this edge's before it answers
+    // (its own notice comes back later, if at all), the others' by the notice.
+    state.sold_out.available(sku.as_str(), Some(stock.version));
+    inventory::soldout::announce_available(state.bus.client(), sku.as_str(), stock.version);
     Ok(stock_json(&sku, stock))
 }
 
