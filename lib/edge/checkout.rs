@@ -4,7 +4,7 @@
 //! The cart is read and priced without a lock, then the request row, the outbox row and the
 //! cart's new state commit in one call that first checks, under the cart's lock, that the
 //! cart is still what was priced (under load, one statement and commit carry several buyers'
-//! calls: `db::group`); the event is published right after. Where this edge wrote the cart
+//! calls: `db::group`); the event is published right after, without the buyer waiting for it. Where this edge wrote the cart
 //! moments before, it prices what it remembers with its product cache and skips the read; the
 //! acceptance then checks the products too, and any difference sends it back to the read. If the process dies in between,
 //! the outbox sweeper republishes it (same `Nats-Msg-Id`), so an accepted checkout is never
@@ -428,7 +428,7 @@ impl Checkouts {
             return Ok(None);
         };
         crate::metrics::checkout_accepted(as_of.label());
-        self.outbox.publish(&out).await;
+        self.outbox.publish_soon(out);
         Ok(Some(order_id))
     }
 

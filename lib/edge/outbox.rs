@@ -1,7 +1,10 @@
 //! The edge's outbox: every event the edge owes JetStream (checkout requests; ship, cancel and
 //! refund requests) is written to `edge.outbox` in the same transaction as the change that
-//! owes it, then published right after the commit. If the process dies in between, or NATS is
-//! away, the sweeper republishes it (same `Nats-Msg-Id`, so never twice).
+//! owes it, then handed to the publisher right after the commit. The committed row is the
+//! promise, so the request is answered at once: it never waits for NATS, and a NATS outage or
+//! a leader election delays the saga, not the buyer's `202`. If the process dies before the
+//! publish, or NATS is away, the sweeper republishes the row (same `Nats-Msg-Id`, so never
+//! twice).
 //!
 //! A row whose publish keeps failing while others go through (a payload the server refuses,
 //! say) is retried with a doubling delay up to `edge.outbox_max_backoff` and skipped meanwhile,
@@ -10,6 +13,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,16 +26,27 @@ use crate::saga::subjects::event_subject;
 /// Rows whose publish failed this many times are reported as stuck.
 const STUCK_AFTER: i32 = 5;
 
+/// Events waiting for the publisher, at most: past this (NATS away for a while under load)
+/// a committed row waits for the sweeper instead, and memory stays bounded.
+const QUEUE: usize = 8192;
+
+/// Publishes in flight at once: enough to keep JetStream's pipeline full under load.
+const IN_FLIGHT: usize = 512;
+
 /// Publishes staged events and marks them published.
 #[derive(Clone)]
 pub struct Outbox {
     pool: PgPool,
     bus: Bus,
     published: mpsc::UnboundedSender<String>,
+    queue: mpsc::Sender<Outgoing>,
 }
 
 /// The receiving end of publish confirmations, drained by [`Outbox::run_marker`].
 pub struct Marks(mpsc::UnboundedReceiver<String>);
+
+/// Committed events waiting to be published, drained by [`Outbox::run_publisher`].
+pub struct Queued(mpsc::Receiver<Outgoing>);
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -53,16 +68,20 @@ struct Row {
 }
 
 impl Outbox {
-    /// The outbox, and the confirmations its marker task records (run it alongside).
-    pub fn new(pool: PgPool, bus: Bus) -> (Self, Marks) {
-        let (published, rx) = mpsc::unbounded_channel();
+    /// The outbox, the confirmations its marker records and the queue its publisher drains
+    /// (run both alongside).
+    pub fn new(pool: PgPool, bus: Bus) -> (Self, Marks, Queued) {
+        let (published, marks) = mpsc::unbounded_channel();
+        let (queue, queued) = mpsc::channel(QUEUE);
         (
             Self {
                 pool,
                 bus,
                 published,
+                queue,
             },
-            Marks(rx),
+            Marks(marks),
+            Queued(queued),
         )
     }
 
@@ -80,6 +99,31 @@ impl Outbox {
         .execute(conn)
         .await?;
         Ok(())
+    }
+
+    /// Hands a committed event to the publisher without waiting for NATS. If its queue is
+    /// full, the sweeper publishes the row later.
+    pub fn publish_soon(&self, out: Outgoing) {
+        if let Err(e) = self.queue.try_send(out) {
+            tracing::debug!(error = %e, "publish queue full; the outbox sweeper will publish it");
+        }
+    }
+
+    /// Publishes queued events, many at once, until shutdown. What is still queued then is
+    /// left to the sweeper of whichever edge runs next (the rows are committed).
+    pub async fn run_publisher(self, queued: Queued, shutdown: CancellationToken) {
+        let Queued(mut rx) = queued;
+        let events = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let publishing = events.for_each_concurrent(IN_FLIGHT, |out| {
+            let outbox = &self;
+            async move {
+                outbox.publish(&out).await;
+            }
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = publishing => {}
+        }
     }
 
     /// Publishes a staged event now; on failure the sweeper publishes it later.

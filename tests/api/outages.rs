@@ -351,3 +351,60 @@ async fn a_cancelled_catalog_read_is_a_503_not_a_500() {
     let alice = app.token("alice");
     app.add(&alice, "TEE", 1).await;
 }
+
+/// The committed outbox row is the promise: with NATS away, a checkout is answered `202` as
+/// soon as it commits, without holding an admission slot while a publish times out, and the
+/// saga runs it once NATS is back.
+#[tokio::test]
+async fn checkouts_are_answered_at_once_while_nats_is_down_and_confirm_when_it_returns() {
+    const BUYERS: usize = 500;
+    let mut app = TestApp::spawn_with(|s| {
+        // As in production: a publish waits up to 5 s for a PublishAck that cannot come.
+        s.nats.publish_timeout = Duration::from_secs(5);
+        s.payments.rate_limit_per_s = 100_000.0;
+    })
+    .await;
+    app.product("TEE", "5.00", BUYERS as i64).await;
+    let mut carts = Vec::new();
+    for n in 0..BUYERS {
+        let token = app.token(&format!("buyer-{n}"));
+        let cart = app.add(&token, "TEE", 1).await;
+        carts.push((token, cart));
+    }
+    app.nats.kill();
+    let answers = futures::future::join_all(carts.iter().map(|(token, cart)| {
+        let app = &app;
+        async move {
+            let started = Instant::now();
+            let (status, body) = app.checkout(token, "k", cart, "tok_visa").await;
+            (status, body, started.elapsed())
+        }
+    }))
+    .await;
+    let mut took: Vec<Duration> = answers.iter().map(|(_, _, t)| *t).collect();
+    took.sort();
+    let p99 = took[BUYERS * 99 / 100 - 1];
+    eprintln!(
+        "{BUYERS} checkouts with NATS down: p50 {:?}, p99 {p99:?}, max {:?}",
+        took[BUYERS / 2],
+        took[BUYERS - 1]
+    );
+    for (status, body, _) in &answers {
+        assert_eq!(*status, reqwest::StatusCode::ACCEPTED, "{body}");
+    }
+    // No answer waited for a publish to time out (5 s).
+    assert!(
+        took[BUYERS - 1] < Duration::from_secs(5),
+        "slowest {:?}",
+        took[BUYERS - 1]
+    );
+
+    app.nats.restart();
+    for ((token, _), (_, body, _)) in carts.iter().zip(&answers) {
+        let id = body["orderId"].as_str().expect("id");
+        let order = app.settled(token, id).await;
+        assert_eq!(order["status"], "confirmed", "{order}");
+    }
+    assert_eq!(app.stock("TEE").await, (0, 0, 0));
+    app.audit().await;
+}

@@ -247,7 +247,7 @@ async fn request(
                 Outgoing::new(&event, Some(&trace)).map_err(|e| ApiError::Internal(e.into()))?;
             Outbox::stage(&mut tx, &out).await?;
             tx.commit().await?;
-            state.outbox.publish(&out).await;
+            state.outbox.publish_soon(out);
             "accepted"
         }
         ActionRequest::Refused { status, in_flight } => {
