@@ -2,6 +2,7 @@
 //! each a set of tasks sharing one cancellation token.
 
 use std::net::SocketAddr;
+use std::future::IntoFuture;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -503,11 +504,24 @@ impl Shared {
         let addr = local_addr(&listener, &self.settings.http.addr)?;
         let router = http::router(state, self.settings.http.body_limit_bytes);
         let token = self.shutdown.clone();
+        let drain = self.settings.http.drain_timeout;
         tasks.spawn(async move {
-            let result = axum::serve(listener, router)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-                .map_err(TaskError::from);
+            let serving = axum::serve(listener, router)
+                .with_graceful_shutdown(token.clone().cancelled_owned())
+                .into_future();
+            // Graceful shutdown waits for every connection; a client that never hangs up
+            // must not keep the process alive, so the drain has a deadline.
+            let deadline = async {
+                token.cancelled().await;
+                tokio::time::sleep(drain).await;
+            };
+            let result = tokio::select! {
+                served = serving => served.map_err(TaskError::from),
+                () = deadline => {
+                    tracing::warn!(?drain, "HTTP drain deadline passed; closing the connections left");
+                    Ok(())
+                }
+            };
             ("edge".to_owned(), result)
         });
         tracing::info!(%addr, "edge listening");

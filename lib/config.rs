@@ -33,6 +33,9 @@ pub struct Settings {
 pub struct HttpSettings {
     pub addr: String,
     pub body_limit_bytes: usize,
+    /// How long requests in flight may finish after SIGTERM before their connections close.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 /// PostgreSQL, the system of record.

@@ -408,3 +408,41 @@ async fn checkouts_are_answered_at_once_while_nats_is_down_and_confirm_when_it_r
     assert_eq!(app.stock("TEE").await, (0, 0, 0));
     app.audit().await;
 }
+
+/// A live order stream left open (`?follow=all` on a confirmed order waits for a shipment
+/// that may come next week) must not keep the edge from stopping: SIGTERM ends it with a
+/// `reconnect` event, and the process exits.
+#[tokio::test]
+async fn sigterm_ends_open_live_streams_and_the_edge_stops() {
+    let (app, mut process) = harness().await;
+    app.product("TEE", "5.00", 10).await;
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    let mut live = app
+        .http
+        .get(format!("{}/api/orders/{id}/events?follow=all", app.base))
+        .bearer_auth(&token)
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(live.status(), reqwest::StatusCode::OK);
+    let mut seen = String::new();
+    while !seen.contains("event: confirmed") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), live.chunk())
+            .await
+            .expect("the story so far")
+            .expect("chunk")
+            .expect("open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let stopped = process.terminate(Duration::from_secs(15)).await;
+    let (took, status) = stopped.expect("the edge exits within 15 s with a live stream open");
+    assert!(status.success(), "{status:?} after {took:?}");
+    // The stream said why it ended before it closed.
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), live.chunk()).await {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("event: reconnect"), "{seen}");
+    assert!(seen.contains("retry: 1000"), "{seen}");
+}

@@ -51,6 +51,11 @@ impl Readiness {
         }
     }
 
+    /// Cancelled when the process starts draining (live streams end on it).
+    pub fn draining(&self) -> &CancellationToken {
+        &self.draining
+    }
+
     /// Checks every `every` until shutdown.
     pub async fn run(self, pool: PgPool, bus: Bus, every: Duration) {
         loop {

@@ -103,7 +103,8 @@ pub async fn events(
         .map_err(|e| ApiError::Unavailable(e.into()))?;
     if live {
         let all = follow.follow.as_deref() == Some("all");
-        return Ok(stream(messages, all).into_response());
+        let shutdown = state.readiness.draining().clone();
+        return Ok(stream(messages, all, shutdown).into_response());
     }
     let mut events = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -120,37 +121,59 @@ pub async fn events(
     Ok(Json(Timeline { order_id, events }).into_response())
 }
 
-/// Events so far, then each new one, until the order ends (or the client goes).
+/// How soon a client whose live stream ended with the server's shutdown should reconnect
+/// (to another edge, or this one restarted).
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// Events so far, then each new one, until the order ends, the client goes, or the edge shuts
+/// down: then a `reconnect` event (with an SSE `retry:`) ends it, so that no open stream keeps
+/// the process from stopping and the client knows to come back rather than that the order
+/// ended.
 fn stream(
     messages: async_nats::jetstream::consumer::pull::Ordered,
     follow_all: bool,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     let state = (messages, false, std::collections::HashSet::new());
-    let events = futures::stream::unfold(state, move |(mut messages, done, mut seen)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            let message = match messages.next().await {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "order stream interrupted");
-                    return None;
-                }
-                None => return None,
-            };
-            let Some((id, event)) = read(&message) else {
-                continue;
-            };
-            if !seen.insert(id) {
-                continue;
+    let events = futures::stream::unfold(state, move |(mut messages, done, mut seen)| {
+        let shutdown = shutdown.clone();
+        async move {
+            if done {
+                return None;
             }
-            let last = ends(event.kind, follow_all);
-            let sse = SseEvent::default()
-                .event(event.kind)
-                .json_data(&event)
-                .unwrap_or_else(|_| SseEvent::default().event(event.kind));
-            return Some((Ok(sse), (messages, last, seen)));
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => {
+                        let bye = SseEvent::default()
+                            .event("reconnect")
+                            .retry(RECONNECT_AFTER)
+                            .data(r#"{"reason":"the server is shutting down; reconnect"}"#);
+                        return Some((Ok(bye), (messages, true, seen)));
+                    }
+                    next = messages.next() => next,
+                };
+                let message = match next {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "order stream interrupted");
+                        return None;
+                    }
+                    None => return None,
+                };
+                let Some((id, event)) = read(&message) else {
+                    continue;
+                };
+                if !seen.insert(id) {
+                    continue;
+                }
+                let last = ends(event.kind, follow_all);
+                let sse = SseEvent::default()
+                    .event(event.kind)
+                    .json_data(&event)
+                    .unwrap_or_else(|_| SseEvent::default().event(event.kind));
+                return Some((Ok(sse), (messages, last, seen)));
+            }
         }
     });
     Sse::new(events).keep_alive(KeepAlive::default())
