@@ -1,8 +1,8 @@
 //! Roles and their start-up: `checkout run <role>` builds an [`App`] with one or more roles,
 //! each a set of tasks sharing one cancellation token.
 
-use std::net::SocketAddr;
 use std::future::IntoFuture;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -104,6 +104,8 @@ impl FromStr for Role {
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
+    Settings(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Database(#[from] DbError),
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -151,6 +153,16 @@ pub struct App {
 impl App {
     /// Starts the given roles. Listeners bind before this returns, so port 0 works.
     pub async fn build(mut settings: Settings, roles: &[Role]) -> Result<Self, AppError> {
+        // Everything the settings can get wrong is refused before anything connects: a bad
+        // secret must not look like a server that is down.
+        settings.check()?;
+        let verifier = if roles.contains(&Role::Edge) {
+            Some(Arc::new(crate::auth::Verifier::from_settings(
+                &settings.auth,
+            )?))
+        } else {
+            None
+        };
         crate::metrics::install();
         let shutdown = CancellationToken::new();
         let mut tasks: JoinSet<TaskResult> = JoinSet::new();
@@ -233,8 +245,8 @@ impl App {
                     ("jetstream-gauges".to_owned(), Ok(()))
                 }
             });
-            if roles.contains(&Role::Edge) {
-                http_addr = Some(shared.edge(&mut tasks).await?);
+            if let Some(verifier) = verifier {
+                http_addr = Some(shared.edge(&mut tasks, verifier).await?);
             }
         }
         let mut metrics_addr = None;
@@ -379,8 +391,11 @@ impl Shared {
 
     /// The HTTP edge and its helpers (readiness, rate limits, caches, outbox, sold-out notices);
     /// where it listens.
-    async fn edge(&self, tasks: &mut JoinSet<TaskResult>) -> Result<SocketAddr, AppError> {
-        let verifier = Arc::new(crate::auth::Verifier::from_settings(&self.settings.auth)?);
+    async fn edge(
+        &self,
+        tasks: &mut JoinSet<TaskResult>,
+        verifier: Arc<crate::auth::Verifier>,
+    ) -> Result<SocketAddr, AppError> {
         let limits = http::limits::UserLimits::new(&self.settings.edge);
         let readiness = http::health::Readiness::new(self.shutdown.clone());
         tasks.spawn({

@@ -17,13 +17,19 @@ use crate::saga::subjects::{
 /// Failures talking to NATS.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        url: String,
-        source: async_nats::ConnectError,
-    },
     #[error("NATS credentials {0}")]
     Credentials(String),
+    /// The server refused who we are: a configuration error, not an outage.
+    #[error(
+        "NATS at {url} refused {who}: {source}. Check nats.user and nats.password \
+         (CHECKOUT__NATS__USER, CHECKOUT__NATS__PASSWORD), nats.creds_file or nats.tls_ca_file \
+         against the server's authorization block (nats/auth.conf)"
+    )]
+    Refused {
+        url: String,
+        who: String,
+        source: async_nats::ConnectError,
+    },
     #[error("stream {stream}: {source}")]
     Stream {
         stream: String,
@@ -76,35 +82,76 @@ pub struct ConsumerSpec {
 }
 
 impl Bus {
-    /// Connects; retries are the client's (it reconnects forever once connected).
+    /// Connects. Until the first connection, what heals by itself (connection refused, a
+    /// timeout, a name that does not resolve yet) is retried with a capped backoff, forever;
+    /// a refusal of who we are (authorization violation, a bad credential, TLS) is a
+    /// configuration error, returned at once. Once connected, the client reconnects forever.
     pub async fn connect(settings: &NatsSettings) -> Result<Self, BusError> {
-        let err = |source| BusError::Connect {
-            url: redacted(&settings.url),
-            source,
+        use async_nats::ConnectErrorKind as K;
+        let mut pause = Duration::from_millis(250);
+        let client = loop {
+            match Self::options(settings)
+                .await?
+                .connect(settings.servers())
+                .await
+            {
+                Ok(client) => break client,
+                Err(e) if matches!(e.kind(), K::Io | K::TimedOut | K::Dns) => {
+                    tracing::warn!(url = %redacted(&settings.url), error = %e, retry_in = ?pause,
+                        "NATS not reachable yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(source) => {
+                    return Err(BusError::Refused {
+                        url: redacted(&settings.url),
+                        who: who(settings),
+                        source,
+                    })
+                }
+            }
         };
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(settings.publish_timeout);
+        Ok(Self {
+            client,
+            js,
+            settings: settings.clone(),
+        })
+    }
+
+    async fn options(settings: &NatsSettings) -> Result<async_nats::ConnectOptions, BusError> {
+        // The first connection is expected; only a later one is news.
+        let connected_before = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut options = async_nats::ConnectOptions::new()
             .name("checkout")
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             // The server says why it refused something (a permission, a limit) only here: log
             // it, loudly, or a denied call looks like a mere timeout.
-            .event_callback(|event| async move {
-                use async_nats::Event;
-                match event {
-                    Event::ServerError(e) => {
-                        tracing::error!(error = %e, "NATS refused a request");
+            .event_callback(move |event| {
+                let connected_before = connected_before.clone();
+                async move {
+                    use async_nats::Event;
+                    use std::sync::atomic::Ordering;
+                    match event {
+                        Event::ServerError(e) => {
+                            tracing::error!(error = %e, "NATS refused a request");
+                        }
+                        // Losing the server is an incident even when the client gets it back:
+                        // publishes wait (edge outbox) and pulls stop until it does.
+                        Event::Disconnected => tracing::warn!(
+                            "NATS connection lost; reconnecting to any server of nats.url \
+                             (publishes wait in the outbox, pulls resume after)"
+                        ),
+                        Event::Connected if !connected_before.swap(true, Ordering::Relaxed) => {
+                            tracing::info!("NATS connected");
+                        }
+                        Event::Connected => tracing::warn!("NATS connection re-established"),
+                        Event::LameDuckMode => tracing::warn!(
+                            "the NATS server is shutting down (lame duck); moving to another"
+                        ),
+                        other => tracing::warn!(event = %other, "NATS"),
                     }
-                    // Losing the server is an incident even when the client gets it back:
-                    // publishes wait (edge outbox) and pulls stop until it does.
-                    Event::Disconnected => tracing::warn!(
-                        "NATS connection lost; reconnecting to any server of nats.url \
-                         (publishes wait in the outbox, pulls resume after)"
-                    ),
-                    Event::Connected => tracing::warn!("NATS connection (re)established"),
-                    Event::LameDuckMode => tracing::warn!(
-                        "the NATS server is shutting down (lame duck); moving to another"
-                    ),
-                    other => tracing::warn!(event = %other, "NATS"),
                 }
             });
         if !settings.creds_file.is_empty() {
@@ -121,14 +168,7 @@ impl Bus {
                 .add_root_certificates(settings.tls_ca_file.clone().into())
                 .require_tls(true);
         }
-        let client = options.connect(settings.servers()).await.map_err(err)?;
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(settings.publish_timeout);
-        Ok(Self {
-            client,
-            js,
-            settings: settings.clone(),
-        })
+        Ok(options)
     }
 
     /// The raw client (for flushing and the readiness probe).
@@ -469,6 +509,17 @@ impl Bus {
 /// How long start-up keeps retrying JetStream calls that fail only because the cluster is
 /// still settling (forming, electing a leader, a peer coming back).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Who we say we are, for an error message (never the password).
+fn who(settings: &NatsSettings) -> String {
+    if !settings.creds_file.is_empty() {
+        format!("the credentials in {}", settings.creds_file)
+    } else if !settings.user.is_empty() {
+        format!("user `{}`", settings.user)
+    } else {
+        "an anonymous connection (nats.user is empty)".to_owned()
+    }
+}
 
 /// Runs a start-up JetStream call, retrying failures that heal by themselves within seconds
 /// on a cluster (a request timeout during an election, "no leader", too few peers yet) until

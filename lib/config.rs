@@ -325,6 +325,59 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Refuses addresses that cannot work, before anything connects: a typo in a URL must
+    /// stop the process with its setting's name, not look like a server that is down.
+    fn check_addresses(&self) -> Result<(), ConfigError> {
+        let refuse = |setting: &str, value: &str, why: String| {
+            Err(ConfigError(config::ConfigError::Message(format!(
+                "{setting} ({value}) {why}"
+            ))))
+        };
+        let servers = self.nats.servers();
+        if servers.is_empty() {
+            return refuse("nats.url", "", "names no server".into());
+        }
+        for server in &servers {
+            if let Err(e) = server.parse::<async_nats::ServerAddr>() {
+                return refuse(
+                    "nats.url",
+                    &redact(server),
+                    format!("is not a NATS URL: {e}"),
+                );
+            }
+        }
+        let database = self.database.url.expose();
+        let postgres = ["postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| database.starts_with(scheme));
+        if let Err(e) = database.parse::<sqlx::postgres::PgConnectOptions>() {
+            return refuse(
+                "database.url",
+                &redact(database),
+                format!("is not a PostgreSQL URL: {e}"),
+            );
+        }
+        if !postgres {
+            return refuse(
+                "database.url",
+                &redact(database),
+                "is not a PostgreSQL URL (postgres://...)".into(),
+            );
+        }
+        match reqwest::Url::parse(&self.psp.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            Ok(url) => {
+                return refuse(
+                    "psp.url",
+                    &self.psp.url,
+                    format!("is not http(s): {}", url.scheme()),
+                )
+            }
+            Err(e) => return refuse("psp.url", &self.psp.url, format!("is not a URL: {e}")),
+        }
+        Ok(())
+    }
+
     /// Refuses settings that would break a guarantee rather than a preference.
     pub fn check(&self) -> Result<(), ConfigError> {
         // A message can be redelivered (or replayed by an operator) for as long as the stream
@@ -348,6 +401,7 @@ impl Settings {
                 "nats.partitions must be at least 1".into(),
             )));
         }
+        self.check_addresses()?;
         if let Some(p) = self
             .nats
             .own_partitions
@@ -360,6 +414,16 @@ impl Settings {
             ))));
         }
         Ok(())
+    }
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -379,5 +443,37 @@ mod tests {
             .unwrap();
         let error = settings.check().expect_err("refused").to_string();
         assert!(error.contains("retention.inbox"), "{error}");
+    }
+
+    #[test]
+    fn addresses_that_cannot_work_are_refused_by_name_before_anything_connects() {
+        let defaults = Settings::load().expect("the defaults load");
+        for (set, expect) in [
+            (
+                Box::new(|s: &mut Settings| s.nats.url = "nats://127.0.0.1:notaport".into())
+                    as Box<dyn Fn(&mut Settings)>,
+                "nats.url",
+            ),
+            (
+                Box::new(|s: &mut Settings| s.nats.url = " , ".into()),
+                "nats.url",
+            ),
+            (
+                Box::new(|s: &mut Settings| {
+                    s.database.url = super::Secret::new("mysql://u:hunter2@db/x");
+                }),
+                "database.url",
+            ),
+            (
+                Box::new(|s: &mut Settings| s.psp.url = "localhost:9000".into()),
+                "psp.url",
+            ),
+        ] {
+            let mut settings = defaults.clone();
+            set(&mut settings);
+            let error = settings.check().expect_err(expect).to_string();
+            assert!(error.contains(expect), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
     }
 }

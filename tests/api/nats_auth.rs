@@ -204,3 +204,76 @@ async fn clients_connect_over_tls_to_a_server_signed_by_a_private_ca() {
         .await;
     assert!(plain.is_err());
 }
+
+/// Runs `checkout run <roles>` until it exits, at most `within`: its exit status (None if it
+/// was still running and was killed) and what it wrote to stderr.
+fn run_to_end(
+    roles: &str,
+    env: Vec<(String, String)>,
+    within: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_checkout"))
+        .args(["run", roles])
+        .envs(env)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("checkout runs");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + within;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().unwrap_or_default())
+}
+
+#[test]
+fn a_bad_setting_stops_start_up_before_any_connection() {
+    // Nothing listens on NATS' port: a start-up that connected first would wait forever.
+    let db = TestDb::new();
+    let nobody = format!("nats://127.0.0.1:{}", crate::helpers::port());
+    let mut env = crate::helpers::process_env(
+        &crate::helpers::test_settings_on(nobody, &db),
+        crate::helpers::port(),
+        "http://127.0.0.1:9",
+    );
+    env.push(("CHECKOUT__AUTH__JWT_SECRET".into(), "short".into()));
+    let (status, stderr) = run_to_end("edge", env, Duration::from_secs(10));
+    let status = status.expect("exits within seconds");
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("auth.jwt_secret"), "{stderr}");
+}
+
+#[test]
+fn nats_refusing_the_user_stops_start_up_and_says_which_settings_to_fix() {
+    let nats = secured_nats();
+    let db = TestDb::new();
+    let mut env = crate::helpers::process_env(
+        &test_settings(&nats, &db),
+        crate::helpers::port(),
+        "http://127.0.0.1:9",
+    );
+    env.push(("CHECKOUT__NATS__USER".into(), "edge".into()));
+    env.push(("CHECKOUT__NATS__PASSWORD".into(), "not-the-password".into()));
+    let (status, stderr) = run_to_end("edge", env, Duration::from_secs(15));
+    let status = status.expect("exits within seconds");
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("user `edge`"), "{stderr}");
+    assert!(stderr.contains("nats.password"), "{stderr}");
+    assert!(!stderr.contains("not-the-password"), "{stderr}");
+}

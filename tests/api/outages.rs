@@ -440,7 +440,8 @@ async fn sigterm_ends_open_live_streams_and_the_edge_stops() {
     let (took, status) = stopped.expect("the edge exits within 15 s with a live stream open");
     assert!(status.success(), "{status:?} after {took:?}");
     // The stream said why it ended before it closed.
-    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), live.chunk()).await {
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), live.chunk()).await
+    {
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert!(seen.contains("event: reconnect"), "{seen}");
