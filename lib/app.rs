@@ -55,6 +55,18 @@ impl Role {
         Role::Compensate,
     ];
 
+    /// The durable consumers this role binds (shared by all its processes). The edge's NATS
+    /// user is denied every one of them (nats/auth.conf; a test holds the two together).
+    pub fn durables(self) -> &'static [&'static str] {
+        match self {
+            Role::Reserve => &["reserve"],
+            Role::Authorize => &["authorize", "capture", "refund"],
+            Role::Order => &["order", "order-lifecycle"],
+            Role::Compensate => &["compensate"],
+            Role::Edge | Role::Psp => &[],
+        }
+    }
+
     fn needs_saga(self) -> bool {
         self != Role::Psp
     }
@@ -194,6 +206,7 @@ impl App {
             }
             let bus = Bus::connect(&settings.nats).await?;
             bus.ensure_streams().await?;
+            bus.check_partitions().await?;
             let sandbox: Arc<dyn PaymentProvider> =
                 Arc::new(SandboxClient::new(&settings.psp.url, settings.psp.timeout)?);
             let guarded = Arc::new(GuardedProvider::new(sandbox, &settings.payments));
@@ -229,13 +242,7 @@ impl App {
             }
             let durables: Vec<&'static str> = roles
                 .iter()
-                .flat_map(|role| match role {
-                    Role::Reserve => vec!["reserve"],
-                    Role::Authorize => vec!["authorize", "capture", "refund"],
-                    Role::Order => vec!["order", "order-lifecycle"],
-                    Role::Compensate => vec!["compensate"],
-                    Role::Edge | Role::Psp => vec![],
-                })
+                .flat_map(|role| role.durables().iter().copied())
                 .collect();
             tasks.spawn({
                 let (bus, token) = (bus.clone(), shutdown.clone());

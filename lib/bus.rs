@@ -6,12 +6,14 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
+use futures::StreamExt;
 
 use crate::config::NatsSettings;
 use crate::saga::outgoing::Outgoing;
 use crate::saga::subjects::{
-    checkout_stream, checkout_stream_subjects, checkout_streams, DEADLETTER_STREAM,
-    DEADLETTER_SUBJECTS, HEADER_EVENT, HEADER_ORDER_ID, HEADER_SCHEMA, HEADER_TRACEPARENT,
+    checkout_stream, checkout_stream_subjects, checkout_streams, partition_of, CHECKOUT_STREAM,
+    DEADLETTER_STREAM, DEADLETTER_SUBJECTS, HEADER_EVENT, HEADER_ORDER_ID, HEADER_SCHEMA,
+    HEADER_TRACEPARENT, PROBE_PREFIX,
 };
 
 /// Failures talking to NATS.
@@ -48,6 +50,9 @@ pub enum BusError {
          checkout needs nats-server 2.10 or newer"
     )]
     ServerTooOld { consumer: String, version: String },
+    /// `nats.partitions` and the servers' subject mapping disagree.
+    #[error("partitions: {0}")]
+    Partitions(String),
     /// `hint` says what the failure usually means here (an election, a busy server).
     #[error("publish to {subject}: {source}{hint}")]
     Publish {
@@ -257,10 +262,103 @@ impl Bus {
         })
         .await
         .map(|_| ())
-        .map_err(|e| BusError::Stream {
-            stream: name.to_owned(),
-            source: e.into(),
+        .map_err(|e| {
+            let overlap = matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(js)
+                if js.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP);
+            if overlap && name.starts_with(CHECKOUT_STREAM) {
+                // The saga's streams of another partition count (CHECKOUT vs CHECKOUT-<p>).
+                return BusError::Partitions(format!(
+                    "stream {name} overlaps with saga streams made for another \
+                     nats.partitions ({}): {e}. Set CHECKOUT__NATS__PARTITIONS to what the \
+                     servers were set up for (subjects.md, \"Partitions\")",
+                    self.settings.partitions
+                ));
+            }
+            BusError::Stream {
+                stream: name.to_owned(),
+                source: e.into(),
+            }
         })
+    }
+
+    /// Checks that the servers' subject mapping agrees with `nats.partitions`: every order's
+    /// events must land in the stream `partition_of` names, or publishes go to streams that do
+    /// not exist and the outbox (and the watchdog) retry them forever.
+    ///
+    /// A few probes on `checkout.probe.<random id>`, published with `Nats-Expected-Stream`
+    /// and an impossible `Nats-Expected-Last-Sequence`, so no stream ever stores one; a plain
+    /// subscription sees the subject each probe was delivered on after the servers' mapping.
+    pub async fn check_partitions(&self) -> Result<(), BusError> {
+        let k = self.settings.partitions;
+        let mut seen = self
+            .client
+            .subscribe(format!("{PROBE_PREFIX}.>"))
+            .await
+            .map_err(|e| BusError::Partitions(format!("cannot watch the probes: {e}")))?;
+        let probes: Vec<uuid::Uuid> = (0..PROBES).map(|_| uuid::Uuid::new_v4()).collect();
+        let mut acks = Vec::with_capacity(probes.len());
+        for id in &probes {
+            let message = jetstream::message::PublishMessage::build()
+                .payload(bytes::Bytes::new())
+                .expected_stream(checkout_stream(partition_of(*id, k), k))
+                .expected_last_sequence(u64::MAX);
+            if let Ok(ack) = self
+                .js
+                .send_publish(format!("{PROBE_PREFIX}.{id}"), message)
+                .await
+            {
+                acks.push(std::future::IntoFuture::into_future(ack));
+            }
+        }
+        // Refused by design (a wrong sequence, another stream), or unanswered where no stream
+        // takes the subject: only where each probe was delivered matters, so a short wait.
+        let _ = tokio::time::timeout(Duration::from_secs(1), futures::future::join_all(acks)).await;
+        let mut landed: std::collections::HashMap<String, String> =
+            std::collections::HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while landed.len() < probes.len() {
+            let Ok(Some(message)) = tokio::time::timeout_at(deadline, seen.next()).await else {
+                break;
+            };
+            let mut tokens = message.subject.as_str().splitn(4, '.').skip(2);
+            if let Some(id) = tokens.next() {
+                landed.insert(id.to_owned(), tokens.next().unwrap_or_default().to_owned());
+            }
+        }
+        let _ = seen.unsubscribe().await;
+        for id in &probes {
+            let Some(partition) = landed.get(&id.to_string()) else {
+                return Err(BusError::Partitions(format!(
+                    "a probe on {PROBE_PREFIX}.{id} never came back: check this user's \
+                     permissions for {PROBE_PREFIX}.* (nats/auth.conf)"
+                )));
+            };
+            let expected = partition_of(*id, k);
+            let agrees = match (k, partition.as_str()) {
+                (1, "") => true,
+                (1, _) => false,
+                (_, p) => p.parse::<u32>().ok() == Some(expected),
+            };
+            if !agrees {
+                let theirs = if partition.is_empty() {
+                    "no partition (no mapping)".to_owned()
+                } else {
+                    format!("partition {partition}")
+                };
+                let ours = if k == 1 {
+                    "none (one stream)".to_owned()
+                } else {
+                    format!("partition {expected} of {k}")
+                };
+                return Err(BusError::Partitions(format!(
+                    "nats.partitions is {k}, but the servers' subject mapping disagrees: order {id} \
+                     goes to {theirs}, where this process expects {ours}. Set \
+                     CHECKOUT__NATS__PARTITIONS to the K of the servers' `partition(K, 2)` mapping \
+                     (nats/cluster/partitions.conf), or 1 where there is none"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The node leading each saga stream (partition), and the nodes that host it.
@@ -505,6 +603,10 @@ impl Bus {
         }
     }
 }
+
+/// Probes per check: a mapping with another K sends at least one of them elsewhere, except
+/// with a chance of about 2^-16 (K and 2K agree on half of all ids).
+const PROBES: usize = 16;
 
 /// How long start-up keeps retrying JetStream calls that fail only because the cluster is
 /// still settling (forming, electing a leader, a peer coming back).

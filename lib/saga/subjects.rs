@@ -53,6 +53,10 @@ pub fn order_filter(order_id: Uuid, k: u32) -> String {
         format!("checkout.*.{order_id}.*")
     }
 }
+/// Subject prefix of the partition probes (`Bus::check_partitions`): published with an
+/// impossible expected sequence, so no stream ever stores one.
+pub const PROBE_PREFIX: &str = "checkout.probe";
+
 /// The stream holding messages no handler could process.
 pub const DEADLETTER_STREAM: &str = "DEADLETTER";
 /// Every dead-letter subject: `deadletter.<consumer>`.

@@ -277,3 +277,94 @@ fn nats_refusing_the_user_stops_start_up_and_says_which_settings_to_fix() {
     assert!(stderr.contains("nats.password"), "{stderr}");
     assert!(!stderr.contains("not-the-password"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_edge_user_reads_timelines_but_cannot_touch_a_saga_durable() {
+    let nats = secured_nats();
+    let db = TestDb::new();
+    let mut settings = test_settings(&nats, &db);
+    let front = App::build(as_user(&settings, "edge"), &[Role::Psp, Role::Edge])
+        .await
+        .expect("edge starts as edge");
+    settings.psp.url = format!("http://{}", front.psp_addr().expect("psp"));
+    let reserve = App::build(as_user(&settings, "reserve"), &[Role::Reserve])
+        .await
+        .expect("reserve starts");
+    let app = TestApp::attach(front, settings, nats, db).await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    // No authorize role: the order waits after its hold, and its timeline shows that far.
+    app.eventually("the timeline up to the hold", || async {
+        let (status, story) = app
+            .request(reqwest::Method::GET, format!("/api/orders/{id}/events"))
+            .token(&token)
+            .send()
+            .await;
+        status == StatusCode::OK && story["events"].as_array().is_some_and(|e| e.len() == 2)
+    })
+    .await;
+
+    let edge = connect(&app.nats, "edge").await;
+    let stream = edge
+        .get_stream("CHECKOUT")
+        .await
+        .expect("may read stream info");
+    assert!(
+        stream.delete_consumer("reserve").await.is_err(),
+        "the edge deleted the reserve durable"
+    );
+    let redefined = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("reserve".into()),
+            filter_subject: format!("checkout.*.{id}"),
+            ..Default::default()
+        })
+        .await;
+    assert!(redefined.is_err(), "the edge redefined the reserve durable");
+    let pulled = edge
+        .request(
+            "$JS.API.CONSUMER.MSG.NEXT.CHECKOUT.reserve".to_owned(),
+            &serde_json::json!({"batch": 1, "expires": 500_000_000}),
+        )
+        .await
+        .map(|_: async_nats::jetstream::response::Response<serde_json::Value>| ());
+    assert!(pulled.is_err(), "the edge pulled from the reserve durable");
+    // The reserve durable is as its role made it.
+    let operator = connect(&app.nats, "operator").await;
+    let mut durable: async_nats::jetstream::consumer::PullConsumer = operator
+        .get_stream("CHECKOUT")
+        .await
+        .expect("stream")
+        .get_consumer("reserve")
+        .await
+        .expect("the reserve durable still exists");
+    let config = durable.info().await.expect("info").config.clone();
+    let filters = [config.filter_subjects, vec![config.filter_subject]].concat();
+    assert!(
+        filters.contains(&"checkout.requested.>".to_owned()),
+        "{filters:?}"
+    );
+    assert!(!filters.iter().any(|f| f.contains(&id)), "{filters:?}");
+    drop(reserve);
+}
+
+/// nats/auth.conf denies the edge every durable a role binds, in every way the edge's allows
+/// would otherwise reach it.
+#[test]
+fn the_edge_is_denied_every_durable_the_roles_bind() {
+    let conf = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nats/auth.conf"))
+        .expect("auth.conf");
+    let deny = conf
+        .split("deny: [")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .expect("the edge's deny list");
+    for durable in Role::ALL.iter().flat_map(|r| r.durables()) {
+        for verb in ["CREATE", "DELETE", "MSG.NEXT"] {
+            let subject = format!("\"$JS.API.CONSUMER.{verb}.CHECKOUT.{durable}\"");
+            assert!(deny.contains(&subject), "{subject} is not denied");
+        }
+        let filtered = format!("\"$JS.API.CONSUMER.CREATE.CHECKOUT.{durable}.>\"");
+        assert!(deny.contains(&filtered), "{filtered} is not denied");
+    }
+}

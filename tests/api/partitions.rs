@@ -245,3 +245,51 @@ async fn poison_messages_at_the_same_sequence_of_two_partitions_are_both_dead_le
     streams.sort();
     assert_eq!(streams, ["CHECKOUT-0", "CHECKOUT-1"]);
 }
+
+/// Starts `roles` with `nats.partitions = k` against `nats`; the start-up error, if any.
+async fn start_with_partitions(nats: &NatsServer, db: &TestDb, k: u32) -> Option<String> {
+    let mut settings = test_settings(nats, db);
+    settings.nats.partitions = k;
+    let started = tokio::time::timeout(
+        Duration::from_secs(20),
+        App::build(settings, &[Role::Reserve]),
+    )
+    .await
+    .expect("start-up ends within seconds");
+    started.err().map(|e| format!("{e:#}"))
+}
+
+#[tokio::test]
+async fn partitions_that_disagree_with_the_servers_mapping_refuse_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::new();
+    // The servers map to 3 partitions (a fresh server each time: no streams of another K).
+    for k in [1, 2, 4] {
+        let mapped = partitioned_server(&dir);
+        let error = start_with_partitions(&mapped, &db, k)
+            .await
+            .unwrap_or_else(|| panic!("nats.partitions = {k} started against a mapping of 3"));
+        assert!(error.contains("nats.partitions"), "{error}");
+    }
+    let mapped = partitioned_server(&dir);
+    assert_eq!(start_with_partitions(&mapped, &db, 3).await, None);
+    // No mapping at all.
+    let plain = NatsServer::start();
+    let error = start_with_partitions(&plain, &db, 3)
+        .await
+        .expect("nats.partitions = 3 started without a mapping");
+    assert!(error.contains("no mapping"), "{error}");
+    assert_eq!(start_with_partitions(&NatsServer::start(), &db, 1).await, None);
+    // No probe was ever stored.
+    let bus = Bus::connect(&test_settings(&mapped, &db).nats)
+        .await
+        .expect("bus");
+    for p in 0..3 {
+        let mut stream = bus
+            .jetstream()
+            .get_stream(format!("CHECKOUT-{p}"))
+            .await
+            .expect("partition stream");
+        assert_eq!(stream.info().await.expect("info").state.messages, 0);
+    }
+}

@@ -27,6 +27,9 @@ use crate::edge::checkout;
 use crate::saga::events::{Event, EventKind};
 use crate::saga::subjects::{checkout_stream, order_filter, partition_of};
 
+/// Name prefix of the timeline's ephemeral consumers.
+pub const TIMELINE_PREFIX: &str = "timeline_";
+
 /// One event of the timeline.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TimelineEvent {
@@ -90,6 +93,9 @@ pub async fn events(
         .await
         .map_err(|e| ApiError::Unavailable(e.into()))?
         .create_consumer(OrderedConfig {
+            // Named, so that the edge's NATS user may create, pull and delete these and no
+            // durable (nats/auth.conf); the prefix shows what they are in `nats consumer ls`.
+            name: Some(format!("{TIMELINE_PREFIX}{}", Uuid::new_v4().simple())),
             filter_subject: order_filter(order_id, k),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
