@@ -41,6 +41,7 @@ migrate:
 test: tools
     scripts/ensure-postgres.sh
     scripts/ensure-old-nats.sh
+    scripts/ensure-jq.sh
     cargo test --locked
 
 # Hold the edge to its OpenAPI document: schemathesis against a live stack (every route, stateful links).

@@ -152,6 +152,8 @@ impl Bus {
                             tracing::info!("NATS connected");
                         }
                         Event::Connected => tracing::warn!("NATS connection re-established"),
+                        // Our own close, at the end of a shutdown.
+                        Event::Closed => tracing::info!("NATS connection closed"),
                         Event::LameDuckMode => tracing::warn!(
                             "the NATS server is shutting down (lame duck); moving to another"
                         ),

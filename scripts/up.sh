@@ -9,15 +9,22 @@ if [ -z "${CHECKOUT__NATS__URL:-}" ]; then
   export CHECKOUT__NATS__USER=operator CHECKOUT__NATS__PASSWORD="$CHECKOUT_NATS_OPERATOR_PASSWORD"
   port=${NATS_PORT:-14222}
   if ! (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
-    # The config keeps its data in .run/nats (relative to the repository).
-    .venv/bin/nats-server -c nats/single.conf -p "$port" -l .run/nats.log &
+    # The config keeps its data in .run/nats (relative to the repository). Its own session, so
+    # Ctrl-C stops checkout first (which drains against a live server), then this script stops it.
+    setsid .venv/bin/nats-server -c nats/single.conf -p "$port" -l .run/nats.log &
+    nats_pid=$!
+    trap 'kill "$nats_pid" 2>/dev/null; wait "$nats_pid" 2>/dev/null || true' EXIT
     echo "started nats-server 2.15 on 127.0.0.1:$port (log .run/nats.log)"
     for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
   fi
   export CHECKOUT__NATS__URL="nats://127.0.0.1:$port"
 fi
-cargo build --release --locked --quiet
 bin=target/release/checkout
+if [ ! -x "$bin" ]; then
+  echo "building checkout (release): the first build compiles ~400 crates and takes minutes (about 10 on 2 cores)"
+fi
+# Not --quiet: a first build shows its progress instead of minutes of silence.
+cargo build --release --locked
 $bin migrate
 cat <<MSG
 
@@ -28,4 +35,5 @@ checkout is starting on http://127.0.0.1:8080 (sandbox PSP on 127.0.0.1:8090)
   NATS users:   one per role (nats/auth.conf), passwords in .run/nats.env; this process runs every
                 role as "operator". The nats CLI: nats --user operator --password "\$CHECKOUT_NATS_OPERATOR_PASSWORD"
 MSG
-exec $bin run all
+# Not exec: when checkout has stopped (Ctrl-C, SIGTERM), the trap above stops nats-server.
+$bin run all

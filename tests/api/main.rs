@@ -24,6 +24,7 @@ mod outages;
 mod partitions;
 mod payments;
 mod pricing;
+mod readme;
 mod retention;
 mod security;
 mod traces;

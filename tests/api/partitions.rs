@@ -279,7 +279,10 @@ async fn partitions_that_disagree_with_the_servers_mapping_refuse_to_start() {
         .await
         .expect("nats.partitions = 3 started without a mapping");
     assert!(error.contains("no mapping"), "{error}");
-    assert_eq!(start_with_partitions(&NatsServer::start(), &db, 1).await, None);
+    assert_eq!(
+        start_with_partitions(&NatsServer::start(), &db, 1).await,
+        None
+    );
     // No probe was ever stored.
     let bus = Bus::connect(&test_settings(&mapped, &db).nats)
         .await
