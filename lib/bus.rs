@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 
-use crate::config::NatsSettings;
+use crate::config::{redacted, NatsSettings};
 use crate::saga::outgoing::Outgoing;
 use crate::saga::subjects::{
     checkout_stream, checkout_stream_subjects, checkout_streams, partition_of, CHECKOUT_STREAM,
@@ -726,22 +726,10 @@ fn hint(e: &PublishError) -> &'static str {
     }
 }
 
-/// NATS URLs fit for logs: credentials (`user:password@`) replaced in each of a list.
-fn redacted(urls: &str) -> String {
-    urls.split(',')
-        .map(|url| match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***{}", &url[..scheme + 3], &url[at..])
-            }
-            _ => url.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{filters_applied, redacted};
+    use super::filters_applied;
+    use crate::config::redacted;
 
     #[test]
     fn a_consumer_created_without_its_filters_is_noticed() {

@@ -341,7 +341,7 @@ impl Settings {
             if let Err(e) = server.parse::<async_nats::ServerAddr>() {
                 return refuse(
                     "nats.url",
-                    &redact(server),
+                    &redacted(server),
                     format!("is not a NATS URL: {e}"),
                 );
             }
@@ -353,14 +353,14 @@ impl Settings {
         if let Err(e) = database.parse::<sqlx::postgres::PgConnectOptions>() {
             return refuse(
                 "database.url",
-                &redact(database),
+                &redacted(database),
                 format!("is not a PostgreSQL URL: {e}"),
             );
         }
         if !postgres {
             return refuse(
                 "database.url",
-                &redact(database),
+                &redacted(database),
                 "is not a PostgreSQL URL (postgres://...)".into(),
             );
         }
@@ -417,14 +417,17 @@ impl Settings {
     }
 }
 
-/// A URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
+/// URLs (one, or several separated by commas) without their passwords, for messages.
+pub fn redacted(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]

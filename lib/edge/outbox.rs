@@ -8,9 +8,13 @@
 //!
 //! A row whose publish keeps failing while others go through (a payload the server refuses,
 //! say) is retried with a doubling delay up to `edge.outbox_max_backoff` and skipped meanwhile,
-//! so one bad row never blocks the rest. When every publish of a sweep fails, NATS itself is
-//! away: nothing is counted against the rows, and they go out as soon as it is back.
+//! so one bad row never blocks the rest. "Others go through" is any publish of this edge since
+//! the sweep before (the sweep's own, or the publisher's right after a commit). When none did,
+//! NATS itself is away: nothing is counted against the rows, and they go out as soon as it is
+//! back.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -40,6 +44,9 @@ pub struct Outbox {
     bus: Bus,
     published: mpsc::UnboundedSender<String>,
     queue: mpsc::Sender<Outgoing>,
+    /// How many publishes of this edge succeeded: a sweep whose rows fail while this moves
+    /// blames the rows, not NATS.
+    successes: Arc<AtomicU64>,
 }
 
 /// The receiving end of publish confirmations, drained by [`Outbox::run_marker`].
@@ -79,6 +86,7 @@ impl Outbox {
                 bus,
                 published,
                 queue,
+                successes: Arc::default(),
             },
             Marks(marks),
             Queued(queued),
@@ -130,6 +138,7 @@ impl Outbox {
     pub async fn publish(&self, out: &Outgoing) -> bool {
         match self.bus.publish(out).await {
             Ok(()) => {
+                self.successes.fetch_add(1, Ordering::Relaxed);
                 let _ = self.published.send(out.msg_id.clone());
                 true
             }
@@ -201,6 +210,7 @@ impl Outbox {
     ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut successes = self.successes.load(Ordering::Relaxed);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -213,7 +223,11 @@ impl Outbox {
             if let Ok((rows,)) = unpublished {
                 crate::metrics::outbox_unpublished(rows);
             }
-            match self.sweep_once(grace, max_backoff).await {
+            // Publishes that went through since the last sweep: NATS is there.
+            let now = self.successes.load(Ordering::Relaxed);
+            let nats_took_others = now != successes;
+            successes = now;
+            match self.sweep(grace, max_backoff, nats_took_others).await {
                 Ok(sweep) if sweep.stuck > 0 => {
                     tracing::warn!(stuck = sweep.stuck, "outbox rows keep failing to publish");
                 }
@@ -225,10 +239,12 @@ impl Outbox {
 
     /// One sweep over due rows older than `grace`, locked so that several edge instances share
     /// the work without publishing the same row at once. Publishes are pipelined.
-    pub async fn sweep_once(
+    /// `nats_took_others`: other publishes of this edge went through since the last sweep.
+    async fn sweep(
         &self,
         grace: Duration,
         max_backoff: Duration,
+        nats_took_others: bool,
     ) -> Result<Sweep, sqlx::Error> {
         let connected = matches!(
             self.bus.client().connection_state(),
@@ -271,7 +287,7 @@ impl Outbox {
             .await?;
         if !failed.is_empty() {
             // Only a row that fails while others succeed is the row's own fault.
-            let counted = !done.is_empty();
+            let counted = !done.is_empty() || nats_took_others;
             sqlx::query(
                 "UPDATE edge.outbox o SET
                      attempts = o.attempts + CASE WHEN $3 THEN 1 ELSE 0 END,

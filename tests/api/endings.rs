@@ -376,7 +376,7 @@ async fn checkout_audit_exits_non_zero_on_a_finding() {
     let out = String::from_utf8_lossy(&clean.stdout).to_string();
     let err = String::from_utf8_lossy(&clean.stderr);
     assert!(clean.status.success(), "{out}{err}");
-    assert_eq!(out.lines().count(), 5, "one line per check: {out}");
+    assert_eq!(out.lines().count(), 6, "one line per check: {out}");
     // A unit appears without a movement: the ledger no longer explains the stock.
     sqlx::query("UPDATE inventory.stock SET on_hand = on_hand + 1 WHERE sku = 'TEE'")
         .execute(&app.pool)
