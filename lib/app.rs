@@ -441,14 +441,7 @@ impl Shared {
                 ("cache-invalidation".to_owned(), Ok(()))
             }
         });
-        let (outbox, marks, queued) = Outbox::new(self.pool.clone(), self.bus.clone());
-        tasks.spawn({
-            let (outbox, token) = (outbox.clone(), self.shutdown.clone());
-            async move {
-                outbox.run_publisher(queued, token).await;
-                ("outbox-publisher".to_owned(), Ok(()))
-            }
-        });
+        let (outbox, marks) = Outbox::new(self.pool.clone(), self.bus.clone());
         tasks.spawn({
             let (outbox, token) = (outbox.clone(), self.shutdown.clone());
             let every = self.settings.edge.outbox_mark_every;

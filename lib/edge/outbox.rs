@@ -1,6 +1,6 @@
 //! The edge's outbox: every event the edge owes JetStream (checkout requests; ship, cancel and
 //! refund requests) is written to `edge.outbox` in the same transaction as the change that
-//! owes it, then handed to the publisher right after the commit. The committed row is the
+//! owes it, then published by a task of its own right after the commit. The committed row is the
 //! promise, so the request is answered at once: it never waits for NATS, and a NATS outage or
 //! a leader election delays the saga, not the buyer's `202`. If the process dies before the
 //! publish, or NATS is away, the sweeper republishes the row (same `Nats-Msg-Id`, so never
@@ -9,7 +9,7 @@
 //! A row whose publish keeps failing while others go through (a payload the server refuses,
 //! say) is retried with a doubling delay up to `edge.outbox_max_backoff` and skipped meanwhile,
 //! so one bad row never blocks the rest. "Others go through" is any publish of this edge since
-//! the sweep before (the sweep's own, or the publisher's right after a commit). When none did,
+//! the sweep before (the sweep's own, or one right after a commit). When none did,
 //! NATS itself is away: nothing is counted against the rows, and they go out as soon as it is
 //! back.
 
@@ -17,9 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
@@ -30,12 +29,9 @@ use crate::saga::subjects::event_subject;
 /// Rows whose publish failed this many times are reported as stuck.
 const STUCK_AFTER: i32 = 5;
 
-/// Events waiting for the publisher, at most: past this (NATS away for a while under load)
-/// a committed row waits for the sweeper instead, and memory stays bounded.
-const QUEUE: usize = 8192;
-
-/// Publishes in flight at once: enough to keep JetStream's pipeline full under load.
-const IN_FLIGHT: usize = 512;
+/// Publishes in flight at once, at most: past this (NATS away for a while under load) a
+/// committed row waits for the sweeper instead, and memory stays bounded.
+const IN_FLIGHT: usize = 4096;
 
 /// Publishes staged events and marks them published.
 #[derive(Clone)]
@@ -43,7 +39,8 @@ pub struct Outbox {
     pool: PgPool,
     bus: Bus,
     published: mpsc::UnboundedSender<String>,
-    queue: mpsc::Sender<Outgoing>,
+    /// Permits for publishes in flight (`IN_FLIGHT`).
+    in_flight: Arc<Semaphore>,
     /// How many publishes of this edge succeeded: a sweep whose rows fail while this moves
     /// blames the rows, not NATS.
     successes: Arc<AtomicU64>,
@@ -51,9 +48,6 @@ pub struct Outbox {
 
 /// The receiving end of publish confirmations, drained by [`Outbox::run_marker`].
 pub struct Marks(mpsc::UnboundedReceiver<String>);
-
-/// Committed events waiting to be published, drained by [`Outbox::run_publisher`].
-pub struct Queued(mpsc::Receiver<Outgoing>);
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -75,21 +69,18 @@ struct Row {
 }
 
 impl Outbox {
-    /// The outbox, the confirmations its marker records and the queue its publisher drains
-    /// (run both alongside).
-    pub fn new(pool: PgPool, bus: Bus) -> (Self, Marks, Queued) {
+    /// The outbox, and the confirmations its marker task records (run it alongside).
+    pub fn new(pool: PgPool, bus: Bus) -> (Self, Marks) {
         let (published, marks) = mpsc::unbounded_channel();
-        let (queue, queued) = mpsc::channel(QUEUE);
         (
             Self {
                 pool,
                 bus,
                 published,
-                queue,
+                in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
                 successes: Arc::default(),
             },
             Marks(marks),
-            Queued(queued),
         )
     }
 
@@ -109,29 +100,18 @@ impl Outbox {
         Ok(())
     }
 
-    /// Hands a committed event to the publisher without waiting for NATS. If its queue is
-    /// full, the sweeper publishes the row later.
+    /// Publishes a committed event in a task of its own, so the caller answers without waiting
+    /// for NATS. With `IN_FLIGHT` publishes pending already, the sweeper publishes it later.
     pub fn publish_soon(&self, out: Outgoing) {
-        if let Err(e) = self.queue.try_send(out) {
-            tracing::debug!(error = %e, "publish queue full; the outbox sweeper will publish it");
-        }
-    }
-
-    /// Publishes queued events, many at once, until shutdown. What is still queued then is
-    /// left to the sweeper of whichever edge runs next (the rows are committed).
-    pub async fn run_publisher(self, queued: Queued, shutdown: CancellationToken) {
-        let Queued(mut rx) = queued;
-        let events = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let publishing = events.for_each_concurrent(IN_FLIGHT, |out| {
-            let outbox = &self;
-            async move {
-                outbox.publish(&out).await;
-            }
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            tracing::debug!(msg_id = %out.msg_id, "publishes backed up; the outbox sweeper will publish it");
+            return;
+        };
+        let outbox = self.clone();
+        tokio::spawn(async move {
+            outbox.publish(&out).await;
+            drop(permit);
         });
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = publishing => {}
-        }
     }
 
     /// Publishes a staged event now; on failure the sweeper publishes it later.
