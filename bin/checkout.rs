@@ -15,7 +15,7 @@ use checkout::{audit, auth, db, telemetry};
 
 // Every process allocates per request and per message (JSON, msgpack, HTTP and NATS buffers);
 // glibc's malloc was an eighth of the edge's CPU under load (perf), mimalloc's thread-local
-// free lists cost a fraction of it. See BENCHMARKS.md.
+// free lists cost a fraction of it. See docs/benchmarks-history.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -117,7 +117,7 @@ async fn run<W: Writes>(
         }
         // Nagle's rule: with another statement in flight the database is busy with this
         // group anyway, so rows arriving meanwhile share this statement and its commit
-        // (without it, statements at 500 checkouts/s carried 1.1 rows: BENCHMARKS.md).
+        // (without it, statements at 500 checkouts/s carried 1.1 rows: docs/benchmarks-history.md).
         let until = tokio::time::Instant::now() + linger;
         while !linger.is_zero() && taken.len() < MAX_ROWS {
             let one_landed = landed.notified();

@@ -3,7 +3,7 @@
 //!
 //! sqlx tests every connection handed back to its pool with a Sync/ReadyForQuery round trip
 //! (a send, a receive, and a wake-up on both sides), whatever the connection just did: on the
-//! hot paths, several per checkout that did nothing (BENCHMARKS.md has the measurements). A
+//! hot paths, several per checkout that did nothing (docs/benchmarks-history.md has the measurements). A
 //! lease whose work ended cleanly (its transaction committed, its statement answered) is
 //! [`Lease::park`]ed instead and goes to the next lease as it is. A lease dropped any other way
 //! (an error, a cancelled future) goes back the pool's way, ping included: that ping is what
