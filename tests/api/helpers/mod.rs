@@ -1,0 +1,10 @@
+//! The test harness, by concern: the servers a test owns (`servers`), the app under test
+//! (`app`) and the client's verbs (`client`).
+
+mod app;
+mod client;
+mod servers;
+
+pub use app::*;
+pub use client::*;
+pub use servers::*;
