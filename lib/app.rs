@@ -175,6 +175,9 @@ impl App {
         } else {
             None
         };
+        let seal = Arc::new(crate::payments::token_seal::TokenSeal::new(
+            settings.payments.token_keys.expose(),
+        )?);
         crate::metrics::install();
         let shutdown = CancellationToken::new();
         let mut tasks: JoinSet<TaskResult> = JoinSet::new();
@@ -212,9 +215,6 @@ impl App {
             let guarded = Arc::new(GuardedProvider::new(sandbox, &settings.payments));
             let breaker = guarded.breaker();
             let provider: Arc<dyn PaymentProvider> = guarded;
-            let seal = Arc::new(crate::payments::token_seal::TokenSeal::new(
-                settings.payments.token_keys.expose(),
-            )?);
             if !seal.enabled() && roles.contains(&Role::Edge) {
                 tracing::warn!(
                     "payments.token_keys is empty: payment tokens travel unsealed through the \
@@ -248,7 +248,7 @@ impl App {
                 let (bus, token) = (bus.clone(), shutdown.clone());
                 let every = settings.metrics.jetstream_interval;
                 async move {
-                    crate::metrics::report_jetstream(bus, durables, every, token).await;
+                    crate::backlog::report(bus, durables, every, token).await;
                     ("jetstream-gauges".to_owned(), Ok(()))
                 }
             });

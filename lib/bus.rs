@@ -1,20 +1,13 @@
 //! NATS JetStream plumbing: connect, declare streams and durable consumers idempotently,
-//! and publish with a deterministic `Nats-Msg-Id`, waiting for the PublishAck.
+//! and publish with a deterministic `Nats-Msg-Id`, waiting for the PublishAck. It knows no
+//! saga: the saga's streams, subjects and headers are `saga::streams` and `saga::outgoing`.
 
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, consumer, stream};
-use async_nats::HeaderMap;
-use futures::StreamExt;
 
 use crate::config::{redacted, NatsSettings};
-use crate::saga::outgoing::Outgoing;
-use crate::saga::subjects::{
-    checkout_stream, checkout_stream_subjects, checkout_streams, partition_of, CHECKOUT_STREAM,
-    DEADLETTER_STREAM, DEADLETTER_SUBJECTS, HEADER_EVENT, HEADER_ORDER_ID, HEADER_SCHEMA,
-    HEADER_TRACEPARENT, PROBE_PREFIX,
-};
 
 /// Failures talking to NATS.
 #[derive(Debug, thiserror::Error)]
@@ -77,13 +70,37 @@ pub struct Bus {
 
 /// One durable consumer's shape.
 pub struct ConsumerSpec {
-    /// The saga stream (partition) it reads.
+    /// The stream (partition) it reads.
     pub stream: String,
     /// Durable name, shared by every instance of the role (horizontal scaling).
     pub durable: String,
     pub filter_subjects: Vec<String>,
     /// The server's delivery limit (`-1`: unlimited).
     pub max_deliver: i64,
+}
+
+/// A message the bus publishes: its subject, and the message with its deterministic
+/// `Nats-Msg-Id` and headers (built anew for every attempt).
+pub trait Publishable {
+    /// Where it goes.
+    fn subject(&self) -> &str;
+    /// The message to send.
+    fn message(&self) -> jetstream::message::PublishMessage;
+}
+
+impl BusError {
+    /// Whether a stream could not be created because its subjects overlap another stream's.
+    pub fn is_subject_overlap(&self) -> bool {
+        let Self::Stream { source, .. } = self else {
+            return false;
+        };
+        source
+            .downcast_ref::<jetstream::context::CreateStreamError>()
+            .is_some_and(|e| {
+                matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP)
+            })
+    }
 }
 
 impl Bus {
@@ -188,54 +205,14 @@ impl Bus {
         &self.js
     }
 
-    /// Every saga stream (one per partition).
-    pub fn saga_streams(&self) -> Vec<String> {
-        checkout_streams(self.settings.partitions)
-    }
-
-    /// The saga streams this process consumes (`nats.own_partitions`, or all).
-    pub fn owned_streams(&self) -> Vec<String> {
-        let k = self.settings.partitions;
-        self.settings
-            .owned_partitions()
-            .into_iter()
-            .map(|p| checkout_stream(p, k))
-            .collect()
-    }
-
     /// The stream settings.
     pub fn settings(&self) -> &NatsSettings {
         &self.settings
     }
 
-    /// Creates or updates the saga and dead-letter streams. Safe to run from every process.
-    pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        let k = self.settings.partitions;
-        // The ceiling is for the saga as a whole: each partition gets its share.
-        let per_partition = match self.settings.stream_max_bytes {
-            n if n > 0 => (n / i64::from(k.max(1))).max(1),
-            n => n,
-        };
-        for p in 0..k.max(1) {
-            self.ensure_stream(
-                &checkout_stream(p, k),
-                &checkout_stream_subjects(p, k),
-                self.settings.stream_max_age,
-                per_partition,
-            )
-            .await?;
-        }
-        // Dead letters are kept longer: a human must look at each.
-        self.ensure_stream(
-            DEADLETTER_STREAM,
-            DEADLETTER_SUBJECTS,
-            self.settings.stream_max_age * 4,
-            self.settings.deadletter_max_bytes,
-        )
-        .await
-    }
-
-    async fn ensure_stream(
+    /// Creates or updates a limits stream of file storage with this process's replicas and
+    /// dedup window. Safe to run from every process.
+    pub async fn ensure_stream(
         &self,
         name: &str,
         subjects: &str,
@@ -264,189 +241,13 @@ impl Bus {
         })
         .await
         .map(|_| ())
-        .map_err(|e| {
-            let overlap = matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(js)
-                if js.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP);
-            if overlap && name.starts_with(CHECKOUT_STREAM) {
-                // The saga's streams of another partition count (CHECKOUT vs CHECKOUT-<p>).
-                return BusError::Partitions(format!(
-                    "stream {name} overlaps with saga streams made for another \
-                     nats.partitions ({}): {e}. Set CHECKOUT__NATS__PARTITIONS to what the \
-                     servers were set up for (subjects.md, \"Partitions\")",
-                    self.settings.partitions
-                ));
-            }
-            BusError::Stream {
-                stream: name.to_owned(),
-                source: e.into(),
-            }
+        .map_err(|e| BusError::Stream {
+            stream: name.to_owned(),
+            source: e.into(),
         })
     }
 
-    /// Checks that the servers' subject mapping agrees with `nats.partitions`: every order's
-    /// events must land in the stream `partition_of` names, or publishes go to streams that do
-    /// not exist and the outbox (and the watchdog) retry them forever.
-    ///
-    /// A few probes on `checkout.probe.<random id>`, published with `Nats-Expected-Stream`
-    /// and an impossible `Nats-Expected-Last-Sequence`, so no stream ever stores one; a plain
-    /// subscription sees the subject each probe was delivered on after the servers' mapping.
-    pub async fn check_partitions(&self) -> Result<(), BusError> {
-        let k = self.settings.partitions;
-        let mut seen = self
-            .client
-            .subscribe(format!("{PROBE_PREFIX}.>"))
-            .await
-            .map_err(|e| BusError::Partitions(format!("cannot watch the probes: {e}")))?;
-        let probes: Vec<uuid::Uuid> = (0..PROBES).map(|_| uuid::Uuid::new_v4()).collect();
-        let mut acks = Vec::with_capacity(probes.len());
-        for id in &probes {
-            let message = jetstream::message::PublishMessage::build()
-                .payload(bytes::Bytes::new())
-                .expected_stream(checkout_stream(partition_of(*id, k), k))
-                .expected_last_sequence(u64::MAX);
-            if let Ok(ack) = self
-                .js
-                .send_publish(format!("{PROBE_PREFIX}.{id}"), message)
-                .await
-            {
-                acks.push(std::future::IntoFuture::into_future(ack));
-            }
-        }
-        // Refused by design (a wrong sequence, another stream), or unanswered where no stream
-        // takes the subject: only where each probe was delivered matters, so a short wait.
-        let _ = tokio::time::timeout(Duration::from_secs(1), futures::future::join_all(acks)).await;
-        let mut landed: std::collections::HashMap<String, String> =
-            std::collections::HashMap::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while landed.len() < probes.len() {
-            let Ok(Some(message)) = tokio::time::timeout_at(deadline, seen.next()).await else {
-                break;
-            };
-            let mut tokens = message.subject.as_str().splitn(4, '.').skip(2);
-            if let Some(id) = tokens.next() {
-                landed.insert(id.to_owned(), tokens.next().unwrap_or_default().to_owned());
-            }
-        }
-        let _ = seen.unsubscribe().await;
-        for id in &probes {
-            let Some(partition) = landed.get(&id.to_string()) else {
-                return Err(BusError::Partitions(format!(
-                    "a probe on {PROBE_PREFIX}.{id} never came back: check this user's \
-                     permissions for {PROBE_PREFIX}.* (nats/auth.conf)"
-                )));
-            };
-            let expected = partition_of(*id, k);
-            let agrees = match (k, partition.as_str()) {
-                (1, "") => true,
-                (1, _) => false,
-                (_, p) => p.parse::<u32>().ok() == Some(expected),
-            };
-            if !agrees {
-                let theirs = if partition.is_empty() {
-                    "no partition (no mapping)".to_owned()
-                } else {
-                    format!("partition {partition}")
-                };
-                let ours = if k == 1 {
-                    "none (one stream)".to_owned()
-                } else {
-                    format!("partition {expected} of {k}")
-                };
-                return Err(BusError::Partitions(format!(
-                    "nats.partitions is {k}, but the servers' subject mapping disagrees: order {id} \
-                     goes to {theirs}, where this process expects {ours}. Set \
-                     CHECKOUT__NATS__PARTITIONS to the K of the servers' `partition(K, 2)` mapping \
-                     (nats/cluster/partitions.conf), or 1 where there is none"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// The node leading each saga stream (partition), and the nodes that host it.
-    pub async fn stream_leaders(&self) -> Result<Vec<(String, String, Vec<String>)>, BusError> {
-        let mut out = Vec::new();
-        for name in self.saga_streams() {
-            let info = self
-                .js
-                .get_stream(&name)
-                .await
-                .map_err(|e| BusError::Stream {
-                    stream: name.clone(),
-                    source: e.into(),
-                })?
-                .get_info()
-                .await
-                .map_err(|e| BusError::Stream {
-                    stream: name.clone(),
-                    source: e.into(),
-                })?;
-            let cluster = info.cluster.unwrap_or_default();
-            let leader = cluster.leader.unwrap_or_default();
-            let mut hosts: Vec<String> = cluster.replicas.into_iter().map(|p| p.name).collect();
-            hosts.push(leader.clone());
-            out.push((name, leader, hosts));
-        }
-        Ok(out)
-    }
-
-    /// Moves partition leaders apart, so that K partitions' writes land on as many nodes as
-    /// host them. JetStream elects each stream's leader on its own and may put several on one
-    /// node; a leader step-down makes its group elect again (another node), repeated until no
-    /// node leads two partitions while another leads none. Needs the JetStream API's
-    /// `STREAM.LEADER.STEPDOWN` (the operator user); a few elections of a few seconds each.
-    pub async fn spread_leaders(&self) -> Result<Vec<(String, String)>, BusError> {
-        for _ in 0..12 {
-            let leaders = self.stream_leaders().await?;
-            let mut led: std::collections::HashMap<&str, Vec<&str>> =
-                std::collections::HashMap::new();
-            let mut hosts = std::collections::HashSet::new();
-            for (name, leader, on) in &leaders {
-                led.entry(leader.as_str()).or_default().push(name);
-                hosts.extend(on.iter().map(String::as_str));
-            }
-            let crowded = led.values().find(|streams| streams.len() > 1);
-            let (Some(streams), true) = (crowded, led.len() < hosts.len()) else {
-                return Ok(leaders.into_iter().map(|(n, l, _)| (n, l)).collect());
-            };
-            let name = streams[0].to_owned();
-            let before = leaders
-                .iter()
-                .find(|(n, _, _)| *n == name)
-                .map(|(_, l, _)| l.clone())
-                .unwrap_or_default();
-            tracing::info!(stream = %name, leader = %before, "asking a crowded leader to step down");
-            self.client
-                .request(
-                    format!("$JS.API.STREAM.LEADER.STEPDOWN.{name}"),
-                    bytes::Bytes::new(),
-                )
-                .await
-                .map_err(|e| BusError::Stream {
-                    stream: name.clone(),
-                    source: format!("leader step-down: {e}").into(),
-                })?;
-            // Wait for the group's next leader before looking again.
-            for _ in 0..50 {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let now = self.stream_leaders().await?;
-                if now
-                    .iter()
-                    .any(|(n, l, _)| *n == name && !l.is_empty() && *l != before)
-                {
-                    break;
-                }
-            }
-        }
-        Ok(self
-            .stream_leaders()
-            .await?
-            .into_iter()
-            .map(|(n, l, _)| (n, l))
-            .collect())
-    }
-
-    /// Creates or updates a durable pull consumer on the saga stream.
+    /// Creates or updates a durable pull consumer.
     pub async fn ensure_consumer(
         &self,
         spec: &ConsumerSpec,
@@ -501,26 +302,26 @@ impl Bus {
         Ok(consumer)
     }
 
-    /// Publishes one event and waits for its PublishAck. A duplicate (same `Nats-Msg-Id`
+    /// Publishes one message and waits for its PublishAck. A duplicate (same `Nats-Msg-Id`
     /// within the window) is success: the message is already stored.
-    pub async fn publish(&self, out: &Outgoing) -> Result<(), BusError> {
-        self.publish_message(&out.subject, Self::message(out)).await
+    pub async fn publish<P: Publishable>(&self, out: &P) -> Result<(), BusError> {
+        self.publish_message(out.subject(), out.message()).await
     }
 
-    /// Publishes many events pipelined: every publish is sent before any PublishAck is
-    /// awaited, so a batch costs about one round trip, not one per event.
-    pub async fn publish_all(&self, outs: &[Outgoing]) -> Vec<Result<(), BusError>> {
+    /// Publishes many messages pipelined: every publish is sent before any PublishAck is
+    /// awaited, so a batch costs about one round trip, not one per message.
+    pub async fn publish_all<P: Publishable>(&self, outs: &[P]) -> Vec<Result<(), BusError>> {
         let mut pending = Vec::with_capacity(outs.len());
         for out in outs {
             let sent = self
                 .js
-                .send_publish(out.subject.clone(), Self::message(out))
+                .send_publish(out.subject().to_owned(), out.message())
                 .await;
             pending.push(sent);
         }
         let acks = pending.into_iter().zip(outs).map(|(sent, out)| async move {
             let err = |e: PublishError| BusError::Publish {
-                subject: out.subject.clone(),
+                subject: out.subject().to_owned(),
                 hint: hint(&e),
                 source: e.into(),
             };
@@ -540,9 +341,9 @@ impl Bus {
     /// nothing is stored twice) for up to `within`. A step's effects are committed by now:
     /// retrying here resumes the saga as soon as a new stream leader answers, where a nak
     /// sent during the election could be lost and leave the message to `ack_wait`.
-    pub async fn publish_all_retrying(
+    pub async fn publish_all_retrying<P: Publishable + Clone>(
         &self,
-        outs: &[Outgoing],
+        outs: &[P],
         within: Duration,
     ) -> Vec<Result<(), BusError>> {
         let deadline = tokio::time::Instant::now() + within;
@@ -557,28 +358,11 @@ impl Bus {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
-            let again: Vec<Outgoing> = failed.iter().map(|&i| outs[i].clone()).collect();
+            let again: Vec<P> = failed.iter().map(|&i| outs[i].clone()).collect();
             for (i, result) in failed.into_iter().zip(self.publish_all(&again).await) {
                 results[i] = result;
             }
         }
-    }
-
-    fn message(out: &Outgoing) -> jetstream::message::PublishMessage {
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_EVENT, out.kind.as_str());
-        headers.insert(HEADER_ORDER_ID, out.order_id.to_string().as_str());
-        headers.insert(
-            HEADER_SCHEMA,
-            crate::saga::events::SCHEMA_VERSION.to_string().as_str(),
-        );
-        if let Some(tp) = &out.traceparent {
-            headers.insert(HEADER_TRACEPARENT, tp.as_str());
-        }
-        jetstream::message::PublishMessage::build()
-            .payload(out.payload.clone().into())
-            .headers(headers)
-            .message_id(&out.msg_id)
     }
 
     /// Publishes a prepared message and waits for its PublishAck.
@@ -605,10 +389,6 @@ impl Bus {
         }
     }
 }
-
-/// Probes per check: a mapping with another K sends at least one of them elsewhere, except
-/// with a chance of about 2^-16 (K and 2K agree on half of all ids).
-const PROBES: usize = 16;
 
 /// How long start-up keeps retrying JetStream calls that fail only because the cluster is
 /// still settling (forming, electing a leader, a peer coming back).

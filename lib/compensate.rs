@@ -97,7 +97,7 @@ impl CompensateStep {
         let ended = insert_failed(&mut tx, &checkout, reason).await?;
         tx.commit().await?;
         if ended {
-            crate::metrics::order_ended(Some(reason), checkout.requested_at);
+            crate::metrics::order_ended(Some(reason.as_str()), checkout.requested_at);
         }
         tracing::info!(
             reason = reason.as_str(),
@@ -122,7 +122,7 @@ impl CompensateStep {
             Fence::Fenced { new } => {
                 if new {
                     crate::metrics::order_ended(
-                        Some(FailureReason::TimedOut),
+                        Some(FailureReason::TimedOut.as_str()),
                         checkout.requested_at,
                     );
                     crate::metrics::watchdog_timed_out();

@@ -391,11 +391,6 @@ impl Settings {
                 humantime::format_duration(floor)
             ))));
         }
-        if let Err(e) =
-            crate::payments::token_seal::TokenSeal::new(self.payments.token_keys.expose())
-        {
-            return Err(ConfigError(config::ConfigError::Message(e.to_string())));
-        }
         if self.nats.partitions == 0 {
             return Err(ConfigError(config::ConfigError::Message(
                 "nats.partitions must be at least 1".into(),

@@ -20,10 +20,14 @@
 //!
 //! ## Plumbing
 //!
-//! - [`saga`]: event types, subjects and dedup ids, the inbox that makes every step
-//!   idempotent, [`saga::outgoing`] (an encoded event, what the bus publishes), and the runner
-//!   (ack only after commit and PublishAck; nak, term, dead letter).
-//! - [`bus`]: JetStream connection, stream and consumer declarations, publishing.
+//! - [`saga`]: event kinds and types, subjects and dedup ids, the saga's streams and the
+//!   partition check ([`saga::streams`]), the inbox that makes every step idempotent,
+//!   [`saga::outgoing`] (an encoded event with its headers), and the runner (ack only after
+//!   commit and PublishAck; nak, term, dead letter).
+//! - [`bus`]: JetStream connection, stream and consumer declarations, publishing anything
+//!   `Publishable`; it knows no saga.
+//! - [`metrics`]: the recorder and one function per metric, with plain values (the lowest
+//!   module: every layer records through it); [`backlog`]: the JetStream gauges.
 //! - [`db`]: pool and embedded migrations. [`config`]: settings. [`telemetry`]: tracing.
 //! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`) and start-up.
 //! - [`domain`]: value types that parse (SKU, quantity, money, address) and `text_enum!` for
@@ -37,6 +41,7 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod backlog;
 pub mod bus;
 pub mod catalog;
 pub mod compensate;

@@ -3,21 +3,17 @@
 //!
 //! Business counters are counted once per order, where the effect first commits (the terminal
 //! order row, the recorded payment), never again on a redelivery. Gauges that describe
-//! JetStream (backlogs, dead letters) are read from the server every few seconds.
+//! JetStream (backlogs, dead letters) are read from the server every few seconds (`backlog`).
+//!
+//! The lowest module of the crate: every layer records through these functions with plain
+//! values (labels, counts, durations), so this module knows none of theirs.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio_util::sync::CancellationToken;
-
-use crate::bus::Bus;
-use crate::payments::guard::BreakerState;
-use crate::saga::events::FailureReason;
-use crate::saga::subjects::DEADLETTER_STREAM;
 
 /// Orders reaching a terminal status.
 pub const ORDERS: &str = "checkout_orders_total";
@@ -150,11 +146,12 @@ fn describe() {
     }
 }
 
-/// An order reached its terminal status (call once, where that status commits).
-pub fn order_ended(reason: Option<FailureReason>, requested_at: DateTime<Utc>) {
-    let (outcome, reason) = match reason {
+/// An order reached its terminal status (call once, where that status commits): confirmed
+/// (`failure` None) or failed with that reason.
+pub fn order_ended(failure: Option<&'static str>, requested_at: DateTime<Utc>) {
+    let (outcome, reason) = match failure {
         None => ("confirmed", ""),
-        Some(r) => ("failed", r.as_str()),
+        Some(reason) => ("failed", reason),
     };
     counter!(ORDERS, "outcome" => outcome, "reason" => reason).increment(1);
     let secs = (Utc::now() - requested_at).num_milliseconds().max(0) as f64 / 1000.0;
@@ -181,14 +178,9 @@ pub fn step_duration(step: &'static str, took: Duration) {
     histogram!(STEP_DURATION, "step" => step).record(took.as_secs_f64());
 }
 
-/// The breaker's state.
-pub fn breaker(state: BreakerState) {
-    let value = match state {
-        BreakerState::Closed => 0.0,
-        BreakerState::HalfOpen => 1.0,
-        BreakerState::Open => 2.0,
-    };
-    gauge!(BREAKER).set(value);
+/// The breaker's state: 0 closed, 1 half-open, 2 open.
+pub fn breaker(state: u8) {
+    gauge!(BREAKER).set(f64::from(state));
 }
 
 /// Unpublished outbox rows.
@@ -202,16 +194,9 @@ pub fn watchdog_timed_out() {
     counter!(TIMEOUTS).increment(1);
 }
 
-/// What one pruning pass removed.
-pub fn pruned(pass: &crate::retention::Pass) {
-    for (what, n) in [
-        ("inbox", pass.inbox),
-        ("outbox", pass.outbox),
-        ("payment_attempts", pass.payment_attempts),
-        ("stock_movements", pass.stock_movements),
-    ] {
-        counter!(PRUNED, "table" => what).increment(n);
-    }
+/// Rows one pruning pass removed from a group of tables (inbox, outbox, ...).
+pub fn pruned(table: &'static str, rows: u64) {
+    counter!(PRUNED, "table" => table).increment(rows);
 }
 
 /// A checkout was accepted, its cart `remembered` by the edge or `read` from PostgreSQL.
@@ -233,77 +218,17 @@ pub fn http_request(route: String, method: String, status: u16, took: Duration) 
     histogram!(HTTP_DURATION, "route" => route, "method" => method).record(took.as_secs_f64());
 }
 
-/// Reads backlogs of `durables` and the dead-letter count from JetStream every `every`.
-///
-/// A backlog is the sum over every partition this process consumes, each at its last reading:
-/// a partition that cannot be read (no leader during an election, NATS away) keeps its last
-/// value rather than dropping out of the sum, and `checkout_jetstream_read_age_seconds` says
-/// how old the readings are, so an alert can tell "no backlog" from "no idea".
-pub async fn report_jetstream(
-    bus: Bus,
-    durables: Vec<&'static str>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut last: HashMap<(String, &'static str), u64> = HashMap::new();
-    let mut read_at = tokio::time::Instant::now();
-    // One round is bounded: a server that does not answer must not stop the age from growing.
-    let within = every.max(Duration::from_secs(2));
-    loop {
-        let round = tokio::time::timeout(within, read_jetstream(&bus, &durables, &mut last)).await;
-        if matches!(round, Ok(true)) {
-            read_at = tokio::time::Instant::now();
-        }
-        let mut backlog: HashMap<&str, u64> = durables.iter().map(|d| (*d, 0)).collect();
-        for ((_, durable), pending) in &last {
-            *backlog.entry(durable).or_default() += pending;
-        }
-        for (durable, pending) in backlog {
-            gauge!(CONSUMER_PENDING, "consumer" => durable).set(pending as f64);
-        }
-        gauge!(JETSTREAM_READ_AGE).set(read_at.elapsed().as_secs_f64());
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
+/// A durable's backlog (unprocessed plus unacknowledged), summed over the partitions.
+pub fn consumer_pending(durable: &'static str, pending: u64) {
+    gauge!(CONSUMER_PENDING, "consumer" => durable).set(pending as f64);
 }
 
-/// Reads every backlog into `last` (per partition and durable) and the dead-letter gauge;
-/// whether every read succeeded.
-async fn read_jetstream(
-    bus: &Bus,
-    durables: &[&'static str],
-    last: &mut HashMap<(String, &'static str), u64>,
-) -> bool {
-    let js = bus.jetstream();
-    let mut complete = true;
-    for name in bus.owned_streams() {
-        let Ok(stream) = js.get_stream(&name).await else {
-            complete = false;
-            continue;
-        };
-        for durable in durables {
-            let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-                stream.get_consumer(durable).await;
-            match consumer {
-                Ok(mut c) => match c.info().await {
-                    Ok(info) => {
-                        let pending = info.num_pending + info.num_ack_pending as u64;
-                        last.insert((name.clone(), *durable), pending);
-                    }
-                    Err(_) => complete = false,
-                },
-                Err(_) => complete = false,
-            }
-        }
-    }
-    match js.get_stream(DEADLETTER_STREAM).await {
-        Ok(mut dead) => match dead.info().await {
-            Ok(info) => gauge!(DEADLETTERS).set(info.state.messages as f64),
-            Err(_) => complete = false,
-        },
-        Err(_) => complete = false,
-    }
-    complete
+/// Messages in the dead-letter stream.
+pub fn deadletters(messages: u64) {
+    gauge!(DEADLETTERS).set(messages as f64);
+}
+
+/// How old the JetStream readings above are.
+pub fn jetstream_read_age(age: Duration) {
+    gauge!(JETSTREAM_READ_AGE).set(age.as_secs_f64());
 }

@@ -41,6 +41,18 @@ pub struct Pass {
 }
 
 impl Pass {
+    /// Counts what the pass removed, per group of tables.
+    fn count(&self) {
+        for (table, rows) in [
+            ("inbox", self.inbox),
+            ("outbox", self.outbox),
+            ("payment_attempts", self.payment_attempts),
+            ("stock_movements", self.stock_movements),
+        ] {
+            crate::metrics::pruned(table, rows);
+        }
+    }
+
     fn total(&self) -> u64 {
         self.inbox + self.outbox + self.payment_attempts + self.stock_movements
     }
@@ -56,7 +68,7 @@ impl Pruner {
         loop {
             match self.pass().await {
                 Ok(pass) if pass.total() > 0 => {
-                    crate::metrics::pruned(&pass);
+                    pass.count();
                     tracing::info!(?pass, "pruned expired rows");
                 }
                 Ok(_) => {}

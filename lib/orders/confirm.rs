@@ -17,7 +17,8 @@ use std::collections::HashSet;
 use sqlx::{Acquire, PgConnection};
 use uuid::Uuid;
 
-use super::record::{self, OrderStatus};
+use super::record;
+use super::status::OrderStatus;
 use crate::db::Leases;
 use crate::inventory;
 use crate::pricing::promo::{self, RedeemRefusal};

@@ -4,48 +4,10 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::record::OrderStatus;
+use super::status::{Action, OrderStatus};
 use crate::saga::events::{Event, EventKind, FailureReason};
 use crate::saga::inbox::{self, Claim, InboxTable};
 use crate::saga::runner::{Delivery, Step, StepError};
-
-crate::text_enum! {
-    /// A change an admin or the buyer asks for (`orders.orders.pending_action` while it is
-    /// in flight).
-    pub enum Action {
-        Ship = "ship",
-        Cancel = "cancel",
-        Refund = "refund",
-    }
-}
-
-impl Action {
-    /// The status the order must have for the action.
-    fn required_status(self) -> OrderStatus {
-        match self {
-            Self::Ship | Self::Cancel => OrderStatus::Confirmed,
-            Self::Refund => OrderStatus::Shipped,
-        }
-    }
-
-    /// The status the action ends in.
-    fn final_status(self) -> OrderStatus {
-        match self {
-            Self::Ship => OrderStatus::Shipped,
-            Self::Cancel => OrderStatus::Cancelled,
-            Self::Refund => OrderStatus::Refunded,
-        }
-    }
-
-    /// What the API shows as the order's stage while the action is in flight.
-    pub fn stage(self) -> &'static str {
-        match self {
-            Self::Ship => "shipping",
-            Self::Cancel => "cancelling",
-            Self::Refund => "refunding",
-        }
-    }
-}
 
 /// The answer to a request.
 #[derive(Debug, PartialEq, Eq)]

@@ -5,20 +5,8 @@ use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::lifecycle::Action;
+use super::status::{Action, OrderStatus};
 use crate::saga::events::{Checkout, FailureReason};
-
-crate::text_enum! {
-    /// Where a recorded order stands (`orders.orders.status`). An accepted checkout without
-    /// an order row yet is pending; that state lives in no column, so it is not one of these.
-    pub enum OrderStatus {
-        Confirmed = "confirmed",
-        Failed = "failed",
-        Shipped = "shipped",
-        Cancelled = "cancelled",
-        Refunded = "refunded",
-    }
-}
 
 /// An order as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]

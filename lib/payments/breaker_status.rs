@@ -49,7 +49,7 @@ pub async fn report_breaker(
     let tick = Duration::from_millis(250);
     loop {
         let state = breaker.state();
-        crate::metrics::breaker(state);
+        crate::metrics::breaker(state.gauge());
         if last != Some(state) || since_report >= Duration::from_secs(5) {
             if let Some(store) = bucket(&bus).await {
                 let body = json!({"state": state, "at": chrono::Utc::now()}).to_string();

@@ -24,6 +24,17 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+impl BreakerState {
+    /// The value of `checkout_payment_breaker_state`: 0 closed, 1 half-open, 2 open.
+    pub fn gauge(self) -> u8 {
+        match self {
+            Self::Closed => 0,
+            Self::HalfOpen => 1,
+            Self::Open => 2,
+        }
+    }
+}
+
 struct Breaker {
     state: BreakerState,
     /// Bumped on every state change: an outcome that was admitted under an older state

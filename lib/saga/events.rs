@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{Address, Currency, Quantity, Sku};
+pub use crate::saga::kind::EventKind;
 
 /// The payload schema version, also sent as the `Checkout-Schema` header and as the payload's
 /// `v` field. 2 added attempt numbers to repeatable actions and the `timed_out` and
@@ -253,85 +254,6 @@ pub enum Event {
     /// watchdog -> compensate: the order is still pending past the watchdog's limit; fail it
     /// (`timed_out`) and unwind whatever its steps did.
     TimedOut { checkout: Checkout },
-}
-
-/// The event's kind, without its payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventKind {
-    Requested,
-    Reserved,
-    Rejected,
-    Authorized,
-    Committed,
-    Declined,
-    Confirmed,
-    Failed,
-    ShipRequested,
-    Captured,
-    Shipped,
-    CancelRequested,
-    Cancelled,
-    RefundRequested,
-    Refunded,
-    CaptureFailed,
-    RefundFailed,
-    CancelFailed,
-    TimedOut,
-}
-
-impl EventKind {
-    /// Every kind, for parsing the `Checkout-Event` header.
-    pub const ALL: [EventKind; 19] = [
-        Self::Requested,
-        Self::Reserved,
-        Self::Rejected,
-        Self::Authorized,
-        Self::Committed,
-        Self::Declined,
-        Self::Confirmed,
-        Self::Failed,
-        Self::ShipRequested,
-        Self::Captured,
-        Self::Shipped,
-        Self::CancelRequested,
-        Self::Cancelled,
-        Self::RefundRequested,
-        Self::Refunded,
-        Self::CaptureFailed,
-        Self::RefundFailed,
-        Self::CancelFailed,
-        Self::TimedOut,
-    ];
-
-    /// The kind a subject token or header names, if this version knows it.
-    pub fn parse(token: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == token)
-    }
-
-    /// The token used in subjects, message ids and the `Checkout-Event` header.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Requested => "requested",
-            Self::Reserved => "reserved",
-            Self::Rejected => "rejected",
-            Self::Authorized => "authorized",
-            Self::Committed => "committed",
-            Self::Declined => "declined",
-            Self::Confirmed => "confirmed",
-            Self::Failed => "failed",
-            Self::ShipRequested => "ship_requested",
-            Self::Captured => "captured",
-            Self::Shipped => "shipped",
-            Self::CancelRequested => "cancel_requested",
-            Self::Cancelled => "cancelled",
-            Self::RefundRequested => "refund_requested",
-            Self::Refunded => "refunded",
-            Self::CaptureFailed => "capture_failed",
-            Self::RefundFailed => "refund_failed",
-            Self::CancelFailed => "cancel_failed",
-            Self::TimedOut => "timed_out",
-        }
-    }
 }
 
 /// The order id in an event id (`<order_id>.<event>`).

@@ -5,8 +5,10 @@
 pub mod batch;
 pub mod events;
 pub mod inbox;
+pub mod kind;
 pub mod outgoing;
 pub mod runner;
+pub mod streams;
 pub mod subjects;
 pub mod trace;
 

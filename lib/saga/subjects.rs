@@ -2,7 +2,7 @@
 
 use uuid::Uuid;
 
-use super::events::EventKind;
+use super::kind::EventKind;
 
 /// The stream holding every saga event (when not partitioned).
 pub const CHECKOUT_STREAM: &str = "CHECKOUT";
