@@ -1,36 +1,24 @@
 //! Roles and their start-up: `checkout run <role>` builds an [`App`] with one or more roles,
 //! each a set of tasks sharing one cancellation token.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
-use crate::catalog::CatalogCache;
-use crate::compensate::CompensateStep;
+use crate::compensate::{self, CompensateStep};
 use crate::config::Settings;
 use crate::db::{self, DbError};
-use crate::edge::cart::CartLimits;
-use crate::edge::checkout::Checkouts;
-use crate::edge::http::{self, AppState, EdgeState};
-use crate::edge::outbox::Outbox;
-use crate::inventory::soldout::SoldOut;
+use crate::edge::http;
+use crate::edge::Edge;
 use crate::inventory::{self, ReserveStep};
-use crate::orders::watchdog::Watchdog;
-use crate::orders::{LifecycleStep, OrderStep};
-use crate::payments::guard::GuardedProvider;
-use crate::payments::sandbox_client::SandboxClient;
-use crate::payments::{
-    reconcile, AuthorizeStep, CaptureStep, PaymentProvider, ProviderError, RefundStep,
-};
-use crate::pricing::destination::RatesCache;
-use crate::saga::batch::BatchStep;
-use crate::saga::runner::{self, Step};
+use crate::orders::{self, LifecycleStep, OrderStep};
+use crate::payments::{self, AuthorizeStep, CaptureStep, ProviderError, RefundStep};
+use crate::saga::{BatchStep, Step};
+use crate::tasks::{Consuming, TaskError, TaskResult, Tasks};
 use crate::tools::sandbox_psp::Sandbox;
 
 /// A long-running process kind. Consumer roles may run in any number of processes.
@@ -59,10 +47,14 @@ impl Role {
     /// user is denied every one of them (nats/auth.conf; a test holds the two together).
     pub fn durables(self) -> &'static [&'static str] {
         match self {
-            Role::Reserve => &["reserve"],
-            Role::Authorize => &["authorize", "capture", "refund"],
-            Role::Order => &["order", "order-lifecycle"],
-            Role::Compensate => &["compensate"],
+            Role::Reserve => &[ReserveStep::DURABLE],
+            Role::Authorize => &[
+                AuthorizeStep::DURABLE,
+                CaptureStep::DURABLE,
+                RefundStep::DURABLE,
+            ],
+            Role::Order => &[OrderStep::DURABLE, LifecycleStep::DURABLE],
+            Role::Compensate => &[CompensateStep::DURABLE],
             Role::Edge | Role::Psp => &[],
         }
     }
@@ -140,26 +132,13 @@ pub enum AppError {
     },
 }
 
-type TaskResult = (String, Result<(), TaskError>);
-
-/// Why a long-running task ended with an error (its cause kept as the source).
-#[derive(Debug, thiserror::Error)]
-pub enum TaskError {
-    #[error("serving HTTP")]
-    Serve(#[from] std::io::Error),
-    #[error("consuming")]
-    Consume(#[from] BusError),
-    #[error("the task panicked or was cancelled")]
-    Join(#[from] tokio::task::JoinError),
-}
-
 /// Running roles.
 pub struct App {
     http_addr: Option<SocketAddr>,
     psp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    tasks: JoinSet<TaskResult>,
+    tasks: Tasks,
 }
 
 impl App {
@@ -180,7 +159,7 @@ impl App {
         )?);
         crate::metrics::install();
         let shutdown = CancellationToken::new();
-        let mut tasks: JoinSet<TaskResult> = JoinSet::new();
+        let mut tasks = Tasks::new(shutdown.clone());
         let mut psp_addr = None;
         if roles.contains(&Role::Psp) {
             let listener = bind(&settings.psp.listen_addr).await?;
@@ -189,12 +168,11 @@ impl App {
             settings.psp.url = format!("http://{addr}");
             psp_addr = Some(addr);
             let token = shutdown.clone();
-            tasks.spawn(async move {
-                let result = axum::serve(listener, Sandbox::default().router())
+            tasks.spawn("psp", async move {
+                axum::serve(listener, Sandbox::default().router())
                     .with_graceful_shutdown(token.cancelled_owned())
                     .await
-                    .map_err(TaskError::from);
-                ("psp".to_owned(), result)
+                    .map_err(TaskError::from)
             });
             tracing::info!(%addr, "sandbox PSP listening");
         }
@@ -210,33 +188,36 @@ impl App {
             let bus = Bus::connect(&settings.nats).await?;
             bus.ensure_streams().await?;
             bus.check_partitions().await?;
-            let sandbox: Arc<dyn PaymentProvider> =
-                Arc::new(SandboxClient::new(&settings.psp.url, settings.psp.timeout)?);
-            let guarded = Arc::new(GuardedProvider::new(sandbox, &settings.payments));
-            let breaker = guarded.breaker();
-            let provider: Arc<dyn PaymentProvider> = guarded;
+            let (provider, breaker) = payments::provider(&settings)?;
             if !seal.enabled() && roles.contains(&Role::Edge) {
                 tracing::warn!(
                     "payments.token_keys is empty: payment tokens travel unsealed through the \
                      stream, inbox rows and dead letters; set it in production"
                 );
             }
-            let shared = Shared {
-                settings: settings.clone(),
-                leases: db::Leases::new(pool.clone()),
-                pool: pool.clone(),
+            let leases = db::Leases::new(pool.clone());
+            let consuming = Consuming {
                 bus: bus.clone(),
-                provider: provider.clone(),
-                breaker: breaker.clone(),
-                seal: seal.clone(),
-                shutdown: shutdown.clone(),
+                settings: settings.consumer.clone(),
+                chaos: settings.chaos.redeliver,
             };
             for role in roles {
                 match role {
-                    Role::Reserve => shared.reserve(&mut tasks),
-                    Role::Authorize => shared.authorize(&mut tasks),
-                    Role::Order => shared.order(&mut tasks),
-                    Role::Compensate => shared.compensate(&mut tasks),
+                    Role::Reserve => {
+                        inventory::start(&mut tasks, &consuming, &leases, &settings.inventory);
+                    }
+                    Role::Authorize => payments::start(
+                        &mut tasks,
+                        &consuming,
+                        &settings,
+                        &leases,
+                        (&provider, &breaker),
+                        &seal,
+                    ),
+                    Role::Order => orders::start(&mut tasks, &consuming, &leases),
+                    Role::Compensate => {
+                        compensate::start(&mut tasks, &consuming, &settings, &pool, &provider);
+                    }
                     Role::Edge | Role::Psp => {}
                 }
             }
@@ -244,16 +225,27 @@ impl App {
                 .iter()
                 .flat_map(|role| role.durables().iter().copied())
                 .collect();
-            tasks.spawn({
-                let (bus, token) = (bus.clone(), shutdown.clone());
-                let every = settings.metrics.jetstream_interval;
-                async move {
-                    crate::backlog::report(bus, durables, every, token).await;
-                    ("jetstream-gauges".to_owned(), Ok(()))
-                }
+            let every = settings.metrics.jetstream_interval;
+            let gauges = bus.clone();
+            tasks.until_shutdown("jetstream-gauges", move |token| {
+                crate::backlog::report(gauges, durables, every, token)
             });
             if let Some(verifier) = verifier {
-                http_addr = Some(shared.edge(&mut tasks, verifier).await?);
+                let edge = Edge {
+                    settings: settings.clone(),
+                    leases,
+                    bus,
+                    seal,
+                    verifier,
+                };
+                let addr = edge
+                    .start(&mut tasks)
+                    .await
+                    .map_err(|source| AppError::Listen {
+                        addr: settings.http.addr.clone(),
+                        source,
+                    })?;
+                http_addr = Some(addr);
             }
         }
         let mut metrics_addr = None;
@@ -264,12 +256,11 @@ impl App {
                     let addr = local_addr(&listener, &settings.metrics.addr)?;
                     metrics_addr = Some(addr);
                     let token = shutdown.clone();
-                    tasks.spawn(async move {
-                        let result = axum::serve(listener, http::metrics_router())
+                    tasks.spawn("metrics", async move {
+                        axum::serve(listener, http::metrics_router())
                             .with_graceful_shutdown(token.cancelled_owned())
                             .await
-                            .map_err(TaskError::from);
-                        ("metrics".to_owned(), result)
+                            .map_err(TaskError::from)
                     });
                     tracing::info!(%addr, "metrics listening");
                 }
@@ -369,367 +360,6 @@ fn local_addr(listener: &TcpListener, addr: &str) -> Result<SocketAddr, AppError
         addr: addr.to_owned(),
         source,
     })
-}
-
-/// What every consumer role's wiring shares: one pool, one NATS connection, one guarded
-/// payment provider (its breaker), the token seal, and the shutdown signal.
-struct Shared {
-    settings: Settings,
-    pool: sqlx::PgPool,
-    /// The hot paths' connections from `pool` (see `db::lease`).
-    leases: db::Leases,
-    bus: Bus,
-    provider: Arc<dyn PaymentProvider>,
-    breaker: Arc<crate::payments::guard::CircuitBreaker>,
-    seal: Arc<crate::payments::token_seal::TokenSeal>,
-    shutdown: CancellationToken,
-}
-
-impl Shared {
-    /// Runs a step's consumer until shutdown.
-    fn step(&self, tasks: &mut JoinSet<TaskResult>, step: Arc<dyn StepLauncher>) {
-        let (bus, settings, token) = (
-            self.bus.clone(),
-            self.settings.clone(),
-            self.shutdown.clone(),
-        );
-        tasks.spawn(async move { step.launch(bus, settings, token).await });
-    }
-
-    /// The HTTP edge and its helpers (readiness, rate limits, caches, outbox, sold-out notices);
-    /// where it listens.
-    async fn edge(
-        &self,
-        tasks: &mut JoinSet<TaskResult>,
-        verifier: Arc<crate::auth::Verifier>,
-    ) -> Result<SocketAddr, AppError> {
-        let limits = http::limits::UserLimits::new(&self.settings.edge);
-        let readiness = http::health::Readiness::new(self.shutdown.clone());
-        tasks.spawn({
-            let (readiness, pool, bus) = (readiness.clone(), self.pool.clone(), self.bus.clone());
-            async move {
-                readiness
-                    .run(pool, bus, std::time::Duration::from_secs(1))
-                    .await;
-                ("readiness".to_owned(), Ok(()))
-            }
-        });
-        tasks.spawn({
-                let (limits, token) = (limits.clone(), self.shutdown.clone());
-                async move {
-                    loop {
-                        tokio::select! {
-                            _ = token.cancelled() => break,
-                            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => limits.forget_idle(),
-                        }
-                    }
-                    ("rate-limits".to_owned(), Ok(()))
-                }
-            });
-        let rates = RatesCache::new(self.pool.clone(), self.settings.edge.rates_cache_ttl);
-        let catalog = CatalogCache::new(
-            self.pool.clone(),
-            self.settings.edge.product_cache_capacity,
-            self.settings.edge.product_cache_ttl,
-        );
-        tasks.spawn({
-            let (client, catalog, rates) =
-                (self.bus.client().clone(), catalog.clone(), rates.clone());
-            let token = self.shutdown.clone();
-            async move {
-                crate::catalog::run_invalidation(client, catalog, rates, token).await;
-                ("cache-invalidation".to_owned(), Ok(()))
-            }
-        });
-        let (outbox, marks) = Outbox::new(self.pool.clone(), self.bus.clone());
-        tasks.spawn({
-            let (outbox, token) = (outbox.clone(), self.shutdown.clone());
-            let every = self.settings.edge.outbox_mark_every;
-            async move {
-                outbox.run_marker(marks, every, token).await;
-                ("outbox-marker".to_owned(), Ok(()))
-            }
-        });
-        tasks.spawn({
-            let (outbox, token) = (outbox.clone(), self.shutdown.clone());
-            let edge = self.settings.edge.clone();
-            async move {
-                outbox
-                    .run_sweeper(
-                        edge.outbox_interval,
-                        edge.outbox_grace,
-                        edge.outbox_max_backoff,
-                        token,
-                    )
-                    .await;
-                ("outbox-sweeper".to_owned(), Ok(()))
-            }
-        });
-        let sold_out = SoldOut::new(self.settings.edge.sold_out_ttl);
-        tasks.spawn({
-            let (client, memory) = (self.bus.client().clone(), sold_out.clone());
-            let token = self.shutdown.clone();
-            async move {
-                memory.follow(client, token).await;
-                ("sold-out-notices".to_owned(), Ok(()))
-            }
-        });
-        let seen = crate::edge::cart::SeenCarts::new(
-            self.settings.edge.seen_carts_capacity,
-            self.settings.edge.seen_carts_ttl,
-        );
-        let checkouts = Checkouts::new(
-            self.leases.clone(),
-            self.seal.clone(),
-            outbox.clone(),
-            crate::edge::checkout::Known {
-                rates: rates.clone(),
-                catalog: catalog.clone(),
-                seen: seen.clone(),
-                sold_out: sold_out.clone(),
-            },
-            self.settings.database.group_linger,
-        );
-        let state = AppState::new(EdgeState {
-            pool: self.pool.clone(),
-            leases: self.leases.clone(),
-            lines: crate::edge::cart::Lines::new(
-                self.leases.clone(),
-                self.settings.database.group_linger,
-                seen,
-            ),
-            bus: self.bus.clone(),
-            checkouts,
-            outbox,
-            sold_out,
-            limits: limits.clone(),
-            readiness: readiness.clone(),
-            admission: http::Admission::new(
-                self.settings.edge.max_in_flight,
-                self.settings.edge.admission_wait,
-            ),
-            cart_limits: CartLimits {
-                max_lines: self.settings.edge.cart_max_lines,
-            },
-            catalog,
-            rates,
-            verifier: verifier.clone(),
-        });
-        let listener = bind(&self.settings.http.addr).await?;
-        let addr = local_addr(&listener, &self.settings.http.addr)?;
-        let router = http::router(state, self.settings.http.body_limit_bytes);
-        let token = self.shutdown.clone();
-        let drain = self.settings.http.drain_timeout;
-        tasks.spawn(async move {
-            let serving = axum::serve(listener, router)
-                .with_graceful_shutdown(token.clone().cancelled_owned())
-                .into_future();
-            // Graceful shutdown waits for every connection; a client that never hangs up
-            // must not keep the process alive, so the drain has a deadline.
-            let deadline = async {
-                token.cancelled().await;
-                tokio::time::sleep(drain).await;
-            };
-            let result = tokio::select! {
-                served = serving => served.map_err(TaskError::from),
-                () = deadline => {
-                    tracing::warn!(?drain, "HTTP drain deadline passed; closing the connections left");
-                    Ok(())
-                }
-            };
-            ("edge".to_owned(), result)
-        });
-        tracing::info!(%addr, "edge listening");
-        Ok(addr)
-    }
-
-    /// The reserve step and the sweeper of expired holds.
-    fn reserve(&self, tasks: &mut JoinSet<TaskResult>) {
-        self.step(
-            tasks,
-            Arc::new(Batch(Arc::new(ReserveStep {
-                leases: self.leases.clone(),
-                ttl: self.settings.inventory.reservation_ttl,
-                notices: Some(self.bus.client().clone()),
-            }))),
-        );
-        let (pool, token) = (self.pool.clone(), self.shutdown.clone());
-        let notices = self.bus.client().clone();
-        let inv = self.settings.inventory.clone();
-        tasks.spawn(async move {
-            inventory::run_sweeper(pool, inv.expiry_interval, inv.expiry_batch, notices, token)
-                .await;
-            ("reservation-expiry".to_owned(), Ok(()))
-        });
-    }
-
-    /// Authorize, capture and refund steps, and the breaker's status reports.
-    fn authorize(&self, tasks: &mut JoinSet<TaskResult>) {
-        self.step(
-            tasks,
-            Arc::new(AuthorizeStep {
-                leases: self.leases.clone(),
-                claims: crate::db::group::Group::new(
-                    crate::payments::Claims,
-                    self.leases.clone(),
-                    self.settings.database.group_linger,
-                ),
-                provider: self.provider.clone(),
-                max_attempts: self.settings.payments.max_attempts,
-                retry_window: self.settings.payments.retry_window,
-                max_risk_score: self.settings.payments.max_risk_score,
-                seal: self.seal.clone(),
-                fail_after_provider_call: self.settings.chaos.redeliver
-                    == crate::config::Redeliver::AfterProviderCall,
-                pending_limit: self.settings.watchdog.pending_limit,
-            }),
-        );
-        self.step(
-            tasks,
-            Arc::new(CaptureStep {
-                pool: self.pool.clone(),
-                provider: self.provider.clone(),
-            }),
-        );
-        self.step(
-            tasks,
-            Arc::new(RefundStep {
-                pool: self.pool.clone(),
-                provider: self.provider.clone(),
-            }),
-        );
-        let (bus, breaker, token) = (
-            self.bus.clone(),
-            self.breaker.clone(),
-            self.shutdown.clone(),
-        );
-        tasks.spawn(async move {
-            crate::payments::breaker_status::report_breaker(bus, breaker, token).await;
-            ("breaker-status".to_owned(), Ok(()))
-        });
-    }
-
-    /// The order (confirm) and order-lifecycle steps.
-    fn order(&self, tasks: &mut JoinSet<TaskResult>) {
-        self.step(
-            tasks,
-            Arc::new(Batch(Arc::new(OrderStep {
-                leases: self.leases.clone(),
-            }))),
-        );
-        self.step(
-            tasks,
-            Arc::new(LifecycleStep {
-                pool: self.pool.clone(),
-            }),
-        );
-    }
-
-    /// The compensate step, the watchdog, the pruner and the payment reconciler.
-    fn compensate(&self, tasks: &mut JoinSet<TaskResult>) {
-        self.step(
-            tasks,
-            Arc::new(CompensateStep {
-                pool: self.pool.clone(),
-                provider: self.provider.clone(),
-                notices: Some(self.bus.client().clone()),
-            }),
-        );
-        let watchdog = Watchdog {
-            pool: self.pool.clone(),
-            bus: self.bus.clone(),
-            pending_limit: self.settings.watchdog.pending_limit,
-            interval: self.settings.watchdog.interval,
-            batch: self.settings.watchdog.batch,
-        };
-        let token = self.shutdown.clone();
-        tasks.spawn(async move {
-            watchdog.run(token).await;
-            ("watchdog".to_owned(), Ok(()))
-        });
-        let pruner = crate::retention::Pruner {
-            pool: self.pool.clone(),
-            settings: self.settings.retention.clone(),
-        };
-        let token = self.shutdown.clone();
-        tasks.spawn(async move {
-            pruner.run(token).await;
-            ("pruner".to_owned(), Ok(()))
-        });
-        let (pool, provider, token) = (
-            self.pool.clone(),
-            self.provider.clone(),
-            self.shutdown.clone(),
-        );
-        let (delay, every, batch) = (
-            self.settings.payments.reconcile_delay,
-            self.settings.watchdog.interval,
-            self.settings.watchdog.batch,
-        );
-        tasks.spawn(async move {
-            reconcile::run(pool, provider, delay, every, batch, token).await;
-            ("payment-reconciler".to_owned(), Ok(()))
-        });
-    }
-}
-
-/// Lets `build` spawn different step types through one closure.
-trait StepLauncher: Send + Sync {
-    fn launch(
-        self: Arc<Self>,
-        bus: Bus,
-        settings: Settings,
-        token: CancellationToken,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + Send>>;
-}
-
-/// A batch-native step, launched through the same closure.
-struct Batch<S>(Arc<S>);
-
-impl<S: BatchStep> StepLauncher for Batch<S> {
-    fn launch(
-        self: Arc<Self>,
-        bus: Bus,
-        settings: Settings,
-        token: CancellationToken,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + Send>> {
-        Box::pin(async move {
-            let name = self.0.durable().to_owned();
-            let result = crate::saga::batch::run(
-                self.0.clone(),
-                bus,
-                settings.consumer,
-                settings.chaos.redeliver,
-                token,
-            )
-            .await
-            .map_err(TaskError::from);
-            (name, result)
-        })
-    }
-}
-
-impl<S: Step> StepLauncher for S {
-    fn launch(
-        self: Arc<Self>,
-        bus: Bus,
-        settings: Settings,
-        token: CancellationToken,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + Send>> {
-        Box::pin(async move {
-            let name = self.durable().to_owned();
-            let result = runner::run(
-                self,
-                bus,
-                settings.consumer,
-                settings.chaos.redeliver,
-                token,
-            )
-            .await
-            .map_err(TaskError::from);
-            (name, result)
-        })
-    }
 }
 
 #[cfg(test)]

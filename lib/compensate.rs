@@ -40,9 +40,7 @@ const DURABLE: &str = "compensate";
 const TABLE: InboxTable = InboxTable::Orders;
 
 impl Step for CompensateStep {
-    fn durable(&self) -> &'static str {
-        DURABLE
-    }
+    const DURABLE: &'static str = DURABLE;
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![
@@ -215,4 +213,45 @@ impl CompensateStep {
                 other => StepError::transient(other.to_string()),
             })
     }
+}
+
+/// What the compensate role runs: the compensate step, and the sweepers that end what the
+/// saga left (the watchdog), reconcile payments in doubt and prune old rows.
+pub fn start(
+    tasks: &mut crate::tasks::Tasks,
+    consuming: &crate::tasks::Consuming,
+    settings: &crate::config::Settings,
+    pool: &PgPool,
+    provider: &Arc<dyn PaymentProvider>,
+) {
+    tasks.step(
+        consuming,
+        CompensateStep {
+            pool: pool.clone(),
+            provider: provider.clone(),
+            notices: Some(consuming.bus.client().clone()),
+        },
+    );
+    let watchdog = orders::watchdog::Watchdog {
+        pool: pool.clone(),
+        bus: consuming.bus.clone(),
+        pending_limit: settings.watchdog.pending_limit,
+        interval: settings.watchdog.interval,
+        batch: settings.watchdog.batch,
+    };
+    tasks.until_shutdown("watchdog", move |token| watchdog.run(token));
+    let pruner = crate::retention::Pruner {
+        pool: pool.clone(),
+        settings: settings.retention.clone(),
+    };
+    tasks.until_shutdown("pruner", move |token| pruner.run(token));
+    let (pool, provider) = (pool.clone(), provider.clone());
+    let (delay, every, batch) = (
+        settings.payments.reconcile_delay,
+        settings.watchdog.interval,
+        settings.watchdog.batch,
+    );
+    tasks.until_shutdown("payment-reconciler", move |token| {
+        payments::reconcile::run(pool, provider, delay, every, batch, token)
+    });
 }

@@ -56,5 +56,6 @@ pub mod payments;
 pub mod pricing;
 pub mod retention;
 pub mod saga;
+pub mod tasks;
 pub mod telemetry;
 pub mod tools;

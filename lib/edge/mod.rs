@@ -7,8 +7,12 @@
 //! - [`cart`]: carts and their items.
 //! - [`checkout`]: accepting a checkout under an Idempotency-Key.
 //! - [`outbox`]: what the edge owes JetStream, and the relay that publishes it.
+//! - [`start`]: what the edge role runs.
 
 pub mod cart;
 pub mod checkout;
 pub mod http;
 pub mod outbox;
+pub mod start;
+
+pub use start::Edge;

@@ -40,9 +40,7 @@ struct Holds {
 impl BatchStep for ReserveStep {
     type Input = Checkout;
 
-    fn durable(&self) -> &'static str {
-        "reserve"
-    }
+    const DURABLE: &'static str = "reserve";
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::Requested]

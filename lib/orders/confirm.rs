@@ -44,9 +44,7 @@ pub struct ToConfirm {
 impl BatchStep for OrderStep {
     type Input = ToConfirm;
 
-    fn durable(&self) -> &'static str {
-        "order"
-    }
+    const DURABLE: &'static str = "order";
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::Authorized, EventKind::Committed]

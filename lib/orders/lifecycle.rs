@@ -120,9 +120,7 @@ pub struct LifecycleStep {
 const DURABLE: &str = "order-lifecycle";
 
 impl Step for LifecycleStep {
-    fn durable(&self) -> &'static str {
-        DURABLE
-    }
+    const DURABLE: &'static str = DURABLE;
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![

@@ -11,3 +11,24 @@ pub use confirm::OrderStep;
 pub use lifecycle::{finish_cancel, release_action, request_action, ActionRequest, LifecycleStep};
 pub use record::{fence_timed_out, get_order, insert_failed, Fence, OrderItem, OrderRecord};
 pub use status::{Action, OrderStatus};
+
+/// What the order role runs: the order step (stock out, order in) and the order-lifecycle
+/// step (ship, cancel and refund outcomes).
+pub fn start(
+    tasks: &mut crate::tasks::Tasks,
+    consuming: &crate::tasks::Consuming,
+    leases: &crate::db::Leases,
+) {
+    tasks.batch(
+        consuming,
+        OrderStep {
+            leases: leases.clone(),
+        },
+    );
+    tasks.step(
+        consuming,
+        LifecycleStep {
+            pool: leases.pool().clone(),
+        },
+    );
+}

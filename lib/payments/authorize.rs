@@ -69,9 +69,7 @@ enum Decision {
 }
 
 impl Step for AuthorizeStep {
-    fn durable(&self) -> &'static str {
-        DURABLE
-    }
+    const DURABLE: &'static str = DURABLE;
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::Reserved]

@@ -107,9 +107,7 @@ async fn run(
 }
 
 impl Step for CaptureStep {
-    fn durable(&self) -> &'static str {
-        "capture"
-    }
+    const DURABLE: &'static str = "capture";
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::ShipRequested]
@@ -151,9 +149,7 @@ impl Step for CaptureStep {
 }
 
 impl Step for RefundStep {
-    fn durable(&self) -> &'static str {
-        "refund"
-    }
+    const DURABLE: &'static str = "refund";
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::RefundRequested]

@@ -16,6 +16,8 @@ pub use lifecycle::{CaptureStep, RefundStep};
 pub use provider::{PaymentProvider, ProviderError};
 pub use void::{abandon, void_for_order, VoidOutcome};
 
+use std::sync::Arc;
+
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -89,4 +91,69 @@ pub fn payment_id_for(order_id: Uuid) -> Uuid {
 /// The idempotency key sent to the provider for one operation on one order.
 pub fn idempotency_key(order_id: Uuid, operation: &str) -> String {
     format!("{order_id}:{operation}")
+}
+
+/// The payment provider every step of this process talks to: the sandbox PSP's client behind
+/// the rate limit and the circuit breaker (whose state the authorize role reports).
+pub fn provider(
+    settings: &crate::config::Settings,
+) -> Result<(Arc<dyn PaymentProvider>, Arc<guard::CircuitBreaker>), ProviderError> {
+    let sandbox: Arc<dyn PaymentProvider> = Arc::new(sandbox_client::SandboxClient::new(
+        &settings.psp.url,
+        settings.psp.timeout,
+    )?);
+    let guarded = Arc::new(guard::GuardedProvider::new(sandbox, &settings.payments));
+    let breaker = guarded.breaker();
+    Ok((guarded, breaker))
+}
+
+/// What the authorize role runs: the authorize, capture and refund steps, and the breaker's
+/// status reports.
+pub fn start(
+    tasks: &mut crate::tasks::Tasks,
+    consuming: &crate::tasks::Consuming,
+    settings: &crate::config::Settings,
+    leases: &crate::db::Leases,
+    (provider, breaker): (&Arc<dyn PaymentProvider>, &Arc<guard::CircuitBreaker>),
+    seal: &Arc<token_seal::TokenSeal>,
+) {
+    let payments = &settings.payments;
+    tasks.step(
+        consuming,
+        AuthorizeStep {
+            leases: leases.clone(),
+            claims: crate::db::group::Group::new(
+                Claims,
+                leases.clone(),
+                settings.database.group_linger,
+            ),
+            provider: provider.clone(),
+            max_attempts: payments.max_attempts,
+            retry_window: payments.retry_window,
+            max_risk_score: payments.max_risk_score,
+            seal: seal.clone(),
+            fail_after_provider_call: settings.chaos.redeliver
+                == crate::config::Redeliver::AfterProviderCall,
+            pending_limit: settings.watchdog.pending_limit,
+        },
+    );
+    let pool = leases.pool().clone();
+    tasks.step(
+        consuming,
+        CaptureStep {
+            pool: pool.clone(),
+            provider: provider.clone(),
+        },
+    );
+    tasks.step(
+        consuming,
+        RefundStep {
+            pool,
+            provider: provider.clone(),
+        },
+    );
+    let (bus, breaker) = (consuming.bus.clone(), breaker.clone());
+    tasks.until_shutdown("breaker-status", move |token| {
+        breaker_status::report_breaker(bus, breaker, token)
+    });
 }

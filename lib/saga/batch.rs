@@ -37,7 +37,7 @@ pub trait BatchStep: Send + Sync + 'static {
     type Input: Send + Sync + 'static;
 
     /// The durable consumer's name; every instance of the role shares it.
-    fn durable(&self) -> &'static str;
+    const DURABLE: &'static str;
     /// The event kinds this step consumes.
     fn consumes(&self) -> Vec<EventKind>;
     /// The inbox of the service this step writes.
@@ -73,7 +73,7 @@ struct Batched<S>(Arc<S>);
 
 impl<S: BatchStep> Dispatch for Batched<S> {
     fn durable(&self) -> &'static str {
-        self.0.durable()
+        S::DURABLE
     }
 
     fn consumes(&self) -> Vec<EventKind> {
@@ -213,7 +213,7 @@ async fn handle<S: BatchStep>(step: &S, bus: &Bus, policy: &Policy, items: Vec<I
     let started = std::time::Instant::now();
     let outcome = with_progress(&messages, policy, attempt(step, &items)).await;
     for _ in &items {
-        crate::metrics::step_duration(step.durable(), started.elapsed());
+        crate::metrics::step_duration(S::DURABLE, started.elapsed());
     }
     match outcome {
         Some(Ok(outputs)) => finish(bus, policy, items.iter().zip(outputs).collect()).await,
@@ -320,7 +320,7 @@ async fn attempt_with<S: BatchStep>(
     look_up: bool,
 ) -> Result<Option<Vec<Vec<Event>>>, StepError> {
     let table = step.inbox().name();
-    let durable = step.durable();
+    let durable = S::DURABLE;
     let mut lease = step.leases().acquire().await?;
     let mut tx = lease.begin_with(BEGIN).await?;
     let mut stored: HashMap<String, Vec<Event>> = HashMap::new();

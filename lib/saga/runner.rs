@@ -140,7 +140,7 @@ pub struct Delivery {
 /// One step of the saga: which events it consumes and what it does with them.
 pub trait Step: Send + Sync + 'static {
     /// The durable consumer's name; every instance of the role shares it.
-    fn durable(&self) -> &'static str;
+    const DURABLE: &'static str;
     /// The event kinds this step consumes.
     fn consumes(&self) -> Vec<EventKind>;
     /// Does the step's work idempotently and returns the events to emit.
@@ -202,7 +202,7 @@ struct PerMessage<S>(Arc<S>);
 
 impl<S: Step> Dispatch for PerMessage<S> {
     fn durable(&self) -> &'static str {
-        self.0.durable()
+        S::DURABLE
     }
 
     fn consumes(&self) -> Vec<EventKind> {
@@ -539,7 +539,7 @@ async fn process<S: Step>(step: &S, bus: &Bus, policy: &Policy, message: jetstre
             AssertUnwindSafe(step.handle(event, &delivery)).catch_unwind(),
         )
         .await;
-        crate::metrics::step_duration(step.durable(), started.elapsed());
+        crate::metrics::step_duration(S::DURABLE, started.elapsed());
         let result = match result {
             Some(Ok(result)) => result,
             Some(Err(_panic)) => Err(StepError::permanent("the handler panicked")),
