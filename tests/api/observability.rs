@@ -6,23 +6,23 @@ use std::time::Duration;
 
 use crate::helpers::{eventually, harness, harness_with, TestApp};
 
-/// `/metrics` as `series -> value` (the series is everything before the value).
-async fn scrape(app: &TestApp) -> HashMap<String, f64> {
-    let text = app
-        .http
+/// The `/metrics` exposition.
+async fn exposition(app: &TestApp) -> String {
+    app.http
         .get(format!("{}/metrics", app.base))
         .send()
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("text");
-    // Kept for CI's `promtool check metrics`.
-    let _ = std::fs::write(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/target/metrics-sample.prom"),
-        &text,
-    );
-    text.lines()
+        .expect("text")
+}
+
+/// `/metrics` as `series -> value` (the series is everything before the value).
+async fn scrape(app: &TestApp) -> HashMap<String, f64> {
+    exposition(app)
+        .await
+        .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
@@ -116,6 +116,13 @@ async fn each_family_moves_by_exactly_what_happened() {
             && now.get("checkout_outbox_unpublished") == Some(&0.0)
     })
     .await;
+    // Kept for CI's `promtool check metrics` and the dashboard check: every family has moved
+    // by now (only this test's process has seen them all).
+    std::fs::write(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/metrics-sample.prom"),
+        exposition(&app).await,
+    )
+    .expect("metrics sample saved");
 }
 
 #[tokio::test]
