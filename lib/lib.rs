@@ -6,8 +6,8 @@
 //! ## How a checkout flows through the code
 //!
 //! 1. The [`edge`] service: [`edge::http`] accepts `POST /api/checkout`; [`edge::checkout`]
-//!    prices the [`edge::cart`] with [`pricing`] (current [`catalog`] prices, promotion, tax,
-//!    shipping), records the request under its Idempotency-Key and publishes
+//!    prices a snapshot of the [`edge::cart`] with [`pricing`] (current [`catalog`] prices,
+//!    promotion, tax, shipping), records the request under its Idempotency-Key and publishes
 //!    `checkout.requested` through [`edge::outbox`] (which republishes after a crash).
 //! 2. [`inventory`]'s reserve step holds stock for every line or none: `reserved` / `rejected`.
 //! 3. [`payments`]' authorize step asks the PSP ([`payments::sandbox_client`], served by
@@ -29,7 +29,10 @@
 //! - [`metrics`]: the recorder and one function per metric, with plain values (the lowest
 //!   module: every layer records through it); [`backlog`]: the JetStream gauges.
 //! - [`db`]: pool and embedded migrations. [`config`]: settings. [`telemetry`]: tracing.
-//! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`) and start-up.
+//! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`); start-up
+//!   loops over them, and each service's `start` ([`edge::Edge`], [`inventory::start`],
+//!   [`payments::start`], [`orders::start`], [`compensate::start`]) adds its steps and loops to
+//!   the process's [`tasks`].
 //! - [`domain`]: value types that parse (SKU, quantity, money, address) and `text_enum!` for
 //!   stored states ([`orders::OrderStatus`], [`orders::Action`], [`payments::PaymentStatus`]).
 //!   [`auth`]: JWTs.
