@@ -1,7 +1,7 @@
 //! Checkout submission (the edge's half of the saga): an idempotent request record, the
 //! cart lock, and the outbox row that guarantees `checkout.requested` reaches JetStream.
 //!
-//! A checkout prices a [`Snapshot`] of the cart, then accepts it (`accept`): the request row,
+//! A checkout prices a `Snapshot` of the cart, then accepts it (`accept`): the request row,
 //! the outbox row and the cart's new state commit in one call that first checks, under the
 //! cart's lock, that the cart is still what was priced. The snapshot is what this edge
 //! remembers of a cart it wrote moments before, with its product cache (`remembered`: no
