@@ -17,7 +17,7 @@ use crate::edge::Edge;
 use crate::inventory::{self, ReserveStep};
 use crate::orders::{self, LifecycleStep, OrderStep};
 use crate::payments::{self, AuthorizeStep, CaptureStep, ProviderError, RefundStep};
-use crate::saga::{BatchStep, Step};
+use crate::saga::Step;
 use crate::tasks::{Consuming, TaskError, TaskResult, Tasks};
 use crate::tools::sandbox_psp::Sandbox;
 
@@ -200,6 +200,7 @@ impl App {
                 bus: bus.clone(),
                 settings: settings.consumer.clone(),
                 chaos: settings.chaos.redeliver,
+                group_linger: settings.database.group_linger,
             };
             for role in roles {
                 match role {
@@ -216,7 +217,7 @@ impl App {
                     ),
                     Role::Order => orders::start(&mut tasks, &consuming, &leases),
                     Role::Compensate => {
-                        compensate::start(&mut tasks, &consuming, &settings, &pool, &provider);
+                        compensate::start(&mut tasks, &consuming, &settings, &leases, &provider);
                     }
                     Role::Edge | Role::Psp => {}
                 }

@@ -18,29 +18,59 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
+use crate::db::Leases;
 use crate::inventory::{release_for_order, restock_for_order};
 use crate::orders::{self, finish_cancel, insert_failed, release_action, Action, Fence};
 use crate::payments::void::VoidError;
 use crate::payments::{self, void_for_order, PaymentProvider, ProviderError, VoidOutcome};
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
-use crate::saga::inbox::{self, Claim, InboxTable};
-use crate::saga::runner::{Delivery, Step, StepError};
+use crate::saga::inbox::InboxTable;
+use crate::saga::runner::StepError;
+use crate::saga::{Delivery, Shape, Step, Tx};
 
 /// Consumes `checkout.rejected`, `checkout.declined`, `checkout.timed_out` and
 /// `checkout.cancel_requested`; emits `checkout.failed`, `checkout.cancelled` or
 /// `checkout.cancel_failed`.
 pub struct CompensateStep {
-    pub pool: PgPool,
+    pub leases: Leases,
     pub provider: Arc<dyn PaymentProvider>,
     /// Where units given back are announced to every edge (clears sold-out notices).
     pub notices: Option<async_nats::Client>,
 }
 
-const DURABLE: &str = "compensate";
-const TABLE: InboxTable = InboxTable::Orders;
+/// What compensation is asked to unwind.
+pub enum Unwind {
+    /// A checkout that cannot complete.
+    Fail {
+        checkout: Checkout,
+        reason: FailureReason,
+    },
+    /// A checkout the watchdog timed out.
+    TimeOut { checkout: Checkout },
+    /// An order the buyer or an admin cancels.
+    Cancel { checkout: Checkout, attempt: u32 },
+}
+
+/// How far the unwinding went, for the order's record.
+pub enum Unwound {
+    /// Stock and money given back: the order fails.
+    Failed,
+    /// The order settled before the watchdog's request: nothing was undone.
+    Settled,
+    /// Fenced and unwound: the order failed with `timed_out`.
+    TimedOut,
+    /// Voided, restocked, the promotion given back.
+    Cancelled,
+    /// The provider refused the void: nothing else was undone.
+    CancelFailed(String),
+}
 
 impl Step for CompensateStep {
-    const DURABLE: &'static str = DURABLE;
+    const DURABLE: &'static str = "compensate";
+    const INBOX: InboxTable = InboxTable::Orders;
+    const SHAPE: Shape = Shape::Prepared;
+    type Input = Unwind;
+    type Found = Unwound;
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![
@@ -51,142 +81,150 @@ impl Step for CompensateStep {
         ]
     }
 
-    async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        if let Some(events) = inbox::lookup(&self.pool, TABLE, DURABLE, &delivery.event_id).await? {
-            return Ok(events);
-        }
+    fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    fn input(&self, event: Event) -> Result<Unwind, String> {
         match event {
             Event::Rejected {
                 checkout, reason, ..
             }
             | Event::Declined {
                 checkout, reason, ..
-            } => self.fail(checkout, reason, delivery).await,
-            Event::TimedOut { checkout } => self.time_out(checkout, delivery).await,
+            } => Ok(Unwind::Fail { checkout, reason }),
+            Event::TimedOut { checkout } => Ok(Unwind::TimeOut { checkout }),
             Event::CancelRequested { checkout, attempt } => {
-                self.cancel(checkout, attempt, delivery).await
+                Ok(Unwind::Cancel { checkout, attempt })
             }
-            other => Err(StepError::permanent(format!(
-                "compensate cannot handle {:?}",
-                other.kind()
-            ))),
+            other => Err(format!("compensate cannot handle {:?}", other.kind())),
         }
+    }
+
+    /// Every undo is idempotent, and each service's state records how far it got.
+    async fn prepare(&self, unwind: &Unwind, _: &Delivery) -> Result<Unwound, StepError> {
+        match unwind {
+            Unwind::Fail { checkout, reason } => {
+                let released = self.give_stock_back(checkout).await?;
+                let voided = self.release_money(checkout).await?;
+                tracing::info!(
+                    reason = reason.as_str(),
+                    released,
+                    ?voided,
+                    "order compensated"
+                );
+                Ok(Unwound::Failed)
+            }
+            Unwind::TimeOut { checkout } => self.time_out(checkout).await,
+            Unwind::Cancel { checkout, .. } => self.cancel(checkout).await,
+        }
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Tx<'_>,
+        items: &[(&Unwind, &Unwound)],
+    ) -> Result<Vec<Vec<Event>>, StepError> {
+        let mut outputs = Vec::with_capacity(items.len());
+        for (unwind, unwound) in items {
+            outputs.push(record(tx, unwind, unwound).await?);
+        }
+        Ok(outputs)
     }
 }
 
-impl CompensateStep {
-    async fn fail(
-        &self,
-        checkout: Checkout,
-        reason: FailureReason,
-        delivery: &Delivery,
-    ) -> Result<Vec<Event>, StepError> {
-        let released = self.give_stock_back(&checkout).await?;
-        let voided = self.release_money(&checkout).await?;
-        let outputs = vec![Event::Failed {
-            checkout: checkout.clone(),
-            reason,
-        }];
-        let mut tx =
-            match inbox::claim(&self.pool, TABLE, DURABLE, &delivery.event_id, &outputs).await? {
-                Claim::Done(events) => return Ok(events),
-                Claim::Fresh(tx) => tx,
-            };
-        let ended = insert_failed(&mut tx, &checkout, reason).await?;
-        tx.commit().await?;
-        if ended {
-            crate::metrics::order_ended(Some(reason.as_str()), checkout.requested_at);
+/// Records how the order ended, and what it announces.
+async fn record(
+    tx: &mut Tx<'_>,
+    unwind: &Unwind,
+    unwound: &Unwound,
+) -> Result<Vec<Event>, StepError> {
+    Ok(match (unwind, unwound) {
+        (Unwind::Fail { checkout, reason }, _) => {
+            let reason = *reason;
+            if insert_failed(tx.conn, checkout, reason).await? {
+                let requested_at = checkout.requested_at;
+                tx.after_commit(move || {
+                    crate::metrics::order_ended(Some(reason.as_str()), requested_at);
+                });
+            }
+            vec![Event::Failed {
+                checkout: checkout.clone(),
+                reason,
+            }]
         }
-        tracing::info!(
-            reason = reason.as_str(),
-            released,
-            ?voided,
-            "order failed and compensated"
-        );
-        Ok(outputs)
+        (Unwind::TimeOut { .. }, Unwound::Settled) => Vec::new(),
+        (Unwind::TimeOut { checkout }, _) => vec![Event::Failed {
+            checkout: checkout.clone(),
+            reason: FailureReason::TimedOut,
+        }],
+        (Unwind::Cancel { checkout, attempt }, Unwound::CancelFailed(detail)) => {
+            release_action(tx.conn, checkout.order_id, Action::Cancel, *attempt).await?;
+            vec![Event::CancelFailed {
+                checkout: checkout.clone(),
+                detail: detail.clone(),
+                attempt: *attempt,
+            }]
+        }
+        (Unwind::Cancel { checkout, attempt }, _) => {
+            finish_cancel(tx.conn, checkout.order_id).await?;
+            vec![Event::Cancelled {
+                checkout: checkout.clone(),
+                attempt: *attempt,
+            }]
+        }
+    })
+}
+
+impl CompensateStep {
+    fn pool(&self) -> &PgPool {
+        self.leases.pool()
     }
 
-    async fn time_out(
-        &self,
-        checkout: Checkout,
-        delivery: &Delivery,
-    ) -> Result<Vec<Event>, StepError> {
-        match orders::fence_timed_out(&self.pool, &checkout).await? {
+    /// The fence first: once the failed order is recorded, the order step cannot confirm it,
+    /// and the payment is marked abandoned so the authorize step cannot start one. Then unwind
+    /// as for a failure. An order that settled meanwhile is left alone.
+    async fn time_out(&self, checkout: &Checkout) -> Result<Unwound, StepError> {
+        match orders::fence_timed_out(self.pool(), checkout).await? {
             Fence::Settled(status) => {
                 tracing::info!(%status, "order settled before the watchdog's request; nothing to undo");
-                let id = &delivery.event_id;
-                return Ok(inbox::record_alone(&self.pool, TABLE, DURABLE, id, Vec::new()).await?);
+                return Ok(Unwound::Settled);
             }
-            Fence::Fenced { new } => {
-                if new {
-                    crate::metrics::order_ended(
-                        Some(FailureReason::TimedOut.as_str()),
-                        checkout.requested_at,
-                    );
-                    crate::metrics::watchdog_timed_out();
-                }
+            Fence::Fenced { new: true } => {
+                crate::metrics::order_ended(
+                    Some(FailureReason::TimedOut.as_str()),
+                    checkout.requested_at,
+                );
+                crate::metrics::watchdog_timed_out();
             }
+            Fence::Fenced { new: false } => {}
         }
-        payments::abandon(&self.pool, self.provider.as_ref(), &checkout).await?;
-        let released = self.give_stock_back(&checkout).await?;
-        let voided = self.release_money(&checkout).await?;
+        payments::abandon(self.pool(), self.provider.as_ref(), checkout).await?;
+        let released = self.give_stock_back(checkout).await?;
+        let voided = self.release_money(checkout).await?;
         tracing::warn!(released, ?voided, "order timed out and compensated");
-        let outputs = vec![Event::Failed {
-            checkout,
-            reason: FailureReason::TimedOut,
-        }];
-        let id = &delivery.event_id;
-        Ok(inbox::record_alone(&self.pool, TABLE, DURABLE, id, outputs).await?)
+        Ok(Unwound::TimedOut)
     }
 
-    async fn cancel(
-        &self,
-        checkout: Checkout,
-        attempt: u32,
-        delivery: &Delivery,
-    ) -> Result<Vec<Event>, StepError> {
-        let order_id = checkout.order_id;
-        // Money first: if the provider will not release the hold, nothing else is undone.
-        if let VoidOutcome::Refused(detail) = self.void(&checkout).await? {
+    /// Money first: if the provider will not release the hold, nothing else is undone.
+    async fn cancel(&self, checkout: &Checkout) -> Result<Unwound, StepError> {
+        if let VoidOutcome::Refused(detail) = self.void(checkout).await? {
             tracing::warn!(%detail, "cancel failed: the provider refused the void");
-            let outputs = vec![Event::CancelFailed {
-                checkout,
-                detail,
-                attempt,
-            }];
-            let id = &delivery.event_id;
-            let mut tx = match inbox::claim(&self.pool, TABLE, DURABLE, id, &outputs).await? {
-                Claim::Done(events) => return Ok(events),
-                Claim::Fresh(tx) => tx,
-            };
-            release_action(&mut tx, order_id, Action::Cancel, attempt).await?;
-            tx.commit().await?;
-            return Ok(outputs);
+            return Ok(Unwound::CancelFailed(detail));
         }
-        let released = self.give_stock_back(&checkout).await?;
-        crate::pricing::promo::release(&self.pool, order_id).await?;
-        let outputs = vec![Event::Cancelled {
-            checkout: checkout.clone(),
-            attempt,
-        }];
-        let id = &delivery.event_id;
-        let mut tx = match inbox::claim(&self.pool, TABLE, DURABLE, id, &outputs).await? {
-            Claim::Done(events) => return Ok(events),
-            Claim::Fresh(tx) => tx,
-        };
-        finish_cancel(&mut tx, order_id).await?;
-        tx.commit().await?;
+        let released = self.give_stock_back(checkout).await?;
+        crate::pricing::promo::release(self.pool(), checkout.order_id).await?;
         tracing::info!(released, "order cancelled");
-        Ok(outputs)
+        Ok(Unwound::Cancelled)
     }
 
     /// Held units go back to available; units already taken out of stock go back on hand.
     /// Both are no-ops when done.
     async fn give_stock_back(&self, checkout: &Checkout) -> Result<i64, StepError> {
         let order_id = checkout.order_id;
-        let given = release_for_order(&self.pool, order_id)
+        let given = release_for_order(self.pool(), order_id)
             .await?
-            .and(restock_for_order(&self.pool, order_id).await?);
+            .and(restock_for_order(self.pool(), order_id).await?);
         if let Some(client) = &self.notices {
             for (sku, version) in &given.skus {
                 crate::inventory::soldout::announce_available(client, sku, *version);
@@ -206,7 +244,7 @@ impl CompensateStep {
     }
 
     async fn void(&self, checkout: &Checkout) -> Result<VoidOutcome, StepError> {
-        void_for_order(&self.pool, self.provider.as_ref(), checkout.order_id)
+        void_for_order(self.pool(), self.provider.as_ref(), checkout.order_id)
             .await
             .map_err(|e| match e {
                 VoidError::Provider(ProviderError::Deferred(d)) => StepError::RetryAfter(d),
@@ -221,13 +259,14 @@ pub fn start(
     tasks: &mut crate::tasks::Tasks,
     consuming: &crate::tasks::Consuming,
     settings: &crate::config::Settings,
-    pool: &PgPool,
+    leases: &Leases,
     provider: &Arc<dyn PaymentProvider>,
 ) {
+    let pool = leases.pool();
     tasks.step(
         consuming,
         CompensateStep {
-            pool: pool.clone(),
+            leases: leases.clone(),
             provider: provider.clone(),
             notices: Some(consuming.bus.client().clone()),
         },

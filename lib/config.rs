@@ -108,7 +108,7 @@ impl NatsSettings {
 pub struct ConsumerSettings {
     pub concurrency: usize,
     pub batch: usize,
-    /// How long a batch step waits for more messages to join a group before handling it.
+    /// How long a `Batch` step waits for more messages to join a group before handling it.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     #[serde(with = "humantime_serde")]

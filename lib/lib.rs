@@ -21,9 +21,11 @@
 //! ## Plumbing
 //!
 //! - [`saga`]: event kinds and types, subjects and dedup ids, the saga's streams and the
-//!   partition check ([`saga::streams`]), the inbox that makes every step idempotent,
-//!   [`saga::outgoing`] (an encoded event with its headers), and the runner (ack only after
-//!   commit and PublishAck; nak, term, dead letter).
+//!   partition check ([`saga::streams`]), the one shape of every step ([`saga::step`]: input,
+//!   outside work, effects), what the runner does with it ([`saga::apply`]: the inbox that makes
+//!   every step idempotent, the commit, publishing, acks), [`saga::outgoing`] (an encoded event
+//!   with its headers), and the pull loops ([`saga::runner`]: ack only after commit and
+//!   PublishAck; nak, term, dead letter).
 //! - [`bus`]: JetStream connection, stream and consumer declarations, publishing anything
 //!   `Publishable`; it knows no saga.
 //! - [`metrics`]: the recorder and one function per metric, with plain values (the lowest

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
 use crate::config::{ConsumerSettings, Redeliver};
-use crate::saga::{batch, runner, BatchStep, Step};
+use crate::saga::{apply, Step};
 
 /// A finished task: its name and how it ended.
 pub type TaskResult = (String, Result<(), TaskError>);
@@ -25,12 +25,14 @@ pub enum TaskError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// What the saga steps of a process consume with: the bus and how to pull and retry.
+/// What the saga steps of a process consume with: the bus, how to pull and retry, and how
+/// long a prepared step's commit waits for company (`database.group_linger`).
 #[derive(Clone)]
 pub struct Consuming {
     pub bus: Bus,
     pub settings: ConsumerSettings,
     pub chaos: Redeliver,
+    pub group_linger: std::time::Duration,
 }
 
 /// The tasks of one process, sharing one shutdown signal.
@@ -76,31 +78,17 @@ impl Tasks {
         });
     }
 
-    /// Runs a per-message step's consumer until shutdown, named for its durable.
+    /// Runs a step's consumer until shutdown, named for its durable.
     pub fn step<S: Step>(&mut self, consuming: &Consuming, step: S) {
         let Consuming {
             bus,
             settings,
             chaos,
+            group_linger,
         } = consuming.clone();
         let token = self.shutdown.clone();
         self.spawn(S::DURABLE, async move {
-            runner::run(Arc::new(step), bus, settings, chaos, token)
-                .await
-                .map_err(TaskError::from)
-        });
-    }
-
-    /// Runs a batch step's consumer until shutdown, named for its durable.
-    pub fn batch<S: BatchStep>(&mut self, consuming: &Consuming, step: S) {
-        let Consuming {
-            bus,
-            settings,
-            chaos,
-        } = consuming.clone();
-        let token = self.shutdown.clone();
-        self.spawn(S::DURABLE, async move {
-            batch::run(Arc::new(step), bus, settings, chaos, token)
+            apply::run(Arc::new(step), bus, settings, chaos, group_linger, token)
                 .await
                 .map_err(TaskError::from)
         });

@@ -24,7 +24,7 @@ pub fn start(
     settings: &crate::config::InventorySettings,
 ) {
     let notices = consuming.bus.client().clone();
-    tasks.batch(
+    tasks.step(
         consuming,
         ReserveStep {
             leases: leases.clone(),

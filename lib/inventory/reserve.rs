@@ -15,10 +15,10 @@ use uuid::Uuid;
 
 use super::soldout;
 use crate::db::Leases;
-use crate::saga::batch::BatchStep;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason, Short};
 use crate::saga::inbox::InboxTable;
 use crate::saga::runner::StepError;
+use crate::saga::{Delivery, Shape, Step, Tx};
 
 /// Consumes `checkout.requested`, emits `checkout.reserved` or `checkout.rejected`.
 pub struct ReserveStep {
@@ -37,49 +37,19 @@ struct Holds {
     qtys: Vec<i32>,
 }
 
-impl BatchStep for ReserveStep {
-    type Input = Checkout;
-
+impl Step for ReserveStep {
     const DURABLE: &'static str = "reserve";
+    const INBOX: InboxTable = InboxTable::Inventory;
+    const SHAPE: Shape = Shape::Batch;
+    type Input = Checkout;
+    type Found = ();
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::Requested]
     }
 
-    fn inbox(&self) -> InboxTable {
-        InboxTable::Inventory
-    }
-
     fn leases(&self) -> &Leases {
         &self.leases
-    }
-
-    fn committed(&self, outputs: &[Vec<Event>]) {
-        for event in outputs.iter().flatten() {
-            match (event, &self.notices) {
-                (Event::Rejected { short, .. }, notices) => {
-                    crate::metrics::stockouts(short.len());
-                    if let Some(client) = notices {
-                        for line in short {
-                            soldout::announce_short(
-                                client,
-                                &line.sku,
-                                line.available,
-                                line.version,
-                            );
-                        }
-                    }
-                }
-                // This order took the last units: every edge hears it now, not at the next
-                // buyer's refusal.
-                (Event::Reserved { sold_out, .. }, Some(client)) => {
-                    for sku in sold_out {
-                        soldout::announce_short(client, &sku.sku, 0, sku.version);
-                    }
-                }
-                _ => {}
-            }
-        }
     }
 
     fn input(&self, event: Event) -> Result<Checkout, String> {
@@ -89,7 +59,71 @@ impl BatchStep for ReserveStep {
         }
     }
 
+    async fn prepare(&self, _: &Checkout, _: &Delivery) -> Result<(), StepError> {
+        Ok(())
+    }
+
     async fn apply(
+        &self,
+        tx: &mut Tx<'_>,
+        items: &[(&Checkout, &())],
+    ) -> Result<Vec<Vec<Event>>, StepError> {
+        let inputs: Vec<&Checkout> = items.iter().map(|(checkout, ())| *checkout).collect();
+        let outputs = self.reserve(tx.conn, &inputs).await?;
+        let (notices, announced) = (self.notices.clone(), announcements(&outputs));
+        tx.after_commit(move || announced.announce(notices.as_ref()));
+        Ok(outputs)
+    }
+}
+
+/// What a committed batch tells every edge and the stockout counter.
+struct Announced {
+    stockouts: usize,
+    /// `(sku, units left, stock version)` of every shortage.
+    short: Vec<(String, i64, Option<i64>)>,
+}
+
+fn announcements(outputs: &[Vec<Event>]) -> Announced {
+    let mut announced = Announced {
+        stockouts: 0,
+        short: Vec::new(),
+    };
+    for event in outputs.iter().flatten() {
+        match event {
+            Event::Rejected { short, .. } => {
+                announced.stockouts += short.len();
+                let lines = short
+                    .iter()
+                    .map(|l| (l.sku.clone(), l.available, l.version));
+                announced.short.extend(lines);
+            }
+            // This order took the last units: every edge hears it now, not at the next
+            // buyer's refusal.
+            Event::Reserved { sold_out, .. } => {
+                let skus = sold_out.iter().map(|s| (s.sku.clone(), 0, s.version));
+                announced.short.extend(skus);
+            }
+            _ => {}
+        }
+    }
+    announced
+}
+
+impl Announced {
+    fn announce(self, notices: Option<&async_nats::Client>) {
+        crate::metrics::stockouts(self.stockouts);
+        if let Some(client) = notices {
+            for (sku, left, version) in self.short {
+                soldout::announce_short(client, &sku, left, version);
+            }
+        }
+    }
+}
+
+impl ReserveStep {
+    /// Holds every line of each checkout or none, in arrival order, against the stock locked
+    /// for the batch; the events each emits.
+    async fn reserve(
         &self,
         conn: &mut PgConnection,
         inputs: &[&Checkout],

@@ -22,10 +22,10 @@ use super::status::OrderStatus;
 use crate::db::Leases;
 use crate::inventory;
 use crate::pricing::promo::{self, RedeemRefusal};
-use crate::saga::batch::BatchStep;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
 use crate::saga::inbox::InboxTable;
 use crate::saga::runner::StepError;
+use crate::saga::{Delivery, Shape, Step, Tx};
 
 /// Consumes `checkout.authorized` (and `checkout.committed`, which older versions emitted
 /// once stock was committed), emits `checkout.confirmed`, or `checkout.rejected` when the stock
@@ -41,29 +41,19 @@ pub struct ToConfirm {
     stock_committed: bool,
 }
 
-impl BatchStep for OrderStep {
-    type Input = ToConfirm;
-
+impl Step for OrderStep {
     const DURABLE: &'static str = "order";
+    const INBOX: InboxTable = InboxTable::Orders;
+    const SHAPE: Shape = Shape::Batch;
+    type Input = ToConfirm;
+    type Found = ();
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::Authorized, EventKind::Committed]
     }
 
-    fn inbox(&self) -> InboxTable {
-        InboxTable::Orders
-    }
-
     fn leases(&self) -> &Leases {
         &self.leases
-    }
-
-    fn committed(&self, outputs: &[Vec<Event>]) {
-        for event in outputs.iter().flatten() {
-            if let Event::Confirmed { checkout } = event {
-                crate::metrics::order_ended(None, checkout.requested_at);
-            }
-        }
     }
 
     fn input(&self, event: Event) -> Result<ToConfirm, String> {
@@ -80,80 +70,108 @@ impl BatchStep for OrderStep {
         }
     }
 
+    async fn prepare(&self, _: &ToConfirm, _: &Delivery) -> Result<(), StepError> {
+        Ok(())
+    }
+
     async fn apply(
         &self,
-        conn: &mut PgConnection,
-        inputs: &[&ToConfirm],
+        tx: &mut Tx<'_>,
+        items: &[(&ToConfirm, &())],
     ) -> Result<Vec<Vec<Event>>, StepError> {
-        let to_commit: Vec<&Checkout> = inputs
+        let inputs: Vec<&ToConfirm> = items.iter().map(|(input, ())| *input).collect();
+        let outputs = confirm(tx.conn, &inputs).await?;
+        let confirmed: Vec<_> = outputs
             .iter()
-            .filter(|i| !i.stock_committed)
-            .map(|i| &i.checkout)
+            .flatten()
+            .filter_map(|e| match e {
+                Event::Confirmed { checkout } => Some(checkout.requested_at),
+                _ => None,
+            })
             .collect();
-        let mut refusals = inventory::commit::commit_stock(conn, &to_commit)
-            .await?
-            .into_iter();
-        let mut outcome: Vec<Option<Vec<Event>>> = vec![None; inputs.len()];
-        for (n, input) in inputs.iter().enumerate() {
-            if !input.stock_committed {
-                if let Some(rejected) = refusals.next().flatten() {
-                    outcome[n] = Some(vec![rejected]);
-                    continue;
-                }
+        tx.after_commit(move || {
+            for requested_at in confirmed {
+                crate::metrics::order_ended(None, requested_at);
             }
-            let checkout = &input.checkout;
-            if let Some(code) = checkout.promo_code.as_deref() {
-                outcome[n] = Some(with_promo(conn, checkout, code).await?);
+        });
+        Ok(outputs)
+    }
+}
+
+/// Takes each order's units out of stock and records it confirmed, or refuses it; the events
+/// each emits.
+async fn confirm(
+    conn: &mut PgConnection,
+    inputs: &[&ToConfirm],
+) -> Result<Vec<Vec<Event>>, StepError> {
+    let to_commit: Vec<&Checkout> = inputs
+        .iter()
+        .filter(|i| !i.stock_committed)
+        .map(|i| &i.checkout)
+        .collect();
+    let mut refusals = inventory::commit::commit_stock(conn, &to_commit)
+        .await?
+        .into_iter();
+    let mut outcome: Vec<Option<Vec<Event>>> = vec![None; inputs.len()];
+    for (n, input) in inputs.iter().enumerate() {
+        if !input.stock_committed {
+            if let Some(rejected) = refusals.next().flatten() {
+                outcome[n] = Some(vec![rejected]);
+                continue;
             }
         }
-        settle_refusals(conn, inputs, &mut outcome).await?;
-        let plain: Vec<&Checkout> = inputs
-            .iter()
-            .zip(&outcome)
-            .filter(|(_, o)| o.is_none())
-            .map(|(i, _)| &i.checkout)
-            .collect();
-        let inserted: HashSet<Uuid> = record::insert_confirmed_many(conn, &plain)
-            .await?
-            .into_iter()
-            .collect();
-        // An order that existed already: failed by the watchdog first (the usual case), or
-        // confirmed by another delivery of the same checkout (the legacy `committed` event of
-        // one confirmed from its `authorized` event, around an upgrade), which needs nothing.
-        let existing: Vec<Uuid> = plain
-            .iter()
-            .map(|c| c.order_id)
-            .filter(|id| !inserted.contains(id))
-            .collect();
-        let confirmed_before: HashSet<Uuid> = if existing.is_empty() {
-            HashSet::new()
-        } else {
-            sqlx::query_scalar(
-                "SELECT order_id FROM orders.orders WHERE order_id = ANY($1) AND status <> 'failed'",
-            )
-            .bind(&existing)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect()
-        };
-        Ok(inputs
-            .iter()
-            .zip(outcome)
-            .map(|(input, done)| {
-                let checkout = &input.checkout;
-                done.unwrap_or_else(|| {
-                    if inserted.contains(&checkout.order_id) {
-                        confirmed(checkout)
-                    } else if confirmed_before.contains(&checkout.order_id) {
-                        Vec::new()
-                    } else {
-                        timed_out(checkout)
-                    }
-                })
-            })
-            .collect())
+        let checkout = &input.checkout;
+        if let Some(code) = checkout.promo_code.as_deref() {
+            outcome[n] = Some(with_promo(conn, checkout, code).await?);
+        }
     }
+    settle_refusals(conn, inputs, &mut outcome).await?;
+    let plain: Vec<&Checkout> = inputs
+        .iter()
+        .zip(&outcome)
+        .filter(|(_, o)| o.is_none())
+        .map(|(i, _)| &i.checkout)
+        .collect();
+    let inserted: HashSet<Uuid> = record::insert_confirmed_many(conn, &plain)
+        .await?
+        .into_iter()
+        .collect();
+    // An order that existed already: failed by the watchdog first (the usual case), or
+    // confirmed by another delivery of the same checkout (the legacy `committed` event of
+    // one confirmed from its `authorized` event, around an upgrade), which needs nothing.
+    let existing: Vec<Uuid> = plain
+        .iter()
+        .map(|c| c.order_id)
+        .filter(|id| !inserted.contains(id))
+        .collect();
+    let confirmed_before: HashSet<Uuid> = if existing.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar(
+            "SELECT order_id FROM orders.orders WHERE order_id = ANY($1) AND status <> 'failed'",
+        )
+        .bind(&existing)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect()
+    };
+    Ok(inputs
+        .iter()
+        .zip(outcome)
+        .map(|(input, done)| {
+            let checkout = &input.checkout;
+            done.unwrap_or_else(|| {
+                if inserted.contains(&checkout.order_id) {
+                    confirmed(checkout)
+                } else if confirmed_before.contains(&checkout.order_id) {
+                    Vec::new()
+                } else {
+                    timed_out(checkout)
+                }
+            })
+        })
+        .collect())
 }
 
 /// A refusal (a released hold, a promotion used up, an order that exists) is only right for

@@ -1,13 +1,15 @@
 //! After confirmation: requests to ship, cancel or refund (a pending action is a semantic
 //! lock that stops conflicting requests), and the step that records their outcomes.
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::status::{Action, OrderStatus};
+use crate::db::Leases;
 use crate::saga::events::{Event, EventKind, FailureReason};
-use crate::saga::inbox::{self, Claim, InboxTable};
-use crate::saga::runner::{Delivery, Step, StepError};
+use crate::saga::inbox::InboxTable;
+use crate::saga::runner::StepError;
+use crate::saga::{Delivery, Shape, Step, Tx};
 
 /// The answer to a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -114,13 +116,26 @@ pub async fn release_action(
 /// `checkout.refunded` (order refunded), and `checkout.capture_failed` /
 /// `checkout.refund_failed` (the lock is released, the status stays).
 pub struct LifecycleStep {
-    pub pool: PgPool,
+    pub leases: Leases,
 }
 
-const DURABLE: &str = "order-lifecycle";
+/// An action's outcome, as the order records it.
+pub struct Outcome {
+    order_id: Uuid,
+    action: Action,
+    /// Done (the status moves on) or refused (the lock is released).
+    done: bool,
+    attempt: u32,
+    /// What the order announces.
+    outputs: Vec<Event>,
+}
 
 impl Step for LifecycleStep {
-    const DURABLE: &'static str = DURABLE;
+    const DURABLE: &'static str = "order-lifecycle";
+    const INBOX: InboxTable = InboxTable::Orders;
+    const SHAPE: Shape = Shape::Batch;
+    type Input = Outcome;
+    type Found = ();
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![
@@ -131,8 +146,12 @@ impl Step for LifecycleStep {
         ]
     }
 
-    async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        let attempt = event.attempt();
+    fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    fn input(&self, event: Event) -> Result<Outcome, String> {
+        let (order_id, attempt) = (event.checkout().order_id, event.attempt());
         let (action, done, outputs) = match event {
             Event::Captured { checkout, attempt } => (
                 Action::Ship,
@@ -142,27 +161,35 @@ impl Step for LifecycleStep {
             Event::Refunded { .. } => (Action::Refund, true, Vec::new()),
             Event::CaptureFailed { .. } => (Action::Ship, false, Vec::new()),
             Event::RefundFailed { .. } => (Action::Refund, false, Vec::new()),
-            other => {
-                return Err(StepError::permanent(format!(
-                    "order-lifecycle cannot handle {:?}",
-                    other.kind()
-                )))
-            }
+            other => return Err(format!("order-lifecycle cannot handle {:?}", other.kind())),
         };
-        let order_id = crate::saga::events::order_id_of(&delivery.event_id)
-            .ok_or_else(|| StepError::permanent("event id without an order id"))?;
-        let table = InboxTable::Orders;
-        let mut tx =
-            match inbox::claim(&self.pool, table, DURABLE, &delivery.event_id, &outputs).await? {
-                Claim::Done(events) => return Ok(events),
-                Claim::Fresh(tx) => tx,
-            };
-        if done {
-            finish_action(&mut tx, order_id, action, None).await?;
-        } else {
-            release_action(&mut tx, order_id, action, attempt).await?;
+        Ok(Outcome {
+            order_id,
+            action,
+            done,
+            attempt,
+            outputs,
+        })
+    }
+
+    async fn prepare(&self, _: &Outcome, _: &Delivery) -> Result<(), StepError> {
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Tx<'_>,
+        items: &[(&Outcome, &())],
+    ) -> Result<Vec<Vec<Event>>, StepError> {
+        let mut outputs = Vec::with_capacity(items.len());
+        for (outcome, ()) in items {
+            if outcome.done {
+                finish_action(tx.conn, outcome.order_id, outcome.action, None).await?;
+            } else {
+                release_action(tx.conn, outcome.order_id, outcome.action, outcome.attempt).await?;
+            }
+            outputs.push(outcome.outputs.clone());
         }
-        tx.commit().await?;
         Ok(outputs)
     }
 }

@@ -19,7 +19,7 @@ pub fn start(
     consuming: &crate::tasks::Consuming,
     leases: &crate::db::Leases,
 ) {
-    tasks.batch(
+    tasks.step(
         consuming,
         OrderStep {
             leases: leases.clone(),
@@ -28,7 +28,7 @@ pub fn start(
     tasks.step(
         consuming,
         LifecycleStep {
-            pool: leases.pool().clone(),
+            leases: leases.clone(),
         },
     );
 }

@@ -10,25 +10,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
 use super::{idempotency_key, payment_id_for, PaymentStatus};
-use crate::db::group::{Group, Writes};
 use crate::db::Leases;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
-use crate::saga::inbox::{self, InboxTable};
-use crate::saga::runner::{Delivery, Step, StepError};
+use crate::saga::inbox::InboxTable;
+use crate::saga::runner::StepError;
+use crate::saga::{Delivery, Shape, Step, Tx};
 
 /// Consumes `checkout.reserved`, emits `checkout.authorized` or `checkout.declined`.
 pub struct AuthorizeStep {
-    /// The payments database: a lease for the look-up before the provider call, the pool for
-    /// the cold paths (`claims` records through the same leases).
+    /// The payments database.
     pub leases: Leases,
-    /// Records the payments, many orders per commit under load.
-    pub claims: Group<Claims>,
     pub provider: Arc<dyn PaymentProvider>,
     /// Failed provider calls allowed per order (together with `retry_window`).
     pub max_attempts: i32,
@@ -44,20 +43,25 @@ pub struct AuthorizeStep {
     pub pending_limit: Duration,
 }
 
-const DURABLE: &str = "authorize";
-
-/// What the look before a redelivery's provider call found.
+/// What the look before an older or redelivered checkout's provider call found.
 enum Looked {
-    /// Handled before, or the order was abandoned: these events are the answer.
-    Done(Vec<Event>),
+    /// The watchdog abandoned the order before its payment started: do not start one.
+    Abandoned,
     /// Go on to the provider; `failed_before`: an earlier call for this payment failed, so
     /// the breaker does not take another failure as news of the provider (it may have
     /// restarted and forgotten).
     Go { failed_before: bool },
 }
 
+/// What the provider's answer (or our policy on it) decided.
+pub enum Authorization {
+    Decided(Decision),
+    /// The order was abandoned: no payment (a late authorization was voided already).
+    Abandoned,
+}
+
 /// What to record and emit.
-enum Decision {
+pub enum Decision {
     Approved(String, Option<DateTime<Utc>>),
     Refused {
         status: PaymentStatus,
@@ -69,123 +73,120 @@ enum Decision {
 }
 
 impl Step for AuthorizeStep {
-    const DURABLE: &'static str = DURABLE;
+    const DURABLE: &'static str = "authorize";
+    const INBOX: InboxTable = InboxTable::Payments;
+    const SHAPE: Shape = Shape::Prepared;
+    type Input = Checkout;
+    type Found = Authorization;
 
     fn consumes(&self) -> Vec<EventKind> {
         vec![EventKind::Reserved]
     }
 
-    async fn handle(&self, event: Event, delivery: &Delivery) -> Result<Vec<Event>, StepError> {
-        let Event::Reserved { checkout, .. } = event else {
-            return Err(StepError::permanent(format!(
-                "authorize cannot handle {:?}",
-                event.kind()
-            )));
-        };
-        let table = InboxTable::Payments;
-        let order_id = checkout.order_id;
-        // The provider call cannot sit inside a transaction, so look first: a redelivery of
-        // a handled event must not even reach the provider, nor may an abandoned order start
-        // a payment. A young first delivery needs neither look: nothing handled it yet (a
-        // handled message is acked, so its redelivery counts two or more), and only the
-        // watchdog abandons payments, of orders older than `pending_limit` (half of it here,
-        // for clocks that disagree). A replay under another message id still meets the
-        // payment row and then the inbox below, after the provider, whose idempotency key
-        // answers a repeated call as it answered the first.
+    fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    fn input(&self, event: Event) -> Result<Checkout, String> {
+        match event {
+            Event::Reserved { checkout, .. } => Ok(checkout),
+            other => Err(format!("authorize cannot handle {:?}", other.kind())),
+        }
+    }
+
+    /// The provider call. It cannot sit inside a transaction, so an abandoned order is looked
+    /// for first: a young first delivery needs no look (only the watchdog abandons payments,
+    /// of orders older than `pending_limit`; half of it here, for clocks that disagree). A
+    /// replay meets the inbox, then the payment row, after the provider, whose idempotency key
+    /// answers a repeated call as it answered the first.
+    async fn prepare(
+        &self,
+        checkout: &Checkout,
+        delivery: &Delivery,
+    ) -> Result<Authorization, StepError> {
         let young = delivery.delivered == 1
             && (Utc::now() - checkout.requested_at)
                 .to_std()
                 .is_ok_and(|age| age < self.pending_limit / 2);
         let mut failed_before = false;
         if !young {
-            match self.look_first(&checkout, delivery).await? {
-                Looked::Done(events) => return Ok(events),
+            match self.look_first(checkout).await? {
+                Looked::Abandoned => return Ok(Authorization::Abandoned),
                 Looked::Go { failed_before: f } => failed_before = f,
             }
         }
-        let decision = match self.seal.open(&checkout.payment_token) {
-            Ok(token) => {
-                let request = AuthorizeRequest {
-                    order_id,
-                    amount: checkout.total,
-                    currency: checkout.currency.code().to_owned(),
-                    token,
-                    // Same key on every retry: the provider returns the first authorization
-                    // again, so a crash between its answer and our commit never authorizes twice.
-                    idempotency_key: idempotency_key(order_id, "authorize"),
-                    failed_before,
-                };
-                self.decide(&request).await?
-            }
-            // Its key was dropped (or the token damaged): nobody can pay with it any more,
-            // so the order fails like a declined card instead of retrying forever.
-            Err(e) => {
-                tracing::warn!(error = %e, "payment token cannot be opened");
-                Decision::Refused {
-                    status: PaymentStatus::Declined,
-                    auth_id: None,
-                    expires_at: None,
-                    code: "token_unreadable".into(),
-                    reason: FailureReason::PaymentDeclined,
-                }
-            }
-        };
+        let decision = self.ask(checkout, failed_before).await?;
         if self.fail_after_provider_call && delivery.delivered == 1 {
             return Err(StepError::transient(
                 "chaos: failing after the provider call",
             ));
         }
-        let (record, outputs) = outcome(&checkout, decision, self.provider.name());
-        let auth_id = record.auth_id.clone();
-        let claim = Claim::new(&delivery.event_id, &outputs, &checkout, record)?;
-        if self.claims.write(claim).await? {
-            let flagged = outputs.iter().any(|e| {
-                matches!(e, Event::Declined { reason, .. } if *reason == FailureReason::FraudSuspected)
-            });
-            if flagged {
+        // Abandoned while the provider was answering: give the hold back now.
+        if let Some(auth_id) = decision.auth_id() {
+            if self.abandoned(checkout.order_id).await? {
+                self.void_late(checkout.order_id, auth_id).await?;
+                return Ok(Authorization::Abandoned);
+            }
+        }
+        Ok(Authorization::Decided(decision))
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Tx<'_>,
+        items: &[(&Checkout, &Authorization)],
+    ) -> Result<Vec<Vec<Event>>, StepError> {
+        let provider = self.provider.name();
+        let decided: Vec<(&Checkout, PaymentRecord)> = items
+            .iter()
+            .filter_map(|(checkout, found)| match found {
+                Authorization::Decided(decision) => {
+                    Some((*checkout, record_of(decision, provider)))
+                }
+                Authorization::Abandoned => None,
+            })
+            .collect();
+        let recorded = record_payments(tx.conn, &decided).await?;
+        let mut outputs = Vec::with_capacity(items.len());
+        let mut flagged = 0;
+        for (checkout, found) in items {
+            let events = match found {
+                Authorization::Decided(decision) if recorded.contains(&checkout.order_id) => {
+                    flagged += usize::from(decision.is_fraud());
+                    outcome(checkout, decision)
+                }
+                // A payment row was there first: the order was abandoned meanwhile (the
+                // reconciler voids what we hold), or another delivery recorded it (the inbox
+                // finds that one, and this attempt rolls back).
+                Authorization::Decided(decision) => {
+                    give_back_later(tx.conn, checkout.order_id, decision).await?;
+                    abandoned((*checkout).clone())
+                }
+                Authorization::Abandoned => abandoned((*checkout).clone()),
+            };
+            outputs.push(events);
+        }
+        tx.after_commit(move || {
+            for _ in 0..flagged {
                 crate::metrics::fraud_flag();
             }
-            return Ok(outputs);
+        });
+        Ok(outputs)
+    }
+
+    /// Another delivery recorded the payment first: give back a hold it does not hold.
+    async fn superseded(
+        &self,
+        checkout: &Checkout,
+        found: &Authorization,
+    ) -> Result<(), StepError> {
+        match found {
+            Authorization::Decided(decision) => match decision.auth_id() {
+                Some(auth_id) => self.give_back_unrecorded(checkout.order_id, auth_id).await,
+                None => Ok(()),
+            },
+            Authorization::Abandoned => Ok(()),
         }
-        if let Some(events) =
-            inbox::lookup(self.leases.pool(), table, DURABLE, &delivery.event_id).await?
-        {
-            // A concurrent delivery, or the first handling of a replay, recorded first: emit
-            // what it recorded, and give back a hold it does not hold.
-            if let Some(auth_id) = auth_id.as_deref() {
-                self.give_back_unrecorded(order_id, auth_id).await?;
-            }
-            return Ok(events);
-        }
-        // The order was abandoned while the provider was answering: give the hold back.
-        if let Some(auth_id) = auth_id.as_deref() {
-            match self
-                .provider
-                .void(auth_id, &idempotency_key(order_id, "void"))
-                .await
-            {
-                Ok(()) => {
-                    tracing::warn!(%auth_id, "voided an authorization that completed after the order was abandoned");
-                }
-                Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
-                Err(ProviderError::Unavailable(e)) => {
-                    return Err(StepError::transient(format!("void after abandonment: {e}")))
-                }
-                // The reconciler looks at abandoned payments again later.
-                Err(ProviderError::Rejected(e)) => {
-                    tracing::error!(%auth_id, error = %e, "the provider refused to void a late authorization");
-                }
-            }
-        }
-        let outputs = abandoned(checkout);
-        Ok(inbox::record_alone(
-            self.leases.pool(),
-            table,
-            DURABLE,
-            &delivery.event_id,
-            outputs,
-        )
-        .await?)
     }
 }
 
@@ -225,55 +226,91 @@ impl AuthorizeStep {
         Ok(())
     }
 
-    /// What a delivery that may have been handled, or whose order may have been abandoned,
-    /// must know before the provider is called (one round trip): the events it emitted then,
-    /// or the abandonment's, or whether an earlier call for the payment failed.
-    async fn look_first(
-        &self,
-        checkout: &Checkout,
-        delivery: &Delivery,
-    ) -> Result<Looked, StepError> {
-        let table = InboxTable::Payments;
+    /// Whether the watchdog abandoned the order, and whether an earlier provider call for its
+    /// payment failed (one round trip).
+    async fn look_first(&self, checkout: &Checkout) -> Result<Looked, StepError> {
         let mut lease = self.leases.acquire().await.map_err(StepError::transient)?;
-        let (handled, outputs, abandoned_already, failed_before): (
-            bool,
-            Option<Vec<u8>>,
-            bool,
-            bool,
-        ) = sqlx::query_as(
-            "SELECT i.event_id IS NOT NULL, i.outputs,
-                        EXISTS (SELECT 1 FROM payments.payments
-                                WHERE order_id = $3 AND status = 'abandoned'),
-                        EXISTS (SELECT 1 FROM payments.attempts
-                                WHERE order_id = $3 AND failures > 0)
-                 FROM (SELECT 1) AS one
-                 LEFT JOIN payments.inbox i ON i.consumer = $1 AND i.event_id = $2",
+        let (abandoned_already, failed_before): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM payments.payments
+                            WHERE order_id = $1 AND status = 'abandoned'),
+                    EXISTS (SELECT 1 FROM payments.attempts
+                            WHERE order_id = $1 AND failures > 0)",
         )
-        .bind(DURABLE)
-        .bind(&delivery.event_id)
         .bind(checkout.order_id)
         .fetch_one(&mut *lease)
         .await
         .map_err(StepError::transient)?;
         lease.park();
-        if let Some(events) = inbox::outputs_of(handled.then_some(outputs))? {
-            return Ok(Looked::Done(events));
+        Ok(if abandoned_already {
+            Looked::Abandoned
+        } else {
+            Looked::Go { failed_before }
+        })
+    }
+
+    /// Whether the order's payment was abandoned (by the watchdog's compensation).
+    async fn abandoned(&self, order_id: Uuid) -> Result<bool, StepError> {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM payments.payments WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_optional(self.leases.pool())
+                .await?;
+        Ok(status.as_deref() == Some("abandoned"))
+    }
+
+    /// Voids an authorization that completed after its order was abandoned.
+    async fn void_late(&self, order_id: Uuid, auth_id: &str) -> Result<(), StepError> {
+        match self
+            .provider
+            .void(auth_id, &idempotency_key(order_id, "void"))
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(%auth_id, "voided an authorization that completed after the order was abandoned");
+                Ok(())
+            }
+            Err(ProviderError::Deferred(wait)) => Err(StepError::RetryAfter(wait)),
+            Err(ProviderError::Unavailable(e)) => {
+                Err(StepError::transient(format!("void after abandonment: {e}")))
+            }
+            // The reconciler looks at abandoned payments again later.
+            Err(ProviderError::Rejected(e)) => {
+                tracing::error!(%auth_id, error = %e, "the provider refused to void a late authorization");
+                Ok(())
+            }
         }
-        if abandoned_already {
-            // The watchdog failed this order before its payment started: do not start one.
-            let outputs = abandoned(checkout.clone());
-            return Ok(Looked::Done(
-                inbox::record_alone(
-                    self.leases.pool(),
-                    table,
-                    DURABLE,
-                    &delivery.event_id,
-                    outputs,
-                )
-                .await?,
-            ));
+    }
+
+    /// Opens the payment token and asks the provider; a token nobody can open any more (its
+    /// key was dropped, or it is damaged) fails the order like a declined card instead of
+    /// retrying forever.
+    async fn ask(&self, checkout: &Checkout, failed_before: bool) -> Result<Decision, StepError> {
+        let order_id = checkout.order_id;
+        match self.seal.open(&checkout.payment_token) {
+            Ok(token) => {
+                let request = AuthorizeRequest {
+                    order_id,
+                    amount: checkout.total,
+                    currency: checkout.currency.code().to_owned(),
+                    token,
+                    // Same key on every retry: the provider returns the first authorization
+                    // again, so a crash between its answer and our commit never authorizes twice.
+                    idempotency_key: idempotency_key(order_id, "authorize"),
+                    failed_before,
+                };
+                self.decide(&request).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "payment token cannot be opened");
+                Ok(Decision::Refused {
+                    status: PaymentStatus::Declined,
+                    auth_id: None,
+                    expires_at: None,
+                    code: "token_unreadable".into(),
+                    reason: FailureReason::PaymentDeclined,
+                })
+            }
         }
-        Ok(Looked::Go { failed_before })
     }
 
     /// Asks the provider and turns its answer into a decision, or into a retry.
@@ -369,6 +406,21 @@ fn abandoned(checkout: Checkout) -> Vec<Event> {
     }]
 }
 
+impl Decision {
+    /// The authorization the provider holds for this decision, if any.
+    fn auth_id(&self) -> Option<&str> {
+        match self {
+            Self::Approved(auth_id, _) => Some(auth_id),
+            Self::Refused { auth_id, .. } => auth_id.as_deref(),
+        }
+    }
+
+    /// Whether our risk policy refused it.
+    fn is_fraud(&self) -> bool {
+        matches!(self, Self::Refused { reason, .. } if *reason == FailureReason::FraudSuspected)
+    }
+}
+
 /// What the payments row records of the provider's answer.
 struct PaymentRecord {
     provider: &'static str,
@@ -378,137 +430,97 @@ struct PaymentRecord {
     expires_at: Option<DateTime<Utc>>,
 }
 
-fn outcome(
-    checkout: &Checkout,
-    decision: Decision,
-    provider: &'static str,
-) -> (PaymentRecord, Vec<Event>) {
-    let payment_id = payment_id_for(checkout.order_id);
+fn record_of(decision: &Decision, provider: &'static str) -> PaymentRecord {
     match decision {
-        Decision::Approved(auth_id, expires_at) => (
-            PaymentRecord {
-                provider,
-                status: PaymentStatus::Authorized,
-                auth_id: Some(auth_id.clone()),
-                decline_code: None,
-                expires_at,
-            },
-            vec![Event::Authorized {
-                checkout: checkout.clone().spent(),
-                payment_id,
-                auth_id,
-            }],
-        ),
+        Decision::Approved(auth_id, expires_at) => PaymentRecord {
+            provider,
+            status: PaymentStatus::Authorized,
+            auth_id: Some(auth_id.clone()),
+            decline_code: None,
+            expires_at: *expires_at,
+        },
         Decision::Refused {
             status,
             auth_id,
             expires_at,
             code,
-            reason,
-        } => {
+            ..
+        } => PaymentRecord {
+            provider,
+            status: *status,
+            auth_id: auth_id.clone(),
+            decline_code: Some(code.clone()),
+            expires_at: *expires_at,
+        },
+    }
+}
+
+/// The events a decision emits.
+fn outcome(checkout: &Checkout, decision: &Decision) -> Vec<Event> {
+    match decision {
+        Decision::Approved(auth_id, _) => vec![Event::Authorized {
+            checkout: checkout.clone().spent(),
+            payment_id: payment_id_for(checkout.order_id),
+            auth_id: auth_id.clone(),
+        }],
+        Decision::Refused { code, reason, .. } => {
             tracing::info!(decline_code = %code, reason = reason.as_str(), "payment refused");
-            (
-                PaymentRecord {
-                    provider,
-                    status,
-                    auth_id,
-                    decline_code: Some(code.clone()),
-                    expires_at,
-                },
-                vec![Event::Declined {
-                    checkout: checkout.clone().spent(),
-                    decline_code: code,
-                    reason,
-                }],
-            )
+            vec![Event::Declined {
+                checkout: checkout.clone().spent(),
+                decline_code: code.clone(),
+                reason: *reason,
+            }]
         }
     }
 }
 
-/// A payment to record, with the event that claims it.
-pub struct Claim {
-    event_id: String,
-    /// The events the claim emits, encoded for the inbox.
-    outputs: Vec<u8>,
+/// Records the payments of `decided` (one statement); the orders recorded now. An order that
+/// has a payment row already (abandoned, or recorded by another delivery) is not.
+async fn record_payments(
+    conn: &mut PgConnection,
+    decided: &[(&Checkout, PaymentRecord)],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    if decided.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let recorded: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO payments.payments
+             (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                              $6::numeric[], $7::text[], $8::text[], $9::timestamptz[])
+         ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+    )
+    .bind(decided.iter().map(|(c, _)| payment_id_for(c.order_id)).collect::<Vec<_>>())
+    .bind(decided.iter().map(|(c, _)| c.order_id).collect::<Vec<_>>())
+    .bind(decided.iter().map(|(_, r)| r.provider).collect::<Vec<_>>())
+    .bind(decided.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>())
+    .bind(decided.iter().map(|(_, r)| r.auth_id.as_deref()).collect::<Vec<_>>())
+    .bind(decided.iter().map(|(c, _)| c.total).collect::<Vec<_>>())
+    .bind(decided.iter().map(|(c, _)| c.currency.code()).collect::<Vec<_>>())
+    .bind(decided.iter().map(|(_, r)| r.decline_code.as_deref()).collect::<Vec<_>>())
+    .bind(decided.iter().map(|(_, r)| r.expires_at).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    Ok(recorded.into_iter().collect())
+}
+
+/// An authorization that completed while its order was being abandoned, caught by the payment
+/// row and not before: the reconciler voids whatever the provider holds for the order.
+async fn give_back_later(
+    conn: &mut PgConnection,
     order_id: Uuid,
-    amount: rust_decimal::Decimal,
-    currency: &'static str,
-    record: PaymentRecord,
-}
-
-impl Claim {
-    fn new(
-        event_id: &str,
-        outputs: &[Event],
-        checkout: &Checkout,
-        record: PaymentRecord,
-    ) -> Result<Self, StepError> {
-        Ok(Self {
-            event_id: event_id.to_owned(),
-            outputs: rmp_serde::to_vec_named(outputs)
-                .map_err(|e| StepError::refused("outputs do not encode", e))?,
-            order_id: checkout.order_id,
-            amount: checkout.total,
-            currency: checkout.currency.code(),
-            record,
-        })
-    }
-}
-
-/// Records payments and claims their events, many orders per statement ([`Group`]). A claim
-/// is answered false, with no effect, if its order already has a payment row: a concurrent
-/// delivery recorded first, or the order was abandoned.
-pub struct Claims;
-
-impl Writes for Claims {
-    type Row = Claim;
-    type Answer = bool;
-    type Key = Uuid;
-
-    fn key(row: &Claim) -> Uuid {
-        row.order_id
-    }
-
-    async fn write(
-        &self,
-        conn: &mut PgConnection,
-        rows: &[Claim],
-    ) -> Result<Vec<bool>, sqlx::Error> {
-        let claimed: Vec<String> = sqlx::query_scalar(
-            "WITH r AS (
-                 SELECT * FROM unnest($2::text[], $3::bytea[], $4::uuid[], $5::uuid[], $6::text[],
-                                      $7::text[], $8::text[], $9::numeric[], $10::text[],
-                                      $11::text[], $12::timestamptz[])
-                     AS r(event_id, outputs, payment_id, order_id, provider, status, auth_id,
-                          amount, currency, decline_code, expires_at)),
-             p AS (
-                 INSERT INTO payments.payments
-                     (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
-                 SELECT payment_id, order_id, provider, status, auth_id, amount, currency,
-                        decline_code, expires_at FROM r
-                 ON CONFLICT (order_id) DO NOTHING RETURNING order_id),
-             c AS (
-                 INSERT INTO payments.inbox (consumer, event_id, outputs)
-                 SELECT $1, r.event_id, r.outputs FROM r JOIN p USING (order_id)
-                 ON CONFLICT DO NOTHING RETURNING event_id)
-             SELECT event_id FROM c",
+    decision: &Decision,
+) -> Result<(), sqlx::Error> {
+    if decision.auth_id().is_some() {
+        sqlx::query(
+            "UPDATE payments.payments SET reconciled_at = NULL, updated_at = now()
+             WHERE order_id = $1 AND status = 'abandoned'",
         )
-        .bind(DURABLE)
-        .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.outputs.as_slice()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| payment_id_for(r.order_id)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.record.provider).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.record.status.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.record.auth_id.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.amount).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.currency).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.record.decline_code.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.record.expires_at).collect::<Vec<_>>())
-        .fetch_all(&mut *conn)
+        .bind(order_id)
+        .execute(conn)
         .await?;
-        Ok(rows.iter().map(|r| claimed.contains(&r.event_id)).collect())
     }
+    Ok(())
 }
 
 /// Counts a failed provider call; true once the order's retry budget is spent (at least

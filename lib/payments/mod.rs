@@ -11,7 +11,7 @@ pub mod sandbox_client;
 pub mod token_seal;
 pub mod void;
 
-pub use authorize::{AuthorizeStep, Claims};
+pub use authorize::AuthorizeStep;
 pub use lifecycle::{CaptureStep, RefundStep};
 pub use provider::{PaymentProvider, ProviderError};
 pub use void::{abandon, void_for_order, VoidOutcome};
@@ -122,11 +122,6 @@ pub fn start(
         consuming,
         AuthorizeStep {
             leases: leases.clone(),
-            claims: crate::db::group::Group::new(
-                Claims,
-                leases.clone(),
-                settings.database.group_linger,
-            ),
             provider: provider.clone(),
             max_attempts: payments.max_attempts,
             retry_window: payments.retry_window,
@@ -137,21 +132,11 @@ pub fn start(
             pending_limit: settings.watchdog.pending_limit,
         },
     );
-    let pool = leases.pool().clone();
     tasks.step(
         consuming,
-        CaptureStep {
-            pool: pool.clone(),
-            provider: provider.clone(),
-        },
+        CaptureStep::new(leases.clone(), provider.clone()),
     );
-    tasks.step(
-        consuming,
-        RefundStep {
-            pool,
-            provider: provider.clone(),
-        },
-    );
+    tasks.step(consuming, RefundStep::new(leases.clone(), provider.clone()));
     let (bus, breaker) = (consuming.bus.clone(), breaker.clone());
     tasks.until_shutdown("breaker-status", move |token| {
         breaker_status::report_breaker(bus, breaker, token)

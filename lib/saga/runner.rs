@@ -1,5 +1,6 @@
-//! Runs one saga step as a durable pull consumer: decode, handle, publish what the step
-//! emitted (awaiting PublishAcks), then ack.
+//! The pull loops of every saga step's durable consumer, and what they share with the
+//! handling of what a pull delivered (`saga::apply`): how a step fails, when a message is
+//! naked, handed back or dead-lettered.
 //!
 //! The retry rules (subjects.md, "Retries and dead letters"):
 //! - A pull never asks for more messages than there are free handler slots, so a message is
@@ -17,7 +18,6 @@
 //!   and gives in-flight handlers `consumer.drain_timeout` to finish.
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,17 +26,12 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{error, info, warn};
 
 use crate::bus::{Bus, BusError, ConsumerSpec};
 use crate::config::{ConsumerSettings, Redeliver};
 use crate::saga::events::{Event, EventKind, SCHEMA_VERSION};
-use crate::saga::inbox::InboxError;
-use crate::saga::outgoing::Outgoing;
-use crate::saga::subjects::{
-    deadletter_msg_id, deadletter_subject, HEADER_EVENT, HEADER_SCHEMA, HEADER_TRACEPARENT,
-};
-use crate::saga::trace::TraceParent;
+use crate::saga::subjects::{deadletter_msg_id, deadletter_subject, HEADER_EVENT, HEADER_SCHEMA};
 
 /// A failure's cause: the typed error where there is one (a database error stays a
 /// `sqlx::Error` behind `source()`), or words.
@@ -118,39 +113,6 @@ impl From<sqlx::Error> for StepError {
     }
 }
 
-impl From<InboxError> for StepError {
-    fn from(e: InboxError) -> Self {
-        match e {
-            InboxError::Database(e) => e.into(),
-            other => Self::refused("the inbox row", other),
-        }
-    }
-}
-
-/// What a delivery tells a step besides the event.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The event's identity (its `Nats-Msg-Id`), the inbox key.
-    pub event_id: String,
-    /// 1 on the first delivery.
-    pub delivered: i64,
-    pub trace: TraceParent,
-}
-
-/// One step of the saga: which events it consumes and what it does with them.
-pub trait Step: Send + Sync + 'static {
-    /// The durable consumer's name; every instance of the role shares it.
-    const DURABLE: &'static str;
-    /// The event kinds this step consumes.
-    fn consumes(&self) -> Vec<EventKind>;
-    /// Does the step's work idempotently and returns the events to emit.
-    fn handle(
-        &self,
-        event: Event,
-        delivery: &Delivery,
-    ) -> impl Future<Output = Result<Vec<Event>, StepError>> + Send;
-}
-
 /// What the runner needs besides the step: where it pulls, how it retries.
 #[derive(Clone)]
 pub(crate) struct Policy {
@@ -166,7 +128,9 @@ pub(crate) struct Policy {
 /// A message pulled for this process, with the handler slot it occupies.
 pub(crate) struct Pulled {
     pub message: jetstream::Message,
-    pub permit: OwnedSemaphorePermit,
+    /// The handler slot, held until the message is finished (acked, naked or dead-lettered)
+    /// and freed when it is dropped.
+    pub _slot: OwnedSemaphorePermit,
 }
 
 /// Work for one group of pulled messages.
@@ -178,49 +142,13 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     fn durable(&self) -> &'static str;
     /// The event kinds it consumes.
     fn consumes(&self) -> Vec<EventKind>;
-    /// Whether a group is handled as one (a batch step), so that a bigger group is cheaper.
+    /// Whether a group is handled as one transaction (a `Batch` step), so a bigger group is
+    /// cheaper.
     fn batches(&self) -> bool {
         false
     }
     /// Handles the group; every message is acked, naked or dead-lettered by the end.
     fn dispatch(self: Arc<Self>, bus: Bus, policy: Arc<Policy>, group: Vec<Pulled>) -> Work;
-}
-
-/// Runs a step until `shutdown` is cancelled, then finishes in-flight messages.
-pub async fn run<S: Step>(
-    step: Arc<S>,
-    bus: Bus,
-    settings: ConsumerSettings,
-    chaos: Redeliver,
-    shutdown: CancellationToken,
-) -> Result<(), BusError> {
-    consume(Arc::new(PerMessage(step)), bus, settings, chaos, shutdown).await
-}
-
-/// Handles each message of a group on its own, concurrently.
-struct PerMessage<S>(Arc<S>);
-
-impl<S: Step> Dispatch for PerMessage<S> {
-    fn durable(&self) -> &'static str {
-        S::DURABLE
-    }
-
-    fn consumes(&self) -> Vec<EventKind> {
-        self.0.consumes()
-    }
-
-    fn dispatch(self: Arc<Self>, bus: Bus, policy: Arc<Policy>, group: Vec<Pulled>) -> Work {
-        Box::pin(async move {
-            let work = group.into_iter().map(|pulled| {
-                let (step, bus, policy) = (self.0.clone(), bus.clone(), policy.clone());
-                async move {
-                    process(&*step, &bus, &policy, pulled.message).await;
-                    drop(pulled.permit);
-                }
-            });
-            futures::future::join_all(work).await;
-        })
-    }
 }
 
 /// The pull loops shared by every kind of step: one per partition this process owns, each with
@@ -359,11 +287,14 @@ async fn consume_stream(
                 };
                 let group_until = tokio::time::Instant::now() + linger;
                 // Take this message and every one already received with it: they are
-                // handled together (one transaction for a batch step).
+                // handled together (one transaction for a `Batch` step).
                 while let Some(item) = next.take() {
                     match item {
                         Ok(message) => match permits.pop() {
-                            Some(permit) => group.push(Pulled { message, permit }),
+                            Some(slot) => group.push(Pulled {
+                                message,
+                                _slot: slot,
+                            }),
                             // The pull asked for exactly as many messages as permits.
                             None => {
                                 let _ = message.ack_with(AckKind::Nak(None)).await;
@@ -469,181 +400,6 @@ pub(crate) fn admit(message: &jetstream::Message) -> Admission {
             }
             _ => Admission::Dead(e.to_string()),
         },
-    }
-}
-
-async fn process<S: Step>(step: &S, bus: &Bus, policy: &Policy, message: jetstream::Message) {
-    let (delivered, stream_seq) = match message.info() {
-        Ok(info) => (info.delivered, info.stream_sequence),
-        Err(_) => (1, 0),
-    };
-    let trace = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(HEADER_TRACEPARENT))
-        .and_then(|v| TraceParent::parse(v.as_str()))
-        .unwrap_or_else(TraceParent::new_root);
-    let span = info_span!(
-        "saga_step",
-        consumer = policy.durable,
-        subject = %message.subject,
-        stream_seq,
-        delivered,
-        trace_id = %trace.trace_id,
-        parent_span_id = %trace.parent_id,
-        order_id = tracing::field::Empty,
-    );
-    trace.adopt(&span);
-    // What this step sends onwards: its own span (exported) or a new hop of the trace.
-    let hop = TraceParent::of_span(&span, &trace);
-    let letter = DeadLetter {
-        bus,
-        durable: &policy.durable,
-        message: &message,
-        stream_seq,
-        delivered,
-    };
-    async {
-        if policy.max_deliver > 0 && delivered > policy.max_deliver {
-            let reason = format!(
-                "delivered {delivered} times (max_deliver {}); the last attempts ended without a verdict",
-                policy.max_deliver
-            );
-            letter.send(&reason).await;
-            return;
-        }
-        let event = match admit(&message) {
-            Admission::Handle(event) => *event,
-            Admission::Later(why) => {
-                warn!(%why, delay = ?policy.settings.newer_schema_delay,
-                    "handing the message back for a newer version of this consumer");
-                nak_after(&message, policy.settings.newer_schema_delay).await;
-                return;
-            }
-            Admission::Dead(why) => {
-                letter.send(&why).await;
-                return;
-            }
-        };
-        let order_id = event.checkout().order_id;
-        tracing::Span::current().record("order_id", tracing::field::display(order_id));
-        let delivery = Delivery {
-            event_id: event.msg_id(),
-            delivered,
-            trace: hop.clone(),
-        };
-        let started = std::time::Instant::now();
-        let result = with_progress(
-            &message,
-            policy,
-            AssertUnwindSafe(step.handle(event, &delivery)).catch_unwind(),
-        )
-        .await;
-        crate::metrics::step_duration(S::DURABLE, started.elapsed());
-        let result = match result {
-            Some(Ok(result)) => result,
-            Some(Err(_panic)) => Err(StepError::permanent("the handler panicked")),
-            None => Err(StepError::transient(format!(
-                "the handler ran longer than {:?}",
-                policy.settings.handler_timeout
-            ))),
-        };
-        let last_chance = policy.max_deliver > 0 && delivered >= policy.max_deliver;
-        match result {
-            Ok(outputs) => finish(bus, policy, &message, &hop, delivered, &outputs).await,
-            Err(e @ StepError::Permanent { .. }) => letter.send(&e.dead_reason()).await,
-            Err(e) if last_chance => {
-                letter
-                    .send(&format!("gave up after {delivered} deliveries: {e}"))
-                    .await;
-            }
-            Err(StepError::RetryAfter(delay)) => {
-                tracing::debug!(?delay, "step deferred");
-                nak_after(&message, delay.max(Duration::from_millis(10))).await;
-            }
-            Err(StepError::Transient(reason)) => {
-                let delay = backoff(&policy.settings, delivered);
-                warn!(%reason, ?delay, "step failed, will retry");
-                nak_after(&message, delay).await;
-            }
-        }
-    }
-    .instrument(span)
-    .await;
-}
-
-/// Runs the handler, telling the server every `progress_every` that the message is still
-/// being worked on. `None` if it ran past the handler timeout.
-async fn with_progress<T>(
-    message: &jetstream::Message,
-    policy: &Policy,
-    work: impl Future<Output = T>,
-) -> Option<T> {
-    let deadline = tokio::time::sleep(policy.settings.handler_timeout);
-    tokio::pin!(work, deadline);
-    let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + policy.progress_every,
-        policy.progress_every,
-    );
-    loop {
-        tokio::select! {
-            result = &mut work => return Some(result),
-            _ = &mut deadline => return None,
-            _ = ticker.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    warn!(error = %e, "progress ack not sent");
-                }
-            }
-        }
-    }
-}
-
-/// Publishes what the step emitted, then acks. Effects are committed: on any failure here
-/// the redelivery finds them in the inbox and republishes the same events.
-async fn finish(
-    bus: &Bus,
-    policy: &Policy,
-    message: &jetstream::Message,
-    hop: &TraceParent,
-    delivered: i64,
-    outputs: &[Event],
-) {
-    let first = delivered == 1;
-    if policy.chaos == Redeliver::BeforePublish && first {
-        warn!("chaos: dying after commit, before publish");
-        let _ = message.ack_with(AckKind::Nak(None)).await;
-        return;
-    }
-    let mut outgoing = Vec::with_capacity(outputs.len());
-    for event in outputs {
-        match Outgoing::new(event, Some(hop)) {
-            Ok(out) => outgoing.push(out),
-            Err(e) => {
-                error!(error = %e, "cannot encode an output event");
-                nak_after(message, backoff(&policy.settings, delivered)).await;
-                return;
-            }
-        }
-    }
-    let results = bus
-        .publish_all_retrying(&outgoing, publish_budget(bus))
-        .await;
-    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
-        warn!(error = %e, "publish failed, will redeliver");
-        nak_after(message, backoff(&policy.settings, delivered)).await;
-        return;
-    }
-    if policy.chaos == Redeliver::AfterPublish && first {
-        warn!("chaos: dying after publish, before ack");
-        let _ = message.ack_with(AckKind::Nak(None)).await;
-        return;
-    }
-    // A plain ack, not a double ack: the effects are committed and the outputs stored by
-    // JetStream, so an ack lost on the way only means a redelivery after ack_wait, which the
-    // inbox turns into a republish of the same events (deduplicated). A double ack would cost
-    // a round trip and a subscription per message for no extra safety.
-    if let Err(e) = message.ack().await {
-        warn!(error = %e, "ack not sent");
     }
 }
 
