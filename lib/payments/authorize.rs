@@ -104,10 +104,7 @@ impl Step for AuthorizeStep {
         checkout: &Checkout,
         delivery: &Delivery,
     ) -> Result<Authorization, StepError> {
-        let young = delivery.delivered == 1
-            && (Utc::now() - checkout.requested_at)
-                .to_std()
-                .is_ok_and(|age| age < self.pending_limit / 2);
+        let young = delivery.delivered == 1 && self.young(checkout);
         let mut failed_before = false;
         if !young {
             match self.look_first(checkout).await? {
@@ -121,8 +118,10 @@ impl Step for AuthorizeStep {
                 "chaos: failing after the provider call",
             ));
         }
-        // Abandoned while the provider was answering: give the hold back now.
-        if let Some(auth_id) = decision.auth_id() {
+        // Abandoned while the provider was answering: give the hold back now. An order still
+        // young cannot have been (the payment row would stop it at the commit anyway, and the
+        // reconciler void its hold later).
+        if let (Some(auth_id), false) = (decision.auth_id(), self.young(checkout)) {
             if self.abandoned(checkout.order_id).await? {
                 self.void_late(checkout.order_id, auth_id).await?;
                 return Ok(Authorization::Abandoned);
@@ -246,6 +245,14 @@ impl AuthorizeStep {
         } else {
             Looked::Go { failed_before }
         })
+    }
+
+    /// Whether the order is too young for the watchdog to have abandoned it: it abandons
+    /// orders older than `pending_limit` (half of it here, for clocks that disagree).
+    fn young(&self, checkout: &Checkout) -> bool {
+        (Utc::now() - checkout.requested_at)
+            .to_std()
+            .is_ok_and(|age| age < self.pending_limit / 2)
     }
 
     /// Whether the order's payment was abandoned (by the watchdog's compensation).
