@@ -162,111 +162,19 @@ impl App {
         let mut tasks = Tasks::new(shutdown.clone());
         let mut psp_addr = None;
         if roles.contains(&Role::Psp) {
-            let listener = bind(&settings.psp.listen_addr).await?;
-            let addr = local_addr(&listener, &settings.psp.listen_addr)?;
+            let addr = serve_psp(&mut tasks, &settings.psp.listen_addr).await?;
             // An in-process authorize talks to the sandbox where it really listens.
             settings.psp.url = format!("http://{addr}");
             psp_addr = Some(addr);
-            let token = shutdown.clone();
-            tasks.spawn("psp", async move {
-                axum::serve(listener, Sandbox::default().router())
-                    .with_graceful_shutdown(token.cancelled_owned())
-                    .await
-                    .map_err(TaskError::from)
-            });
-            tracing::info!(%addr, "sandbox PSP listening");
         }
         let mut http_addr = None;
         if roles.iter().any(|r| r.needs_saga()) {
-            if settings.database.migrate_on_start {
-                db::create_if_missing(&settings.database).await?;
-            }
-            let pool = db::connect(&settings.database).await?;
-            if settings.database.migrate_on_start {
-                db::migrate(&pool).await?;
-            }
-            let bus = Bus::connect(&settings.nats).await?;
-            bus.ensure_streams().await?;
-            bus.check_partitions().await?;
-            let (provider, breaker) = payments::provider(&settings)?;
-            if !seal.enabled() && roles.contains(&Role::Edge) {
-                tracing::warn!(
-                    "payments.token_keys is empty: payment tokens travel unsealed through the \
-                     stream, inbox rows and dead letters; set it in production"
-                );
-            }
-            let leases = db::Leases::new(pool.clone());
-            let consuming = Consuming {
-                bus: bus.clone(),
-                settings: settings.consumer.clone(),
-                chaos: settings.chaos.redeliver,
-                group_linger: settings.database.group_linger,
-            };
-            for role in roles {
-                match role {
-                    Role::Reserve => {
-                        inventory::start(&mut tasks, &consuming, &leases, &settings.inventory);
-                    }
-                    Role::Authorize => payments::start(
-                        &mut tasks,
-                        &consuming,
-                        &settings,
-                        &leases,
-                        (&provider, &breaker),
-                        &seal,
-                    ),
-                    Role::Order => orders::start(&mut tasks, &consuming, &leases),
-                    Role::Compensate => {
-                        compensate::start(&mut tasks, &consuming, &settings, &leases, &provider);
-                    }
-                    Role::Edge | Role::Psp => {}
-                }
-            }
-            let durables: Vec<&'static str> = roles
-                .iter()
-                .flat_map(|role| role.durables().iter().copied())
-                .collect();
-            let every = settings.metrics.jetstream_interval;
-            let gauges = bus.clone();
-            tasks.until_shutdown("jetstream-gauges", move |token| {
-                crate::backlog::report(gauges, durables, every, token)
-            });
-            if let Some(verifier) = verifier {
-                let edge = Edge {
-                    settings: settings.clone(),
-                    leases,
-                    bus,
-                    seal,
-                    verifier,
-                };
-                let addr = edge
-                    .start(&mut tasks)
-                    .await
-                    .map_err(|source| AppError::Listen {
-                        addr: settings.http.addr.clone(),
-                        source,
-                    })?;
-                http_addr = Some(addr);
-            }
+            http_addr = start_saga_roles(&mut tasks, &settings, roles, seal, verifier).await?;
         }
         let mut metrics_addr = None;
         if !roles.contains(&Role::Edge) && roles.iter().any(|r| r.needs_saga()) {
             // The edge serves /metrics on its own address; other processes on metrics.addr.
-            match bind(&settings.metrics.addr).await {
-                Ok(listener) => {
-                    let addr = local_addr(&listener, &settings.metrics.addr)?;
-                    metrics_addr = Some(addr);
-                    let token = shutdown.clone();
-                    tasks.spawn("metrics", async move {
-                        axum::serve(listener, http::metrics_router())
-                            .with_graceful_shutdown(token.cancelled_owned())
-                            .await
-                            .map_err(TaskError::from)
-                    });
-                    tracing::info!(%addr, "metrics listening");
-                }
-                Err(e) => tracing::warn!(error = %e, "no /metrics for this process"),
-            }
+            metrics_addr = serve_metrics(&mut tasks, &settings.metrics.addr).await?;
         }
         Ok(Self {
             http_addr,
@@ -331,6 +239,112 @@ impl Drop for App {
         // Dropping the JoinSet aborts whatever is still running (a crash, for tests).
         self.shutdown.cancel();
     }
+}
+
+/// The sandbox PSP, in this process; where it listens.
+async fn serve_psp(tasks: &mut Tasks, listen: &str) -> Result<SocketAddr, AppError> {
+    let listener = bind(listen).await?;
+    let addr = local_addr(&listener, listen)?;
+    let token = tasks.shutdown().clone();
+    tasks.spawn("psp", async move {
+        axum::serve(listener, Sandbox::default().router())
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+            .map_err(TaskError::from)
+    });
+    tracing::info!(%addr, "sandbox PSP listening");
+    Ok(addr)
+}
+
+/// `/metrics` on its own address, for a process without an edge (none if it cannot bind).
+async fn serve_metrics(tasks: &mut Tasks, listen: &str) -> Result<Option<SocketAddr>, AppError> {
+    let listener = match bind(listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::warn!(error = %e, "no /metrics for this process");
+            return Ok(None);
+        }
+    };
+    let addr = local_addr(&listener, listen)?;
+    let token = tasks.shutdown().clone();
+    tasks.spawn("metrics", async move {
+        axum::serve(listener, http::metrics_router())
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+            .map_err(TaskError::from)
+    });
+    tracing::info!(%addr, "metrics listening");
+    Ok(Some(addr))
+}
+
+/// Connects to PostgreSQL (migrating it if asked) and to NATS (declaring and checking the
+/// saga's streams), then starts each role's service; where the edge listens, if it runs.
+async fn start_saga_roles(
+    tasks: &mut Tasks,
+    settings: &Settings,
+    roles: &[Role],
+    seal: Arc<crate::payments::token_seal::TokenSeal>,
+    verifier: Option<Arc<crate::auth::Verifier>>,
+) -> Result<Option<SocketAddr>, AppError> {
+    if settings.database.migrate_on_start {
+        db::create_if_missing(&settings.database).await?;
+    }
+    let pool = db::connect(&settings.database).await?;
+    if settings.database.migrate_on_start {
+        db::migrate(&pool).await?;
+    }
+    let bus = Bus::connect(&settings.nats).await?;
+    bus.ensure_streams().await?;
+    bus.check_partitions().await?;
+    let (provider, breaker) = payments::provider(settings)?;
+    if !seal.enabled() && roles.contains(&Role::Edge) {
+        tracing::warn!(
+            "payments.token_keys is empty: payment tokens travel unsealed through the \
+             stream, inbox rows and dead letters; set it in production"
+        );
+    }
+    let leases = db::Leases::new(pool);
+    let consuming = Consuming {
+        bus: bus.clone(),
+        settings: settings.consumer.clone(),
+        chaos: settings.chaos.redeliver,
+        group_linger: settings.database.group_linger,
+    };
+    for role in roles {
+        match role {
+            Role::Reserve => inventory::start(tasks, &consuming, &leases, &settings.inventory),
+            Role::Authorize => {
+                let provider = (&provider, &breaker);
+                payments::start(tasks, &consuming, settings, &leases, provider, &seal);
+            }
+            Role::Order => orders::start(tasks, &consuming, &leases),
+            Role::Compensate => compensate::start(tasks, &consuming, settings, &leases, &provider),
+            Role::Edge | Role::Psp => {}
+        }
+    }
+    let durables: Vec<&'static str> = roles
+        .iter()
+        .flat_map(|role| role.durables().iter().copied())
+        .collect();
+    let (every, gauges) = (settings.metrics.jetstream_interval, bus.clone());
+    tasks.until_shutdown("jetstream-gauges", move |token| {
+        crate::backlog::report(gauges, durables, every, token)
+    });
+    let Some(verifier) = verifier else {
+        return Ok(None);
+    };
+    let edge = Edge {
+        settings: settings.clone(),
+        leases,
+        bus,
+        seal,
+        verifier,
+    };
+    let addr = edge.start(tasks).await.map_err(|source| AppError::Listen {
+        addr: settings.http.addr.clone(),
+        source,
+    })?;
+    Ok(Some(addr))
 }
 
 fn report(ended: Result<TaskResult, tokio::task::JoinError>) -> Option<AppError> {

@@ -183,34 +183,45 @@ impl ReserveStep {
         if holds.ids.is_empty() {
             return Ok(outputs);
         }
-        let (taken_skus, taken_qtys): (Vec<String>, Vec<i32>) = taken.into_iter().unzip();
-        // One statement: the stock rows are locked already (above, in SKU order).
-        sqlx::query(
-            "WITH stock AS (
-                 UPDATE inventory.stock s SET reserved = s.reserved + d.qty, updated_at = now()
-                 FROM unnest($1::text[], $2::int[]) AS d(sku, qty)
-                 WHERE s.sku = d.sku AND s.sku = ANY($1)),
-             held AS (
-                 INSERT INTO inventory.inventory_reservations
-                     (reservation_id, order_id, sku, qty, status, expires_at)
-                 SELECT id, order_id, sku, qty, 'held', $7
-                 FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::int[])
-                      AS r(id, order_id, sku, qty)
-                 RETURNING order_id, sku, qty)
-             INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
-             SELECT sku, 'reserve', order_id, 0, qty FROM held",
-        )
-        .bind(&taken_skus)
-        .bind(&taken_qtys)
-        .bind(&holds.ids)
-        .bind(&holds.orders)
-        .bind(&holds.skus)
-        .bind(&holds.qtys)
-        .bind(expires_at)
-        .execute(&mut *conn)
-        .await?;
+        write_holds(conn, taken, &holds, expires_at).await?;
         Ok(outputs)
     }
+}
+
+/// Writes a batch's holds, their stock and their movements in one statement (the stock rows
+/// are locked already, in SKU order).
+async fn write_holds(
+    conn: &mut PgConnection,
+    taken: BTreeMap<String, i32>,
+    holds: &Holds,
+    expires_at: chrono::DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let (taken_skus, taken_qtys): (Vec<String>, Vec<i32>) = taken.into_iter().unzip();
+    sqlx::query(
+        "WITH stock AS (
+             UPDATE inventory.stock s SET reserved = s.reserved + d.qty, updated_at = now()
+             FROM unnest($1::text[], $2::int[]) AS d(sku, qty)
+             WHERE s.sku = d.sku AND s.sku = ANY($1)),
+         held AS (
+             INSERT INTO inventory.inventory_reservations
+                 (reservation_id, order_id, sku, qty, status, expires_at)
+             SELECT id, order_id, sku, qty, 'held', $7
+             FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::int[])
+                  AS r(id, order_id, sku, qty)
+             RETURNING order_id, sku, qty)
+         INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
+         SELECT sku, 'reserve', order_id, 0, qty FROM held",
+    )
+    .bind(&taken_skus)
+    .bind(&taken_qtys)
+    .bind(&holds.ids)
+    .bind(&holds.orders)
+    .bind(&holds.skus)
+    .bind(&holds.qtys)
+    .bind(expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Stamps each notice-to-be with the stock row's version after this batch: the version read

@@ -204,6 +204,44 @@ impl CircuitBreaker {
         }
     }
 
+    /// A half-open breaker's probe came back: enough failures reopen it, enough successes
+    /// close it.
+    fn judge_probe(
+        &self,
+        b: &mut Breaker,
+        outcome: Option<bool>,
+        repeated_failure: bool,
+        now: Instant,
+    ) {
+        b.probes_out = b.probes_out.saturating_sub(1);
+        match outcome {
+            // No answer, or a request known to fail failing again: the slot is free for
+            // another probe and nothing is decided.
+            None => {}
+            Some(false) if repeated_failure => {}
+            Some(true) => b.probe_successes += 1,
+            Some(false) => b.probe_failures += 1,
+        }
+        let reopen_at = self.failures_to_reopen();
+        if b.probe_failures >= reopen_at {
+            tracing::warn!(
+                failed = b.probe_failures,
+                succeeded = b.probe_successes,
+                cooldown = ?self.cooldown,
+                "payment provider breaker reopened"
+            );
+            b.enter(BreakerState::Open, now);
+            b.open_until = now + self.cooldown;
+        } else if b.probe_successes > self.probes - reopen_at {
+            tracing::warn!(
+                failed = b.probe_failures,
+                succeeded = b.probe_successes,
+                "payment provider breaker closed"
+            );
+            b.enter(BreakerState::Closed, now);
+        }
+    }
+
     fn record(&self, generation: u64, probe: bool, outcome: Option<bool>, key: String) {
         let Ok(mut b) = self.inner.lock() else { return };
         let now = Instant::now();
@@ -230,33 +268,7 @@ impl CircuitBreaker {
             return;
         }
         if probe {
-            b.probes_out = b.probes_out.saturating_sub(1);
-            match outcome {
-                // No answer, or a request known to fail failing again: the slot is free for
-                // another probe and nothing is decided.
-                None => {}
-                Some(false) if repeated_failure => {}
-                Some(true) => b.probe_successes += 1,
-                Some(false) => b.probe_failures += 1,
-            }
-            let reopen_at = self.failures_to_reopen();
-            if b.probe_failures >= reopen_at {
-                tracing::warn!(
-                    failed = b.probe_failures,
-                    succeeded = b.probe_successes,
-                    cooldown = ?self.cooldown,
-                    "payment provider breaker reopened"
-                );
-                b.enter(BreakerState::Open, now);
-                b.open_until = now + self.cooldown;
-            } else if b.probe_successes > self.probes - reopen_at {
-                tracing::warn!(
-                    failed = b.probe_failures,
-                    succeeded = b.probe_successes,
-                    "payment provider breaker closed"
-                );
-                b.enter(BreakerState::Closed, now);
-            }
+            self.judge_probe(&mut b, outcome, repeated_failure, now);
             return;
         }
         let Some(success) = outcome else { return };

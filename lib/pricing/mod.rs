@@ -139,6 +139,63 @@ pub enum PricingError {
     TooHeavy(i64),
 }
 
+/// Each line's share of the promotion's discount, what the promotion did, and whether it
+/// ships for free.
+fn discounts(
+    lines: &[LineInput],
+    totals: &[Decimal],
+    promo: Option<&Promo>,
+    round: impl Fn(Decimal) -> Decimal,
+) -> (Vec<Decimal>, Option<PromoOutcome>, bool) {
+    let Some(promo) = promo else {
+        return (vec![Decimal::ZERO; lines.len()], None, false);
+    };
+    let eligible: Vec<bool> = lines.iter().map(|l| promo.covers(&l.sku)).collect();
+    let refusal = promo.refusal(totals.iter().copied().sum(), eligible.iter().any(|e| *e));
+    let outcome = PromoOutcome {
+        code: promo.code.clone(),
+        applied: refusal.is_none(),
+        reason: refusal,
+    };
+    if refusal.is_some() {
+        return (vec![Decimal::ZERO; lines.len()], Some(outcome), false);
+    }
+    let discounts = promo.line_discounts(totals, &eligible, round);
+    (
+        discounts,
+        Some(outcome),
+        promo.kind == PromoKind::FreeShipping,
+    )
+}
+
+/// Shipping for the order's weight: the smallest band that takes it, free with a promotion or
+/// over the zone's threshold (after the discount).
+fn shipping(
+    destination: &Destination,
+    weight_grams: i64,
+    free_shipping: bool,
+    discounted: Decimal,
+    round: impl Fn(Decimal) -> Decimal,
+) -> Result<Decimal, PricingError> {
+    let band = destination
+        .shipping
+        .bands
+        .iter()
+        .filter(|b| b.max_grams >= weight_grams)
+        .min_by_key(|b| b.max_grams)
+        .ok_or(PricingError::TooHeavy(weight_grams))?;
+    let free = free_shipping
+        || destination
+            .shipping
+            .free_over
+            .is_some_and(|over| discounted >= over);
+    Ok(if free {
+        Decimal::ZERO
+    } else {
+        round(band.price)
+    })
+}
+
 /// Prices lines in one currency; `destination` adds tax and shipping (zero without one).
 pub fn price(
     currency: Currency,
@@ -157,50 +214,12 @@ pub fn price(
         .map(|l| i64::from(l.weight_grams) * i64::from(l.qty.get()))
         .sum();
 
-    let (discounts, promo_outcome, free_shipping) = match promo {
-        None => (vec![Decimal::ZERO; lines.len()], None, false),
-        Some(promo) => {
-            let eligible: Vec<bool> = lines.iter().map(|l| promo.covers(&l.sku)).collect();
-            let refusal = promo.refusal(subtotal, eligible.iter().any(|e| *e));
-            let outcome = PromoOutcome {
-                code: promo.code.clone(),
-                applied: refusal.is_none(),
-                reason: refusal,
-            };
-            if refusal.is_some() {
-                (vec![Decimal::ZERO; lines.len()], Some(outcome), false)
-            } else {
-                let discounts = promo.line_discounts(&totals, &eligible, round);
-                (
-                    discounts,
-                    Some(outcome),
-                    promo.kind == PromoKind::FreeShipping,
-                )
-            }
-        }
-    };
+    let (discounts, promo_outcome, free_shipping) = discounts(&lines, &totals, promo, round);
     let discount: Decimal = discounts.iter().copied().sum();
 
     let shipping = match destination {
         None => Decimal::ZERO,
-        Some(d) => {
-            let band = d
-                .shipping
-                .bands
-                .iter()
-                .filter(|b| b.max_grams >= weight_grams)
-                .min_by_key(|b| b.max_grams)
-                .ok_or(PricingError::TooHeavy(weight_grams))?;
-            let free = free_shipping
-                || d.shipping
-                    .free_over
-                    .is_some_and(|over| subtotal - discount >= over);
-            if free {
-                Decimal::ZERO
-            } else {
-                round(band.price)
-            }
-        }
+        Some(d) => shipping(d, weight_grams, free_shipping, subtotal - discount, round)?,
     };
     let line_taxes: Vec<Decimal> = lines
         .iter()

@@ -186,26 +186,7 @@ async fn consume_stream(
     shutdown: CancellationToken,
     stream: String,
 ) -> Result<(), BusError> {
-    let max_deliver = bus.settings().max_deliver;
-    let spec = ConsumerSpec {
-        stream,
-        durable: handler.durable().to_owned(),
-        filter_subjects: handler
-            .consumes()
-            .into_iter()
-            .map(crate::saga::subjects::event_filter)
-            .collect(),
-        // One more than the runner's limit: the runner dead-letters at its limit, so the
-        // server's own (silent) limit is only reached if the last delivery's process died.
-        max_deliver: if max_deliver > 0 { max_deliver + 1 } else { -1 },
-    };
-    let policy = Arc::new(Policy {
-        durable: spec.durable.clone(),
-        settings: settings.clone(),
-        chaos,
-        max_deliver,
-        progress_every: (bus.settings().ack_wait / 3).max(Duration::from_millis(100)),
-    });
+    let (spec, policy) = declare(&*handler, &bus, &settings, chaos, stream);
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     let mut tasks = JoinSet::new();
     info!(consumer = spec.durable, "consumer started");
@@ -224,21 +205,9 @@ async fn consume_stream(
         };
         loop {
             while tasks.try_join_next().is_some() {}
-            // Wait for one free slot, then take every other free one (up to a batch).
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break 'outer,
-                },
+            let Some(mut permits) = free_slots(&slots, settings.batch, &shutdown).await else {
+                break 'outer;
             };
-            let mut permits = vec![first];
-            while permits.len() < settings.batch.max(1) {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
             let pull = consumer
                 .batch()
                 .max_messages(permits.len())
@@ -273,9 +242,6 @@ async fn consume_stream(
                 }
                 next = batch.next() => next,
             } {
-                let mut group = Vec::new();
-                let mut interrupted = false;
-                let mut next = Some(first);
                 // Nagle's rule for transactions: with no group in flight the database is
                 // idle for this step, so a lone message goes at once; with one in flight, the
                 // next group waits (up to the linger) for company, costing one commit for all.
@@ -285,35 +251,8 @@ async fn consume_stream(
                 } else {
                     Duration::ZERO
                 };
-                let group_until = tokio::time::Instant::now() + linger;
-                // Take this message and every one already received with it: they are
-                // handled together (one transaction for a `Batch` step).
-                while let Some(item) = next.take() {
-                    match item {
-                        Ok(message) => match permits.pop() {
-                            Some(slot) => group.push(Pulled {
-                                message,
-                                _slot: slot,
-                            }),
-                            // The pull asked for exactly as many messages as permits.
-                            None => {
-                                let _ = message.ack_with(AckKind::Nak(None)).await;
-                            }
-                        },
-                        Err(e) => {
-                            warn!(consumer = spec.durable, error = %e, "pull interrupted");
-                            interrupted = true;
-                            break;
-                        }
-                    }
-                    next = batch.next().now_or_never().flatten();
-                    if next.is_none() && !permits.is_empty() && !linger.is_zero() {
-                        next = tokio::time::timeout_at(group_until, batch.next())
-                            .await
-                            .ok()
-                            .flatten();
-                    }
-                }
+                let (group, interrupted) =
+                    gather(first, &mut batch, &mut permits, linger, &spec.durable).await;
                 if !group.is_empty() {
                     let work = handler.clone().dispatch(bus.clone(), policy.clone(), group);
                     tasks.spawn(work);
@@ -327,19 +266,116 @@ async fn consume_stream(
         }
     }
     drain(&mut tasks, settings.drain_timeout, &spec.durable).await;
-    // Pushes out the acks still buffered. The flush waits for the server, so with NATS down
-    // it would never return: bounded, an ack it could not send only means a redelivery.
-    if tokio::time::timeout(settings.drain_timeout, bus.client().flush())
+    flush_acks(&bus, settings.drain_timeout, &spec.durable).await;
+    info!(consumer = spec.durable, "consumer stopped");
+    Ok(())
+}
+
+/// Pushes out the acks still buffered. The flush waits for the server, so with NATS down it
+/// would never return: bounded, an ack it could not send only means a redelivery.
+async fn flush_acks(bus: &Bus, within: Duration, durable: &str) {
+    if tokio::time::timeout(within, bus.client().flush())
         .await
         .is_err()
     {
         warn!(
-            consumer = spec.durable,
+            consumer = durable,
             "acks not flushed (NATS unreachable); they will be redelivered"
         );
     }
-    info!(consumer = spec.durable, "consumer stopped");
-    Ok(())
+}
+
+/// The durable consumer a step binds on `stream`, and how its messages are retried.
+fn declare(
+    handler: &dyn Dispatch,
+    bus: &Bus,
+    settings: &ConsumerSettings,
+    chaos: Redeliver,
+    stream: String,
+) -> (ConsumerSpec, Arc<Policy>) {
+    let max_deliver = bus.settings().max_deliver;
+    let spec = ConsumerSpec {
+        stream,
+        durable: handler.durable().to_owned(),
+        filter_subjects: handler
+            .consumes()
+            .into_iter()
+            .map(crate::saga::subjects::event_filter)
+            .collect(),
+        // One more than the runner's limit: the runner dead-letters at its limit, so the
+        // server's own (silent) limit is only reached if the last delivery's process died.
+        max_deliver: if max_deliver > 0 { max_deliver + 1 } else { -1 },
+    };
+    let policy = Arc::new(Policy {
+        durable: spec.durable.clone(),
+        settings: settings.clone(),
+        chaos,
+        max_deliver,
+        progress_every: (bus.settings().ack_wait / 3).max(Duration::from_millis(100)),
+    });
+    (spec, policy)
+}
+
+/// Waits for one free handler slot, then takes every other free one (up to a batch); `None`
+/// at shutdown.
+async fn free_slots(
+    slots: &Arc<Semaphore>,
+    batch: usize,
+    shutdown: &CancellationToken,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let first = tokio::select! {
+        () = shutdown.cancelled() => return None,
+        permit = slots.clone().acquire_owned() => permit.ok()?,
+    };
+    let mut permits = vec![first];
+    while permits.len() < batch.max(1) {
+        match slots.clone().try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
+    Some(permits)
+}
+
+/// `first` and every message already received with it (up to `linger` more for company),
+/// each with a slot: handled together (one transaction for a `Batch` step). True if the pull
+/// was interrupted (a deleted consumer, a leader change).
+async fn gather(
+    first: Result<jetstream::Message, Box<dyn std::error::Error + Send + Sync>>,
+    batch: &mut jetstream::consumer::pull::Batch,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+    linger: Duration,
+    durable: &str,
+) -> (Vec<Pulled>, bool) {
+    let mut group = Vec::new();
+    let group_until = tokio::time::Instant::now() + linger;
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        match item {
+            Ok(message) => match permits.pop() {
+                Some(slot) => group.push(Pulled {
+                    message,
+                    _slot: slot,
+                }),
+                // The pull asked for exactly as many messages as permits.
+                None => {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
+            },
+            Err(e) => {
+                warn!(consumer = durable, error = %e, "pull interrupted");
+                return (group, true);
+            }
+        }
+        next = batch.next().now_or_never().flatten();
+        if next.is_none() && !permits.is_empty() && !linger.is_zero() {
+            next = tokio::time::timeout_at(group_until, batch.next())
+                .await
+                .ok()
+                .flatten();
+        }
+    }
+    (group, false)
 }
 
 /// Messages that arrive after shutdown began go straight back to the server.

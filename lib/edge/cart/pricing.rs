@@ -85,6 +85,27 @@ pub(crate) async fn price_lines(
         }
         Products::Read(read) => read,
     };
+    let Some((currency, lines)) = line_inputs(items, &products)? else {
+        return Ok(None);
+    };
+    let (promo, unusable) = promotion(db, code).await?;
+    let destination = ship_to
+        .as_ref()
+        .map(|to| destination(to, currency))
+        .transpose()?;
+    let mut priced = prices::price(currency, lines, promo.as_ref(), destination.as_ref())
+        .map_err(|e| CartError::ShippingUnavailable(e.to_string()))?;
+    if unusable.is_some() {
+        priced.promo = unusable;
+    }
+    Ok(Some(priced))
+}
+
+/// Each line with its product as sold now, in the cart's one currency; `None` for no lines.
+fn line_inputs(
+    items: Vec<Item>,
+    products: &HashMap<String, Product>,
+) -> Result<Option<(Currency, Vec<LineInput>)>, CartError> {
     let mut currency: Option<Currency> = None;
     let mut lines = Vec::with_capacity(items.len());
     for (sku, qty) in items {
@@ -112,59 +133,47 @@ pub(crate) async fn price_lines(
             weight_grams: product.weight_grams,
         });
     }
-    let Some(currency) = currency else {
-        return Ok(None);
+    Ok(currency.map(|c| (c, lines)))
+}
+
+/// The cart's promotion if it can be used now; otherwise why not, for the cart to show.
+async fn promotion(
+    db: impl sqlx::PgExecutor<'_>,
+    code: Option<String>,
+) -> Result<(Option<promo::Promo>, Option<PromoOutcome>), CartError> {
+    let Some(code) = code else {
+        return Ok((None, None));
     };
-    let mut unusable = None;
-    let promo = match code {
-        None => None,
-        Some(code) => match promo::get(db, &code).await? {
-            None => {
-                unusable = Some(PromoOutcome {
-                    code,
-                    applied: false,
-                    reason: Some("promo_not_found"),
-                });
-                None
-            }
-            Some(p) => match p.unusable_at(chrono::Utc::now()) {
-                Some(reason) => {
-                    unusable = Some(PromoOutcome {
-                        code: p.code,
-                        applied: false,
-                        reason: Some(reason),
-                    });
-                    None
-                }
-                None => Some(p),
-            },
+    let unusable = |code, reason| PromoOutcome {
+        code,
+        applied: false,
+        reason: Some(reason),
+    };
+    Ok(match promo::get(db, &code).await? {
+        None => (None, Some(unusable(code, "promo_not_found"))),
+        Some(p) => match p.unusable_at(chrono::Utc::now()) {
+            Some(reason) => (None, Some(unusable(p.code, reason))),
+            None => (Some(p), None),
         },
-    };
-    let destination = match ship_to {
-        None => None,
-        Some(ship_to) => {
-            let shipping = ship_to
-                .rates
-                .shipping(ship_to.method, currency.code())
-                .ok_or_else(|| {
-                    CartError::ShippingUnavailable(format!(
-                        "no {} shipping in {} to this address",
-                        ship_to.method,
-                        currency.code()
-                    ))
-                })?;
-            Some(Destination {
-                tax: ship_to.rates.tax,
-                shipping,
-            })
-        }
-    };
-    let mut priced = prices::price(currency, lines, promo.as_ref(), destination.as_ref())
-        .map_err(|e| CartError::ShippingUnavailable(e.to_string()))?;
-    if unusable.is_some() {
-        priced.promo = unusable;
-    }
-    Ok(Some(priced))
+    })
+}
+
+/// Tax and shipping for where the order goes, in the cart's currency.
+fn destination(ship_to: &ShipTo<'_>, currency: Currency) -> Result<Destination, CartError> {
+    let shipping = ship_to
+        .rates
+        .shipping(ship_to.method, currency.code())
+        .ok_or_else(|| {
+            CartError::ShippingUnavailable(format!(
+                "no {} shipping in {} to this address",
+                ship_to.method,
+                currency.code()
+            ))
+        })?;
+    Ok(Destination {
+        tax: ship_to.rates.tax,
+        shipping,
+    })
 }
 
 /// The cart priced now, from the edge's catalog cache.

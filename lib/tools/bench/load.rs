@@ -266,6 +266,8 @@ async fn one_checkout(
 }
 
 /// Runs the scenario and returns what it measured.
+// Test tooling, not the service: it moves out of the library with the tools crate (issue #27).
+#[allow(clippy::too_many_lines)]
 pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.users.max(1))
