@@ -77,4 +77,4 @@ token user *flags:
 bench *args: tools
     scripts/ensure-postgres.sh
     cargo build --release --locked --quiet
-    target/release/checkout bench {{args}}
+    target/release/checkout-bench {{args}}

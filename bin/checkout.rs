@@ -10,7 +10,6 @@ use checkout::app::{App, Role};
 use checkout::config::Settings;
 use checkout::payments::sandbox_client::SandboxClient;
 use checkout::saga::Event;
-use checkout::tools::bench::{self, BenchOptions, Scenario, SyncChoice};
 use checkout::{audit, auth, db, telemetry};
 
 // Every process allocates per request and per message (JSON, msgpack, HTTP and NATS buffers);
@@ -35,10 +34,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one role (edge, reserve, authorize, order, compensate, psp), several
+    /// Run one role (edge, reserve, authorize, order, compensate), several
     /// (comma-separated, e.g. `edge,reserve`), or all of them.
     Run {
-        /// edge | reserve | authorize | order | compensate | psp | all, or a comma-separated list
+        /// edge | reserve | authorize | order | compensate | all, or a comma-separated list
         role: String,
         /// Consume only these saga partitions, e.g. `0,2` (default: all of `nats.partitions`).
         #[arg(long, value_delimiter = ',')]
@@ -64,60 +63,9 @@ enum Command {
         #[arg(long)]
         spread: bool,
     },
-    /// Benchmark the pipeline against this machine's own ceiling (see BENCHMARKS.md).
-    Bench(BenchArgs),
     /// Read a MessagePack saga payload on stdin and print it as JSON
     /// (use with `nats stream view CHECKOUT --translate 'checkout decode'`).
     Decode,
-}
-
-#[derive(clap::Args)]
-struct BenchArgs {
-    /// spread (many SKUs), hot (flash sale on one SKU) or mixed (declines and slow payments).
-    #[arg(long, default_value = "spread")]
-    scenario: Scenario,
-    /// Concurrent buyers (closed loop), or the in-flight cap with --rate.
-    #[arg(long, default_value_t = 64)]
-    users: usize,
-    /// Length of each run.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    duration: Duration,
-    /// Open loop: checkouts started per second, whatever the latency.
-    #[arg(long)]
-    rate: Option<f64>,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// SKUs in the spread and mixed scenarios.
-    #[arg(long, default_value_t = 200)]
-    skus: usize,
-    /// Units on sale in the flash sale.
-    #[arg(long, default_value_t = 50)]
-    hot_units: i64,
-    /// Buyers in the flash sale.
-    #[arg(long, default_value_t = 500)]
-    hot_buyers: usize,
-    /// nats-server fsync policy.
-    #[arg(long, value_enum, default_value_t = SyncChoice::Both)]
-    sync: SyncChoice,
-    /// Processes per consumer role to compare, e.g. 1,2.
-    #[arg(long, default_value = "1,2", value_delimiter = ',')]
-    processes: Vec<usize>,
-    /// Saga partitions on the bench's nats-server (`nats.partitions`): K > 1 adds the servers'
-    /// subject mapping, so the saga runs on K streams.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    partitions: u32,
-    /// Skip the flash-sale comparison run.
-    #[arg(long)]
-    no_hot: bool,
-    /// The peak of a sale: the flash sale with 10,000 buyers for 1,000 units.
-    #[arg(long)]
-    surge: bool,
-    /// Load before each measured run (then ANALYZE), so that plans fit a non-empty database.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    warmup: Duration,
-    /// Length of each ceiling measurement.
-    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
-    ceiling: Duration,
 }
 
 fn main() -> Result<()> {
@@ -171,29 +119,6 @@ async fn command(cli: Cli) -> Result<()> {
         Command::Token { user, admin, ttl } => {
             let settings = Settings::load()?;
             println!("{}", auth::mint_for(&settings.auth, &user, admin, ttl)?);
-            Ok(())
-        }
-        Command::Bench(args) => {
-            telemetry::init(cli.log_json);
-            let settings = Settings::load()?;
-            let runs = args.sync.runs(&args.processes);
-            let options = BenchOptions {
-                scenario: args.scenario,
-                users: args.users,
-                duration: args.duration,
-                rate: args.rate,
-                seed: args.seed,
-                skus: args.skus,
-                hot_units: if args.surge { 1000 } else { args.hot_units },
-                hot_buyers: if args.surge { 10_000 } else { args.hot_buyers },
-                runs,
-                with_hot: !args.no_hot,
-                ceiling_duration: args.ceiling,
-                warmup: args.warmup,
-                partitions: args.partitions,
-                work_dir: ".run/bench".into(),
-            };
-            bench::run(settings, options).await?;
             Ok(())
         }
         Command::Leaders { spread } => {

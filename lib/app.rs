@@ -19,7 +19,6 @@ use crate::orders::{self, LifecycleStep, OrderStep};
 use crate::payments::{self, AuthorizeStep, CaptureStep, ProviderError, RefundStep};
 use crate::saga::Step;
 use crate::tasks::{Consuming, TaskError, TaskResult, Tasks};
-use crate::tools::sandbox_psp::Sandbox;
 
 /// A long-running process kind. Consumer roles may run in any number of processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,13 +28,11 @@ pub enum Role {
     Authorize,
     Order,
     Compensate,
-    Psp,
 }
 
 impl Role {
     /// Every role, for `checkout run all`.
-    pub const ALL: [Role; 6] = [
-        Role::Psp,
+    pub const ALL: [Role; 5] = [
         Role::Edge,
         Role::Reserve,
         Role::Authorize,
@@ -55,16 +52,12 @@ impl Role {
             ],
             Role::Order => &[OrderStep::DURABLE, LifecycleStep::DURABLE],
             Role::Compensate => &[CompensateStep::DURABLE],
-            Role::Edge | Role::Psp => &[],
+            Role::Edge => &[],
         }
     }
 
-    fn needs_saga(self) -> bool {
-        self != Role::Psp
-    }
-
     fn serves_http(self) -> bool {
-        matches!(self, Role::Edge | Role::Psp)
+        self == Role::Edge
     }
 
     /// The async runtime's worker threads for a process running `roles` (0: one per core).
@@ -94,10 +87,9 @@ impl FromStr for Role {
             "authorize" => Self::Authorize,
             "order" => Self::Order,
             "compensate" => Self::Compensate,
-            "psp" => Self::Psp,
             other => {
                 return Err(format!(
-                    "unknown role {other}: edge, reserve, authorize, order, compensate, psp or all"
+                    "unknown role {other}: edge, reserve, authorize, order, compensate or all (the sandbox PSP is its own binary, `sandbox-psp`)"
                 ))
             }
         })
@@ -135,7 +127,6 @@ pub enum AppError {
 /// Running roles.
 pub struct App {
     http_addr: Option<SocketAddr>,
-    psp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Tasks,
@@ -143,7 +134,7 @@ pub struct App {
 
 impl App {
     /// Starts the given roles. Listeners bind before this returns, so port 0 works.
-    pub async fn build(mut settings: Settings, roles: &[Role]) -> Result<Self, AppError> {
+    pub async fn build(settings: Settings, roles: &[Role]) -> Result<Self, AppError> {
         // Everything the settings can get wrong is refused before anything connects: a bad
         // secret must not look like a server that is down.
         settings.check()?;
@@ -160,25 +151,17 @@ impl App {
         crate::metrics::install();
         let shutdown = CancellationToken::new();
         let mut tasks = Tasks::new(shutdown.clone());
-        let mut psp_addr = None;
-        if roles.contains(&Role::Psp) {
-            let addr = serve_psp(&mut tasks, &settings.psp.listen_addr).await?;
-            // An in-process authorize talks to the sandbox where it really listens.
-            settings.psp.url = format!("http://{addr}");
-            psp_addr = Some(addr);
-        }
         let mut http_addr = None;
-        if roles.iter().any(|r| r.needs_saga()) {
+        if !roles.is_empty() {
             http_addr = start_saga_roles(&mut tasks, &settings, roles, seal, verifier).await?;
         }
         let mut metrics_addr = None;
-        if !roles.contains(&Role::Edge) && roles.iter().any(|r| r.needs_saga()) {
+        if !roles.contains(&Role::Edge) && !roles.is_empty() {
             // The edge serves /metrics on its own address; other processes on metrics.addr.
             metrics_addr = serve_metrics(&mut tasks, &settings.metrics.addr).await?;
         }
         Ok(Self {
             http_addr,
-            psp_addr,
             metrics_addr,
             shutdown,
             tasks,
@@ -193,11 +176,6 @@ impl App {
     /// Where this process serves `/metrics` when it runs no edge.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
-    }
-
-    /// Where the sandbox PSP listens, if this app runs it.
-    pub fn psp_addr(&self) -> Option<SocketAddr> {
-        self.psp_addr
     }
 
     /// Cancelling this token stops the app gracefully.
@@ -239,21 +217,6 @@ impl Drop for App {
         // Dropping the JoinSet aborts whatever is still running (a crash, for tests).
         self.shutdown.cancel();
     }
-}
-
-/// The sandbox PSP, in this process; where it listens.
-async fn serve_psp(tasks: &mut Tasks, listen: &str) -> Result<SocketAddr, AppError> {
-    let listener = bind(listen).await?;
-    let addr = local_addr(&listener, listen)?;
-    let token = tasks.shutdown().clone();
-    tasks.spawn("psp", async move {
-        axum::serve(listener, Sandbox::default().router())
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await
-            .map_err(TaskError::from)
-    });
-    tracing::info!(%addr, "sandbox PSP listening");
-    Ok(addr)
 }
 
 /// `/metrics` on its own address, for a process without an edge (none if it cannot bind).
@@ -319,7 +282,7 @@ async fn start_saga_roles(
             }
             Role::Order => orders::start(tasks, &consuming, &leases),
             Role::Compensate => compensate::start(tasks, &consuming, settings, &leases, &provider),
-            Role::Edge | Role::Psp => {}
+            Role::Edge => {}
         }
     }
     let durables: Vec<&'static str> = roles
@@ -394,7 +357,6 @@ mod tests {
         assert_eq!(threads("reserve"), Ok(1));
         assert_eq!(threads("reserve,authorize,order,compensate"), Ok(1));
         assert_eq!(threads("edge"), Ok(0));
-        assert_eq!(threads("psp"), Ok(0));
         assert_eq!(threads("edge,reserve"), Ok(0));
         assert_eq!(threads("all"), Ok(0));
     }

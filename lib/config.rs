@@ -134,10 +134,9 @@ pub struct AuthSettings {
     pub audience: String,
 }
 
-/// The payment service provider (the sandbox PSP in development and tests).
+/// The payment service provider (the sandbox PSP, `sandbox-psp`, in development and tests).
 #[derive(Debug, Clone, Deserialize)]
 pub struct PspSettings {
-    pub listen_addr: String,
     pub url: String,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,

@@ -10,8 +10,8 @@
 //!    promotion, tax, shipping), records the request under its Idempotency-Key and publishes
 //!    `checkout.requested` through [`edge::outbox`] (which republishes after a crash).
 //! 2. [`inventory`]'s reserve step holds stock for every line or none: `reserved` / `rejected`.
-//! 3. [`payments`]' authorize step asks the PSP ([`payments::sandbox_client`], served by
-//!    [`tools::sandbox_psp`]) with a per-order idempotency key: `authorized` / `declined`.
+//! 3. [`payments`]' authorize step asks the PSP ([`payments::sandbox_client`]; in development
+//!    the `sandbox-psp` crate's server) with a per-order idempotency key: `authorized` / `declined`.
 //! 4. [`orders`]' order step, in one transaction, takes the units out of stock
 //!    ([`inventory`]'s commit, re-taking a lapsed hold if it can) and creates the confirmed
 //!    order: `confirmed` / `rejected`. Expired holds are swept back to available stock.
@@ -31,7 +31,7 @@
 //! - [`metrics`]: the recorder and one function per metric, with plain values (the lowest
 //!   module: every layer records through it); [`backlog`]: the JetStream gauges.
 //! - [`db`]: pool and embedded migrations. [`config`]: settings. [`telemetry`]: tracing.
-//! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`, `psp`); start-up
+//! - [`app`]: roles (`edge`, `reserve`, `authorize`, `order`, `compensate`); start-up
 //!   loops over them, and each service's `start` ([`edge::Edge`], [`inventory::start`],
 //!   [`payments::start`], [`orders::start`], [`compensate::start`]) adds its steps and loops to
 //!   the process's [`tasks`].
@@ -41,7 +41,6 @@
 //! - [`retention`]: the pruner that keeps inbox, outbox and ledger tables bounded.
 //! - [`payments::breaker_status`]: circuit-breaker states shared through a JetStream
 //!   key-value bucket.
-//! - [`tools`]: `checkout bench` (load generator, ceilings) and the sandbox PSP server.
 
 pub mod app;
 pub mod audit;
@@ -63,4 +62,3 @@ pub mod retention;
 pub mod saga;
 pub mod tasks;
 pub mod telemetry;
-pub mod tools;

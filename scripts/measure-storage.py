@@ -2,7 +2,7 @@
 """Bytes per order, measured: `just measure-storage [orders]` (docs/capacity.md).
 
 Starts its own nats-server (R1, a free port) and a fresh database, runs every role in one
-`checkout run all`, places orders (one unit each, eight buyers in parallel), and prints what
+`checkout run all` (and the sandbox PSP), places orders (one unit each, eight buyers in parallel), and prints what
 each PostgreSQL table (heap, indexes, TOAST) and each stream grew by per order, between a
 warm-up and the end. Standard library only.
 """
@@ -23,6 +23,7 @@ WARMUP = 200
 BUYERS = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release/checkout")
+PSP = os.path.join(ROOT, "target/release/sandbox-psp")
 NATS = os.path.join(ROOT, ".venv/bin/nats-server")
 BASE_DB = os.environ.get("MEASURE_DATABASE", "postgres://postgres:postgres@127.0.0.1:5432")
 
@@ -79,7 +80,7 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--locked", "--quiet"], cwd=ROOT, check=True)
     nats_bin = NATS if os.path.exists(NATS) else shutil.which("nats-server")
     store = tempfile.mkdtemp(prefix="measure-nats-")
-    client, monitor, http = free_port(), free_port(), free_port()
+    client, monitor, http, psp_port = free_port(), free_port(), free_port(), free_port()
     db_name = f"checkout_measure_{os.getpid()}"
     db_url = f"{BASE_DB}/{db_name}"
     nats = subprocess.Popen([nats_bin, "-js", "-a", "127.0.0.1", "-p", str(client), "-m", str(monitor),
@@ -89,7 +90,7 @@ def main():
                CHECKOUT__NATS__URL=f"nats://127.0.0.1:{client}",
                CHECKOUT__DATABASE__URL=db_url,
                CHECKOUT__HTTP__ADDR=f"127.0.0.1:{http}",
-               CHECKOUT__PSP__LISTEN_ADDR="127.0.0.1:0",
+               CHECKOUT__PSP__URL=f"http://127.0.0.1:{psp_port}",
                CHECKOUT__METRICS__ADDR="127.0.0.1:0",
                CHECKOUT__AUTH__JWT_SECRET=secret,
                CHECKOUT__PAYMENTS__TOKEN_KEYS="ab" * 32,
@@ -99,6 +100,8 @@ def main():
                CHECKOUT__EDGE__REQUESTS_PER_USER_PER_S="100000",
                CHECKOUT__EDGE__REQUESTS_PER_USER_BURST="100000",
                RUST_LOG="error")
+    psp = subprocess.Popen([PSP, "--listen", f"127.0.0.1:{psp_port}"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
     app = subprocess.Popen([BIN, "run", "all"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{http}"
     try:
@@ -172,6 +175,7 @@ def main():
             app.wait(timeout=20)
         except subprocess.TimeoutExpired:
             app.kill()
+        psp.kill()
         nats.kill()
         shutil.rmtree(store, ignore_errors=True)
         subprocess.run(["psql", f"{BASE_DB}/postgres", "-qc",

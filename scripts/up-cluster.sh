@@ -62,7 +62,7 @@ stop() {
 }
 trap stop INT TERM
 
-env CHECKOUT__METRICS__ADDR=127.0.0.1:9460 "$bin" run psp >"$dir/psp.log" 2>&1 &
+target/release/sandbox-psp --listen 127.0.0.1:8090 >"$dir/psp.log" 2>&1 &
 pids+=($!); echo $! >"$dir/psp.pid"
 port=9461
 for n in 1 2; do

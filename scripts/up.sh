@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `just up`: start NATS 2.15 and PostgreSQL unless configured, migrate, run every role.
+# `just up`: start NATS 2.15 and PostgreSQL unless configured, the sandbox PSP, migrate, run
+# every role.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/local-secrets.sh
@@ -13,7 +14,6 @@ if [ -z "${CHECKOUT__NATS__URL:-}" ]; then
     # Ctrl-C stops checkout first (which drains against a live server), then this script stops it.
     setsid .venv/bin/nats-server -c nats/single.conf -p "$port" -l .run/nats.log &
     nats_pid=$!
-    trap 'kill "$nats_pid" 2>/dev/null; wait "$nats_pid" 2>/dev/null || true' EXIT
     echo "started nats-server 2.15 on 127.0.0.1:$port (log .run/nats.log)"
     for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
   fi
@@ -25,15 +25,20 @@ if [ ! -x "$bin" ]; then
 fi
 # Not --quiet: a first build shows its progress instead of minutes of silence.
 cargo build --release --locked
+# The payment provider is someone else's system: its own process, its own session.
+setsid target/release/sandbox-psp --listen 127.0.0.1:8090 >.run/psp.log 2>&1 &
+psp_pid=$!
+# When checkout has stopped (Ctrl-C, SIGTERM), stop what this script started.
+trap 'kill ${nats_pid:-} "$psp_pid" 2>/dev/null; wait ${nats_pid:-} "$psp_pid" 2>/dev/null || true' EXIT
 $bin migrate
 cat <<MSG
 
-checkout is starting on http://127.0.0.1:8080 (sandbox PSP on 127.0.0.1:8090)
+checkout is starting on http://127.0.0.1:8080 (sandbox PSP on 127.0.0.1:8090, log .run/psp.log)
   admin token:  $bin token --user admin --admin
   buyer token:  $bin token --user alice
   try:          curl -s localhost:8080/readyz
   NATS users:   one per role (nats/auth.conf), passwords in .run/nats.env; this process runs every
                 role as "operator". The nats CLI: nats --user operator --password "\$CHECKOUT_NATS_OPERATOR_PASSWORD"
 MSG
-# Not exec: when checkout has stopped (Ctrl-C, SIGTERM), the trap above stops nats-server.
+# Not exec: when checkout has stopped (Ctrl-C, SIGTERM), the trap above stops the servers.
 $bin run all

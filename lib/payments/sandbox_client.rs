@@ -1,4 +1,4 @@
-//! The HTTP client for the sandbox PSP (`checkout run psp`), spoken to as a real adapter
+//! The HTTP client for the sandbox PSP (`sandbox-psp`, the `tools/sandbox-psp` crate), spoken to as a real adapter
 //! speaks to Stripe: JSON over HTTP, an `Idempotency-Key` on every mutating call.
 //!
 //! How answers map: 2xx is the answer; 402 to an authorization is an explicit decline; 401,

@@ -49,13 +49,7 @@ fn checkout_of(sku: &str, qty: i64) -> Checkout {
 #[tokio::test]
 async fn one_bad_message_in_a_batch_does_not_fail_its_neighbours() {
     // No reserve role yet: the requests queue up and are pulled together as one batch.
-    let roles = [
-        Role::Psp,
-        Role::Edge,
-        Role::Authorize,
-        Role::Order,
-        Role::Compensate,
-    ];
+    let roles = [Role::Edge, Role::Authorize, Role::Order, Role::Compensate];
     let app = TestApp::spawn_roles(&roles, |_| {}).await;
     app.product("TEE", "10.00", 10).await;
     let good: Vec<Checkout> = (0..4).map(|_| checkout_of("TEE", 1)).collect();
@@ -130,7 +124,7 @@ fn committed(checkout: Checkout) -> Outgoing {
 #[tokio::test]
 async fn a_message_the_database_refuses_is_dead_lettered_alone_or_in_a_batch() {
     // No order role yet: the committed events queue up and are pulled as one batch.
-    let roles = [Role::Psp, Role::Edge, Role::Compensate];
+    let roles = [Role::Edge, Role::Compensate];
     let app = TestApp::spawn_roles(&roles, |_| {}).await;
     let js = app.jetstream().await;
     let good: Vec<Checkout> = (0..3).map(|_| checkout_of("TEE", 1)).collect();

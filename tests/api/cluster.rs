@@ -8,13 +8,12 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use checkout::app::{App, Role};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{
     audit, checkout_body, eventually, nats_bin, port, process_env, spawn_nats, test_settings_on,
-    wait_ready, CheckoutProcess, TestDb,
+    wait_ready, CheckoutProcess, SandboxPsp, TestDb,
 };
 
 /// One nats-server of a test's cluster: a real process, killed and restarted for real.
@@ -190,7 +189,7 @@ struct Shop {
     settings: checkout::config::Settings,
     pool: sqlx::PgPool,
     http: reqwest::Client,
-    _psp: App,
+    _psp: SandboxPsp,
     _db: TestDb,
 }
 
@@ -205,10 +204,8 @@ impl Shop {
         let db = TestDb::new();
         let mut settings = test_settings_for(&cluster, &db);
         settings.payments.rate_limit_per_s = 100_000.0;
-        let psp_app = App::build(settings.clone(), &[Role::Psp])
-            .await
-            .expect("psp starts");
-        let psp = format!("http://{}", psp_app.psp_addr().expect("psp"));
+        let psp_app = SandboxPsp::start().await;
+        let psp = psp_app.url().to_owned();
         settings.psp.url = psp.clone();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(1500))

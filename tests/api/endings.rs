@@ -203,13 +203,7 @@ async fn an_authorization_that_completes_after_we_gave_up_is_voided() {
 #[tokio::test]
 async fn the_watchdog_ends_an_order_no_step_took_and_a_late_redelivery_changes_nothing() {
     // No reserve role: the checkout's first message is never handled (as if dead-lettered).
-    let roles = [
-        Role::Psp,
-        Role::Edge,
-        Role::Authorize,
-        Role::Order,
-        Role::Compensate,
-    ];
+    let roles = [Role::Edge, Role::Authorize, Role::Order, Role::Compensate];
     let app = TestApp::spawn_roles(&roles, |s| {
         s.watchdog.pending_limit = Duration::from_secs(1);
         s.watchdog.interval = Duration::from_millis(200);

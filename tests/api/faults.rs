@@ -164,18 +164,13 @@ async fn killing_an_authorize_process_mid_flight_loses_and_doubles_nothing() {
     let nats = crate::helpers::NatsServer::start();
     let db = crate::helpers::TestDb::new();
     let mut settings = crate::helpers::test_settings(&nats, &db);
-    let roles = [
-        Role::Psp,
-        Role::Edge,
-        Role::Reserve,
-        Role::Order,
-        Role::Compensate,
-    ];
+    let roles = [Role::Edge, Role::Reserve, Role::Order, Role::Compensate];
+    let psp = crate::helpers::SandboxPsp::start().await;
+    settings.psp.url = psp.url().to_owned();
     let app = App::build(settings.clone(), &roles)
         .await
         .expect("app starts");
-    settings.psp.url = format!("http://{}", app.psp_addr().expect("psp"));
-    let harness = crate::helpers::TestApp::attach(app, settings, nats, db).await;
+    let harness = crate::helpers::TestApp::attach(app, settings, psp, nats, db).await;
     // A real process, killed when dropped even if an assertion fails first.
     let spawn_authorize = || {
         let mut env =

@@ -9,13 +9,7 @@ use serde_json::json;
 use crate::helpers::TestApp;
 
 /// Every role but authorize: checkouts stop at `reserved` until a test starts it.
-const WITHOUT_AUTHORIZE: [Role; 5] = [
-    Role::Psp,
-    Role::Edge,
-    Role::Reserve,
-    Role::Order,
-    Role::Compensate,
-];
+const WITHOUT_AUTHORIZE: [Role; 4] = [Role::Edge, Role::Reserve, Role::Order, Role::Compensate];
 
 async fn assert_ledger_matches_stock(app: &TestApp) {
     let mismatched = app

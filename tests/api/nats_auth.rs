@@ -10,7 +10,7 @@ use checkout::app::{App, Role};
 use checkout::config::{Secret, Settings};
 use reqwest::StatusCode;
 
-use crate::helpers::{test_settings, NatsServer, TestApp, TestDb};
+use crate::helpers::{test_settings, NatsServer, SandboxPsp, TestApp, TestDb};
 
 const ROLES: [&str; 6] = [
     "edge",
@@ -74,10 +74,11 @@ async fn every_role_as_its_own_user_and_nothing_more() {
     let nats = secured_nats();
     let db = TestDb::new();
     let mut settings = test_settings(&nats, &db);
-    let front = App::build(as_user(&settings, "edge"), &[Role::Psp, Role::Edge])
+    let psp = SandboxPsp::start().await;
+    settings.psp.url = psp.url().to_owned();
+    let front = App::build(as_user(&settings, "edge"), &[Role::Edge])
         .await
         .expect("edge starts as edge");
-    settings.psp.url = format!("http://{}", front.psp_addr().expect("psp"));
     let mut roles = Vec::new();
     for (role, user) in [
         (Role::Reserve, "reserve"),
@@ -91,7 +92,7 @@ async fn every_role_as_its_own_user_and_nothing_more() {
                 .expect("role starts as its user"),
         );
     }
-    let app = TestApp::attach(front, settings, nats, db).await;
+    let app = TestApp::attach(front, settings, psp, nats, db).await;
     app.product("TEE", "10.00", 5).await;
     let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
     assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
@@ -190,11 +191,12 @@ async fn clients_connect_over_tls_to_a_server_signed_by_a_private_ca() {
     let db = TestDb::new();
     let mut settings = test_settings(&nats, &db);
     settings.nats.tls_ca_file = ca.display().to_string();
+    let psp = SandboxPsp::start().await;
+    settings.psp.url = psp.url().to_owned();
     let app = App::build(settings.clone(), &Role::ALL)
         .await
         .expect("starts over TLS");
-    settings.psp.url = format!("http://{}", app.psp_addr().expect("psp"));
-    let app = TestApp::attach(app, settings, nats, db).await;
+    let app = TestApp::attach(app, settings, psp, nats, db).await;
     app.product("TEE", "10.00", 5).await;
     let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
     assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
@@ -283,14 +285,15 @@ async fn the_edge_user_reads_timelines_but_cannot_touch_a_saga_durable() {
     let nats = secured_nats();
     let db = TestDb::new();
     let mut settings = test_settings(&nats, &db);
-    let front = App::build(as_user(&settings, "edge"), &[Role::Psp, Role::Edge])
+    let psp = SandboxPsp::start().await;
+    settings.psp.url = psp.url().to_owned();
+    let front = App::build(as_user(&settings, "edge"), &[Role::Edge])
         .await
         .expect("edge starts as edge");
-    settings.psp.url = format!("http://{}", front.psp_addr().expect("psp"));
     let reserve = App::build(as_user(&settings, "reserve"), &[Role::Reserve])
         .await
         .expect("reserve starts");
-    let app = TestApp::attach(front, settings, nats, db).await;
+    let app = TestApp::attach(front, settings, psp, nats, db).await;
     app.product("TEE", "10.00", 5).await;
     let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
     // No authorize role: the order waits after its hold, and its timeline shows that far.

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::cluster::Cluster;
 use crate::helpers::{
-    checkout_body, eventually, test_settings, test_settings_on, NatsServer, TestDb,
+    checkout_body, eventually, test_settings, test_settings_on, NatsServer, SandboxPsp, TestDb,
 };
 
 /// What `nats/cluster/partitions.conf` says, for K = 3.
@@ -34,13 +34,14 @@ async fn three_partitions_spread_over_the_nodes_and_split_between_processes() {
     settings.nats.replicas = 3;
     settings.nats.partitions = 3;
     settings.payments.rate_limit_per_s = 100_000.0;
+    let psp = SandboxPsp::start().await;
+    settings.psp.url = psp.url().to_owned();
     let main = App::build(
         settings.clone(),
-        &[Role::Psp, Role::Edge, Role::Order, Role::Compensate],
+        &[Role::Edge, Role::Order, Role::Compensate],
     )
     .await
     .expect("edge, order and compensate start");
-    settings.psp.url = format!("http://{}", main.psp_addr().expect("psp"));
     let base = format!("http://{}", main.http_addr().expect("edge"));
     // Reserve and authorize each run as two processes owning different partitions.
     let mut split = Vec::new();

@@ -355,13 +355,7 @@ async fn a_token_sealed_with_a_dropped_key_fails_its_order_without_calling_the_p
     use checkout::config::Secret;
 
     let app = TestApp::spawn_roles(
-        &[
-            Role::Psp,
-            Role::Edge,
-            Role::Reserve,
-            Role::Order,
-            Role::Compensate,
-        ],
+        &[Role::Edge, Role::Reserve, Role::Order, Role::Compensate],
         |_| {},
     )
     .await;

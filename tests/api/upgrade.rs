@@ -11,13 +11,7 @@ use crate::helpers::TestApp;
 #[tokio::test]
 async fn stock_the_old_step_committed_leaves_once_and_its_committed_event_changes_nothing() {
     // No order role yet: the checkout stops at `authorized`, where the old commit step took it.
-    let roles = [
-        Role::Psp,
-        Role::Edge,
-        Role::Reserve,
-        Role::Authorize,
-        Role::Compensate,
-    ];
+    let roles = [Role::Edge, Role::Reserve, Role::Authorize, Role::Compensate];
     let app = TestApp::spawn_roles(&roles, |_| {}).await;
     app.product("TEE", "10.00", 10).await;
     let (token, id) = app.buy("alice", "TEE", "tok_visa").await;

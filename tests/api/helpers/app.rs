@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use checkout::app::{App, Role};
 use checkout::config::{Secret, Settings};
 
-use super::servers::{port, NatsServer, TestDb};
+use super::servers::{port, NatsServer, SandboxPsp, TestDb};
 
 static TELEMETRY: Once = Once::new();
 
@@ -36,7 +36,6 @@ pub fn test_settings_on(url: String, db: &TestDb) -> Settings {
     s.database.url = Secret::new(db.url.clone());
     s.database.max_connections = 10;
     s.http.addr = "127.0.0.1:0".into();
-    s.psp.listen_addr = "127.0.0.1:0".into();
     s.auth.jwt_secret = Secret::new("test-secret-of-at-least-32-bytes!!");
     s.payments.token_keys = Secret::new(TEST_TOKEN_KEY);
     s.nats.ack_wait = Duration::from_secs(3);
@@ -67,6 +66,9 @@ pub struct TestApp {
     pub app: Option<App>,
     pub base: String,
     pub psp: String,
+    /// Held for its Drop: the sandbox PSP stops when the test ends.
+    #[allow(dead_code)]
+    pub psp_server: SandboxPsp,
     pub http: reqwest::Client,
     pub settings: Settings,
     pub pool: sqlx::PgPool,
@@ -99,17 +101,18 @@ impl TestApp {
         let nats = NatsServer::start();
         let mut settings = test_settings(&nats, &db);
         tweak(&mut settings);
+        let psp_server = SandboxPsp::start().await;
+        settings.psp.url = psp_server.url().to_owned();
         let app = App::build(settings.clone(), roles)
             .await
             .expect("app starts");
         let base = format!("http://{}", app.http_addr().expect("edge runs"));
-        let psp = format!("http://{}", app.psp_addr().expect("psp runs"));
-        settings.psp.url = psp.clone();
         let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
         Self {
             app: Some(app),
             base,
-            psp,
+            psp: settings.psp.url.clone(),
+            psp_server,
             http: reqwest::Client::new(),
             settings,
             pool,
@@ -118,40 +121,22 @@ impl TestApp {
         }
     }
 
-    /// Wraps an app the test built itself (for a custom set of roles).
-    pub async fn attach(app: App, settings: Settings, nats: NatsServer, db: TestDb) -> Self {
-        init_telemetry();
-        let base = format!("http://{}", app.http_addr().expect("edge runs"));
-        let psp = format!("http://{}", app.psp_addr().expect("psp runs"));
-        let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
-        Self {
-            app: Some(app),
-            base,
-            psp,
-            http: reqwest::Client::new(),
-            settings,
-            pool,
-            nats,
-            db,
-        }
-    }
-
-    /// Wraps roles that run in another process (the edge at `base`), with `app` running the
-    /// PSP in this one.
-    pub async fn remote(
+    /// Wraps an app the test built itself (for a custom set of roles), talking to `psp`.
+    pub async fn attach(
         app: App,
-        base: String,
         settings: Settings,
+        psp_server: SandboxPsp,
         nats: NatsServer,
         db: TestDb,
     ) -> Self {
         init_telemetry();
-        let psp = format!("http://{}", app.psp_addr().expect("psp runs"));
+        let base = format!("http://{}", app.http_addr().expect("edge runs"));
         let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
         Self {
             app: Some(app),
             base,
-            psp,
+            psp: psp_server.url().to_owned(),
+            psp_server,
             http: reqwest::Client::new(),
             settings,
             pool,
@@ -160,11 +145,11 @@ impl TestApp {
         }
     }
 
-    /// Wraps roles that all run in other processes (the edge at `base`, the PSP at `psp`).
-    pub async fn detached(
+    /// Wraps roles that run in another process (the edge at `base`), with the PSP in this one.
+    pub async fn remote(
         base: String,
-        psp: String,
         settings: Settings,
+        psp_server: SandboxPsp,
         nats: NatsServer,
         db: TestDb,
     ) -> Self {
@@ -173,7 +158,8 @@ impl TestApp {
         Self {
             app: None,
             base,
-            psp,
+            psp: psp_server.url().to_owned(),
+            psp_server,
             http: reqwest::Client::new(),
             settings,
             pool,
@@ -309,6 +295,15 @@ pub fn process_env(settings: &Settings, http_port: u16, psp: &str) -> Vec<(Strin
         ),
         ("CHECKOUT__HTTP__ADDR", format!("127.0.0.1:{http_port}")),
         ("CHECKOUT__PSP__URL", psp.to_owned()),
+        // Tests poll their orders far faster than a person would.
+        (
+            "CHECKOUT__EDGE__REQUESTS_PER_USER_PER_S",
+            s.edge.requests_per_user_per_s.to_string(),
+        ),
+        (
+            "CHECKOUT__EDGE__REQUESTS_PER_USER_BURST",
+            s.edge.requests_per_user_burst.to_string(),
+        ),
         (
             "CHECKOUT__AUTH__JWT_SECRET",
             s.auth.jwt_secret.expose().to_owned(),
@@ -356,10 +351,8 @@ pub async fn harness_with(extra: &[(&str, &str)]) -> (TestApp, CheckoutProcess) 
     let db = TestDb::new();
     let mut settings = test_settings(&nats, &db);
     settings.payments.rate_limit_per_s = 100_000.0;
-    let psp = App::build(settings.clone(), &[Role::Psp])
-        .await
-        .expect("psp starts");
-    let psp_url = format!("http://{}", psp.psp_addr().expect("psp"));
+    let psp = SandboxPsp::start().await;
+    let psp_url = psp.url().to_owned();
     settings.psp.url = psp_url.clone();
     let http_port = port();
     let mut env = process_env(&settings, http_port, &psp_url);
@@ -372,7 +365,7 @@ pub async fn harness_with(extra: &[(&str, &str)]) -> (TestApp, CheckoutProcess) 
     let base = format!("http://127.0.0.1:{http_port}");
     // Ready means migrated: the process creates the database.
     wait_ready(&reqwest::Client::new(), &base).await;
-    let app = TestApp::remote(psp, base, settings, nats, db).await;
+    let app = TestApp::remote(base, settings, psp, nats, db).await;
     (app, process)
 }
 

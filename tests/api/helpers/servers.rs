@@ -363,3 +363,33 @@ impl Drop for PgServer {
         self.stop();
     }
 }
+
+/// The sandbox PSP (the `sandbox-psp` crate) served from the test process; it stops when
+/// dropped.
+pub struct SandboxPsp {
+    url: String,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl SandboxPsp {
+    /// Serves a fresh sandbox (an empty ledger) on a free port.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port for the PSP");
+        let url = format!("http://{}", listener.local_addr().expect("bound"));
+        let task = tokio::spawn(sandbox_psp::Sandbox::default().serve(listener));
+        Self { url, task }
+    }
+
+    /// Its base URL, for `psp.url`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for SandboxPsp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use sqlx::PgPool;
 
-use super::BenchError;
-use crate::config::NatsSettings;
+use crate::bench::BenchError;
+use checkout::config::NatsSettings;
 
 /// Publishes per second with `in_flight` publishers each awaiting its ack.
 pub async fn jetstream_publish_rate(

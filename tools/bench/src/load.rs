@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::stats::RunStats;
-use super::BenchError;
+use crate::bench::BenchError;
+use crate::stats::RunStats;
 
 /// What the buyers do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +103,7 @@ impl Settlements {
 }
 
 fn token(secret: &str, user: &str, admin: bool) -> Result<String, BenchError> {
-    crate::auth::mint(secret, user, admin, Duration::from_secs(24 * 3600))
+    checkout::auth::mint(secret, user, admin, Duration::from_secs(24 * 3600))
         .map_err(|e| BenchError::Setup(e.to_string()))
 }
 
@@ -266,8 +266,6 @@ async fn one_checkout(
 }
 
 /// Runs the scenario and returns what it measured.
-// Test tooling, not the service: it moves out of the library with the tools crate (issue #27).
-#[allow(clippy::too_many_lines)]
 pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.users.max(1))

@@ -1,28 +1,19 @@
-//! `checkout bench`: drives the real pipeline over HTTP and compares it with this machine's
-//! own ceiling measured in the same run (raw JetStream publishes, raw PostgreSQL commits).
-//!
-//! By default it starts everything itself: a nats-server per run (with `sync_interval` at its
-//! default and at `always`), a fresh database, and each role as its own process (1 and 2
-//! processes per consumer role), so CPU per checkout can be read per process.
-
-mod ceiling;
-mod load;
-mod procs;
-mod stats;
+//! One benchmark: its options, its runs (each with its own nats-server, database and processes) and the report.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use load::Scenario;
-use procs::{
+pub use crate::load::Scenario;
+use crate::procs::{
     cores, cpu_seconds, cpu_seconds_of_command, free_port, nats_server_bin, peak_rss_mib,
     wait_ready, Proc,
 };
-pub use stats::RunStats;
+pub use crate::stats::RunStats;
+use crate::{ceiling, load};
 
-use crate::config::Settings;
-use crate::saga::events::{Checkout, Event, Line};
+use checkout::config::Settings;
+use checkout::saga::events::{Checkout, Event, Line};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +27,7 @@ pub enum BenchError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
-    Db(#[from] crate::db::DbError),
+    Db(#[from] checkout::db::DbError),
 }
 
 /// `fsync` policy of the nats-server a run starts.
@@ -72,28 +63,84 @@ impl SyncChoice {
     }
 }
 
-/// What `checkout bench` was asked to do.
-#[derive(Debug, Clone)]
+/// What `checkout-bench` was asked to do: the command line, parsed once.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "checkout-bench",
+    version,
+    about = "Benchmark the checkout pipeline against this machine's own ceiling (BENCHMARKS.md)"
+)]
 pub struct BenchOptions {
+    /// spread (many SKUs), hot (flash sale on one SKU) or mixed (declines and slow payments).
+    #[arg(long, default_value = "spread")]
     pub scenario: Scenario,
+    /// Concurrent buyers (closed loop), or the in-flight cap with --rate.
+    #[arg(long, default_value_t = 64)]
     pub users: usize,
+    /// Length of each run.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// Open loop: checkouts started per second, whatever the latency.
+    #[arg(long)]
     pub rate: Option<f64>,
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// SKUs in the spread and mixed scenarios.
+    #[arg(long, default_value_t = 200)]
     pub skus: usize,
+    /// Units on sale in the flash sale.
+    #[arg(long, default_value_t = 50)]
     pub hot_units: i64,
+    /// Buyers in the flash sale.
+    #[arg(long, default_value_t = 500)]
     pub hot_buyers: usize,
-    /// Runs to make: (sync policy, processes per consumer role).
-    pub runs: Vec<(Sync, usize)>,
-    /// Also run the flash sale after the main scenario, to compare hot with spread.
-    pub with_hot: bool,
-    pub ceiling_duration: Duration,
-    /// Spread load before measuring, then `ANALYZE`: a shop's database is not empty, and
-    /// plans made on empty tables (sequential scans) would be measured instead of ours.
-    pub warmup: Duration,
-    /// Saga partitions (`nats.partitions`) on the bench's nats-server.
+    /// nats-server fsync policy.
+    #[arg(long, value_enum, default_value_t = SyncChoice::Both)]
+    pub sync: SyncChoice,
+    /// Processes per consumer role to compare, e.g. 1,2.
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    pub processes: Vec<usize>,
+    /// Saga partitions on the bench's nats-server (`nats.partitions`): K > 1 adds the servers'
+    /// subject mapping, so the saga runs on K streams.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub partitions: u32,
+    /// Skip the flash-sale comparison run.
+    #[arg(long)]
+    pub no_hot: bool,
+    /// The peak of a sale: the flash sale with 10,000 buyers for 1,000 units.
+    #[arg(long)]
+    pub surge: bool,
+    /// Load before each measured run (then ANALYZE): a shop's database is not empty, and
+    /// plans made on empty tables (sequential scans) would be measured instead of ours.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Length of each ceiling measurement.
+    #[arg(long = "ceiling", default_value = "4s", value_parser = humantime::parse_duration)]
+    pub ceiling_duration: Duration,
+    /// Where each run keeps its logs and its nats-server's store.
+    #[arg(long, default_value = ".run/bench")]
     pub work_dir: PathBuf,
+}
+
+impl BenchOptions {
+    /// The options as the runs read them: `--surge` sets the flash sale's size.
+    pub fn resolved(mut self) -> Self {
+        if self.surge {
+            self.hot_units = 1000;
+            self.hot_buyers = 10_000;
+        }
+        self
+    }
+
+    /// Runs to make: (sync policy, processes per consumer role).
+    fn runs(&self) -> Vec<(Sync, usize)> {
+        self.sync.runs(&self.processes)
+    }
+
+    /// Whether the flash sale runs after the main scenario, to compare hot with spread.
+    fn with_hot(&self) -> bool {
+        !self.no_hot && self.scenario != Scenario::Hot
+    }
 }
 
 /// One run's outcome.
@@ -117,19 +164,19 @@ const COMMITS_PER_CHECKOUT: f64 = 5.0; // cart add, checkout, reserve, authorize
 pub async fn run(mut settings: Settings, opts: BenchOptions) -> Result<(), BenchError> {
     std::fs::create_dir_all(&opts.work_dir)?;
     // Its own token secret: the edges it starts refuse the built-in development one.
-    settings.auth.jwt_secret = crate::config::Secret::new(format!(
+    settings.auth.jwt_secret = checkout::config::Secret::new(format!(
         "{:032x}{:032x}",
         rand::random::<u128>(),
         rand::random::<u128>()
     ));
     // Sealed payment tokens, as in production, so their cost is in the figures.
-    settings.payments.token_keys = crate::config::Secret::new(format!(
+    settings.payments.token_keys = checkout::config::Secret::new(format!(
         "{:032x}{:032x}",
         rand::random::<u128>(),
         rand::random::<u128>()
     ));
     let mut reports = Vec::new();
-    for (i, (sync, processes)) in opts.runs.iter().enumerate() {
+    for (i, (sync, processes)) in opts.runs().iter().enumerate() {
         let label = format!(
             "{:?} sync={} processes/role={}",
             opts.scenario,
@@ -157,7 +204,7 @@ pub async fn run(mut settings: Settings, opts: BenchOptions) -> Result<(), Bench
             .await?,
         );
     }
-    if opts.with_hot && opts.scenario != Scenario::Hot {
+    if opts.with_hot() {
         let label = format!(
             "hot flash sale: {} units, {} buyers, sync=default processes/role=1",
             opts.hot_units, opts.hot_buyers
@@ -202,7 +249,6 @@ fn partition_mapping(partitions: u32) -> String {
     }
 }
 
-// Test tooling, not the service: it moves out of the library with the tools crate (issue #27).
 #[allow(clippy::too_many_arguments, clippy::too_many_lines)]
 async fn one_run(
     settings: &Settings,
@@ -241,10 +287,10 @@ async fn one_run(
     let mut db = settings.database.clone();
     let base_url = db.url.expose().to_owned();
     let db_name = format!("checkout_bench_{}_{index}", std::process::id());
-    db.url = crate::config::Secret::new(with_database(&base_url, &db_name));
-    crate::db::create_if_missing(&db).await?;
-    let pool = crate::db::connect(&db).await?;
-    crate::db::migrate(&pool).await?;
+    db.url = checkout::config::Secret::new(with_database(&base_url, &db_name));
+    checkout::db::create_if_missing(&db).await?;
+    let pool = checkout::db::connect(&db).await?;
+    checkout::db::migrate(&pool).await?;
 
     let http_port = free_port()?;
     let psp_port = free_port()?;
@@ -257,10 +303,6 @@ async fn one_run(
         (
             "CHECKOUT__HTTP__ADDR".to_owned(),
             format!("127.0.0.1:{http_port}"),
-        ),
-        (
-            "CHECKOUT__PSP__LISTEN_ADDR".to_owned(),
-            format!("127.0.0.1:{psp_port}"),
         ),
         (
             "CHECKOUT__PSP__URL".to_owned(),
@@ -316,13 +358,16 @@ async fn one_run(
             "1000000".to_owned(),
         ),
     ];
-    let exe = std::env::current_exe()?;
+    // The service and the provider are built beside this binary (one workspace).
+    let bench = std::env::current_exe()?;
+    let exe = bench.with_file_name("checkout");
+    let psp_listen = format!("127.0.0.1:{psp_port}");
     let http = reqwest::Client::new();
     wait_nats(nats_port).await?;
     let mut roles = vec![Proc::spawn(
         SANDBOX_PSP,
-        &exe,
-        &["run", "psp"],
+        &bench.with_file_name("sandbox-psp"),
+        &["--listen", &psp_listen],
         &env,
         &dir.join("psp.log"),
     )?];
@@ -587,9 +632,9 @@ fn with_database(url: &str, name: &str) -> String {
 /// The size of a typical `checkout.requested` payload (one line).
 fn sample_payload_size() -> usize {
     let (Ok(sku), Ok(qty), Ok(currency)) = (
-        crate::domain::Sku::parse("BENCH-00001"),
-        crate::domain::Quantity::new(1),
-        crate::domain::Currency::parse("USD"),
+        checkout::domain::Sku::parse("BENCH-00001"),
+        checkout::domain::Quantity::new(1),
+        checkout::domain::Currency::parse("USD"),
     ) else {
         return 700;
     };
@@ -651,11 +696,9 @@ fn binding(r: &mut RunReport) -> String {
     }
 }
 
-// Test tooling, not the service: it moves out of the library with the tools crate (issue #27).
-#[allow(clippy::too_many_lines)]
 fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
     println!();
-    let settings = crate::config::Settings::load().ok();
+    let settings = checkout::config::Settings::load().ok();
     if let Some(s) = settings {
         println!(
             "settings that could bind: payments.rate_limit_per_s={BENCH_RATE_LIMIT} (bench), breaker_min_calls=1000000 (bench), per-user limits 1000000 (bench), edge.max_in_flight={}, edge.admission_wait={:?}, database.max_connections={} per process, consumer.concurrency={}, consumer.batch={}, consumer.linger={:?}, nats.partitions={}, users={}",
@@ -663,7 +706,7 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
         );
     }
     println!(
-        "checkout bench: scenario={:?} users={} duration={:?} rate={} seed={}",
+        "checkout-bench: scenario={:?} users={} duration={:?} rate={} seed={}",
         opts.scenario,
         opts.users,
         opts.duration,
@@ -721,10 +764,7 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
     }
     // Issue #12: a flash sale is never slower than spread traffic. Its buyers all start at
     // once, so its latency is the line; the rates are what compare.
-    if let (true, [spread, .., hot]) = (
-        opts.with_hot && opts.scenario != Scenario::Hot,
-        &reports[..],
-    ) {
+    if let (true, [spread, .., hot]) = (opts.with_hot(), &reports[..]) {
         let (spread, hot) = (spread.stats.per_second(), hot.stats.per_second());
         if spread > 0.0 {
             println!(

@@ -85,6 +85,9 @@ struct LedgerEntry {
     currency: String,
     status: String,
     at: DateTime<Utc>,
+    /// The W3C `traceparent` the call carried, as a provider's request log keeps it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
 }
 
 /// Shared state of the sandbox.
@@ -129,6 +132,11 @@ fn key_of(headers: &HeaderMap) -> Option<String> {
 }
 
 impl Sandbox {
+    /// Serves the sandbox on `listener` until the task running this is dropped.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).await
+    }
+
     /// The sandbox's routes.
     pub fn router(self) -> Router {
         Router::new()
@@ -208,24 +216,24 @@ async fn detached(work: impl std::future::Future<Output = Response> + Send + 'st
     })
 }
 
-/// Each request is a span in the caller's trace (its `traceparent` header), as a real
-/// provider's tracing would show it.
+/// Each request is a span that names the caller's trace (its W3C `traceparent` header), as a
+/// provider's request log would.
 async fn continue_trace(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument;
-    let parent = request
-        .headers()
-        .get(crate::saga::subjects::HEADER_TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::saga::trace::TraceParent::parse);
     let span = tracing::info_span!(
         "psp_request",
         method = %request.method(),
-        path = %request.uri().path()
+        path = %request.uri().path(),
+        traceparent = traceparent_of(request.headers()).unwrap_or_default(),
     );
-    if let Some(parent) = &parent {
-        parent.adopt(&span);
-    }
     next.run(request).instrument(span).await
+}
+
+fn traceparent_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 async fn authorize(
@@ -236,8 +244,6 @@ async fn authorize(
     detached(authorize_detached(sandbox, headers, body)).await
 }
 
-// Test tooling, not the service: it moves out of the library with the tools crate (issue #27).
-#[allow(clippy::too_many_lines)]
 async fn authorize_detached(
     sandbox: Sandbox,
     headers: HeaderMap,
@@ -291,6 +297,7 @@ async fn authorize_detached(
         return error(f.status, "injected_fault", "sandbox fault");
     }
     let fingerprint = serde_json::to_string(&body).unwrap_or_default();
+    let traceparent = traceparent_of(&headers);
     let response = sandbox.idempotent("authorize", key, fingerprint, move |ledger| {
         let id = format!("auth_{}", Uuid::new_v4().simple());
         let now = Utc::now();
@@ -322,6 +329,7 @@ async fn authorize_detached(
             currency: body.currency.clone(),
             status: status.to_owned(),
             at: now,
+            traceparent,
         });
         (
             StatusCode::OK,
@@ -347,8 +355,6 @@ async fn authorize_detached(
     }
 }
 
-// Test tooling, not the service: it moves out of the library with the tools crate (issue #27).
-#[allow(clippy::too_many_lines)]
 async fn operate(
     State(sandbox): State<Sandbox>,
     Path((id, operation)): Path<(String, String)>,
@@ -428,6 +434,7 @@ async fn operate(
             currency: reference.1,
             status: to.to_owned(),
             at: Utc::now(),
+            traceparent: None,
         });
         (StatusCode::OK, json!({"id": entry_id, "authorizationId": id, "status": to, "amount": amount.to_string()}))
     });

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::BenchError;
+use crate::bench::BenchError;
 
 /// A child process killed on drop.
 pub struct Proc {
