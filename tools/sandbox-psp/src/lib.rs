@@ -1,63 +1,88 @@
 //! The sandbox payment service provider: a small Stripe-like HTTP server used in development
 //! and tests. It keeps its ledger in memory (it stands in for someone else's system).
 //!
-//! Card tokens:
+//! Card tokens (`POST /v1/authorizations` with `amount`, `currency`, `token`, `reference` and
+//! an optional `returnUrl`):
 //! - `tok_visa` approves (risk score 10); `tok_fraud` approves with risk score 92;
 //! - `tok_declined` declines (`card_declined`), `tok_insufficient_funds` declines
 //!   (`insufficient_funds`), any other token declines (`invalid_card`);
 //! - `tok_slow` approves after about 1 s; `tok_timeout` never answers (nothing is recorded);
-//! - `tok_flaky` answers 503 to the first two attempts of an idempotency key, then approves.
+//! - `tok_flaky` answers 503 to the first two attempts of an idempotency key, then approves;
+//! - `tok_3ds` answers `requires_action` with
+//!   `"nextAction": {"type": "redirect_to_url", "url": "http://<Host>/challenge/<id>"}`: the
+//!   customer's answer on that page decides it (see below);
+//! - `tok_async` answers `pending`; about 1 s later it becomes `authorized` and an
+//!   `authorization.succeeded` webhook is sent.
 //!
-//! Faults for tests and drills: `POST /v1/sandbox/faults` with
-//! `{"status": 503, "forMs": 180000, "count": 3, "operations": ["authorize"], "afterEffect": true}`
-//! makes matching calls answer `status` (for a while, or for `count` calls, or both; all
-//! operations when none are named). With `afterEffect` the call is carried out first and only
-//! its answer is replaced, like a timeout or a 409 that raced an approval. `DELETE` clears it.
+//! A `requires_action` or `pending` authorization can be voided (a later answer then changes
+//! nothing); it cannot be captured. Replays of an idempotency key answer the first reply,
+//! whatever the authorization's status is now; `GET /v1/authorizations?reference=` and the
+//! authorization's entry in `GET /v1/ledger` show its status now.
+//!
+//! The challenge (3-D Secure): `GET /challenge/{id}` is a page with the amount, currency and
+//! reference and a form that posts `outcome=approve` or `outcome=deny` back to the same URL.
+//! `approve` makes the authorization `authorized` (`authorization.succeeded`), `deny` makes it
+//! `failed` with decline code `authentication_failed` (`authorization.failed`); then the answer
+//! is `303 See Other` to the authorization's `returnUrl`, or a small page when it had none. A
+//! second answer (or one to a voided authorization) changes nothing and gets 409; an unknown id
+//! 404, an outcome other than those two 400.
+//!
+//! Webhooks, Stripe's scheme: each event is posted as compact JSON
+//! `{"id": "evt_<32 hex>", "type": "authorization.succeeded" | "authorization.failed",
+//! "created": <unix s>, "data": {"authorizationId", "reference", "amount", "currency",
+//! "status": "authorized" | "failed", "declineCode": null | "authentication_failed"}}` with the
+//! header `Psp-Signature: t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`, signed again
+//! at each attempt (the body and its id never change). A 2xx ends the delivery; anything else is
+//! retried (after 0.5 s, doubling up to 10 s) for up to 12 attempts of 5 s each. Without an
+//! endpoint the event is kept, not sent.
+//!
+//! Operator routes (tests and drills; none of them is subject to faults or outages):
+//! - `POST /v1/sandbox/faults` with
+//!   `{"status": 503, "forMs": 180000, "count": 3, "operations": ["authorize"], "afterEffect": true}`
+//!   makes matching calls answer `status` (for a while, or for `count` calls, or both; all
+//!   operations when none are named). With `afterEffect` the call is carried out first and only
+//!   its answer is replaced, like a timeout or a 409 that raced an approval. `DELETE` clears it.
+//! - `POST /v1/sandbox/outage` with `{"seconds": 30}` makes every `/v1/authorizations…` call
+//!   answer 503 `{"error": {"code": "unavailable", …}}` for that long, before doing anything;
+//!   `DELETE` ends it.
+//! - `POST /v1/sandbox/webhook-endpoint` with `{"url": "http://…", "secret": "…"}` sets where
+//!   webhooks go (replacing any earlier endpoint; `sandbox-psp --webhook-url --webhook-secret`
+//!   sets one at start); `DELETE` removes it.
+//! - `GET /v1/sandbox/webhooks` lists every event: `{"events": [{"id", "type", "body",
+//!   "attempts", "lastStatus", "delivered"}]}`; `POST /v1/sandbox/webhooks/{id}/resend` sends
+//!   one again now (same body, fresh signature) and answers `{"status": <the endpoint's or
+//!   null>}`, so tests can deliver duplicates.
+
+mod challenge;
+mod faults;
+mod payments;
+mod reports;
+#[cfg(test)]
+mod tests;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
-use uuid::Uuid;
 
-/// How long a card authorization stays capturable.
-const AUTHORIZATION_LIFETIME_DAYS: i64 = 7;
+pub use webhooks::{signature_header, verify_signature, SIGNATURE_HEADER};
 
-/// An injected fault: matching calls answer `status`.
-#[derive(Clone, Debug)]
-struct Fault {
-    status: StatusCode,
-    until: Option<std::time::Instant>,
-    remaining: Option<u32>,
-    operations: Vec<String>,
-    after_effect: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct FaultBody {
-    status: u16,
-    #[serde(default)]
-    for_ms: Option<u64>,
-    #[serde(default)]
-    count: Option<u32>,
-    #[serde(default)]
-    operations: Vec<String>,
-    #[serde(default)]
-    after_effect: bool,
-}
+use faults::Fault;
+use webhooks::{EventData, Webhooks};
 
 #[derive(Default)]
 struct Ledger {
     fault: Option<Fault>,
+    /// Until when every `/v1/authorizations…` call answers 503.
+    outage_until: Option<std::time::Instant>,
     /// `(operation path, Idempotency-Key)` -> (request fingerprint, status, reply).
     replies: HashMap<(String, String), (String, StatusCode, Value)>,
     authorizations: HashMap<String, Authorization>,
@@ -72,6 +97,12 @@ struct Authorization {
     captured: Decimal,
     status: &'static str,
     expires_at: DateTime<Utc>,
+    /// The amount as the request wrote it (webhooks echo it).
+    amount_text: String,
+    currency: String,
+    reference: String,
+    /// Where the challenge sends the customer back to.
+    return_url: Option<String>,
 }
 
 #[derive(Clone, Serialize)]
@@ -94,25 +125,15 @@ struct LedgerEntry {
 #[derive(Clone, Default)]
 pub struct Sandbox {
     ledger: Arc<Mutex<Ledger>>,
+    webhooks: Webhooks,
 }
 
-#[derive(Deserialize, Serialize)]
-struct AuthorizeBody {
-    amount: String,
-    currency: String,
-    token: String,
-    reference: String,
-}
-
-#[derive(Deserialize, Serialize, Default)]
-struct AmountBody {
-    #[serde(default)]
-    amount: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct LedgerQuery {
-    reference: Option<String>,
+/// Why an undecided authorization could not be decided.
+enum Undecidable {
+    NotFound,
+    /// It is not in the state the decision expects (decided already, or voided).
+    Decided(&'static str),
+    Poisoned,
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -121,6 +142,14 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
         Json(json!({"error": {"code": code, "message": message}})),
     )
         .into_response()
+}
+
+fn poisoned() -> Response {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "ledger poisoned",
+    )
 }
 
 fn key_of(headers: &HeaderMap) -> Option<String> {
@@ -132,6 +161,13 @@ fn key_of(headers: &HeaderMap) -> Option<String> {
 }
 
 impl Sandbox {
+    /// The sandbox, sending its webhooks to `url` signed with `secret` (an endpoint can also be
+    /// set or replaced at runtime, `POST /v1/sandbox/webhook-endpoint`).
+    pub fn with_webhook_endpoint(self, url: impl Into<String>, secret: impl Into<String>) -> Self {
+        self.webhooks.set_endpoint(url.into(), secret.into());
+        self
+    }
+
     /// Serves the sandbox on `listener` until the task running this is dropped.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         axum::serve(listener, self.router()).await
@@ -141,32 +177,42 @@ impl Sandbox {
     pub fn router(self) -> Router {
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
-            .route("/v1/authorizations", post(authorize))
-            .route("/v1/authorizations/{id}/{operation}", post(operate))
-            .route("/v1/ledger", get(ledger))
-            .route("/v1/authorizations", get(authorizations))
-            .route("/v1/sandbox/faults", post(set_fault).delete(clear_fault))
+            .route(
+                "/v1/authorizations",
+                post(payments::authorize).get(reports::authorizations),
+            )
+            .route(
+                "/v1/authorizations/{id}/{operation}",
+                post(payments::operate),
+            )
+            .route("/v1/ledger", get(reports::ledger))
+            .route(
+                "/v1/sandbox/faults",
+                post(faults::set_fault).delete(faults::clear_fault),
+            )
+            .route(
+                "/v1/sandbox/outage",
+                post(faults::set_outage).delete(faults::clear_outage),
+            )
+            .route(
+                "/v1/sandbox/webhook-endpoint",
+                post(webhooks::set_endpoint).delete(webhooks::clear_endpoint),
+            )
+            .route("/v1/sandbox/webhooks", get(webhooks::list))
+            .route(
+                "/v1/sandbox/webhooks/{event_id}/resend",
+                post(webhooks::resend),
+            )
+            .route(
+                "/challenge/{auth_id}",
+                get(challenge::page).post(challenge::answer),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                faults::outage,
+            ))
             .with_state(self)
             .layer(axum::middleware::from_fn(continue_trace))
-    }
-
-    /// The fault that applies to this call now, if any (and counts it).
-    fn fault_for(&self, operation: &str) -> Option<Fault> {
-        let mut ledger = self.ledger.lock().ok()?;
-        let fault = ledger.fault.as_mut()?;
-        let expired = fault.until.is_some_and(|t| std::time::Instant::now() >= t)
-            || fault.remaining == Some(0);
-        if expired {
-            ledger.fault = None;
-            return None;
-        }
-        if !fault.operations.is_empty() && !fault.operations.iter().any(|o| o == operation) {
-            return None;
-        }
-        if let Some(n) = fault.remaining.as_mut() {
-            *n -= 1;
-        }
-        Some(fault.clone())
     }
 
     /// Runs `f` at most once per (operation, key); replays its reply afterwards.
@@ -178,11 +224,7 @@ impl Sandbox {
         f: impl FnOnce(&mut Ledger) -> (StatusCode, Value),
     ) -> Response {
         let Ok(mut ledger) = self.ledger.lock() else {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "ledger poisoned",
-            );
+            return poisoned();
         };
         let slot = (operation.to_owned(), key);
         if let Some((stored, status, reply)) = ledger.replies.get(&slot) {
@@ -201,6 +243,63 @@ impl Sandbox {
             .replies
             .insert(slot, (fingerprint, status, reply.clone()));
         (status, Json(reply)).into_response()
+    }
+
+    /// A copy of the authorization `id`, if there is one.
+    fn authorization(&self, id: &str) -> Result<Option<Authorization>, Undecidable> {
+        let ledger = self.ledger.lock().map_err(|_| Undecidable::Poisoned)?;
+        Ok(ledger.authorizations.get(id).cloned())
+    }
+
+    /// Decides the authorization `id` if it is still `from` (`requires_action` for the
+    /// challenge, `pending` for `tok_async`): `authorized` when `approve`, `failed`
+    /// (`authentication_failed`) otherwise, and sends the webhook. Answers its `returnUrl`.
+    fn decide(&self, id: &str, from: &str, approve: bool) -> Result<Option<String>, Undecidable> {
+        let (status, decline_code, kind) = if approve {
+            ("authorized", None, "authorization.succeeded")
+        } else {
+            (
+                "failed",
+                Some("authentication_failed"),
+                "authorization.failed",
+            )
+        };
+        let (data, return_url) = {
+            let mut guard = self.ledger.lock().map_err(|_| Undecidable::Poisoned)?;
+            let ledger = &mut *guard;
+            let auth = ledger
+                .authorizations
+                .get_mut(id)
+                .ok_or(Undecidable::NotFound)?;
+            if auth.status != from {
+                return Err(Undecidable::Decided(auth.status));
+            }
+            auth.status = status;
+            let data = EventData {
+                authorization_id: id.to_owned(),
+                reference: auth.reference.clone(),
+                amount: auth.amount_text.clone(),
+                currency: auth.currency.clone(),
+                status,
+                decline_code,
+            };
+            let return_url = auth.return_url.clone();
+            set_entry_status(&mut ledger.entries, id, status);
+            (data, return_url)
+        };
+        tracing::info!(authorization = id, status, "authorization decided");
+        self.webhooks.emit(kind, &data);
+        Ok(return_url)
+    }
+}
+
+/// The authorization's own ledger entry follows it while it is undecided.
+fn set_entry_status(entries: &mut [LedgerEntry], id: &str, status: &str) {
+    for entry in entries
+        .iter_mut()
+        .filter(|e| e.kind == "authorization" && e.id == id)
+    {
+        status.clone_into(&mut entry.status);
     }
 }
 
@@ -234,311 +333,4 @@ fn traceparent_of(headers: &HeaderMap) -> Option<String> {
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-}
-
-async fn authorize(
-    State(sandbox): State<Sandbox>,
-    headers: HeaderMap,
-    body: Option<Json<AuthorizeBody>>,
-) -> Response {
-    detached(authorize_detached(sandbox, headers, body)).await
-}
-
-async fn authorize_detached(
-    sandbox: Sandbox,
-    headers: HeaderMap,
-    body: Option<Json<AuthorizeBody>>,
-) -> Response {
-    let Some(key) = key_of(&headers) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "idempotency_key_required",
-            "send an Idempotency-Key",
-        );
-    };
-    let Some(Json(body)) = body else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "malformed body");
-    };
-    let Ok(amount) = body.amount.parse::<Decimal>() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_amount",
-            "amount must be a decimal string",
-        );
-    };
-    match body.token.as_str() {
-        // Hangs past any sane client timeout; the client gives up, nothing is authorized.
-        "tok_timeout" => {
-            tokio::time::sleep(std::time::Duration::from_secs(120)).await;
-            return error(StatusCode::GATEWAY_TIMEOUT, "timeout", "no answer");
-        }
-        "tok_slow" => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
-        "tok_flaky" => {
-            let Ok(mut ledger) = sandbox.ledger.lock() else {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "ledger poisoned",
-                );
-            };
-            let answered = ledger
-                .replies
-                .contains_key(&("authorize".to_owned(), key.clone()));
-            let attempts = ledger.attempts.entry(key.clone()).or_insert(0);
-            *attempts += 1;
-            if !answered && *attempts <= 2 {
-                return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again");
-            }
-        }
-        _ => {}
-    }
-    let fault = sandbox.fault_for("authorize");
-    if let Some(f) = fault.as_ref().filter(|f| !f.after_effect) {
-        return error(f.status, "injected_fault", "sandbox fault");
-    }
-    let fingerprint = serde_json::to_string(&body).unwrap_or_default();
-    let traceparent = traceparent_of(&headers);
-    let response = sandbox.idempotent("authorize", key, fingerprint, move |ledger| {
-        let id = format!("auth_{}", Uuid::new_v4().simple());
-        let now = Utc::now();
-        let (status, decline_code, risk_score) = match body.token.as_str() {
-            "tok_visa" | "tok_slow" | "tok_flaky" => ("authorized", None, 10),
-            "tok_fraud" => ("authorized", None, 92),
-            "tok_declined" => ("declined", Some("card_declined"), 10),
-            "tok_insufficient_funds" => ("declined", Some("insufficient_funds"), 10),
-            _ => ("declined", Some("invalid_card"), 10),
-        };
-        let expires_at = now + Duration::days(AUTHORIZATION_LIFETIME_DAYS);
-        if status == "authorized" {
-            ledger.authorizations.insert(
-                id.clone(),
-                Authorization {
-                    amount,
-                    captured: Decimal::ZERO,
-                    status: "authorized",
-                    expires_at,
-                },
-            );
-        }
-        ledger.entries.push(LedgerEntry {
-            kind: "authorization",
-            id: id.clone(),
-            authorization_id: id.clone(),
-            reference: body.reference.clone(),
-            amount: body.amount.clone(),
-            currency: body.currency.clone(),
-            status: status.to_owned(),
-            at: now,
-            traceparent,
-        });
-        (
-            StatusCode::OK,
-            json!({
-                "id": id,
-                "status": status,
-                "declineCode": decline_code,
-                "amount": body.amount,
-                "currency": body.currency,
-                "reference": body.reference,
-                "riskScore": risk_score,
-                "expiresAt": (status == "authorized").then_some(expires_at),
-            }),
-        )
-    });
-    match fault {
-        Some(f) => error(
-            f.status,
-            "injected_fault",
-            "sandbox fault (after the effect)",
-        ),
-        None => response,
-    }
-}
-
-async fn operate(
-    State(sandbox): State<Sandbox>,
-    Path((id, operation)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Option<Json<AmountBody>>,
-) -> Response {
-    let Some(key) = key_of(&headers) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "idempotency_key_required",
-            "send an Idempotency-Key",
-        );
-    };
-    let (kind, from, to): (&'static str, &str, &'static str) = match operation.as_str() {
-        "capture" => ("capture", "authorized", "captured"),
-        "void" => ("void", "authorized", "voided"),
-        "refund" => ("refund", "captured", "refunded"),
-        _ => return error(StatusCode::NOT_FOUND, "not_found", "unknown operation"),
-    };
-    let body = body.map(|Json(b)| b).unwrap_or_default();
-    let requested = match body.amount.as_deref().map(str::parse::<Decimal>) {
-        None => None,
-        Some(Ok(a)) => Some(a),
-        Some(Err(_)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_amount",
-                "amount must be a decimal string",
-            )
-        }
-    };
-    let fault = sandbox.fault_for(kind);
-    if let Some(f) = fault.as_ref().filter(|f| !f.after_effect) {
-        return error(f.status, "injected_fault", "sandbox fault");
-    }
-    let fingerprint = format!("{id}|{:?}", body.amount);
-    let response = sandbox.idempotent(kind, key, fingerprint, move |ledger| {
-        let Some(auth) = ledger.authorizations.get(&id).cloned() else {
-            return (StatusCode::NOT_FOUND, json!({"error": {"code": "not_found", "message": "no such authorization"}}));
-        };
-        if kind == "capture" && auth.expires_at <= Utc::now() {
-            return (
-                StatusCode::BAD_REQUEST,
-                json!({"error": {"code": "authorization_expired", "message": "the authorization has expired"}}),
-            );
-        }
-        if auth.status != from {
-            return (
-                StatusCode::BAD_REQUEST,
-                json!({"error": {"code": "invalid_state", "message": format!("authorization is {}", auth.status)}}),
-            );
-        }
-        let amount = match kind {
-            "capture" => requested.unwrap_or(auth.amount).min(auth.amount),
-            "refund" => requested.unwrap_or(auth.captured).min(auth.captured),
-            _ => auth.amount,
-        };
-        let reference = ledger
-            .entries
-            .iter()
-            .find(|e| e.id == id)
-            .map(|e| (e.reference.clone(), e.currency.clone()))
-            .unwrap_or_default();
-        if let Some(a) = ledger.authorizations.get_mut(&id) {
-            a.status = to;
-            if kind == "capture" {
-                a.captured = amount;
-            }
-        }
-        let entry_id = format!("{kind}_{}", Uuid::new_v4().simple());
-        ledger.entries.push(LedgerEntry {
-            kind,
-            id: entry_id.clone(),
-            authorization_id: id.clone(),
-            reference: reference.0,
-            amount: amount.to_string(),
-            currency: reference.1,
-            status: to.to_owned(),
-            at: Utc::now(),
-            traceparent: None,
-        });
-        (StatusCode::OK, json!({"id": entry_id, "authorizationId": id, "status": to, "amount": amount.to_string()}))
-    });
-    match fault {
-        Some(f) => error(
-            f.status,
-            "injected_fault",
-            "sandbox fault (after the effect)",
-        ),
-        None => response,
-    }
-}
-
-async fn set_fault(State(sandbox): State<Sandbox>, Json(body): Json<FaultBody>) -> Response {
-    let Ok(status) = StatusCode::from_u16(body.status) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_status",
-            "not an HTTP status",
-        );
-    };
-    let fault = Fault {
-        status,
-        until: body
-            .for_ms
-            .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms)),
-        remaining: body.count,
-        operations: body.operations,
-        after_effect: body.after_effect,
-    };
-    match sandbox.ledger.lock() {
-        Ok(mut ledger) => {
-            ledger.fault = Some(fault);
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "ledger poisoned",
-        ),
-    }
-}
-
-async fn clear_fault(State(sandbox): State<Sandbox>) -> Response {
-    match sandbox.ledger.lock() {
-        Ok(mut ledger) => {
-            ledger.fault = None;
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "ledger poisoned",
-        ),
-    }
-}
-
-async fn ledger(State(sandbox): State<Sandbox>, Query(query): Query<LedgerQuery>) -> Response {
-    let Ok(ledger) = sandbox.ledger.lock() else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "ledger poisoned",
-        );
-    };
-    let entries: Vec<&LedgerEntry> = ledger
-        .entries
-        .iter()
-        .filter(|e| query.reference.as_deref().is_none_or(|r| r == e.reference))
-        .collect();
-    Json(json!({ "entries": entries })).into_response()
-}
-
-/// Authorizations of one reference with their current status (for reconciliation).
-async fn authorizations(
-    State(sandbox): State<Sandbox>,
-    Query(query): Query<LedgerQuery>,
-) -> Response {
-    let Ok(ledger) = sandbox.ledger.lock() else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "ledger poisoned",
-        );
-    };
-    let mut counts: HashMap<(&str, &str), usize> = HashMap::new();
-    for x in &ledger.entries {
-        *counts
-            .entry((x.kind, x.authorization_id.as_str()))
-            .or_default() += 1;
-    }
-    let found: Vec<Value> = ledger
-        .entries
-        .iter()
-        .filter(|e| e.kind == "authorization")
-        .filter(|e| query.reference.as_deref().is_none_or(|r| r == e.reference))
-        .map(|e| {
-            let auth = ledger.authorizations.get(&e.id);
-            let status = auth.map_or(e.status.as_str(), |a| a.status);
-            let count = |kind: &str| counts.get(&(kind, e.id.as_str())).copied().unwrap_or(0);
-            json!({"id": e.id, "status": status, "amount": e.amount, "currency": e.currency,
-                   "reference": e.reference, "expiresAt": auth.map(|a| a.expires_at),
-                   "captures": count("capture"), "refunds": count("refund")})
-        })
-        .collect();
-    Json(json!({ "authorizations": found })).into_response()
 }

@@ -18,6 +18,13 @@ struct Cli {
     /// Where to listen (the service's `psp.url` points here).
     #[arg(long, env = "SANDBOX_PSP_LISTEN", default_value = "127.0.0.1:8090")]
     listen: String,
+    /// Where to post webhooks (signed events); one can also be set at runtime with
+    /// `POST /v1/sandbox/webhook-endpoint`.
+    #[arg(long, env = "SANDBOX_PSP_WEBHOOK_URL", requires = "webhook_secret")]
+    webhook_url: Option<String>,
+    /// The secret the webhooks are signed with (HMAC-SHA256, the `Psp-Signature` header).
+    #[arg(long, env = "SANDBOX_PSP_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
 }
 
 #[tokio::main]
@@ -32,8 +39,14 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let mut sandbox = sandbox_psp::Sandbox::default();
+    if let (Some(url), Some(secret)) = (cli.webhook_url, cli.webhook_secret) {
+        reqwest::Url::parse(&url).with_context(|| format!("bad --webhook-url {url}"))?;
+        tracing::info!(url, "webhooks go to this endpoint");
+        sandbox = sandbox.with_webhook_endpoint(url, secret);
+    }
     tracing::info!(addr = %listener.local_addr()?, "sandbox PSP listening");
-    axum::serve(listener, sandbox_psp::Sandbox::default().router())
+    axum::serve(listener, sandbox.router())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
