@@ -49,6 +49,7 @@ impl Role {
                 AuthorizeStep::DURABLE,
                 CaptureStep::DURABLE,
                 RefundStep::DURABLE,
+                payments::updates::PaymentUpdateStep::DURABLE,
             ],
             Role::Order => &[OrderStep::DURABLE, LifecycleStep::DURABLE],
             Role::Compensate => &[CompensateStep::DURABLE],

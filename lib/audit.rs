@@ -241,7 +241,10 @@ async fn authorizations(
             None => ("unknown", None),
         };
         let fine = match auth.status.as_str() {
-            "voided" | "declined" => true,
+            // Holds nothing: voided, declined, or a challenge the buyer failed.
+            "voided" | "declined" | "failed" => true,
+            // Waiting for the buyer or the provider: only an order still pending may wait.
+            "requires_action" | "pending" => status == "pending",
             "authorized" => {
                 live += 1;
                 matches!(status, "confirmed" | "pending")

@@ -137,6 +137,12 @@ pub struct AuthSettings {
 /// The payment service provider (the sandbox PSP, `sandbox-psp`, in development and tests).
 #[derive(Debug, Clone, Deserialize)]
 pub struct PspSettings {
+    /// Secrets the provider signs its webhooks with (comma-separated; any of them verifies,
+    /// so a rotation keeps the old one until the provider has switched).
+    pub webhook_secrets: Secret,
+    /// How old a webhook's signed timestamp may be (replays of a captured delivery).
+    #[serde(with = "humantime_serde")]
+    pub webhook_tolerance: Duration,
     pub url: String,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -161,6 +167,12 @@ pub struct PaymentsSettings {
     #[serde(with = "humantime_serde")]
     pub breaker_cooldown: Duration,
     pub breaker_half_open_probes: u32,
+    /// How long a buyer has for the provider's challenge (3-D Secure) before the order fails.
+    #[serde(with = "humantime_serde")]
+    pub action_timeout: Duration,
+    /// How often each authorize process looks for challenges past `action_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub action_sweep_interval: Duration,
 }
 
 /// Stock reservations.
@@ -388,6 +400,16 @@ impl Settings {
                  nats.duplicate_window ({}): a redelivered message would be handled twice",
                 humantime::format_duration(self.retention.inbox),
                 humantime::format_duration(floor)
+            ))));
+        }
+        // The watchdog fails whatever is still pending at its limit: a challenge allowed to
+        // last longer would be timed out (`timed_out`) instead of expiring as itself.
+        if self.payments.action_timeout >= self.watchdog.pending_limit {
+            return Err(ConfigError(config::ConfigError::Message(format!(
+                "payments.action_timeout ({}) must be shorter than watchdog.pending_limit ({}): \
+                 the watchdog would fail a checkout whose payment challenge is still allowed",
+                humantime::format_duration(self.payments.action_timeout),
+                humantime::format_duration(self.watchdog.pending_limit)
             ))));
         }
         if self.nats.partitions == 0 {

@@ -43,6 +43,10 @@ pub const TIMEOUTS: &str = "checkout_watchdog_timeouts_total";
 pub const PRUNED: &str = "checkout_pruned_rows_total";
 /// Accepted checkouts by where the edge found the cart it priced.
 pub const CHECKOUT_CARTS: &str = "checkout_accepted_carts_total";
+/// Provider webhooks by provider and result (accepted, duplicate, or why refused).
+pub const PROVIDER_WEBHOOKS: &str = "checkout_provider_webhooks_total";
+/// Payment challenges (3-D Secure) by how they ended.
+pub const PAYMENT_CHALLENGES: &str = "checkout_payment_challenges_total";
 /// HTTP requests by route template, method and status class.
 pub const HTTP_REQUESTS: &str = "checkout_http_requests_total";
 /// HTTP request latency by route template and method.
@@ -87,6 +91,8 @@ fn describe() {
     describe_counter!(ORDERS, "Orders reaching a terminal status (confirmed or failed, with the reason), counted once per order.");
     describe_counter!(PAYMENT_OPERATIONS, "Payment provider calls by operation (authorize, capture, void, refund) and result (succeeded, declined, failed).");
     describe_counter!(FRAUD_FLAGS, "Authorizations refused by our risk policy.");
+    describe_counter!(PROVIDER_WEBHOOKS, "Provider webhooks by provider and result: accepted, duplicate, or refused (signature, timestamp, amount, malformed).");
+    describe_counter!(PAYMENT_CHALLENGES, "Asynchronous authorizations (3-D Secure challenges, webhook answers) by outcome: approved, failed, expired, late_voided.");
     describe_counter!(STOCKOUTS, "Checkout lines rejected for lack of stock.");
     describe_histogram!(
         STEP_DURATION,
@@ -161,6 +167,16 @@ pub fn order_ended(failure: Option<&'static str>, requested_at: DateTime<Utc>) {
 /// One provider call's outcome.
 pub fn payment_operation(operation: &'static str, result: &'static str) {
     counter!(PAYMENT_OPERATIONS, "operation" => operation, "result" => result).increment(1);
+}
+
+/// A provider webhook: accepted, a duplicate, or refused (and why).
+pub fn provider_webhook(provider: &str, result: &'static str) {
+    counter!(PROVIDER_WEBHOOKS, "provider" => provider.to_owned(), "result" => result).increment(1);
+}
+
+/// An asynchronous authorization ended: approved, failed, expired, late_voided.
+pub fn payment_challenge(outcome: &'static str) {
+    counter!(PAYMENT_CHALLENGES, "outcome" => outcome).increment(1);
 }
 
 /// Our risk policy refused an authorization.

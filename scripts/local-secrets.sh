@@ -20,4 +20,10 @@ if [ ! -f .run/nats.env ]; then
     echo "CHECKOUT_NATS_${role}_PASSWORD=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
   done > .run/nats.env)
 fi
-set -a; . ./.run/nats.env; set +a
+# The secret the sandbox signs its webhooks with, and that the edges verify them with.
+if [ ! -f .run/psp.env ]; then
+  secret="whsec_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  (umask 077; printf 'SANDBOX_PSP_WEBHOOK_SECRET=%s\nCHECKOUT__PSP__WEBHOOK_SECRETS=%s\n' \
+    "$secret" "$secret" > .run/psp.env)
+fi
+set -a; . ./.run/nats.env; . ./.run/psp.env; set +a

@@ -62,7 +62,8 @@ stop() {
 }
 trap stop INT TERM
 
-target/release/sandbox-psp --listen 127.0.0.1:8090 >"$dir/psp.log" 2>&1 &
+target/release/sandbox-psp --listen 127.0.0.1:8090 \
+  --webhook-url http://127.0.0.1:8080/api/webhooks/psp/sandbox >"$dir/psp.log" 2>&1 &
 pids+=($!); echo $! >"$dir/psp.pid"
 port=9461
 for n in 1 2; do

@@ -26,7 +26,9 @@ fi
 # Not --quiet: a first build shows its progress instead of minutes of silence.
 cargo build --release --locked
 # The payment provider is someone else's system: its own process, its own session.
-setsid target/release/sandbox-psp --listen 127.0.0.1:8090 >.run/psp.log 2>&1 &
+# Its webhooks (3-D Secure outcomes, tok_async) go to the edge, signed (.run/psp.env).
+setsid target/release/sandbox-psp --listen 127.0.0.1:8090 \
+  --webhook-url http://127.0.0.1:8080/api/webhooks/psp/sandbox >.run/psp.log 2>&1 &
 psp_pid=$!
 # When checkout has stopped (Ctrl-C, SIGTERM), stop what this script started.
 trap 'kill ${nats_pid:-} "$psp_pid" 2>/dev/null; wait ${nats_pid:-} "$psp_pid" 2>/dev/null || true' EXIT

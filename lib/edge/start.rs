@@ -113,6 +113,10 @@ impl Edge {
             catalog,
             rates,
             verifier: self.verifier.clone(),
+            webhooks: crate::payments::webhooks::WebhookVerifier::new(
+                self.settings.psp.webhook_secrets.expose(),
+                self.settings.psp.webhook_tolerance,
+            ),
         })
     }
 

@@ -104,3 +104,23 @@ pub async fn run_sweeper(
         }
     }
 }
+
+/// Extends the orders' holds to last at least `by` from now: a checkout waiting for the
+/// buyer's payment challenge (3-D Secure) keeps its stock for as long as the challenge may
+/// take, while every other checkout keeps the short `reservation_ttl`.
+pub async fn extend_holds(
+    conn: &mut sqlx::PgConnection,
+    order_ids: &[uuid::Uuid],
+    by: Duration,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE inventory.inventory_reservations
+         SET expires_at = greatest(expires_at, now() + $2::interval), updated_at = now()
+         WHERE order_id = ANY($1) AND status = 'held'",
+    )
+    .bind(order_ids)
+    .bind(format!("{} milliseconds", by.as_millis()))
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -11,7 +11,7 @@ mod reserve;
 pub mod soldout;
 mod stock;
 
-pub use expiry::{expire_due, run_sweeper};
+pub use expiry::{expire_due, extend_holds, run_sweeper};
 pub use release::{release_for_order, restock_for_order, GivenBack};
 pub use reserve::ReserveStep;
 pub use stock::{get_stock, reservation_status, set_on_hand, Stock, StockError};

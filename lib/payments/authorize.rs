@@ -41,6 +41,8 @@ pub struct AuthorizeStep {
     pub fail_after_provider_call: bool,
     /// The watchdog's `pending_limit`: only orders older than this are abandoned.
     pub pending_limit: Duration,
+    /// `payments.action_timeout`: a challenged checkout's holds are extended past it.
+    pub action_timeout: Duration,
 }
 
 /// What the look before an older or redelivered checkout's provider call found.
@@ -63,6 +65,13 @@ pub enum Authorization {
 /// What to record and emit.
 pub enum Decision {
     Approved(String, Option<DateTime<Utc>>),
+    /// The provider holds it undecided: the buyer's challenge at `next_action`, or its own
+    /// later answer. A webhook (or the challenge timeout) settles it.
+    Pending {
+        auth_id: String,
+        next_action: Option<String>,
+        expires_at: Option<DateTime<Utc>>,
+    },
     Refused {
         status: PaymentStatus,
         auth_id: Option<String>,
@@ -136,10 +145,13 @@ impl Step for AuthorizeStep {
         items: &[(&Checkout, &Authorization)],
     ) -> Result<Vec<Vec<Event>>, StepError> {
         let provider = self.provider.name();
+        // A challenged payment's outcome may have come first (parked): it decides instead.
+        let settled = super::updates::take_parked(tx.conn, items, self.action_timeout).await?;
         let decided: Vec<(&Checkout, PaymentRecord)> = items
             .iter()
             .filter_map(|(checkout, found)| match found {
                 Authorization::Decided(decision) => {
+                    let decision = settled.get(&checkout.order_id).unwrap_or(decision);
                     Some((*checkout, record_of(decision, provider)))
                 }
                 Authorization::Abandoned => None,
@@ -151,6 +163,7 @@ impl Step for AuthorizeStep {
         for (checkout, found) in items {
             let events = match found {
                 Authorization::Decided(decision) if recorded.contains(&checkout.order_id) => {
+                    let decision = settled.get(&checkout.order_id).unwrap_or(decision);
                     flagged += usize::from(decision.is_fraud());
                     outcome(checkout, decision)
                 }
@@ -343,6 +356,15 @@ impl AuthorizeStep {
                 }
                 _ => Ok(Decision::Approved(auth_id, expires_at)),
             },
+            Ok(AuthorizeOutcome::Pending {
+                auth_id,
+                next_action,
+                expires_at,
+            }) => Ok(Decision::Pending {
+                auth_id,
+                next_action,
+                expires_at,
+            }),
             Ok(AuthorizeOutcome::Declined { code }) => Ok(Decision::Refused {
                 status: PaymentStatus::Declined,
                 auth_id: None,
@@ -417,7 +439,7 @@ impl Decision {
     /// The authorization the provider holds for this decision, if any.
     fn auth_id(&self) -> Option<&str> {
         match self {
-            Self::Approved(auth_id, _) => Some(auth_id),
+            Self::Approved(auth_id, _) | Self::Pending { auth_id, .. } => Some(auth_id),
             Self::Refused { auth_id, .. } => auth_id.as_deref(),
         }
     }
@@ -435,6 +457,7 @@ struct PaymentRecord {
     auth_id: Option<String>,
     decline_code: Option<String>,
     expires_at: Option<DateTime<Utc>>,
+    next_action: Option<String>,
 }
 
 fn record_of(decision: &Decision, provider: &'static str) -> PaymentRecord {
@@ -445,6 +468,19 @@ fn record_of(decision: &Decision, provider: &'static str) -> PaymentRecord {
             auth_id: Some(auth_id.clone()),
             decline_code: None,
             expires_at: *expires_at,
+            next_action: None,
+        },
+        Decision::Pending {
+            auth_id,
+            next_action,
+            expires_at,
+        } => PaymentRecord {
+            provider,
+            status: PaymentStatus::Pending,
+            auth_id: Some(auth_id.clone()),
+            decline_code: None,
+            expires_at: *expires_at,
+            next_action: next_action.clone(),
         },
         Decision::Refused {
             status,
@@ -458,6 +494,7 @@ fn record_of(decision: &Decision, provider: &'static str) -> PaymentRecord {
             auth_id: auth_id.clone(),
             decline_code: Some(code.clone()),
             expires_at: *expires_at,
+            next_action: None,
         },
     }
 }
@@ -470,6 +507,18 @@ fn outcome(checkout: &Checkout, decision: &Decision) -> Vec<Event> {
             payment_id: payment_id_for(checkout.order_id),
             auth_id: auth_id.clone(),
         }],
+        Decision::Pending {
+            auth_id,
+            next_action,
+            ..
+        } => {
+            tracing::info!(%auth_id, challenge = next_action.is_some(), "payment awaits the buyer or the provider");
+            vec![Event::ActionRequired {
+                checkout: checkout.clone().spent(),
+                auth_id: auth_id.clone(),
+                next_action: next_action.clone(),
+            }]
+        }
         Decision::Refused { code, reason, .. } => {
             tracing::info!(decline_code = %code, reason = reason.as_str(), "payment refused");
             vec![Event::Declined {
@@ -492,20 +541,57 @@ async fn record_payments(
     }
     let recorded: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO payments.payments
-             (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code, expires_at)
+             (payment_id, order_id, provider, status, auth_id, amount, currency, decline_code,
+              expires_at, next_action_url)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                              $6::numeric[], $7::text[], $8::text[], $9::timestamptz[])
+                              $6::numeric[], $7::text[], $8::text[], $9::timestamptz[], $10::text[])
          ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
     )
-    .bind(decided.iter().map(|(c, _)| payment_id_for(c.order_id)).collect::<Vec<_>>())
+    .bind(
+        decided
+            .iter()
+            .map(|(c, _)| payment_id_for(c.order_id))
+            .collect::<Vec<_>>(),
+    )
     .bind(decided.iter().map(|(c, _)| c.order_id).collect::<Vec<_>>())
     .bind(decided.iter().map(|(_, r)| r.provider).collect::<Vec<_>>())
-    .bind(decided.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>())
-    .bind(decided.iter().map(|(_, r)| r.auth_id.as_deref()).collect::<Vec<_>>())
+    .bind(
+        decided
+            .iter()
+            .map(|(_, r)| r.status.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        decided
+            .iter()
+            .map(|(_, r)| r.auth_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .bind(decided.iter().map(|(c, _)| c.total).collect::<Vec<_>>())
-    .bind(decided.iter().map(|(c, _)| c.currency.code()).collect::<Vec<_>>())
-    .bind(decided.iter().map(|(_, r)| r.decline_code.as_deref()).collect::<Vec<_>>())
-    .bind(decided.iter().map(|(_, r)| r.expires_at).collect::<Vec<_>>())
+    .bind(
+        decided
+            .iter()
+            .map(|(c, _)| c.currency.code())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        decided
+            .iter()
+            .map(|(_, r)| r.decline_code.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        decided
+            .iter()
+            .map(|(_, r)| r.expires_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        decided
+            .iter()
+            .map(|(_, r)| r.next_action.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(conn)
     .await?;
     Ok(recorded.into_iter().collect())

@@ -439,6 +439,7 @@ impl PaymentProvider for GuardedProvider {
         let outcome = match &result {
             Ok(AuthorizeOutcome::Approved { .. }) => Some("succeeded"),
             Ok(AuthorizeOutcome::Declined { .. }) => Some("declined"),
+            Ok(AuthorizeOutcome::Pending { .. }) => Some("requires_action"),
             Err(e) => result_of(e),
         };
         if let Some(outcome) = outcome {

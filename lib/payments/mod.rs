@@ -9,7 +9,9 @@ pub mod provider;
 pub mod reconcile;
 pub mod sandbox_client;
 pub mod token_seal;
+pub mod updates;
 pub mod void;
+pub mod webhooks;
 
 pub use authorize::AuthorizeStep;
 pub use lifecycle::{CaptureStep, RefundStep};
@@ -24,6 +26,8 @@ use uuid::Uuid;
 crate::text_enum! {
     /// Where an order's payment stands (`payments.payments.status`).
     pub enum PaymentStatus {
+        /// Held by the provider but undecided: a challenge for the buyer, or a webhook to come.
+        Pending = "pending",
         Authorized = "authorized",
         Captured = "captured",
         Voided = "voided",
@@ -45,6 +49,8 @@ pub struct PaymentView {
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Failed provider calls so far (retries in progress when no status yet).
     pub failed_attempts: i32,
+    /// Where the buyer completes the provider's challenge, while the payment is pending.
+    pub next_action_url: Option<String>,
 }
 
 impl PaymentView {
@@ -63,9 +69,10 @@ pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, 
         decline_code: Option<String>,
         expires_at: Option<chrono::DateTime<chrono::Utc>>,
         failures: Option<i32>,
+        next_action_url: Option<String>,
     }
     let row: Row = sqlx::query_as(
-        "SELECT p.status, p.decline_code, p.expires_at, a.failures
+        "SELECT p.status, p.decline_code, p.expires_at, a.failures, p.next_action_url
          FROM (SELECT $1::uuid AS order_id) o
          LEFT JOIN payments.payments p USING (order_id)
          LEFT JOIN payments.attempts a USING (order_id)",
@@ -73,13 +80,12 @@ pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, 
     .bind(order_id)
     .fetch_one(pool)
     .await?;
-    let (status, decline_code, expires_at, failures) =
-        (row.status, row.decline_code, row.expires_at, row.failures);
     Ok(PaymentView {
-        status,
-        decline_code,
-        expires_at,
-        failed_attempts: failures.unwrap_or(0),
+        status: row.status,
+        decline_code: row.decline_code,
+        expires_at: row.expires_at,
+        failed_attempts: row.failures.unwrap_or(0),
+        next_action_url: row.next_action_url,
     })
 }
 
@@ -130,6 +136,7 @@ pub fn start(
             fail_after_provider_call: settings.chaos.redeliver
                 == crate::config::Redeliver::AfterProviderCall,
             pending_limit: settings.watchdog.pending_limit,
+            action_timeout: payments.action_timeout,
         },
     );
     tasks.step(
@@ -137,6 +144,18 @@ pub fn start(
         CaptureStep::new(leases.clone(), provider.clone()),
     );
     tasks.step(consuming, RefundStep::new(leases.clone(), provider.clone()));
+    tasks.step(
+        consuming,
+        updates::PaymentUpdateStep {
+            leases: leases.clone(),
+            provider: provider.clone(),
+        },
+    );
+    let (pool, bus) = (leases.pool().clone(), consuming.bus.clone());
+    let (timeout, every) = (payments.action_timeout, payments.action_sweep_interval);
+    tasks.until_shutdown("challenge-expiry", move |token| {
+        updates::run_expiry(pool, bus, timeout, every, token)
+    });
     let (bus, breaker) = (consuming.bus.clone(), breaker.clone());
     tasks.until_shutdown("breaker-status", move |token| {
         breaker_status::report_breaker(bus, breaker, token)

@@ -29,6 +29,13 @@ pub enum AuthorizeOutcome {
     Declined {
         code: String,
     },
+    /// Held, but not decided: the buyer must act first (`next_action`, e.g. a 3-D Secure
+    /// challenge page), or the provider answers later. The outcome arrives as a webhook.
+    Pending {
+        auth_id: String,
+        next_action: Option<String>,
+        expires_at: Option<DateTime<Utc>>,
+    },
 }
 
 /// Why a provider call did not produce an answer.

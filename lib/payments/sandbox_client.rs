@@ -21,6 +21,9 @@ use super::provider::{
     AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderAuthorization, ProviderError,
 };
 
+/// The sandbox's provider name: in `payments.provider` and the webhook route.
+pub const NAME: &str = "sandbox";
+
 /// A client of the sandbox PSP.
 #[derive(Clone)]
 pub struct SandboxClient {
@@ -44,6 +47,14 @@ struct AuthorizationReply {
     decline_code: Option<String>,
     expires_at: Option<DateTime<Utc>>,
     risk_score: Option<u8>,
+    #[serde(default)]
+    next_action: Option<NextAction>,
+}
+
+/// What the buyer must do before the provider decides (a 3-D Secure challenge page).
+#[derive(Deserialize)]
+struct NextAction {
+    url: String,
 }
 
 #[derive(Deserialize)]
@@ -201,7 +212,7 @@ impl SandboxClient {
 #[async_trait::async_trait]
 impl PaymentProvider for SandboxClient {
     fn name(&self) -> &'static str {
-        "sandbox"
+        NAME
     }
 
     async fn authorize(
@@ -241,6 +252,13 @@ impl PaymentProvider for SandboxClient {
                 auth_id: reply.id,
                 expires_at: reply.expires_at,
                 risk_score: reply.risk_score,
+            }),
+            // The outcome comes later, by webhook: after the buyer's challenge, or the
+            // provider's own processing.
+            "requires_action" | "pending" => Ok(AuthorizeOutcome::Pending {
+                auth_id: reply.id,
+                next_action: reply.next_action.map(|a| a.url),
+                expires_at: reply.expires_at,
             }),
             "declined" => Ok(AuthorizeOutcome::Declined {
                 code: reply.decline_code.unwrap_or_else(|| "declined".into()),

@@ -108,6 +108,10 @@ pub enum FailureReason {
     /// The saga did not finish within the watchdog's limit (a step's message was lost or
     /// dead-lettered); compensation unwound whatever had happened.
     TimedOut,
+    /// The buyer failed (or refused) the provider's authentication challenge (3-D Secure).
+    AuthenticationFailed,
+    /// The buyer did not complete the challenge within `payments.action_timeout`.
+    AuthenticationTimeout,
 }
 
 impl FailureReason {
@@ -123,6 +127,8 @@ impl FailureReason {
             Self::PromoLimitReached => "promo_limit_reached",
             Self::CustomerCancelled => "customer_cancelled",
             Self::TimedOut => "timed_out",
+            Self::AuthenticationFailed => "authentication_failed",
+            Self::AuthenticationTimeout => "authentication_timeout",
         }
     }
 }
@@ -254,6 +260,40 @@ pub enum Event {
     /// watchdog -> compensate: the order is still pending past the watchdog's limit; fail it
     /// (`timed_out`) and unwind whatever its steps did.
     TimedOut { checkout: Checkout },
+    /// authorize -> anyone watching: the provider needs the buyer (a 3-D Secure challenge at
+    /// `next_action`) or will answer later by webhook (no `next_action`); the payment is
+    /// `pending` until a `provider_update` or `action_expired` settles it.
+    ActionRequired {
+        checkout: Checkout,
+        auth_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_action: Option<String>,
+    },
+    /// edge -> payment-updates (authorize role): a verified provider webhook, stored before it
+    /// was acknowledged. One per provider event (its id is in the message id).
+    ProviderUpdate {
+        checkout: Checkout,
+        update: ProviderUpdate,
+    },
+    /// payments' challenge sweeper -> payment-updates: the payment is still pending
+    /// `payments.action_timeout` after it began; fail the order unless an outcome came first.
+    ActionExpired { checkout: Checkout },
+}
+
+/// A provider's webhook as the saga carries it: what happened to which authorization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderUpdate {
+    /// The provider's name (the webhook route's `{provider}`).
+    pub provider: String,
+    /// The provider's event id (its dedup key).
+    pub event_id: String,
+    /// The provider's event type, e.g. `authorization.succeeded`.
+    pub event_type: String,
+    pub auth_id: String,
+    pub amount: Decimal,
+    pub currency: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decline_code: Option<String>,
 }
 
 /// The order id in an event id (`<order_id>.<event>`).
@@ -311,6 +351,9 @@ impl Event {
             Self::RefundFailed { .. } => EventKind::RefundFailed,
             Self::CancelFailed { .. } => EventKind::CancelFailed,
             Self::TimedOut { .. } => EventKind::TimedOut,
+            Self::ActionRequired { .. } => EventKind::ActionRequired,
+            Self::ProviderUpdate { .. } => EventKind::ProviderUpdate,
+            Self::ActionExpired { .. } => EventKind::ActionExpired,
         }
     }
 
@@ -335,7 +378,10 @@ impl Event {
             | Self::CaptureFailed { checkout, .. }
             | Self::RefundFailed { checkout, .. }
             | Self::CancelFailed { checkout, .. }
-            | Self::TimedOut { checkout } => checkout,
+            | Self::TimedOut { checkout }
+            | Self::ActionRequired { checkout, .. }
+            | Self::ProviderUpdate { checkout, .. }
+            | Self::ActionExpired { checkout } => checkout,
         }
     }
 
@@ -359,6 +405,13 @@ impl Event {
 
     /// The event's identity: its `Nats-Msg-Id` and every consumer's inbox key.
     pub fn msg_id(&self) -> String {
+        if let Self::ProviderUpdate { checkout, update } = self {
+            return crate::saga::subjects::provider_update_msg_id(
+                checkout.order_id,
+                &update.provider,
+                &update.event_id,
+            );
+        }
         crate::saga::subjects::event_msg_id(self.kind(), self.checkout().order_id, self.attempt())
     }
 

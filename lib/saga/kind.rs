@@ -24,11 +24,14 @@ pub enum EventKind {
     RefundFailed,
     CancelFailed,
     TimedOut,
+    ActionRequired,
+    ProviderUpdate,
+    ActionExpired,
 }
 
 impl EventKind {
     /// Every kind, for parsing the `Checkout-Event` header.
-    pub const ALL: [EventKind; 19] = [
+    pub const ALL: [EventKind; 22] = [
         Self::Requested,
         Self::Reserved,
         Self::Rejected,
@@ -48,6 +51,9 @@ impl EventKind {
         Self::RefundFailed,
         Self::CancelFailed,
         Self::TimedOut,
+        Self::ActionRequired,
+        Self::ProviderUpdate,
+        Self::ActionExpired,
     ];
 
     /// The kind a subject token or header names, if this version knows it.
@@ -77,6 +83,9 @@ impl EventKind {
             Self::RefundFailed => "refund_failed",
             Self::CancelFailed => "cancel_failed",
             Self::TimedOut => "timed_out",
+            Self::ActionRequired => "action_required",
+            Self::ProviderUpdate => "provider_update",
+            Self::ActionExpired => "action_expired",
         }
     }
 }

@@ -93,6 +93,18 @@ pub fn event_msg_id(kind: EventKind, order_id: Uuid, attempt: u32) -> String {
     }
 }
 
+/// The message id of a provider's webhook event: one per provider event, whatever its id's
+/// characters (hashed), so a webhook delivered twice is one message and one inbox key.
+pub fn provider_update_msg_id(order_id: Uuid, provider: &str, event_id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{provider}\n{event_id}").as_bytes());
+    format!(
+        "{order_id}.{}.{}",
+        EventKind::ProviderUpdate.as_str(),
+        hex::encode(&digest[..12])
+    )
+}
+
 /// The dead-letter subject of a consumer.
 pub fn deadletter_subject(consumer: &str) -> String {
     format!("deadletter.{consumer}")

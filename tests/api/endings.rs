@@ -206,6 +206,7 @@ async fn the_watchdog_ends_an_order_no_step_took_and_a_late_redelivery_changes_n
     let roles = [Role::Edge, Role::Authorize, Role::Order, Role::Compensate];
     let app = TestApp::spawn_roles(&roles, |s| {
         s.watchdog.pending_limit = Duration::from_secs(1);
+        s.payments.action_timeout = Duration::from_millis(500);
         s.watchdog.interval = Duration::from_millis(200);
     })
     .await;
@@ -235,6 +236,7 @@ async fn the_watchdog_ends_an_order_no_step_took_and_a_late_redelivery_changes_n
 async fn the_watchdog_racing_a_slow_authorization_leaves_no_authorization_behind() {
     let app = TestApp::spawn_with(|s| {
         s.watchdog.pending_limit = Duration::from_millis(300);
+        s.payments.action_timeout = Duration::from_millis(200);
         s.watchdog.interval = Duration::from_millis(100);
     })
     .await;

@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod batches;
+mod challenges;
 mod checkout_flow;
 mod cluster;
 mod endings;

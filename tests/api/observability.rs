@@ -326,6 +326,7 @@ async fn backlog_gauges_say_how_old_they_are_when_jetstream_cannot_be_read() {
 async fn an_order_that_settles_before_compensation_takes_the_watchdogs_request_is_not_a_timeout() {
     let (app, _process) = harness_with(&[
         ("CHECKOUT__WATCHDOG__PENDING_LIMIT", "300ms"),
+        ("CHECKOUT__PAYMENTS__ACTION_TIMEOUT", "200ms"),
         ("CHECKOUT__WATCHDOG__INTERVAL", "100ms"),
     ])
     .await;

@@ -11,6 +11,7 @@ pub mod openapi;
 mod orders;
 mod timeline;
 mod views;
+mod webhooks;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
@@ -71,6 +72,8 @@ pub struct EdgeState {
     pub rates: RatesCache,
     /// Checks bearer tokens.
     pub verifier: std::sync::Arc<crate::auth::Verifier>,
+    /// Checks the payment provider's webhook signatures.
+    pub webhooks: crate::payments::webhooks::WebhookVerifier,
 }
 
 /// The edge's routes.
@@ -104,6 +107,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/orders/{order_id}/ship", post(orders::ship))
         .route("/orders/{order_id}/cancel", post(orders::cancel))
         .route("/orders/{order_id}/refund", post(orders::refund))
+        .route("/webhooks/psp/{provider}", post(webhooks::provider_webhook))
         .fallback(|| async { error::ApiError::not_found("not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(
             state.admission.clone(),

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{admin, carts, checkout, orders, timeline, views};
+use super::{admin, carts, checkout, orders, timeline, views, webhooks};
 
 /// The error body of every 4xx and 5xx.
 #[derive(serde::Serialize, ToSchema)]
@@ -49,6 +49,7 @@ pub struct ErrorDetail {
         admin::put_promo,
         admin::put_tax_rates,
         admin::put_shipping_rates,
+        webhooks::provider_webhook,
     ),
     components(schemas(ErrorBody, ErrorDetail, views::CartJson)),
     modifiers(&Security, &CommonErrors, &Links),
@@ -56,6 +57,7 @@ pub struct ErrorDetail {
         (name = "cart", description = "The caller's open cart"),
         (name = "checkout", description = "Placing an order"),
         (name = "orders", description = "Orders, their timeline, ship, cancel and refund"),
+        (name = "webhooks", description = "The payment provider's signed events"),
         (name = "admin", description = "Catalog, stock, promotions, tax and shipping rates (admin role)"),
     )
 )]

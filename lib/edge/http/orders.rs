@@ -41,6 +41,9 @@ pub struct OrderJson {
     stage: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// While the stage is `requires_action`: where the buyer completes the payment challenge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_action: Option<NextActionJson>,
     items: Vec<ItemJson>,
     subtotal: String,
     discount: String,
@@ -52,6 +55,27 @@ pub struct OrderJson {
     /// Where the order ships (from the accepted checkout; the saga's events never carry it).
     #[serde(skip_serializing_if = "Option::is_none")]
     ship_to: Option<crate::domain::Address>,
+}
+
+/// What the buyer must do for the payment to go on (a 3-D Secure challenge).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NextActionJson {
+    /// Always `redirect_to_url`.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    url: String,
+}
+
+impl NextActionJson {
+    /// The challenge to show while the order's stage is `requires_action`.
+    fn of(stage: &str, payment: &PaymentView) -> Option<Self> {
+        let url = payment.next_action_url.clone()?;
+        (stage == "requires_action").then_some(Self {
+            kind: "redirect_to_url",
+            url,
+        })
+    }
 }
 
 /// The order's payment.
@@ -126,6 +150,7 @@ pub async fn get_order(
             status: order.status.to_string(),
             stage,
             reason: order.reason,
+            next_action: None,
             items: order
                 .items
                 .iter()
@@ -154,21 +179,17 @@ pub async fn get_order(
     if !may_see(&caller, &pending.user_id) {
         return Err(not_found());
     }
-    let stage = match inventory::reservation_status(&state.pool, order_id)
+    let reserved = inventory::reservation_status(&state.pool, order_id)
         .await?
-        .as_deref()
-    {
-        None => "reserving",
-        Some(_) if payment.status.is_none() && payment.failed_attempts > 0 => "payment_pending",
-        Some(_) if payment.status.is_none() => "authorizing",
-        Some(_) => "confirming",
-    };
+        .is_some();
+    let stage = pending_stage(reserved, &payment);
     let currency = pending.currency.code().to_owned();
     Ok(Json(OrderJson {
         order_id,
         status: "pending".into(),
         stage: Some(stage),
         reason: None,
+        next_action: NextActionJson::of(stage, &payment),
         items: pending
             .items
             .iter()
@@ -188,6 +209,19 @@ pub async fn get_order(
         payment: PaymentJson::new(payment, false),
         ship_to: pending.address.clone(),
     }))
+}
+
+/// Where a pending order stands, from its hold and its payment.
+fn pending_stage(reserved: bool, payment: &PaymentView) -> &'static str {
+    match payment.status {
+        _ if !reserved => "reserving",
+        None if payment.failed_attempts > 0 => "payment_pending",
+        Some(payments::PaymentStatus::Pending) if payment.next_action_url.is_some() => {
+            "requires_action"
+        }
+        None | Some(payments::PaymentStatus::Pending) => "authorizing",
+        Some(_) => "confirming",
+    }
 }
 
 /// Locks the order for an action and publishes the request; a repeat does nothing more.

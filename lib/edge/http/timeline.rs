@@ -236,7 +236,18 @@ fn describe(event: &Event, at: DateTime<Utc>) -> TimelineEvent {
         | Event::Cancelled { .. }
         | Event::RefundRequested { .. }
         | Event::Refunded { .. } => json!({"attempt": attempt}),
-        Event::Confirmed { .. } | Event::TimedOut { .. } => json!({}),
+        Event::ActionRequired { next_action, .. } => match next_action {
+            Some(url) => json!({"nextAction": {"type": "redirect_to_url", "url": url}}),
+            None => json!({}),
+        },
+        // What the provider said, never its amounts' raw payload.
+        Event::ProviderUpdate { update, .. } => json!({
+            "provider": update.provider,
+            "type": update.event_type,
+        }),
+        Event::Confirmed { .. } | Event::TimedOut { .. } | Event::ActionExpired { .. } => {
+            json!({})
+        }
     };
     TimelineEvent {
         kind: kind.as_str(),
@@ -250,10 +261,11 @@ fn describe(event: &Event, at: DateTime<Utc>) -> TimelineEvent {
 fn stage_after(kind: EventKind) -> &'static str {
     match kind {
         EventKind::Requested => "reserving",
-        EventKind::Reserved => "authorizing",
+        EventKind::Reserved | EventKind::ProviderUpdate | EventKind::ActionExpired => "authorizing",
         // The order step commits the stock and inserts the order together.
         EventKind::Authorized | EventKind::Committed => "confirming",
         EventKind::Rejected | EventKind::Declined | EventKind::TimedOut => "compensating",
+        EventKind::ActionRequired => "requires_action",
         EventKind::Confirmed | EventKind::CaptureFailed | EventKind::CancelFailed => "confirmed",
         EventKind::Failed => "failed",
         EventKind::ShipRequested | EventKind::Captured => "shipping",

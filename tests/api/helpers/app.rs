@@ -21,6 +21,9 @@ fn init_telemetry() {
     });
 }
 
+/// The secret the sandbox signs its webhooks with in tests.
+pub const TEST_WEBHOOK_SECRET: &str = "whsec_test_secret";
+
 /// The key sealing payment tokens in tests (payments.token_keys).
 pub const TEST_TOKEN_KEY: &str = "7465737420746f6b656e206b6579206f66203332206279746573212121212121";
 
@@ -38,6 +41,7 @@ pub fn test_settings_on(url: String, db: &TestDb) -> Settings {
     s.http.addr = "127.0.0.1:0".into();
     s.auth.jwt_secret = Secret::new("test-secret-of-at-least-32-bytes!!");
     s.payments.token_keys = Secret::new(TEST_TOKEN_KEY);
+    s.psp.webhook_secrets = Secret::new(TEST_WEBHOOK_SECRET);
     s.nats.ack_wait = Duration::from_secs(3);
     s.nats.publish_timeout = Duration::from_secs(2);
     // JetStream reserves max_bytes on disk per stream and server: keep test servers small.
@@ -295,6 +299,10 @@ pub fn process_env(settings: &Settings, http_port: u16, psp: &str) -> Vec<(Strin
         ),
         ("CHECKOUT__HTTP__ADDR", format!("127.0.0.1:{http_port}")),
         ("CHECKOUT__PSP__URL", psp.to_owned()),
+        (
+            "CHECKOUT__PSP__WEBHOOK_SECRETS",
+            s.psp.webhook_secrets.expose().to_owned(),
+        ),
         // Tests poll their orders far faster than a person would.
         (
             "CHECKOUT__EDGE__REQUESTS_PER_USER_PER_S",
