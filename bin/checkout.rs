@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 
 use checkout::app::{App, Role};
 use checkout::config::Settings;
-use checkout::payments::sandbox_client::SandboxClient;
 use checkout::saga::Event;
 use checkout::{audit, auth, db, telemetry};
 
@@ -143,8 +142,10 @@ async fn command(cli: Cli) -> Result<()> {
         Command::Audit => {
             let settings = Settings::load()?;
             let pool = db::connect(&settings.database).await?;
-            let provider = SandboxClient::new(&settings.psp.url, settings.psp.timeout)?;
-            let report = audit::run(&pool, &provider, settings.watchdog.pending_limit).await?;
+            // Every configured provider's records (the primary's and the fallback's).
+            let providers = checkout::payments::provider(&settings)?;
+            let report =
+                audit::run(&pool, providers.as_ref(), settings.watchdog.pending_limit).await?;
             print!("{report}");
             if !report.ok() {
                 std::process::exit(1);

@@ -260,7 +260,8 @@ async fn start_saga_roles(
     let bus = Bus::connect(&settings.nats).await?;
     bus.ensure_streams().await?;
     bus.check_partitions().await?;
-    let (provider, breaker) = payments::provider(settings)?;
+    let providers = payments::provider(settings)?;
+    let provider: Arc<dyn payments::PaymentProvider> = providers.clone();
     if !seal.enabled() && roles.contains(&Role::Edge) {
         tracing::warn!(
             "payments.token_keys is empty: payment tokens travel unsealed through the \
@@ -278,8 +279,7 @@ async fn start_saga_roles(
         match role {
             Role::Reserve => inventory::start(tasks, &consuming, &leases, &settings.inventory),
             Role::Authorize => {
-                let provider = (&provider, &breaker);
-                payments::start(tasks, &consuming, settings, &leases, provider, &seal);
+                payments::start(tasks, &consuming, settings, &leases, &providers, &seal);
             }
             Role::Order => orders::start(tasks, &consuming, &leases),
             Role::Compensate => compensate::start(tasks, &consuming, settings, &leases, &provider),

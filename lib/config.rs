@@ -146,6 +146,10 @@ pub struct PspSettings {
     pub url: String,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// A second provider for new authorizations while the primary's breaker is open; empty for none.
+    pub fallback_url: String,
+    /// The fallback's name, as recorded on payments and in its webhook route.
+    pub fallback_name: String,
 }
 
 /// Retries, fraud policy, rate limit and circuit breaker for the payment provider.
@@ -173,6 +177,9 @@ pub struct PaymentsSettings {
     /// How often each authorize process looks for challenges past `action_timeout`.
     #[serde(with = "humantime_serde")]
     pub action_sweep_interval: Duration,
+    /// How long a pending payment waits for the provider's webhook before the provider is asked.
+    #[serde(with = "humantime_serde")]
+    pub webhook_grace: Duration,
 }
 
 /// Stock reservations.

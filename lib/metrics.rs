@@ -47,6 +47,8 @@ pub const CHECKOUT_CARTS: &str = "checkout_accepted_carts_total";
 pub const PROVIDER_WEBHOOKS: &str = "checkout_provider_webhooks_total";
 /// Payment challenges (3-D Secure) by how they ended.
 pub const PAYMENT_CHALLENGES: &str = "checkout_payment_challenges_total";
+/// New authorizations sent to the fallback provider.
+pub const FALLBACK_ROUTINGS: &str = "checkout_payment_fallback_routings_total";
 /// HTTP requests by route template, method and status class.
 pub const HTTP_REQUESTS: &str = "checkout_http_requests_total";
 /// HTTP request latency by route template and method.
@@ -89,9 +91,13 @@ pub fn render() -> String {
 
 fn describe() {
     describe_counter!(ORDERS, "Orders reaching a terminal status (confirmed or failed, with the reason), counted once per order.");
-    describe_counter!(PAYMENT_OPERATIONS, "Payment provider calls by operation (authorize, capture, void, refund) and result (succeeded, declined, failed).");
+    describe_counter!(PAYMENT_OPERATIONS, "Payment provider calls by provider, operation (authorize, capture, void, refund) and result (succeeded, declined, failed, requires_action).");
     describe_counter!(FRAUD_FLAGS, "Authorizations refused by our risk policy.");
     describe_counter!(PROVIDER_WEBHOOKS, "Provider webhooks by provider and result: accepted, duplicate, or refused (signature, timestamp, amount, malformed).");
+    describe_counter!(
+        FALLBACK_ROUTINGS,
+        "New authorizations sent to the fallback provider because the primary's breaker was open."
+    );
     describe_counter!(PAYMENT_CHALLENGES, "Asynchronous authorizations (3-D Secure challenges, webhook answers) by outcome: approved, failed, expired, late_voided.");
     describe_counter!(STOCKOUTS, "Checkout lines rejected for lack of stock.");
     describe_histogram!(
@@ -165,8 +171,9 @@ pub fn order_ended(failure: Option<&'static str>, requested_at: DateTime<Utc>) {
 }
 
 /// One provider call's outcome.
-pub fn payment_operation(operation: &'static str, result: &'static str) {
-    counter!(PAYMENT_OPERATIONS, "operation" => operation, "result" => result).increment(1);
+pub fn payment_operation(provider: &'static str, operation: &'static str, result: &'static str) {
+    counter!(PAYMENT_OPERATIONS, "operation" => operation, "result" => result, "provider" => provider)
+        .increment(1);
 }
 
 /// A provider webhook: accepted, a duplicate, or refused (and why).
@@ -177,6 +184,11 @@ pub fn provider_webhook(provider: &str, result: &'static str) {
 /// An asynchronous authorization ended: approved, failed, expired, late_voided.
 pub fn payment_challenge(outcome: &'static str) {
     counter!(PAYMENT_CHALLENGES, "outcome" => outcome).increment(1);
+}
+
+/// A new authorization went to the fallback provider (the primary's breaker was open).
+pub fn fallback_routing() {
+    counter!(FALLBACK_ROUTINGS).increment(1);
 }
 
 /// Our risk policy refused an authorization.

@@ -29,3 +29,8 @@ CREATE TABLE payments.provider_events (
     PRIMARY KEY (provider, event_id)
 );
 CREATE INDEX provider_events_parked ON payments.provider_events (order_id) WHERE applied IS NULL;
+
+-- The provider an order's authorization was routed to when it was not the primary (the
+-- fallback, while the primary's breaker was open), written before the call so that a
+-- redelivery asks the same provider again.
+ALTER TABLE payments.attempts ADD COLUMN provider text;

@@ -65,6 +65,10 @@ trap stop INT TERM
 target/release/sandbox-psp --listen 127.0.0.1:8090 \
   --webhook-url http://127.0.0.1:8080/api/webhooks/psp/sandbox >"$dir/psp.log" 2>&1 &
 pids+=($!); echo $! >"$dir/psp.pid"
+target/release/sandbox-psp --listen 127.0.0.1:8091 \
+  --webhook-url http://127.0.0.1:8080/api/webhooks/psp/fallback >"$dir/psp-fallback.log" 2>&1 &
+pids+=($!); echo $! >"$dir/psp-fallback.pid"
+export CHECKOUT__PSP__FALLBACK_URL=${CHECKOUT__PSP__FALLBACK_URL-http://127.0.0.1:8091}
 port=9461
 for n in 1 2; do
   start "edge-$n" edge 0 CHECKOUT__HTTP__ADDR="127.0.0.1:808$((n - 1))"

@@ -27,15 +27,22 @@ fi
 cargo build --release --locked
 # The payment provider is someone else's system: its own process, its own session.
 # Its webhooks (3-D Secure outcomes, tok_async) go to the edge, signed (.run/psp.env).
+# Two of them: the primary, and a fallback for new checkouts while the primary's breaker is
+# open (try `curl -X POST localhost:8090/v1/sandbox/outage -d '{"seconds":60}'`).
 setsid target/release/sandbox-psp --listen 127.0.0.1:8090 \
   --webhook-url http://127.0.0.1:8080/api/webhooks/psp/sandbox >.run/psp.log 2>&1 &
 psp_pid=$!
+setsid target/release/sandbox-psp --listen 127.0.0.1:8091 \
+  --webhook-url http://127.0.0.1:8080/api/webhooks/psp/fallback >.run/psp-fallback.log 2>&1 &
+fallback_pid=$!
+export CHECKOUT__PSP__FALLBACK_URL=${CHECKOUT__PSP__FALLBACK_URL-http://127.0.0.1:8091}
 # When checkout has stopped (Ctrl-C, SIGTERM), stop what this script started.
-trap 'kill ${nats_pid:-} "$psp_pid" 2>/dev/null; wait ${nats_pid:-} "$psp_pid" 2>/dev/null || true' EXIT
+trap 'kill ${nats_pid:-} "$psp_pid" "$fallback_pid" 2>/dev/null; wait ${nats_pid:-} "$psp_pid" "$fallback_pid" 2>/dev/null || true' EXIT
 $bin migrate
 cat <<MSG
 
-checkout is starting on http://127.0.0.1:8080 (sandbox PSP on 127.0.0.1:8090, log .run/psp.log)
+checkout is starting on http://127.0.0.1:8080 (sandbox PSPs: primary 127.0.0.1:8090, fallback :8091;
+logs .run/psp.log, .run/psp-fallback.log)
   admin token:  $bin token --user admin --admin
   buyer token:  $bin token --user alice
   try:          curl -s localhost:8080/readyz

@@ -117,6 +117,7 @@ impl Edge {
                 self.settings.psp.webhook_secrets.expose(),
                 self.settings.psp.webhook_tolerance,
             ),
+            psp: self.settings.psp.clone(),
         })
     }
 

@@ -17,6 +17,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::provider::{AuthorizeOutcome, AuthorizeRequest, PaymentProvider, ProviderError};
+use super::providers::{Providers, Route};
 use super::{idempotency_key, payment_id_for, PaymentStatus};
 use crate::db::Leases;
 use crate::saga::events::{Checkout, Event, EventKind, FailureReason};
@@ -28,7 +29,8 @@ use crate::saga::{Delivery, Shape, Step, Tx};
 pub struct AuthorizeStep {
     /// The payments database.
     pub leases: Leases,
-    pub provider: Arc<dyn PaymentProvider>,
+    /// The primary provider and the fallback; see `providers` for when the fallback is used.
+    pub providers: Arc<Providers>,
     /// Failed provider calls allowed per order (together with `retry_window`).
     pub max_attempts: i32,
     /// How long provider trouble is retried for one order (together with `max_attempts`).
@@ -51,13 +53,17 @@ enum Looked {
     Abandoned,
     /// Go on to the provider; `failed_before`: an earlier call for this payment failed, so
     /// the breaker does not take another failure as news of the provider (it may have
-    /// restarted and forgotten).
-    Go { failed_before: bool },
+    /// restarted and forgotten); `pinned`: the provider an earlier delivery chose.
+    Go {
+        failed_before: bool,
+        pinned: Option<String>,
+    },
 }
 
 /// What the provider's answer (or our policy on it) decided.
 pub enum Authorization {
-    Decided(Decision),
+    /// Decided by the named provider (the one holding the authorization, if there is one).
+    Decided(Decision, &'static str),
     /// The order was abandoned: no payment (a late authorization was voided already).
     Abandoned,
 }
@@ -114,14 +120,20 @@ impl Step for AuthorizeStep {
         delivery: &Delivery,
     ) -> Result<Authorization, StepError> {
         let young = delivery.delivered == 1 && self.young(checkout);
-        let mut failed_before = false;
+        let (mut failed_before, mut pinned) = (false, None);
         if !young {
             match self.look_first(checkout).await? {
                 Looked::Abandoned => return Ok(Authorization::Abandoned),
-                Looked::Go { failed_before: f } => failed_before = f,
+                Looked::Go {
+                    failed_before: f,
+                    pinned: p,
+                } => (failed_before, pinned) = (f, p),
             }
         }
-        let decision = self.ask(checkout, failed_before).await?;
+        let route = self
+            .route(checkout.order_id, delivery, failed_before, pinned)
+            .await?;
+        let decision = self.ask(checkout, route, failed_before).await?;
         if self.fail_after_provider_call && delivery.delivered == 1 {
             return Err(StepError::transient(
                 "chaos: failing after the provider call",
@@ -136,7 +148,12 @@ impl Step for AuthorizeStep {
                 return Ok(Authorization::Abandoned);
             }
         }
-        Ok(Authorization::Decided(decision))
+        let holder = decision
+            .auth_id()
+            .map_or(self.providers.name_of(route), |id| {
+                self.providers.holder(id)
+            });
+        Ok(Authorization::Decided(decision, holder))
     }
 
     async fn apply(
@@ -144,13 +161,12 @@ impl Step for AuthorizeStep {
         tx: &mut Tx<'_>,
         items: &[(&Checkout, &Authorization)],
     ) -> Result<Vec<Vec<Event>>, StepError> {
-        let provider = self.provider.name();
         // A challenged payment's outcome may have come first (parked): it decides instead.
         let settled = super::updates::take_parked(tx.conn, items, self.action_timeout).await?;
         let decided: Vec<(&Checkout, PaymentRecord)> = items
             .iter()
             .filter_map(|(checkout, found)| match found {
-                Authorization::Decided(decision) => {
+                Authorization::Decided(decision, provider) => {
                     let decision = settled.get(&checkout.order_id).unwrap_or(decision);
                     Some((*checkout, record_of(decision, provider)))
                 }
@@ -162,7 +178,7 @@ impl Step for AuthorizeStep {
         let mut flagged = 0;
         for (checkout, found) in items {
             let events = match found {
-                Authorization::Decided(decision) if recorded.contains(&checkout.order_id) => {
+                Authorization::Decided(decision, _) if recorded.contains(&checkout.order_id) => {
                     let decision = settled.get(&checkout.order_id).unwrap_or(decision);
                     flagged += usize::from(decision.is_fraud());
                     outcome(checkout, decision)
@@ -170,7 +186,7 @@ impl Step for AuthorizeStep {
                 // A payment row was there first: the order was abandoned meanwhile (the
                 // reconciler voids what we hold), or another delivery recorded it (the inbox
                 // finds that one, and this attempt rolls back).
-                Authorization::Decided(decision) => {
+                Authorization::Decided(decision, _) => {
                     give_back_later(tx.conn, checkout.order_id, decision).await?;
                     abandoned((*checkout).clone())
                 }
@@ -193,7 +209,7 @@ impl Step for AuthorizeStep {
         found: &Authorization,
     ) -> Result<(), StepError> {
         match found {
-            Authorization::Decided(decision) => match decision.auth_id() {
+            Authorization::Decided(decision, _) => match decision.auth_id() {
                 Some(auth_id) => self.give_back_unrecorded(checkout.order_id, auth_id).await,
                 None => Ok(()),
             },
@@ -219,7 +235,7 @@ impl AuthorizeStep {
             return Ok(());
         }
         let key = idempotency_key(order_id, &format!("void:{auth_id}"));
-        match self.provider.void(auth_id, &key).await {
+        match self.providers.void(auth_id, &key).await {
             Ok(()) => {
                 tracing::warn!(%auth_id, "voided an authorization the order's payment does not hold");
             }
@@ -242,22 +258,71 @@ impl AuthorizeStep {
     /// payment failed (one round trip).
     async fn look_first(&self, checkout: &Checkout) -> Result<Looked, StepError> {
         let mut lease = self.leases.acquire().await.map_err(StepError::transient)?;
-        let (abandoned_already, failed_before): (bool, bool) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM payments.payments
-                            WHERE order_id = $1 AND status = 'abandoned'),
-                    EXISTS (SELECT 1 FROM payments.attempts
-                            WHERE order_id = $1 AND failures > 0)",
-        )
-        .bind(checkout.order_id)
-        .fetch_one(&mut *lease)
-        .await
-        .map_err(StepError::transient)?;
+        let (abandoned_already, failed_before, pinned): (bool, bool, Option<String>) =
+            sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM payments.payments
+                                WHERE order_id = $1 AND status = 'abandoned'),
+                        EXISTS (SELECT 1 FROM payments.attempts
+                                WHERE order_id = $1 AND failures > 0),
+                        (SELECT provider FROM payments.attempts WHERE order_id = $1)",
+            )
+            .bind(checkout.order_id)
+            .fetch_one(&mut *lease)
+            .await
+            .map_err(StepError::transient)?;
         lease.park();
         Ok(if abandoned_already {
             Looked::Abandoned
         } else {
-            Looked::Go { failed_before }
+            Looked::Go {
+                failed_before,
+                pinned,
+            }
         })
+    }
+
+    /// Which provider asks for this order's authorization: the one an earlier delivery chose;
+    /// else the fallback only if the primary's breaker is open and nothing at the primary can
+    /// be in flight (the first delivery, no failure on record); the choice of the fallback is
+    /// written down before the call, so a redelivery asks it again and no order is authorized
+    /// twice. A pin that lost a race to a failure at the primary stays with the primary.
+    async fn route(
+        &self,
+        order_id: Uuid,
+        delivery: &Delivery,
+        failed_before: bool,
+        pinned: Option<String>,
+    ) -> Result<Route, StepError> {
+        if let Some(route) = pinned
+            .as_deref()
+            .and_then(|p| self.providers.route_named(p))
+        {
+            return Ok(route);
+        }
+        let may_fall_back = delivery.delivered == 1 && !failed_before;
+        if self.providers.route(may_fall_back) == Route::Primary {
+            return Ok(Route::Primary);
+        }
+        let fallback = self.providers.name_of(Route::Fallback);
+        let pinned: Option<String> = sqlx::query_scalar(
+            "INSERT INTO payments.attempts (order_id, failures, last_error, provider)
+             VALUES ($1, 0, 'routed to the fallback: the primary breaker is open', $2)
+             ON CONFLICT (order_id) DO UPDATE SET provider = CASE
+                 WHEN payments.attempts.failures = 0
+                 THEN coalesce(payments.attempts.provider, EXCLUDED.provider)
+                 ELSE payments.attempts.provider END
+             RETURNING provider",
+        )
+        .bind(order_id)
+        .bind(fallback)
+        .fetch_one(self.leases.pool())
+        .await?;
+        tracing::warn!(%order_id, provider = fallback, "the primary provider's breaker is open: authorizing at the fallback");
+        crate::metrics::fallback_routing();
+        Ok(pinned
+            .as_deref()
+            .and_then(|p| self.providers.route_named(p))
+            .unwrap_or(Route::Primary))
     }
 
     /// Whether the order is too young for the watchdog to have abandoned it: it abandons
@@ -281,7 +346,7 @@ impl AuthorizeStep {
     /// Voids an authorization that completed after its order was abandoned.
     async fn void_late(&self, order_id: Uuid, auth_id: &str) -> Result<(), StepError> {
         match self
-            .provider
+            .providers
             .void(auth_id, &idempotency_key(order_id, "void"))
             .await
         {
@@ -304,7 +369,12 @@ impl AuthorizeStep {
     /// Opens the payment token and asks the provider; a token nobody can open any more (its
     /// key was dropped, or it is damaged) fails the order like a declined card instead of
     /// retrying forever.
-    async fn ask(&self, checkout: &Checkout, failed_before: bool) -> Result<Decision, StepError> {
+    async fn ask(
+        &self,
+        checkout: &Checkout,
+        route: Route,
+        failed_before: bool,
+    ) -> Result<Decision, StepError> {
         let order_id = checkout.order_id;
         match self.seal.open(&checkout.payment_token) {
             Ok(token) => {
@@ -318,7 +388,7 @@ impl AuthorizeStep {
                     idempotency_key: idempotency_key(order_id, "authorize"),
                     failed_before,
                 };
-                self.decide(&request).await
+                self.decide(route, &request).await
             }
             Err(e) => {
                 tracing::warn!(error = %e, "payment token cannot be opened");
@@ -334,8 +404,12 @@ impl AuthorizeStep {
     }
 
     /// Asks the provider and turns its answer into a decision, or into a retry.
-    async fn decide(&self, request: &AuthorizeRequest) -> Result<Decision, StepError> {
-        match self.provider.authorize(request).await {
+    async fn decide(
+        &self,
+        route: Route,
+        request: &AuthorizeRequest,
+    ) -> Result<Decision, StepError> {
+        match self.providers.authorize_at(route, request).await {
             Ok(AuthorizeOutcome::Approved {
                 auth_id,
                 expires_at,
@@ -404,7 +478,7 @@ impl AuthorizeStep {
     /// the order is adopted; otherwise the order fails with `payment_unavailable`, recorded
     /// as `failed` so that the reconciler looks again later for one that completes late.
     async fn settle_unknown(&self, order_id: Uuid, code: String) -> Result<Decision, StepError> {
-        let found = match self.provider.authorizations_for(order_id).await {
+        let found = match self.providers.authorizations_for(order_id).await {
             Ok(found) => found,
             Err(ProviderError::Deferred(wait)) => return Err(StepError::RetryAfter(wait)),
             Err(e) => {

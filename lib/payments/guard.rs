@@ -407,6 +407,7 @@ fn result_of(e: &ProviderError) -> Option<&'static str> {
 }
 
 fn counted(
+    provider: &'static str,
     operation: &'static str,
     result: Result<(), ProviderError>,
 ) -> Result<(), ProviderError> {
@@ -415,7 +416,7 @@ fn counted(
         Err(e) => result_of(e),
     };
     if let Some(outcome) = outcome {
-        crate::metrics::payment_operation(operation, outcome);
+        crate::metrics::payment_operation(provider, operation, outcome);
     }
     result
 }
@@ -443,13 +444,14 @@ impl PaymentProvider for GuardedProvider {
             Err(e) => result_of(e),
         };
         if let Some(outcome) = outcome {
-            crate::metrics::payment_operation("authorize", outcome);
+            crate::metrics::payment_operation(self.inner.name(), "authorize", outcome);
         }
         result
     }
 
     async fn void(&self, auth_id: &str, key: &str) -> Result<(), ProviderError> {
         counted(
+            self.inner.name(),
             "void",
             self.guarded(key, self.inner.void(auth_id, key)).await,
         )
@@ -464,7 +466,7 @@ impl PaymentProvider for GuardedProvider {
         let result = self
             .guarded(key, self.inner.capture(auth_id, amount, key))
             .await;
-        counted("capture", result)
+        counted(self.inner.name(), "capture", result)
     }
 
     async fn authorizations_for(
@@ -480,7 +482,7 @@ impl PaymentProvider for GuardedProvider {
         let result = self
             .guarded(key, self.inner.refund(auth_id, amount, key))
             .await;
-        counted("refund", result)
+        counted(self.inner.name(), "refund", result)
     }
 
     async fn report(&self) -> Result<Vec<ProviderAuthorization>, ProviderError> {

@@ -6,6 +6,7 @@ pub mod breaker_status;
 pub mod guard;
 mod lifecycle;
 pub mod provider;
+pub mod providers;
 pub mod reconcile;
 pub mod sandbox_client;
 pub mod token_seal;
@@ -16,6 +17,7 @@ pub mod webhooks;
 pub use authorize::AuthorizeStep;
 pub use lifecycle::{CaptureStep, RefundStep};
 pub use provider::{PaymentProvider, ProviderError};
+pub use providers::{Providers, Route};
 pub use void::{abandon, void_for_order, VoidOutcome};
 
 use std::sync::Arc;
@@ -51,6 +53,8 @@ pub struct PaymentView {
     pub failed_attempts: i32,
     /// Where the buyer completes the provider's challenge, while the payment is pending.
     pub next_action_url: Option<String>,
+    /// The provider holding the payment.
+    pub provider: Option<String>,
 }
 
 impl PaymentView {
@@ -70,9 +74,11 @@ pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, 
         expires_at: Option<chrono::DateTime<chrono::Utc>>,
         failures: Option<i32>,
         next_action_url: Option<String>,
+        provider: Option<String>,
     }
     let row: Row = sqlx::query_as(
-        "SELECT p.status, p.decline_code, p.expires_at, a.failures, p.next_action_url
+        "SELECT p.status, p.decline_code, p.expires_at, a.failures, p.next_action_url,
+                p.provider
          FROM (SELECT $1::uuid AS order_id) o
          LEFT JOIN payments.payments p USING (order_id)
          LEFT JOIN payments.attempts a USING (order_id)",
@@ -86,6 +92,7 @@ pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, 
         expires_at: row.expires_at,
         failed_attempts: row.failures.unwrap_or(0),
         next_action_url: row.next_action_url,
+        provider: row.provider,
     })
 }
 
@@ -99,18 +106,27 @@ pub fn idempotency_key(order_id: Uuid, operation: &str) -> String {
     format!("{order_id}:{operation}")
 }
 
-/// The payment provider every step of this process talks to: the sandbox PSP's client behind
-/// the rate limit and the circuit breaker (whose state the authorize role reports).
-pub fn provider(
-    settings: &crate::config::Settings,
-) -> Result<(Arc<dyn PaymentProvider>, Arc<guard::CircuitBreaker>), ProviderError> {
-    let sandbox: Arc<dyn PaymentProvider> = Arc::new(sandbox_client::SandboxClient::new(
-        &settings.psp.url,
-        settings.psp.timeout,
-    )?);
-    let guarded = Arc::new(guard::GuardedProvider::new(sandbox, &settings.payments));
-    let breaker = guarded.breaker();
-    Ok((guarded, breaker))
+/// The payment providers every step of this process talks to: the primary (and the fallback,
+/// if configured), each behind its own rate limit and circuit breaker.
+pub fn provider(settings: &crate::config::Settings) -> Result<Arc<Providers>, ProviderError> {
+    let psp = &settings.psp;
+    let guarded = |client: sandbox_client::SandboxClient| {
+        let client: Arc<dyn PaymentProvider> = Arc::new(client);
+        Arc::new(guard::GuardedProvider::new(client, &settings.payments))
+    };
+    let primary = guarded(sandbox_client::SandboxClient::new(&psp.url, psp.timeout)?);
+    let fallback = if psp.fallback_url.is_empty() {
+        None
+    } else {
+        // Read once at start-up and kept for the life of the process, like the metric labels.
+        let name: &'static str = Box::leak(psp.fallback_name.clone().into_boxed_str());
+        Some(guarded(sandbox_client::SandboxClient::named(
+            name,
+            &psp.fallback_url,
+            psp.timeout,
+        )?))
+    };
+    Ok(Arc::new(Providers::new(primary, fallback)))
 }
 
 /// What the authorize role runs: the authorize, capture and refund steps, and the breaker's
@@ -120,15 +136,16 @@ pub fn start(
     consuming: &crate::tasks::Consuming,
     settings: &crate::config::Settings,
     leases: &crate::db::Leases,
-    (provider, breaker): (&Arc<dyn PaymentProvider>, &Arc<guard::CircuitBreaker>),
+    providers: &Arc<Providers>,
     seal: &Arc<token_seal::TokenSeal>,
 ) {
     let payments = &settings.payments;
+    let provider: Arc<dyn PaymentProvider> = providers.clone();
     tasks.step(
         consuming,
         AuthorizeStep {
             leases: leases.clone(),
-            provider: provider.clone(),
+            providers: providers.clone(),
             max_attempts: payments.max_attempts,
             retry_window: payments.retry_window,
             max_risk_score: payments.max_risk_score,
@@ -151,12 +168,18 @@ pub fn start(
             provider: provider.clone(),
         },
     );
-    let (pool, bus) = (leases.pool().clone(), consuming.bus.clone());
-    let (timeout, every) = (payments.action_timeout, payments.action_sweep_interval);
-    tasks.until_shutdown("challenge-expiry", move |token| {
-        updates::run_expiry(pool, bus, timeout, every, token)
+    let sweeper = updates::Sweeper {
+        pool: leases.pool().clone(),
+        bus: consuming.bus.clone(),
+        providers: providers.clone(),
+        action_timeout: payments.action_timeout,
+        webhook_grace: payments.webhook_grace,
+    };
+    let every = payments.action_sweep_interval;
+    tasks.until_shutdown("challenge-sweeper", move |token| {
+        updates::run_sweeper(sweeper, every, token)
     });
-    let (bus, breaker) = (consuming.bus.clone(), breaker.clone());
+    let (bus, breaker) = (consuming.bus.clone(), providers.breaker());
     tasks.until_shutdown("breaker-status", move |token| {
         breaker_status::report_breaker(bus, breaker, token)
     });

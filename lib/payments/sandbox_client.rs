@@ -29,6 +29,7 @@ pub const NAME: &str = "sandbox";
 pub struct SandboxClient {
     http: reqwest::Client,
     base: String,
+    name: &'static str,
 }
 
 #[derive(Serialize)]
@@ -113,8 +114,13 @@ fn is_trouble(status: StatusCode) -> bool {
 }
 
 impl SandboxClient {
-    /// A client with a per-call timeout.
+    /// A client of the primary provider (named [`NAME`]) with a per-call timeout.
     pub fn new(base: &str, timeout: Duration) -> Result<Self, ProviderError> {
+        Self::named(NAME, base, timeout)
+    }
+
+    /// A client of a provider recorded as `name` (e.g. the fallback).
+    pub fn named(name: &'static str, base: &str, timeout: Duration) -> Result<Self, ProviderError> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .pool_max_idle_per_host(64)
@@ -123,6 +129,7 @@ impl SandboxClient {
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),
+            name,
         })
     }
 
@@ -212,7 +219,7 @@ impl SandboxClient {
 #[async_trait::async_trait]
 impl PaymentProvider for SandboxClient {
     fn name(&self) -> &'static str {
-        NAME
+        self.name
     }
 
     async fn authorize(

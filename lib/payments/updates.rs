@@ -377,7 +377,7 @@ pub(super) async fn take_parked(
     let mut pending: Vec<(Uuid, &str)> = items
         .iter()
         .filter_map(|(checkout, found)| match found {
-            Authorization::Decided(Decision::Pending { auth_id, .. }) => {
+            Authorization::Decided(Decision::Pending { auth_id, .. }, _) => {
                 Some((checkout.order_id, auth_id.as_str()))
             }
             _ => None,
@@ -431,25 +431,125 @@ pub(super) async fn take_parked(
     Ok(settled)
 }
 
-/// Publishes `checkout.action_expired` for payments pending longer than `action_timeout`,
-/// every `interval`, until shutdown. Repeats are harmless: the message id is one per order,
-/// and the step changes only a payment still pending.
-pub async fn run_expiry(
-    pool: sqlx::PgPool,
-    bus: Bus,
-    action_timeout: Duration,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
+/// The challenge sweeper's settings and reach.
+pub struct Sweeper {
+    pub pool: sqlx::PgPool,
+    pub bus: Bus,
+    pub providers: Arc<super::Providers>,
+    /// `payments.action_timeout`.
+    pub action_timeout: Duration,
+    /// `payments.webhook_grace`: how long a pending payment waits for its webhook before the
+    /// provider is asked.
+    pub webhook_grace: Duration,
+}
+
+/// Every `interval` until shutdown: publishes `checkout.action_expired` for payments pending
+/// longer than `action_timeout`, and asks the provider about payments whose webhook is late
+/// (a provider's outcome that never arrived is applied as if it had). Repeats are harmless:
+/// message ids are one per order (or per provider outcome), and the step changes only a
+/// payment still pending.
+pub async fn run_sweeper(sweeper: Sweeper, interval: Duration, shutdown: CancellationToken) {
     loop {
-        if let Err(e) = expire_once(&pool, &bus, action_timeout).await {
+        if let Err(e) = expire_once(&sweeper.pool, &sweeper.bus, sweeper.action_timeout).await {
             tracing::warn!(error = %e, "challenge expiry pass failed");
+        }
+        if let Err(e) = reconcile_pending(&sweeper).await {
+            tracing::warn!(error = %e, "pending payments reconciliation failed");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
     }
+}
+
+/// Asks the provider about payments pending past `webhook_grace`; an outcome it has decided is
+/// stored and handed to the saga as the webhook would have been. Undecided ones are asked
+/// again a grace later.
+async fn reconcile_pending(sweeper: &Sweeper) -> Result<(), StepError> {
+    let due: Vec<(Uuid, String, rust_decimal::Decimal, String, Vec<u8>)> = sqlx::query_as(
+        "UPDATE payments.payments p SET updated_at = now()
+         FROM edge.checkouts c
+         WHERE c.order_id = p.order_id AND p.order_id IN (
+             SELECT order_id FROM payments.payments
+             WHERE status = 'pending' AND updated_at < now() - $1::interval AND auth_id IS NOT NULL
+             ORDER BY updated_at LIMIT 50 FOR UPDATE SKIP LOCKED)
+         RETURNING p.order_id, p.auth_id, p.amount, p.currency, c.event",
+    )
+    .bind(format!(
+        "{} milliseconds",
+        sweeper.webhook_grace.as_millis()
+    ))
+    .fetch_all(&sweeper.pool)
+    .await?;
+    for (order_id, auth_id, amount, currency, stored) in due {
+        let theirs = match sweeper.providers.authorizations_for(order_id).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(%order_id, error = %e, "cannot read the provider's records of a pending payment");
+                continue;
+            }
+        };
+        let Some(held) = theirs.into_iter().find(|a| a.auth_id == auth_id) else {
+            continue;
+        };
+        let (event_type, decline_code) = match held.status.as_str() {
+            "authorized" | "captured" => (SUCCEEDED, None),
+            "failed" | "declined" => (FAILED, Some("authentication_failed".to_owned())),
+            _ => continue,
+        };
+        let Ok(Event::Requested { checkout }) = Event::decode(&stored) else {
+            tracing::error!(%order_id, "stored checkout request does not decode");
+            continue;
+        };
+        tracing::warn!(%order_id, %auth_id, status = %held.status, "the provider decided a payment whose webhook never came");
+        let update = ProviderUpdate {
+            provider: sweeper.providers.holder(&auth_id).to_owned(),
+            event_id: format!("reconciled:{auth_id}:{}", held.status),
+            event_type: event_type.to_owned(),
+            auth_id,
+            amount,
+            currency: currency.trim().to_owned(),
+            decline_code,
+        };
+        store_update(&sweeper.pool, order_id, &update).await?;
+        let event = Event::ProviderUpdate {
+            checkout: checkout.spent().for_the_bus(),
+            update,
+        };
+        let out = Outgoing::new(&event, Some(&TraceParent::new_root()))
+            .map_err(|e| StepError::permanent(e.to_string()))?;
+        sweeper
+            .bus
+            .publish(&out)
+            .await
+            .map_err(|e| StepError::transient(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Records a provider outcome as its webhook would have been (once per event id).
+async fn store_update(
+    pool: &sqlx::PgPool,
+    order_id: Uuid,
+    update: &ProviderUpdate,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO payments.provider_events
+             (provider, event_id, order_id, event_type, auth_id, amount, currency, decline_code)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+    )
+    .bind(&update.provider)
+    .bind(&update.event_id)
+    .bind(order_id)
+    .bind(&update.event_type)
+    .bind(&update.auth_id)
+    .bind(update.amount)
+    .bind(&update.currency)
+    .bind(&update.decline_code)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 async fn expire_once(

@@ -158,6 +158,28 @@ async fn a_provider_that_answers_by_webhook_confirms_the_order() {
 }
 
 #[tokio::test]
+async fn a_webhook_that_never_comes_is_made_up_for_by_asking_the_provider() {
+    // The provider's webhooks go nowhere (no endpoint registered): it decides, nobody hears.
+    let app = TestApp::spawn_roles(&Role::ALL, |s| {
+        s.payments.webhook_grace = Duration::from_millis(500);
+    })
+    .await;
+    app.product("TEE", "10.00", 5).await;
+    let (token, id) = app.buy("hana", "TEE", "tok_async").await;
+    let order = app.settled(&token, &id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM payments.provider_events
+             WHERE event_id LIKE 'reconciled:%' AND applied = 'applied'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(app.sandbox_webhooks().await[0]["delivered"], false);
+}
+
+#[tokio::test]
 async fn the_same_webhook_three_times_or_a_stale_one_after_it_changes_nothing() {
     let app = shop(|_| {}).await;
     let (token, id) = app.buy("erin", "TEE", "tok_async").await;
@@ -434,4 +456,62 @@ impl TestApp {
             })
             .unwrap_or_default()
     }
+}
+
+#[tokio::test]
+async fn killing_the_authorize_process_amid_asynchronous_payments_doubles_nothing() {
+    use checkout::app::App;
+
+    // Everything but authorize in-process; authorize as a real process we can SIGKILL between
+    // the provider's answer and our record.
+    let nats = crate::helpers::NatsServer::start();
+    let db = crate::helpers::TestDb::new();
+    let mut settings = crate::helpers::test_settings(&nats, &db);
+    let roles = [Role::Edge, Role::Reserve, Role::Order, Role::Compensate];
+    let psp = crate::helpers::SandboxPsp::start().await;
+    settings.psp.url = psp.url().to_owned();
+    let app = App::build(settings.clone(), &roles)
+        .await
+        .expect("app starts");
+    let app = TestApp::attach(app, settings, psp, nats, db).await;
+    app.register_webhooks().await;
+    let spawn_authorize = || {
+        let mut env = crate::helpers::process_env(&app.settings, crate::helpers::port(), &app.psp);
+        env.push(("CHECKOUT__NATS__ACK_WAIT".into(), "2s".into()));
+        crate::helpers::CheckoutProcess::start("authorize", env)
+    };
+    app.product("TEE", "2.00", 100).await;
+    let mut orders = Vec::new();
+    for i in 0..20 {
+        let card = if i % 2 == 0 { "tok_async" } else { "tok_visa" };
+        orders.push(app.buy(&format!("buyer-{i}"), "TEE", card).await);
+    }
+    let mut first = spawn_authorize();
+    app.eventually("a first payment recorded", || async {
+        app.count("SELECT count(*) FROM payments.payments").await > 0
+    })
+    .await;
+    first.kill();
+    let mut second = spawn_authorize();
+    for (token, order_id) in &orders {
+        let order = app.settled(token, order_id).await;
+        assert_eq!(order["status"], "confirmed", "{order}");
+        assert_eq!(
+            app.ledger_count(order_id, "authorization").await,
+            1,
+            "{order_id}"
+        );
+    }
+    second.kill();
+    assert_eq!(
+        app.count("SELECT count(*) FROM payments.provider_events WHERE applied = 'applied'")
+            .await,
+        10,
+        "one applied outcome per asynchronous payment"
+    );
+    app.eventually("20 units committed once", || async {
+        app.stock("TEE").await == (80, 0, 80)
+    })
+    .await;
+    app.audit().await;
 }

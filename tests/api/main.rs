@@ -11,6 +11,7 @@ mod challenges;
 mod checkout_flow;
 mod cluster;
 mod endings;
+mod fallback;
 mod faults;
 mod flash_sale;
 mod group_commit;

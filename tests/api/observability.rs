@@ -42,7 +42,9 @@ fn failed(reason: &str) -> String {
 }
 
 fn payment(operation: &str, result: &str) -> String {
-    format!(r#"checkout_payment_operations_total{{operation="{operation}",result="{result}"}}"#)
+    format!(
+        r#"checkout_payment_operations_total{{operation="{operation}",result="{result}",provider="sandbox"}}"#
+    )
 }
 
 #[tokio::test]

@@ -74,6 +74,8 @@ pub struct EdgeState {
     pub verifier: std::sync::Arc<crate::auth::Verifier>,
     /// Checks the payment provider's webhook signatures.
     pub webhooks: crate::payments::webhooks::WebhookVerifier,
+    /// The providers' names (webhook routes) and addresses.
+    pub psp: crate::config::PspSettings,
 }
 
 /// The edge's routes.

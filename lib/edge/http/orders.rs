@@ -90,6 +90,9 @@ pub struct PaymentJson {
     /// True when an authorization can no longer be captured.
     expired: bool,
     failed_attempts: i32,
+    /// The provider holding the payment (the fallback's name when it was routed there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<String>,
 }
 
 impl PaymentJson {
@@ -106,6 +109,7 @@ impl PaymentJson {
             expires_at: view.expires_at,
             expired,
             failed_attempts: view.failed_attempts,
+            provider: view.provider,
         }
     }
 }

@@ -42,7 +42,8 @@ pub async fn provider_webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<WebhookReceived>, ApiError> {
-    if provider != crate::payments::sandbox_client::NAME {
+    let psp = &state.psp;
+    if crate::payments::providers::recorded_id(psp, &provider, "").is_none() {
         return Err(ApiError::not_found(
             "unknown_provider",
             format!("no payment provider is named {provider:?}"),
@@ -55,7 +56,10 @@ pub async fn provider_webhook(
         .and_then(|()| webhooks::parse(&provider, &body))
         .map_err(|refused| refuse(&provider, &refused))?;
     let order = checkout::find_by_order(&state.pool, received.order_id).await?;
-    let update = received.update;
+    let mut update = received.update;
+    // As the payment records it: the fallback's ids carry its name.
+    update.auth_id = crate::payments::providers::recorded_id(psp, &provider, &update.auth_id)
+        .unwrap_or(update.auth_id);
     if let Some(order) = &order {
         if order.total != update.amount || order.currency.code() != update.currency {
             crate::metrics::provider_webhook(&provider, "amount_mismatch");

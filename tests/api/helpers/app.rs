@@ -182,10 +182,10 @@ impl TestApp {
 
 /// Runs the audit against a database and a PSP, failing the test on any finding.
 pub async fn audit(pool: &sqlx::PgPool, psp: &str, settings: &Settings) {
-    let provider =
-        checkout::payments::sandbox_client::SandboxClient::new(psp, Duration::from_secs(5))
-            .expect("psp client");
-    let report = checkout::audit::run(pool, &provider, settings.watchdog.pending_limit)
+    let mut settings = settings.clone();
+    settings.psp.url = psp.to_owned();
+    let providers = checkout::payments::provider(&settings).expect("psp clients");
+    let report = checkout::audit::run(pool, providers.as_ref(), settings.watchdog.pending_limit)
         .await
         .expect("the audit runs");
     assert!(report.ok(), "audit findings:\n{report}");
