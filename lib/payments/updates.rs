@@ -468,13 +468,18 @@ pub async fn run_sweeper(sweeper: Sweeper, interval: Duration, shutdown: Cancell
 /// again a grace later.
 async fn reconcile_pending(sweeper: &Sweeper) -> Result<(), StepError> {
     let due: Vec<(Uuid, String, rust_decimal::Decimal, String, Vec<u8>)> = sqlx::query_as(
-        "UPDATE payments.payments p SET updated_at = now()
-         FROM edge.checkouts c
-         WHERE c.order_id = p.order_id AND p.order_id IN (
+        // The few pending payments first (a partial index), and only then their checkouts:
+        // this runs every second in every authorize process, whatever the tables' sizes.
+        "WITH due AS MATERIALIZED (
              SELECT order_id FROM payments.payments
              WHERE status = 'pending' AND updated_at < now() - $1::interval AND auth_id IS NOT NULL
-             ORDER BY updated_at LIMIT 50 FOR UPDATE SKIP LOCKED)
-         RETURNING p.order_id, p.auth_id, p.amount, p.currency, c.event",
+             ORDER BY updated_at LIMIT 50 FOR UPDATE SKIP LOCKED),
+         touched AS (
+             UPDATE payments.payments p SET updated_at = now() FROM due
+             WHERE p.order_id = due.order_id
+             RETURNING p.order_id, p.auth_id, p.amount, p.currency)
+         SELECT t.order_id, t.auth_id, t.amount, t.currency, c.event
+         FROM touched t JOIN edge.checkouts c USING (order_id)",
     )
     .bind(format!(
         "{} milliseconds",
@@ -558,10 +563,11 @@ async fn expire_once(
     action_timeout: Duration,
 ) -> Result<(), StepError> {
     let due: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(
-        "SELECT p.order_id, c.event FROM payments.payments p
-         JOIN edge.checkouts c USING (order_id)
-         WHERE p.status = 'pending' AND p.created_at < now() - $1::interval
-         ORDER BY p.created_at LIMIT 100",
+        "WITH due AS MATERIALIZED (
+             SELECT order_id FROM payments.payments
+             WHERE status = 'pending' AND created_at < now() - $1::interval
+             ORDER BY created_at LIMIT 100)
+         SELECT due.order_id, c.event FROM due JOIN edge.checkouts c USING (order_id)",
     )
     .bind(format!("{} milliseconds", action_timeout.as_millis()))
     .fetch_all(pool)
