@@ -260,6 +260,20 @@ async fn authorizations(
             ));
         }
     }
+    // Across every provider, one order holds one authorization that is not voided or refused:
+    // two would mean the fallback was used while the primary's attempt had landed.
+    let mut held: HashMap<&str, usize> = HashMap::new();
+    for auth in theirs.iter().filter(|a| {
+        matches!(
+            a.status.as_str(),
+            "authorized" | "captured" | "refunded" | "requires_action" | "pending"
+        )
+    }) {
+        *held.entry(auth.reference.as_str()).or_default() += 1;
+    }
+    for (reference, count) in held.into_iter().filter(|(_, n)| *n > 1) {
+        wrong.push(format!("order {reference} holds {count} authorizations"));
+    }
     Ok(Check {
         name: "authorizations",
         findings: wrong.len(),

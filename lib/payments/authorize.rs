@@ -386,6 +386,7 @@ impl AuthorizeStep {
                     // Same key on every retry: the provider returns the first authorization
                     // again, so a crash between its answer and our commit never authorizes twice.
                     idempotency_key: idempotency_key(order_id, "authorize"),
+                    return_url: checkout.return_url.clone(),
                     failed_before,
                 };
                 self.decide(route, &request).await

@@ -13,6 +13,8 @@ pub struct AuthorizeRequest {
     pub currency: String,
     pub token: String,
     pub idempotency_key: String,
+    /// Where the provider sends the buyer back after its challenge, if it asks for one.
+    pub return_url: Option<String>,
     /// An earlier call for this request failed (as recorded in the database, so it holds
     /// across a restart): another failure is the request's own, not news of the provider.
     pub failed_before: bool,

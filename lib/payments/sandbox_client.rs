@@ -33,11 +33,14 @@ pub struct SandboxClient {
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct AuthorizeBody<'a> {
     amount: String,
     currency: &'a str,
     token: &'a str,
     reference: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    return_url: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +234,7 @@ impl PaymentProvider for SandboxClient {
             currency: &request.currency,
             token: &request.token,
             reference: request.order_id.to_string(),
+            return_url: request.return_url.as_deref(),
         };
         let path = "/v1/authorizations";
         let response = self.send(path, &request.idempotency_key, &body).await?;

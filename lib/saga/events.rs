@@ -56,6 +56,9 @@ pub struct Checkout {
     /// `standard` or `express`.
     #[serde(default)]
     pub shipping_method: Option<String>,
+    /// Where the provider sends the buyer back after a payment challenge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_url: Option<String>,
 }
 
 impl Checkout {
@@ -466,6 +469,7 @@ mod tests {
             requested_at: Utc::now(),
             promo_code: None,
             shipping_method: None,
+            return_url: None,
         }
     }
 

@@ -43,6 +43,7 @@ fn checkout_of(sku: &str, qty: i64) -> Checkout {
         requested_at: chrono::Utc::now(),
         promo_code: None,
         shipping_method: None,
+        return_url: None,
     }
 }
 

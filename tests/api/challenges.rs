@@ -92,6 +92,51 @@ async fn a_challenge_approved_in_the_providers_page_confirms_the_order_and_ships
 }
 
 #[tokio::test]
+async fn the_challenge_sends_the_buyer_back_to_the_shops_return_url() {
+    let app = shop(|_| {}).await;
+    let token = app.token("ivy");
+    let cart = app.add(&token, "TEE", 1).await;
+    let mut body = crate::helpers::checkout_body(&cart, "tok_3ds");
+    body["paymentMethod"]["returnUrl"] = json!("ftp://shop.example/back");
+    let (status, refused) = app
+        .request(reqwest::Method::POST, "/api/checkout")
+        .token(&token)
+        .json(body.clone())
+        .header("Idempotency-Key", "bad-return")
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(refused["error"]["code"], "invalid_return_url");
+    body["paymentMethod"]["returnUrl"] = json!("https://shop.example/orders/thanks");
+    let (status, accepted) = app
+        .request(reqwest::Method::POST, "/api/checkout")
+        .token(&token)
+        .json(body)
+        .header("Idempotency-Key", "with-return")
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let id = accepted["orderId"].as_str().expect("id").to_owned();
+    let url = challenge_of(&app, &token, &id).await;
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let answered = browser
+        .post(&url)
+        .form(&[("outcome", "approve")])
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(answered.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        answered.headers()["location"],
+        "https://shop.example/orders/thanks"
+    );
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+}
+
+#[tokio::test]
 async fn a_denied_challenge_fails_the_order_and_gives_the_stock_back() {
     let app = shop(|_| {}).await;
     let (token, id) = app.buy("bob", "TEE", "tok_3ds").await;

@@ -126,4 +126,29 @@ async fn the_primary_in_outage_sends_new_checkouts_to_the_fallback_and_doubles_n
         0
     );
     app.audit().await;
+    // And the audit, reading both providers, would see an order holding two authorizations.
+    let (_, early_order) = &early[0];
+    let total: Value = app.order(&early[0].0, early_order).await.1["total"].clone();
+    let stray = app
+        .http
+        .post(format!("{}/v1/authorizations", fallback.url()))
+        .header("Idempotency-Key", "stray")
+        .json(&json!({"amount": total, "currency": "USD", "token": "tok_visa", "reference": early_order}))
+        .send()
+        .await
+        .expect("a stray authorization");
+    assert!(stray.status().is_success());
+    let providers = checkout::payments::provider(&app.settings).expect("providers");
+    let report = checkout::audit::run(
+        &app.pool,
+        providers.as_ref(),
+        app.settings.watchdog.pending_limit,
+    )
+    .await
+    .expect("the audit runs");
+    assert!(!report.ok(), "{report}");
+    assert!(
+        report.to_string().contains("holds 2 authorizations"),
+        "{report}"
+    );
 }

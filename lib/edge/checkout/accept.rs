@@ -99,6 +99,7 @@ impl Checkouts {
             requested_at: Utc::now(),
             promo_code,
             shipping_method: Some(request.shipping_method.clone()),
+            return_url: request.return_url.clone(),
         };
         // The request row keeps the order's checkout for good (the order's view, shipping,
         // refunds and the watchdog read it) with its address but not the payment token; the

@@ -45,6 +45,10 @@ pub struct CheckoutRequest {
     pub payment_token: String,
     pub address: Address,
     pub shipping_method: String,
+    /// Where the provider sends the buyer back after a payment challenge (3-D Secure). Left
+    /// out of the request's fingerprint when absent, so earlier requests keep theirs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub return_url: Option<String>,
 }
 
 /// Why a checkout was refused.

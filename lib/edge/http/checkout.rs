@@ -29,8 +29,13 @@ pub struct CheckoutBody {
 
 /// How the buyer pays: a PSP token, never card data.
 #[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct PaymentMethod {
     token: String,
+    /// Where the provider sends the buyer back after a payment challenge (3-D Secure): an
+    /// http(s) URL of at most 2,048 characters.
+    #[serde(default)]
+    return_url: Option<String>,
 }
 
 /// A checkout accepted for processing.
@@ -86,6 +91,7 @@ pub async fn checkout(
             "paymentMethod.token must be 1 to 255 characters",
         ));
     }
+    let return_url = return_url(body.payment_method.return_url)?;
     let (address, shipping_method) =
         super::extract::parse_destination(body.address, body.shipping_method)?;
     // The checkout's trace: the client's, if it sent one, continued by this span.
@@ -104,6 +110,7 @@ pub async fn checkout(
         payment_token: token,
         address,
         shipping_method,
+        return_url,
     };
     let order_id = state
         .checkouts
@@ -119,4 +126,22 @@ pub async fn checkout(
             status: "pending".into(),
         }),
     ))
+}
+
+/// A return URL the provider may send the buyer to: http(s), absolute, at most 2,048 characters.
+fn return_url(raw: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(raw) = raw.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let valid = raw.len() <= 2048
+        && reqwest::Url::parse(&raw)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    if valid {
+        Ok(Some(raw))
+    } else {
+        Err(ApiError::unprocessable(
+            "invalid_return_url",
+            "paymentMethod.returnUrl must be an absolute http(s) URL of at most 2048 characters",
+        ))
+    }
 }

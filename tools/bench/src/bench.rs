@@ -662,6 +662,7 @@ fn sample_payload_size() -> usize {
         requested_at: chrono::Utc::now(),
         promo_code: None,
         shipping_method: Some("standard".into()),
+        return_url: None,
     };
     Event::Requested { checkout }
         .encode()
