@@ -25,6 +25,17 @@ pub enum BusError {
         who: String,
         source: async_nats::ConnectError,
     },
+    /// The server denied a JetStream call at start-up: the user's permissions, not an outage.
+    #[error(
+        "NATS denied {who} {what}: {detail}. The user's permissions (the server's authorization \
+         block, nats/auth.conf) do not allow it: check that nats.user (CHECKOUT__NATS__USER) is \
+         this role's user"
+    )]
+    Denied {
+        who: String,
+        what: String,
+        detail: String,
+    },
     #[error("stream {stream}: {source}")]
     Stream {
         stream: String,
@@ -66,6 +77,40 @@ pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
     settings: NatsSettings,
+    /// The server's permission violations, as its async errors report them.
+    denials: Denials,
+}
+
+/// Permission violations the server reported (they come apart from the request they
+/// refused, which only times out), counted, with the last one's words.
+#[derive(Clone, Default)]
+struct Denials(std::sync::Arc<std::sync::Mutex<(u64, String)>>);
+
+impl Denials {
+    fn record(&self, detail: String) {
+        if let Ok(mut d) = self.0.lock() {
+            *d = (d.0 + 1, detail);
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.0.lock().map_or(0, |d| d.0)
+    }
+
+    /// The last violation if any came after `since` (a count read before a call).
+    fn since(&self, since: u64) -> Option<String> {
+        self.0
+            .lock()
+            .ok()
+            .filter(|d| d.0 > since)
+            .map(|d| d.1.clone())
+    }
+}
+
+/// A start-up call that failed for good, or that the server's permissions denied.
+enum Settled<E> {
+    Failed(E),
+    Denied(String),
 }
 
 /// One durable consumer's shape.
@@ -111,8 +156,9 @@ impl Bus {
     pub async fn connect(settings: &NatsSettings) -> Result<Self, BusError> {
         use async_nats::ConnectErrorKind as K;
         let mut pause = Duration::from_millis(250);
+        let denials = Denials::default();
         let client = loop {
-            match Self::options(settings)
+            match Self::options(settings, denials.clone())
                 .await?
                 .connect(settings.servers())
                 .await
@@ -139,10 +185,14 @@ impl Bus {
             client,
             js,
             settings: settings.clone(),
+            denials,
         })
     }
 
-    async fn options(settings: &NatsSettings) -> Result<async_nats::ConnectOptions, BusError> {
+    async fn options(
+        settings: &NatsSettings,
+        denials: Denials,
+    ) -> Result<async_nats::ConnectOptions, BusError> {
         // The first connection is expected; only a later one is news.
         let connected_before = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut options = async_nats::ConnectOptions::new()
@@ -151,13 +201,20 @@ impl Bus {
             // The server says why it refused something (a permission, a limit) only here: log
             // it, loudly, or a denied call looks like a mere timeout.
             .event_callback(move |event| {
-                let connected_before = connected_before.clone();
+                let (connected_before, denials) = (connected_before.clone(), denials.clone());
                 async move {
                     use async_nats::Event;
                     use std::sync::atomic::Ordering;
                     match event {
                         Event::ServerError(e) => {
                             tracing::error!(error = %e, "NATS refused a request");
+                            let detail = e.to_string();
+                            if detail
+                                .to_ascii_lowercase()
+                                .contains("permissions violation")
+                            {
+                                denials.record(detail);
+                            }
                         }
                         // Losing the server is an incident even when the client gets it back:
                         // publishes wait (edge outbox) and pulls stop until it does.
@@ -236,15 +293,26 @@ impl Bus {
             ..Default::default()
         };
         let what = format!("stream {name}");
-        settling(&what, stream_error_transient, || {
+        self.settling(&what, stream_error_transient, || {
             self.js.create_or_update_stream(config.clone())
         })
         .await
         .map(|_| ())
-        .map_err(|e| BusError::Stream {
-            stream: name.to_owned(),
-            source: e.into(),
+        .map_err(|e| match e {
+            Settled::Failed(e) => BusError::Stream {
+                stream: name.to_owned(),
+                source: e.into(),
+            },
+            Settled::Denied(detail) => self.denied(&what, detail),
         })
+    }
+
+    fn denied(&self, what: &str, detail: String) -> BusError {
+        BusError::Denied {
+            who: who(&self.settings),
+            what: what.to_owned(),
+            detail,
+        }
     }
 
     /// Creates or updates a durable pull consumer.
@@ -257,11 +325,15 @@ impl Bus {
             source,
         };
         let what = format!("consumer {}", spec.durable);
-        let stream = settling(&what, get_stream_transient, || {
-            self.js.get_stream(&spec.stream)
-        })
-        .await
-        .map_err(|e| err(e.into()))?;
+        let stream = self
+            .settling(&what, get_stream_transient, || {
+                self.js.get_stream(&spec.stream)
+            })
+            .await
+            .map_err(|e| match e {
+                Settled::Failed(e) => err(e.into()),
+                Settled::Denied(detail) => self.denied(&what, detail),
+            })?;
         let config = consumer::pull::Config {
             durable_name: Some(spec.durable.clone()),
             filter_subjects: spec.filter_subjects.clone(),
@@ -277,11 +349,15 @@ impl Bus {
         };
         // Without an action the server creates the durable or updates it in place, so every
         // instance of a role can run this at start-up.
-        let consumer = settling(&what, consumer_error_transient, || {
-            stream.create_consumer(config.clone())
-        })
-        .await
-        .map_err(|e| err(e.into()))?;
+        let consumer = self
+            .settling(&what, consumer_error_transient, || {
+                stream.create_consumer(config.clone())
+            })
+            .await
+            .map_err(|e| match e {
+                Settled::Failed(e) => err(e.into()),
+                Settled::Denied(detail) => self.denied(&what, detail),
+            })?;
         // A server older than 2.10 does not know `filter_subjects`: it creates the consumer
         // without any filter, and the step would be handed every event of the stream and
         // dead-letter all it does not consume. Refuse to start instead.
@@ -405,26 +481,43 @@ fn who(settings: &NatsSettings) -> String {
     }
 }
 
-/// Runs a start-up JetStream call, retrying failures that heal by themselves within seconds
-/// on a cluster (a request timeout during an election, "no leader", too few peers yet) until
-/// [`SETTLE_TIMEOUT`]; anything else (a bad config, a denied permission) fails at once. Two
-/// processes creating the same R3 stream on a just-formed cluster is the usual case.
-async fn settling<T, E, F, Fut>(what: &str, transient: fn(&E) -> bool, mut call: F) -> Result<T, E>
-where
-    E: std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
-    let mut pause = Duration::from_millis(200);
-    loop {
-        match call().await {
-            Err(e) if transient(&e) && tokio::time::Instant::now() + pause < deadline => {
-                tracing::warn!(%what, error = %e, retry_in = ?pause, "JetStream not settled yet (cluster forming or electing); retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
+impl Bus {
+    /// Runs a start-up JetStream call, retrying failures that heal by themselves within
+    /// seconds on a cluster (a request timeout during an election, "no leader", too few peers
+    /// yet) until [`SETTLE_TIMEOUT`]; anything else (a bad config) fails at once. Two processes
+    /// creating the same R3 stream on a just-formed cluster is the usual case. A denied call
+    /// only times out, so the server's report of a permission violation during it ends the
+    /// retries at once: that is a configuration error, not an election.
+    async fn settling<T, E, F, Fut>(
+        &self,
+        what: &str,
+        transient: fn(&E) -> bool,
+        mut call: F,
+    ) -> Result<T, Settled<E>>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        let mut pause = Duration::from_millis(200);
+        let before = self.denials.count();
+        loop {
+            match call().await {
+                Err(e) if transient(&e) => {
+                    if let Some(detail) = self.denials.since(before) {
+                        return Err(Settled::Denied(detail));
+                    }
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(Settled::Failed(e));
+                    }
+                    tracing::warn!(%what, error = %e, retry_in = ?pause, "JetStream not settled yet (cluster forming or electing); retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(Settled::Failed(e)),
+                Ok(v) => return Ok(v),
             }
-            other => return other,
         }
     }
 }

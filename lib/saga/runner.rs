@@ -193,8 +193,9 @@ async fn consume_stream(
     'outer: while !shutdown.is_cancelled() {
         let consumer = match bus.ensure_consumer(&spec).await {
             Ok(c) => c,
-            // Waiting cannot make the server newer: stop the process, saying why.
-            Err(e @ BusError::ServerTooOld { .. }) => return Err(e),
+            // Waiting cannot make the server newer, nor grant a permission: stop the process,
+            // saying why.
+            Err(e @ (BusError::ServerTooOld { .. } | BusError::Denied { .. })) => return Err(e),
             Err(e) => {
                 warn!(consumer = spec.durable, error = %e, "consumer unavailable, retrying");
                 tokio::select! {

@@ -371,3 +371,31 @@ fn the_edge_is_denied_every_durable_the_roles_bind() {
         assert!(deny.contains(&filtered), "{filtered} is not denied");
     }
 }
+
+#[tokio::test]
+async fn a_role_started_as_another_roles_user_stops_at_once_naming_the_denial() {
+    let nats = secured_nats();
+    let db = TestDb::new();
+    let settings = test_settings(&nats, &db);
+    // The order user may not bind the reserve durable: a configuration error, not an election.
+    let started = std::time::Instant::now();
+    let app = App::build(as_user(&settings, "order"), &[Role::Reserve])
+        .await
+        .expect("connects");
+    let stopped = tokio::time::timeout(Duration::from_secs(20), app.run_until_stopped())
+        .await
+        .expect("stops by itself");
+    let Err(e) = stopped else {
+        panic!("reserve ran as the order user");
+    };
+    // As `checkout run` prints it: the error and its causes.
+    let said = format!("{:#}", anyhow::Error::from(e));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}: {said}",
+        started.elapsed()
+    );
+    assert!(said.contains("denied user `order`"), "{said}");
+    assert!(said.contains("consumer reserve"), "{said}");
+    assert!(said.contains("CHECKOUT__NATS__USER"), "{said}");
+}
