@@ -393,20 +393,22 @@ pub(super) async fn take_parked(
         lock_order(conn, *order_id).await?;
     }
     let ids: Vec<Uuid> = pending.iter().map(|(id, _)| *id).collect();
+    let auths: Vec<&str> = pending.iter().map(|(_, auth)| *auth).collect();
+    // Only the outcomes of the authorization each payment records: another one's stays parked.
     let parked: Vec<(String, String, Uuid, String, String)> = sqlx::query_as(
-        "UPDATE payments.provider_events SET applied = 'applied', applied_at = now()
-         WHERE order_id = ANY($1) AND applied IS NULL AND event_type IN ($2, $3)
-         RETURNING provider, event_id, order_id, event_type, auth_id",
+        "UPDATE payments.provider_events e SET applied = 'applied', applied_at = now()
+         FROM unnest($1::uuid[], $2::text[]) AS p(order_id, auth_id)
+         WHERE e.order_id = p.order_id AND e.auth_id = p.auth_id AND e.applied IS NULL
+           AND e.event_type IN ($3, $4)
+         RETURNING e.provider, e.event_id, e.order_id, e.event_type, e.auth_id",
     )
     .bind(&ids)
+    .bind(&auths)
     .bind(SUCCEEDED)
     .bind(FAILED)
     .fetch_all(&mut *conn)
     .await?;
     for (_, event_id, order_id, event_type, auth_id) in parked {
-        if !pending.contains(&(order_id, auth_id.as_str())) {
-            continue;
-        }
         tracing::info!(%order_id, %event_id, "applying a provider event that came before its payment");
         let decision = if event_type == SUCCEEDED {
             Decision::Approved(auth_id, None)
