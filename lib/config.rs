@@ -150,6 +150,9 @@ pub struct PspSettings {
     pub fallback_url: String,
     /// The fallback's name, as recorded on payments and in its webhook route.
     pub fallback_name: String,
+    /// The secrets the fallback signs its webhooks with (another account or PSP has its own);
+    /// empty: `webhook_secrets`.
+    pub fallback_webhook_secrets: Secret,
 }
 
 /// Retries, fraud policy, rate limit and circuit breaker for the payment provider.

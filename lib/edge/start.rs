@@ -113,10 +113,7 @@ impl Edge {
             catalog,
             rates,
             verifier: self.verifier.clone(),
-            webhooks: crate::payments::webhooks::WebhookVerifier::new(
-                self.settings.psp.webhook_secrets.expose(),
-                self.settings.psp.webhook_tolerance,
-            ),
+            webhooks: crate::payments::webhooks::Verifiers::from_settings(&self.settings.psp),
             psp: self.settings.psp.clone(),
         })
     }

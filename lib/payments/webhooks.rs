@@ -53,6 +53,34 @@ impl Refused {
     }
 }
 
+/// Each configured provider's verifier, by the name in its webhook route.
+pub struct Verifiers(Vec<(String, WebhookVerifier)>);
+
+impl Verifiers {
+    /// The primary's (`psp.webhook_secrets`) and, with a fallback, the fallback's
+    /// (`psp.fallback_webhook_secrets`, or the primary's when empty).
+    pub fn from_settings(psp: &crate::config::PspSettings) -> Self {
+        let primary = WebhookVerifier::new(psp.webhook_secrets.expose(), psp.webhook_tolerance);
+        let mut all = vec![(super::sandbox_client::NAME.to_owned(), primary)];
+        if !psp.fallback_url.is_empty() {
+            let secrets = match psp.fallback_webhook_secrets.expose() {
+                "" => psp.webhook_secrets.expose(),
+                own => own,
+            };
+            all.push((
+                psp.fallback_name.clone(),
+                WebhookVerifier::new(secrets, psp.webhook_tolerance),
+            ));
+        }
+        Self(all)
+    }
+
+    /// The verifier of the provider named `provider`, if it is configured.
+    pub fn of(&self, provider: &str) -> Option<&WebhookVerifier> {
+        self.0.iter().find(|(n, _)| n == provider).map(|(_, v)| v)
+    }
+}
+
 /// Checks deliveries against the configured secrets.
 pub struct WebhookVerifier {
     keys: Vec<hmac::Key>,

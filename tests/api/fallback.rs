@@ -152,3 +152,50 @@ async fn the_primary_in_outage_sends_new_checkouts_to_the_fallback_and_doubles_n
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn each_provider_verifies_its_webhooks_with_its_own_secrets() {
+    let fallback = SandboxPsp::start().await;
+    let fallback_url = fallback.url().to_owned();
+    let app = TestApp::spawn_roles(&[Role::Edge], |s| {
+        s.psp.fallback_url = fallback_url.clone();
+        s.psp.fallback_webhook_secrets = checkout::config::Secret::new("whsec_fallback_own");
+    })
+    .await;
+    let event = json!({
+        "id": "evt_1", "type": "authorization.succeeded", "created": chrono::Utc::now().timestamp(),
+        "data": {"authorizationId": "auth_1", "reference": uuid::Uuid::now_v7().to_string(),
+                 "amount": "10.00", "currency": "USD", "status": "authorized", "declineCode": null}
+    });
+    let body = serde_json::to_vec(&event).expect("json");
+    let now = chrono::Utc::now().timestamp();
+    let deliver = |provider: &'static str, secret: &'static str| {
+        let (app, body) = (&app, body.clone());
+        async move {
+            app.http
+                .post(format!("{}/api/webhooks/psp/{provider}", app.base))
+                .header("Content-Type", "application/json")
+                .header("Psp-Signature", crate::challenges::sign(secret, now, &body))
+                .body(body)
+                .send()
+                .await
+                .expect("webhook")
+                .status()
+        }
+    };
+    let primary_secret = crate::helpers::TEST_WEBHOOK_SECRET;
+    assert_eq!(deliver("fallback", primary_secret).await, 401);
+    assert_eq!(deliver("sandbox", "whsec_fallback_own").await, 401);
+    assert_eq!(deliver("fallback", "whsec_fallback_own").await, 200);
+    assert_eq!(deliver("nobody", "whsec_fallback_own").await, 404);
+    // Stored under the fallback's name, its id qualified as the payments record it.
+    let (provider, auth_id): (String, String) =
+        sqlx::query_as("SELECT provider, auth_id FROM payments.provider_events")
+            .fetch_one(&app.pool)
+            .await
+            .expect("one stored event");
+    assert_eq!(
+        (provider.as_str(), auth_id.as_str()),
+        ("fallback", "fallback:auth_1")
+    );
+}

@@ -72,8 +72,8 @@ pub struct EdgeState {
     pub rates: RatesCache,
     /// Checks bearer tokens.
     pub verifier: std::sync::Arc<crate::auth::Verifier>,
-    /// Checks the payment provider's webhook signatures.
-    pub webhooks: crate::payments::webhooks::WebhookVerifier,
+    /// Checks each payment provider's webhook signatures.
+    pub webhooks: crate::payments::webhooks::Verifiers,
     /// The providers' names (webhook routes) and addresses.
     pub psp: crate::config::PspSettings,
 }

@@ -43,15 +43,14 @@ pub async fn provider_webhook(
     body: Bytes,
 ) -> Result<Json<WebhookReceived>, ApiError> {
     let psp = &state.psp;
-    if crate::payments::providers::recorded_id(psp, &provider, "").is_none() {
+    let Some(verifier) = state.webhooks.of(&provider) else {
         return Err(ApiError::not_found(
             "unknown_provider",
             format!("no payment provider is named {provider:?}"),
         ));
-    }
+    };
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    let received = state
-        .webhooks
+    let received = verifier
         .verify(signature, &body, chrono::Utc::now())
         .and_then(|()| webhooks::parse(&provider, &body))
         .map_err(|refused| refuse(&provider, &refused))?;
