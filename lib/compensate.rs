@@ -61,6 +61,9 @@ pub enum Unwound {
     TimedOut,
     /// Voided, restocked, the promotion given back.
     Cancelled,
+    /// Part of the order had shipped: the uncaptured rest released, the unshipped units
+    /// restocked; the promotion stays redeemed.
+    RestCancelled,
     /// The provider refused the void: nothing else was undone.
     CancelFailed(String),
 }
@@ -166,6 +169,13 @@ async fn record(
                 attempt: *attempt,
             }]
         }
+        (Unwind::Cancel { checkout, attempt }, Unwound::RestCancelled) => {
+            orders::parts::cancel_rest(tx.conn, checkout.order_id).await?;
+            vec![Event::Cancelled {
+                checkout: checkout.clone(),
+                attempt: *attempt,
+            }]
+        }
         (Unwind::Cancel { checkout, attempt }, _) => {
             finish_cancel(tx.conn, checkout.order_id).await?;
             vec![Event::Cancelled {
@@ -208,6 +218,13 @@ impl CompensateStep {
 
     /// Money first: if the provider will not release the hold, nothing else is undone.
     async fn cancel(&self, checkout: &Checkout) -> Result<Unwound, StepError> {
+        let standing = {
+            let mut conn = self.pool().acquire().await?;
+            orders::parts::Standing::read(&mut conn, checkout.order_id).await?
+        };
+        if !standing.shipped.is_empty() {
+            return self.cancel_rest(checkout, &standing).await;
+        }
         if let VoidOutcome::Refused(detail) = self.void(checkout).await? {
             tracing::warn!(%detail, "cancel failed: the provider refused the void");
             return Ok(Unwound::CancelFailed(detail));
@@ -216,6 +233,46 @@ impl CompensateStep {
         crate::pricing::promo::release(self.pool(), checkout.order_id).await?;
         tracing::info!(released, "order cancelled");
         Ok(Unwound::Cancelled)
+    }
+
+    /// Cancels what has not shipped of an order that shipped in part: releases the money its
+    /// shipments did not capture, then puts the unshipped units back on hand (once: the
+    /// returns are keyed by the order).
+    async fn cancel_rest(
+        &self,
+        checkout: &Checkout,
+        standing: &orders::parts::Standing,
+    ) -> Result<Unwound, StepError> {
+        let voided = payments::void_rest(self.pool(), self.provider.as_ref(), checkout.order_id)
+            .await
+            .map_err(|e| match e {
+                VoidError::Provider(ProviderError::Deferred(d)) => StepError::RetryAfter(d),
+                other => StepError::transient(other.to_string()),
+            })?;
+        if let VoidOutcome::Refused(detail) = voided {
+            tracing::warn!(%detail, "cancel failed: the provider refused to release the rest");
+            return Ok(Unwound::CancelFailed(detail));
+        }
+        let all =
+            orders::allocation::Allocation::new(&checkout.items, checkout.total, checkout.currency)
+                .all();
+        let left: Vec<(String, i64)> = orders::allocation::left(&all, &standing.shipped)
+            .into_iter()
+            .collect();
+        let mut tx = self.pool().begin().await?;
+        let given =
+            crate::inventory::return_units(&mut tx, checkout.order_id, "cancel", &left).await?;
+        tx.commit().await?;
+        if let Some(client) = &self.notices {
+            for (sku, version) in &given.skus {
+                crate::inventory::soldout::announce_available(client, sku, *version);
+            }
+        }
+        tracing::info!(
+            restocked = given.units,
+            "unshipped rest of the order cancelled"
+        );
+        Ok(Unwound::RestCancelled)
     }
 
     /// Held units go back to available; units already taken out of stock go back on hand.

@@ -12,7 +12,7 @@ pub mod soldout;
 mod stock;
 
 pub use expiry::{expire_due, extend_holds, run_sweeper};
-pub use release::{release_for_order, restock_for_order, GivenBack};
+pub use release::{release_for_order, restock_for_order, return_units, GivenBack};
 pub use reserve::ReserveStep;
 pub use stock::{get_stock, reservation_status, set_on_hand, Stock, StockError};
 

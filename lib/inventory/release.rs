@@ -100,3 +100,55 @@ async fn give_back(
     tx.commit().await?;
     Ok(given)
 }
+
+/// Puts units of an order back on hand after part of it shipped (the unshipped rest of a
+/// cancelled order, a refund's returned lines), once per `key`: a repeat returns nothing.
+/// Runs in the caller's transaction.
+pub async fn return_units(
+    conn: &mut sqlx::PgConnection,
+    order_id: Uuid,
+    key: &str,
+    units: &[(String, i64)],
+) -> Result<GivenBack, sqlx::Error> {
+    let mut units: Vec<(String, i64)> = units.iter().filter(|(_, q)| *q > 0).cloned().collect();
+    // Stock rows in SKU order, like every other writer.
+    units.sort();
+    let mut given = GivenBack::default();
+    for (sku, qty) in &units {
+        let qty32 = i32::try_from(*qty).unwrap_or(i32::MAX);
+        let fresh = sqlx::query(
+            "INSERT INTO inventory.returns (order_id, key, sku, qty) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(order_id)
+        .bind(key)
+        .bind(sku)
+        .bind(qty32)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if fresh == 0 {
+            continue;
+        }
+        let (version,): (i64,) = sqlx::query_as(
+            "UPDATE inventory.stock SET on_hand = on_hand + $2, updated_at = now()
+             WHERE sku = $1 RETURNING version",
+        )
+        .bind(sku)
+        .bind(qty32)
+        .fetch_one(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO inventory.stock_movements (sku, kind, order_id, on_hand_delta, reserved_delta)
+             VALUES ($1, 'return', $2, $3, 0)",
+        )
+        .bind(sku)
+        .bind(order_id)
+        .bind(qty32)
+        .execute(&mut *conn)
+        .await?;
+        given.units += qty;
+        given.skus.push((sku.clone(), version));
+    }
+    Ok(given)
+}

@@ -4,9 +4,10 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::parts;
 use super::status::{Action, OrderStatus};
 use crate::db::Leases;
-use crate::saga::events::{Event, EventKind, FailureReason};
+use crate::saga::events::{Event, EventKind, FailureReason, Part};
 use crate::saga::inbox::InboxTable;
 use crate::saga::runner::StepError;
 use crate::saga::{Delivery, Shape, Step, Tx};
@@ -40,12 +41,13 @@ pub async fn request_action(
         "UPDATE orders.orders SET pending_action = $2,
              action_attempt = action_attempt + CASE WHEN pending_action IS NULL THEN 1 ELSE 0 END,
              updated_at = now()
-         WHERE order_id = $1 AND status = $3 AND (pending_action IS NULL OR pending_action = $2)
+         WHERE order_id = $1 AND status = ANY($3::text[])
+           AND (pending_action IS NULL OR pending_action = $2)
          RETURNING action_attempt",
     )
     .bind(order_id)
     .bind(action)
-    .bind(action.required_status())
+    .bind(allowed(action))
     .fetch_optional(&mut *conn)
     .await?;
     if let Some((attempt,)) = locked {
@@ -71,7 +73,12 @@ pub async fn request_action(
     })
 }
 
-/// Records a finished action and releases the lock.
+/// The statuses that allow `action`, as the database spells them.
+fn allowed(action: Action) -> Vec<&'static str> {
+    action.allowed_from().iter().map(|s| s.as_str()).collect()
+}
+
+/// Records a finished whole-order action and releases the lock.
 async fn finish_action(
     conn: &mut PgConnection,
     order_id: Uuid,
@@ -81,12 +88,12 @@ async fn finish_action(
     sqlx::query(
         "UPDATE orders.orders SET status = $2, pending_action = NULL,
              reason = coalesce($3, reason), updated_at = now()
-         WHERE order_id = $1 AND status = $4",
+         WHERE order_id = $1 AND status = ANY($4::text[])",
     )
     .bind(order_id)
     .bind(action.final_status())
     .bind(reason.map(FailureReason::as_str))
-    .bind(action.required_status())
+    .bind(allowed(action))
     .execute(conn)
     .await?;
     Ok(())
@@ -112,20 +119,25 @@ pub async fn release_action(
     Ok(())
 }
 
-/// Consumes `checkout.captured` (order shipped, emits `checkout.shipped`),
-/// `checkout.refunded` (order refunded), and `checkout.capture_failed` /
-/// `checkout.refund_failed` (the lock is released, the status stays).
+/// Consumes `checkout.captured` (the shipment shipped, emits `checkout.shipped`),
+/// `checkout.refunded` (the refund is done, its units restocked if asked), and
+/// `checkout.capture_failed` / `checkout.refund_failed` (the part failed, the lock is
+/// released). The order's status follows from its parts.
 pub struct LifecycleStep {
     pub leases: Leases,
+    /// Where units given back by a refund are announced to every edge.
+    pub notices: Option<async_nats::Client>,
 }
 
 /// An action's outcome, as the order records it.
 pub struct Outcome {
     order_id: Uuid,
     action: Action,
-    /// Done (the status moves on) or refused (the lock is released).
-    done: bool,
+    /// Why the provider refused (none: done).
+    failure: Option<String>,
     attempt: u32,
+    /// The shipment or refund (none: a whole-order request from before parts).
+    part: Option<Part>,
     /// What the order announces.
     outputs: Vec<Event>,
 }
@@ -152,22 +164,36 @@ impl Step for LifecycleStep {
 
     fn input(&self, event: Event) -> Result<Outcome, String> {
         let (order_id, attempt) = (event.checkout().order_id, event.attempt());
-        let (action, done, outputs) = match event {
-            Event::Captured { checkout, attempt } => (
+        let (action, failure, part, outputs) = match event {
+            Event::Captured {
+                checkout,
+                attempt,
+                part,
+            } => (
                 Action::Ship,
-                true,
-                vec![Event::Shipped { checkout, attempt }],
+                None,
+                part.clone(),
+                vec![Event::Shipped {
+                    checkout,
+                    attempt,
+                    part,
+                }],
             ),
-            Event::Refunded { .. } => (Action::Refund, true, Vec::new()),
-            Event::CaptureFailed { .. } => (Action::Ship, false, Vec::new()),
-            Event::RefundFailed { .. } => (Action::Refund, false, Vec::new()),
+            Event::Refunded { part, .. } => (Action::Refund, None, part, Vec::new()),
+            Event::CaptureFailed { detail, part, .. } => {
+                (Action::Ship, Some(detail), part, Vec::new())
+            }
+            Event::RefundFailed { detail, part, .. } => {
+                (Action::Refund, Some(detail), part, Vec::new())
+            }
             other => return Err(format!("order-lifecycle cannot handle {:?}", other.kind())),
         };
         Ok(Outcome {
             order_id,
             action,
-            done,
+            failure,
             attempt,
+            part,
             outputs,
         })
     }
@@ -183,15 +209,66 @@ impl Step for LifecycleStep {
     ) -> Result<Vec<Vec<Event>>, StepError> {
         let mut outputs = Vec::with_capacity(items.len());
         for (outcome, ()) in items {
-            if outcome.done {
-                finish_action(tx.conn, outcome.order_id, outcome.action, None).await?;
-            } else {
-                release_action(tx.conn, outcome.order_id, outcome.action, outcome.attempt).await?;
+            match &outcome.part {
+                Some(part) => self.settle_part(tx, outcome, part).await?,
+                None if outcome.failure.is_none() => {
+                    finish_action(tx.conn, outcome.order_id, outcome.action, None).await?;
+                }
+                None => {
+                    release_action(tx.conn, outcome.order_id, outcome.action, outcome.attempt)
+                        .await?;
+                }
             }
             outputs.push(outcome.outputs.clone());
         }
         Ok(outputs)
     }
+}
+
+impl LifecycleStep {
+    /// Settles a shipment or refund; a refund's returned units go back on hand.
+    async fn settle_part(
+        &self,
+        tx: &mut Tx<'_>,
+        outcome: &Outcome,
+        part: &Part,
+    ) -> Result<(), StepError> {
+        let failure = outcome.failure.as_deref().map(failure_code);
+        let order_id = outcome.order_id;
+        if outcome.action == Action::Ship {
+            parts::settle_shipment(tx.conn, order_id, part, failure).await?;
+            return Ok(());
+        }
+        let moved = parts::settle_refund(tx.conn, order_id, part, failure).await?;
+        if moved && failure.is_none() && part.restock && !part.lines.is_empty() {
+            let key = format!("refund:{}", part.id);
+            let units: Vec<(String, i64)> =
+                part.lines.iter().map(|l| (l.sku.clone(), l.qty)).collect();
+            let given = crate::inventory::return_units(tx.conn, order_id, &key, &units).await?;
+            if let Some(client) = self.notices.clone() {
+                tx.after_commit(move || {
+                    for (sku, version) in &given.skus {
+                        crate::inventory::soldout::announce_available(&client, sku, *version);
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The code a refused capture or refund is shown with: the provider's own error code when it
+/// names one we know, `provider_refused` otherwise.
+fn failure_code(detail: &str) -> &'static str {
+    [
+        "authorization_expired",
+        "amount_exceeds_authorized",
+        "amount_exceeds_captured",
+        "invalid_state",
+    ]
+    .into_iter()
+    .find(|code| detail.contains(code))
+    .unwrap_or("provider_refused")
 }
 
 /// Records a cancellation (compensation's last step for a cancel request).

@@ -1,8 +1,10 @@
 //! Orders: created when the saga settles, confirmed by the order step or failed by
-//! compensation; read by the edge.
+//! compensation; shipped and refunded in parts afterwards; read by the edge.
 
+pub mod allocation;
 mod confirm;
 mod lifecycle;
+pub mod parts;
 mod record;
 mod status;
 pub mod watchdog;
@@ -29,6 +31,7 @@ pub fn start(
         consuming,
         LifecycleStep {
             leases: leases.clone(),
+            notices: Some(consuming.bus.client().clone()),
         },
     );
 }

@@ -7,7 +7,12 @@ crate::text_enum! {
     pub enum OrderStatus {
         Confirmed = "confirmed",
         Failed = "failed",
+        /// Some units shipped (their share captured), more to come.
+        PartiallyShipped = "partially_shipped",
+        /// Every unit shipped, or the unshipped rest cancelled.
         Shipped = "shipped",
+        /// Some captured money went back.
+        PartiallyRefunded = "partially_refunded",
         Cancelled = "cancelled",
         Refunded = "refunded",
     }
@@ -24,15 +29,25 @@ crate::text_enum! {
 }
 
 impl Action {
-    /// The status the order must have for the action.
-    pub(super) fn required_status(self) -> OrderStatus {
+    /// The statuses that allow the action (what is left to ship or refund is checked under
+    /// the lock).
+    pub(super) fn allowed_from(self) -> &'static [OrderStatus] {
         match self {
-            Self::Ship | Self::Cancel => OrderStatus::Confirmed,
-            Self::Refund => OrderStatus::Shipped,
+            Self::Ship | Self::Cancel => &[
+                OrderStatus::Confirmed,
+                OrderStatus::PartiallyShipped,
+                OrderStatus::PartiallyRefunded,
+            ],
+            Self::Refund => &[
+                OrderStatus::PartiallyShipped,
+                OrderStatus::Shipped,
+                OrderStatus::PartiallyRefunded,
+            ],
         }
     }
 
-    /// The status the action ends in.
+    /// The status a whole-order action (an event without a part, from before shipments in
+    /// parts) ends in.
     pub(super) fn final_status(self) -> OrderStatus {
         match self {
             Self::Ship => OrderStatus::Shipped,

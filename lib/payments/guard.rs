@@ -406,13 +406,13 @@ fn result_of(e: &ProviderError) -> Option<&'static str> {
     }
 }
 
-fn counted(
+fn counted<T>(
     provider: &'static str,
     operation: &'static str,
-    result: Result<(), ProviderError>,
-) -> Result<(), ProviderError> {
+    result: Result<T, ProviderError>,
+) -> Result<T, ProviderError> {
     let outcome = match &result {
-        Ok(()) => Some("succeeded"),
+        Ok(_) => Some("succeeded"),
         Err(e) => result_of(e),
     };
     if let Some(outcome) = outcome {
@@ -462,7 +462,7 @@ impl PaymentProvider for GuardedProvider {
         auth_id: &str,
         amount: Decimal,
         key: &str,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<String, ProviderError> {
         let result = self
             .guarded(key, self.inner.capture(auth_id, amount, key))
             .await;
@@ -478,7 +478,12 @@ impl PaymentProvider for GuardedProvider {
             .await
     }
 
-    async fn refund(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
+    async fn refund(
+        &self,
+        auth_id: &str,
+        amount: Decimal,
+        key: &str,
+    ) -> Result<String, ProviderError> {
         let result = self
             .guarded(key, self.inner.refund(auth_id, amount, key))
             .await;

@@ -18,10 +18,11 @@ pub use authorize::AuthorizeStep;
 pub use lifecycle::{CaptureStep, RefundStep};
 pub use provider::{PaymentProvider, ProviderError};
 pub use providers::{Providers, Route};
-pub use void::{abandon, void_for_order, VoidOutcome};
+pub use void::{abandon, void_for_order, void_rest, VoidOutcome};
 
 use std::sync::Arc;
 
+use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -93,6 +94,41 @@ pub async fn payment_view(pool: &PgPool, order_id: Uuid) -> Result<PaymentView, 
         failed_attempts: row.failures.unwrap_or(0),
         next_action_url: row.next_action_url,
         provider: row.provider,
+    })
+}
+
+/// An order's money as the payments ledger tells it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoneySummary {
+    /// Held at the provider for the order (0 when no authorization was ever granted).
+    pub authorized: Decimal,
+    pub captured: Decimal,
+    pub refunded: Decimal,
+    /// Released without being captured (a void of the whole, or of the uncaptured rest).
+    pub voided: Decimal,
+}
+
+/// What the payments ledger (`payments.movements`) says of an order's money.
+pub async fn money_of(pool: &PgPool, order_id: Uuid) -> Result<MoneySummary, sqlx::Error> {
+    let (authorized, captured, refunded, voided): (Decimal, Decimal, Decimal, Decimal) =
+        sqlx::query_as(
+            "SELECT coalesce((SELECT amount FROM payments.payments p WHERE p.order_id = $1
+                                AND (p.status IN ('authorized', 'captured', 'refunded')
+                                     OR EXISTS (SELECT 1 FROM payments.movements v
+                                                WHERE v.order_id = $1 AND v.kind = 'void'))), 0),
+                    coalesce(sum(m.amount) FILTER (WHERE m.kind = 'capture'), 0),
+                    coalesce(sum(m.amount) FILTER (WHERE m.kind = 'refund'), 0),
+                    coalesce(sum(m.amount) FILTER (WHERE m.kind = 'void'), 0)
+             FROM payments.movements m WHERE m.order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_one(pool)
+        .await?;
+    Ok(MoneySummary {
+        authorized,
+        captured,
+        refunded,
+        voided,
     })
 }
 

@@ -67,9 +67,13 @@ pub struct ProviderAuthorization {
     /// Our order id, as sent with the authorization.
     pub reference: String,
     pub expires_at: Option<DateTime<Utc>>,
-    /// Captures and refunds the provider made on it (more than one of either is a bug).
+    /// Captures and refunds the provider made on it.
     pub captures: u32,
     pub refunds: u32,
+    /// The money it captured, refunded and released (voided) so far.
+    pub captured: Decimal,
+    pub refunded: Decimal,
+    pub voided: Decimal,
 }
 
 /// A payment service provider.
@@ -84,13 +88,13 @@ pub trait PaymentProvider: Send + Sync {
     ) -> Result<AuthorizeOutcome, ProviderError>;
     /// Releases an authorization that will not be captured.
     async fn void(&self, auth_id: &str, idempotency_key: &str) -> Result<(), ProviderError>;
-    /// Captures an authorized amount.
+    /// Captures part or all of an authorized amount; answers the provider's capture id.
     async fn capture(
         &self,
         auth_id: &str,
         amount: Decimal,
         idempotency_key: &str,
-    ) -> Result<(), ProviderError>;
+    ) -> Result<String, ProviderError>;
     /// The authorizations the provider holds for an order (reconciliation after timeouts).
     async fn authorizations_for(
         &self,
@@ -98,11 +102,11 @@ pub trait PaymentProvider: Send + Sync {
     ) -> Result<Vec<ProviderAuthorization>, ProviderError>;
     /// Every authorization the provider holds for us (its reporting API), for the audit.
     async fn report(&self) -> Result<Vec<ProviderAuthorization>, ProviderError>;
-    /// Refunds a captured amount.
+    /// Refunds part or all of the captured amount; answers the provider's refund id.
     async fn refund(
         &self,
         auth_id: &str,
         amount: Decimal,
         idempotency_key: &str,
-    ) -> Result<(), ProviderError>;
+    ) -> Result<String, ProviderError>;
 }

@@ -191,7 +191,7 @@ impl PaymentProvider for Providers {
         auth_id: &str,
         amount: Decimal,
         key: &str,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<String, ProviderError> {
         let (provider, raw) = self.split(auth_id);
         provider.capture(raw, amount, key).await
     }
@@ -219,7 +219,12 @@ impl PaymentProvider for Providers {
         Ok(found)
     }
 
-    async fn refund(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
+    async fn refund(
+        &self,
+        auth_id: &str,
+        amount: Decimal,
+        key: &str,
+    ) -> Result<String, ProviderError> {
         let (provider, raw) = self.split(auth_id);
         provider.refund(raw, amount, key).await
     }

@@ -95,6 +95,18 @@ struct ListedItem {
     captures: u32,
     #[serde(default)]
     refunds: u32,
+    #[serde(default)]
+    captured: Decimal,
+    #[serde(default)]
+    refunded: Decimal,
+    #[serde(default)]
+    voided: Decimal,
+}
+
+/// The reply to a capture or refund: the provider's id of it.
+#[derive(Deserialize)]
+struct Operated {
+    id: String,
 }
 
 /// The `traceparent` a provider call carries: the call's own span, so the provider's spans
@@ -169,10 +181,24 @@ impl SandboxClient {
         key: &str,
         body: &B,
     ) -> Result<(), ProviderError> {
+        self.operated(path, key, body).await.map(drop)
+    }
+
+    /// A mutating call that answers the id of what it did (a capture, a refund).
+    async fn operated<B: Serialize>(
+        &self,
+        path: &str,
+        key: &str,
+        body: &B,
+    ) -> Result<String, ProviderError> {
         let response = self.send(path, key, body).await?;
         let status = response.status();
         if status.is_success() {
-            return Ok(());
+            let done: Operated = response
+                .json()
+                .await
+                .map_err(|e| ProviderError::Unavailable(format!("{path}: bad reply: {e}")))?;
+            return Ok(done.id);
         }
         let text = response.text().await.unwrap_or_default();
         Err(ProviderError::Rejected(format!(
@@ -214,6 +240,9 @@ impl SandboxClient {
                 expires_at: i.expires_at,
                 captures: i.captures,
                 refunds: i.refunds,
+                captured: i.captured,
+                refunded: i.refunded,
+                voided: i.voided,
             })
             .collect())
     }
@@ -305,19 +334,24 @@ impl PaymentProvider for SandboxClient {
         auth_id: &str,
         amount: Decimal,
         key: &str,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<String, ProviderError> {
         let body = AmountBody {
             amount: amount.to_string(),
         };
-        self.operate(&format!("/v1/authorizations/{auth_id}/capture"), key, &body)
+        self.operated(&format!("/v1/authorizations/{auth_id}/capture"), key, &body)
             .await
     }
 
-    async fn refund(&self, auth_id: &str, amount: Decimal, key: &str) -> Result<(), ProviderError> {
+    async fn refund(
+        &self,
+        auth_id: &str,
+        amount: Decimal,
+        key: &str,
+    ) -> Result<String, ProviderError> {
         let body = AmountBody {
             amount: amount.to_string(),
         };
-        self.operate(&format!("/v1/authorizations/{auth_id}/refund"), key, &body)
+        self.operated(&format!("/v1/authorizations/{auth_id}/refund"), key, &body)
             .await
     }
 }

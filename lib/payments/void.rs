@@ -2,6 +2,7 @@
 //! is unknown (we gave up on the provider, or the order was abandoned while a call was in
 //! flight), from the provider's own records.
 
+use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -61,9 +62,15 @@ pub async fn void_for_order(
                 }
                 Err(other) => return Err(other.into()),
             }
+            // The status and the ledger's movement together: a void is recorded once.
             sqlx::query(
-                "UPDATE payments.payments SET status = 'voided', updated_at = now()
-                 WHERE order_id = $1 AND status = 'authorized'",
+                "WITH p AS (
+                     UPDATE payments.payments SET status = 'voided', updated_at = now()
+                     WHERE order_id = $1 AND status = 'authorized'
+                     RETURNING order_id, amount, provider)
+                 INSERT INTO payments.movements (order_id, kind, key, amount, provider)
+                 SELECT order_id, 'void', 'whole', amount, provider FROM p
+                 ON CONFLICT DO NOTHING",
             )
             .bind(order_id)
             .execute(pool)
@@ -123,4 +130,61 @@ pub async fn abandon(
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Releases what the order's authorization holds beyond its captures (the unshipped rest of
+/// an order cancelled after it shipped in part), recorded once as a `void` movement of that
+/// amount. Idempotent: the provider call carries the order's key and the movement is kept.
+pub async fn void_rest(
+    pool: &PgPool,
+    provider: &dyn PaymentProvider,
+    order_id: Uuid,
+) -> Result<VoidOutcome, VoidError> {
+    let row: Option<(Option<String>, Decimal, String, Decimal, bool)> = sqlx::query_as(
+        "SELECT p.auth_id, p.amount, p.provider,
+                coalesce((SELECT sum(amount) FROM payments.movements m
+                          WHERE m.order_id = p.order_id AND m.kind = 'capture'), 0),
+                EXISTS (SELECT 1 FROM payments.movements m
+                        WHERE m.order_id = p.order_id AND m.kind = 'void')
+         FROM payments.payments p WHERE p.order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some((Some(auth_id), amount, holder, captured, voided)) = row else {
+        return Ok(VoidOutcome::Nothing);
+    };
+    let rest = amount - captured;
+    if voided {
+        return Ok(VoidOutcome::Voided);
+    }
+    if rest <= Decimal::ZERO {
+        return Ok(VoidOutcome::Nothing);
+    }
+    match provider
+        .void(&auth_id, &idempotency_key(order_id, "void:rest"))
+        .await
+    {
+        Ok(()) => {}
+        Err(ProviderError::Rejected(detail)) => {
+            let theirs = provider.authorizations_for(order_id).await?;
+            let released = theirs
+                .iter()
+                .any(|a| a.auth_id == auth_id && a.voided > Decimal::ZERO);
+            if !released {
+                return Ok(VoidOutcome::Refused(detail));
+            }
+        }
+        Err(other) => return Err(other.into()),
+    }
+    sqlx::query(
+        "INSERT INTO payments.movements (order_id, kind, key, amount, provider)
+         VALUES ($1, 'void', 'rest', $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(rest)
+    .bind(holder)
+    .execute(pool)
+    .await?;
+    Ok(VoidOutcome::Voided)
 }

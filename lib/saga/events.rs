@@ -14,6 +14,9 @@ pub use crate::saga::kind::EventKind;
 /// The payload schema version, also sent as the `Checkout-Schema` header and as the payload's
 /// `v` field. 2 added attempt numbers to repeatable actions and the `timed_out` and
 /// `cancel_failed` events; version 1 payloads still decode (missing fields take defaults).
+/// Shipments and refunds in parts added an optional `part` to their events: an event without
+/// one is a whole-order request. An older capture or refund step would ignore the part and
+/// settle the whole order, so a rolling upgrade updates the authorize role before the edges.
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// One priced line, frozen at checkout.
@@ -200,18 +203,24 @@ pub enum Event {
         checkout: Checkout,
         #[serde(default)]
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     /// capture -> order-lifecycle: the authorized amount was captured.
     Captured {
         checkout: Checkout,
         #[serde(default)]
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     /// order-lifecycle -> anyone watching: the order is shipped.
     Shipped {
         checkout: Checkout,
         #[serde(default)]
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     /// edge -> compensate: the buyer or an admin cancelled before shipment.
     CancelRequested {
@@ -238,12 +247,16 @@ pub enum Event {
         checkout: Checkout,
         #[serde(default)]
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     /// refund -> order-lifecycle: the captured amount was refunded.
     Refunded {
         checkout: Checkout,
         #[serde(default)]
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     /// capture -> order-lifecycle: the provider refused the capture; the order stays
     /// `confirmed` and its ship lock is released.
@@ -252,6 +265,8 @@ pub enum Event {
         detail: String,
         #[serde(default)]
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     /// refund -> order-lifecycle: the provider refused the refund; the order stays `shipped`.
     RefundFailed {
@@ -259,6 +274,8 @@ pub enum Event {
         detail: String,
         #[serde(default)]
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     /// watchdog -> compensate: the order is still pending past the watchdog's limit; fail it
     /// (`timed_out`) and unwind whatever its steps did.
@@ -281,6 +298,33 @@ pub enum Event {
     /// payments' challenge sweeper -> payment-updates: the payment is still pending
     /// `payments.action_timeout` after it began; fail the order unless an outcome came first.
     ActionExpired { checkout: Checkout },
+}
+
+/// One shipment or refund of an order: which units, and exactly how much money (fixed when it
+/// was asked for, see `orders::allocation`). Events of version 2 without it were whole-order
+/// requests, which still settle as such.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// The shipment's or refund's id (`orders.shipments`, `orders.refunds`); the provider's
+    /// idempotency key names it.
+    pub id: Uuid,
+    pub amount: Decimal,
+    /// The units it covers (none for a refund of an amount).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<PartLine>,
+    /// A refund's units go back on hand.
+    #[serde(default)]
+    pub restock: bool,
+    /// The provider's id of the capture or refund, once it is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_ref: Option<String>,
+}
+
+/// Units of one SKU in a part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartLine {
+    pub sku: String,
+    pub qty: i64,
 }
 
 /// A provider's webhook as the saga carries it: what happened to which authorization.
@@ -485,6 +529,16 @@ mod tests {
             checkout: checkout(),
             detail: "expired".into(),
             attempt: 3,
+            part: Some(Part {
+                id: Uuid::nil(),
+                amount: Decimal::new(1250, 2),
+                lines: vec![PartLine {
+                    sku: "TEE.RED".into(),
+                    qty: 1,
+                }],
+                restock: false,
+                provider_ref: None,
+            }),
         };
         let bytes = event.encode().expect("encodes");
         let head: Head = rmp_serde::from_slice(&bytes).expect("a map");

@@ -61,26 +61,7 @@ pub async fn checkout(
     ApiJson(body): ApiJson<CheckoutBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     state.limits.checkout(&caller.user_id)?;
-    let key = headers
-        .get("Idempotency-Key")
-        .ok_or_else(|| {
-            ApiError::client(
-                StatusCode::BAD_REQUEST,
-                "idempotency_key_required",
-                "send an Idempotency-Key header (1 to 255 characters)",
-            )
-        })?
-        .to_str()
-        .ok()
-        .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| {
-            ApiError::client(
-                StatusCode::BAD_REQUEST,
-                "invalid_idempotency_key",
-                "Idempotency-Key must be 1 to 255 visible ASCII characters",
-            )
-        })?
-        .to_owned();
+    let key = super::extract::idempotency_key(&headers)?;
     // A cart id that is not a UUID names no cart of this user.
     let cart_id = Uuid::parse_str(&body.cart_id)
         .map_err(|_| ApiError::not_found("cart_not_found", "no such cart"))?;

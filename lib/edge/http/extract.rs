@@ -131,3 +131,26 @@ pub fn parse_destination(
     }
     Ok((address, method))
 }
+
+/// The request's `Idempotency-Key` (required; 1 to 255 visible ASCII characters).
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<String, ApiError> {
+    let value = headers.get("Idempotency-Key").ok_or_else(|| {
+        ApiError::client(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_required",
+            "send an Idempotency-Key header (1 to 255 characters)",
+        )
+    })?;
+    value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            ApiError::client(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })
+}

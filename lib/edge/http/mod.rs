@@ -1,5 +1,6 @@
 //! The HTTP edge: a thin JSON API over the catalog, carts, checkout and order lookup.
 
+mod actions;
 mod admin;
 mod carts;
 mod checkout;
@@ -106,9 +107,11 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/checkout", post(checkout::checkout))
         .route("/orders/{order_id}", get(orders::get_order))
         .route("/orders/{order_id}/events", get(timeline::events))
-        .route("/orders/{order_id}/ship", post(orders::ship))
-        .route("/orders/{order_id}/cancel", post(orders::cancel))
-        .route("/orders/{order_id}/refund", post(orders::refund))
+        .route("/orders/{order_id}/ship", post(actions::ship))
+        .route("/orders/{order_id}/shipments", post(actions::ship_part))
+        .route("/orders/{order_id}/cancel", post(actions::cancel))
+        .route("/orders/{order_id}/refund", post(actions::refund))
+        .route("/orders/{order_id}/refunds", post(actions::refund_part))
         .route("/webhooks/psp/{provider}", post(webhooks::provider_webhook))
         .fallback(|| async { error::ApiError::not_found("not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(

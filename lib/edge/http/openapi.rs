@@ -7,7 +7,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{admin, carts, checkout, orders, timeline, views, webhooks};
+use super::{actions, admin, carts, checkout, orders, timeline, views, webhooks};
 
 /// The error body of every 4xx and 5xx.
 #[derive(serde::Serialize, ToSchema)]
@@ -39,9 +39,11 @@ pub struct ErrorDetail {
         carts::quote,
         checkout::checkout,
         orders::get_order,
-        orders::ship,
-        orders::cancel,
-        orders::refund,
+        actions::ship,
+        actions::ship_part,
+        actions::cancel,
+        actions::refund,
+        actions::refund_part,
         timeline::events,
         admin::put_product,
         admin::put_stock,
@@ -56,7 +58,7 @@ pub struct ErrorDetail {
     tags(
         (name = "cart", description = "The caller's open cart"),
         (name = "checkout", description = "Placing an order"),
-        (name = "orders", description = "Orders, their timeline, ship, cancel and refund"),
+        (name = "orders", description = "Orders, their timeline, shipments, cancels and refunds"),
         (name = "webhooks", description = "The payment provider's signed events"),
         (name = "admin", description = "Catalog, stock, promotions, tax and shipping rates (admin role)"),
     )

@@ -1,24 +1,20 @@
-//! Order routes: lookup, and the asynchronous ship, cancel and refund requests.
+//! Order lookup: a pending order's stage, a settled order with its shipments, refunds and
+//! money (the actions that move it are in `actions`).
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::actions::PartJson;
 use super::error::ApiError;
-use super::extract::{Admin, Caller};
+use super::extract::Caller;
 use super::views::money;
 use super::AppState;
 use crate::auth::Principal;
 use crate::edge::checkout;
-use crate::edge::outbox::Outbox;
-use crate::orders::{Action, ActionRequest};
+use crate::orders::parts::{self, PartRecord};
 use crate::payments::PaymentView;
-use crate::saga::events::Event;
-use crate::saga::outgoing::Outgoing;
-use crate::saga::trace::TraceParent;
 use crate::{inventory, orders, payments};
 
 /// An order line.
@@ -55,6 +51,48 @@ pub struct OrderJson {
     /// Where the order ships (from the accepted checkout; the saga's events never carry it).
     #[serde(skip_serializing_if = "Option::is_none")]
     ship_to: Option<crate::domain::Address>,
+    /// Its shipments, oldest first (each captured its share of the total).
+    shipments: Vec<PartJson>,
+    refunds: Vec<PartJson>,
+    /// Its money as the payments ledger tells it (settled orders only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    money: Option<MoneyJson>,
+}
+
+/// What happened to an order's money.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoneyJson {
+    authorized: String,
+    captured: String,
+    refunded: String,
+    voided: String,
+}
+
+/// The shipments, refunds and money of a settled order.
+async fn money_story(
+    state: &AppState,
+    order_id: Uuid,
+    currency: &str,
+) -> Result<(Vec<PartJson>, Vec<PartJson>, MoneyJson), ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let view = |parts: Vec<PartRecord>| {
+        parts
+            .into_iter()
+            .map(|p| PartJson::of(p, currency))
+            .collect::<Vec<_>>()
+    };
+    let shipments = view(parts::shipments(&mut conn, order_id).await?);
+    let refunds = view(parts::refunds(&mut conn, order_id).await?);
+    drop(conn);
+    let m = payments::money_of(&state.pool, order_id).await?;
+    let money = MoneyJson {
+        authorized: money(m.authorized, currency),
+        captured: money(m.captured, currency),
+        refunded: money(m.refunded, currency),
+        voided: money(m.voided, currency),
+    };
+    Ok((shipments, refunds, money))
 }
 
 /// What the buyer must do for the payment to go on (a 3-D Secure challenge).
@@ -144,36 +182,7 @@ pub async fn get_order(
         if !may_see(&caller, &order.user_id) {
             return Err(not_found());
         }
-        let currency = order.currency.clone();
-        let ship_to = checkout::find_by_order(&state.pool, order_id)
-            .await?
-            .and_then(|c| c.address);
-        let stage = order.pending_action.map(orders::Action::stage);
-        return Ok(Json(OrderJson {
-            order_id,
-            status: order.status.to_string(),
-            stage,
-            reason: order.reason,
-            next_action: None,
-            items: order
-                .items
-                .iter()
-                .map(|i| ItemJson {
-                    sku: i.sku.clone(),
-                    qty: i.qty,
-                    unit_price: money(i.price, &currency),
-                    line_total: money(i.price * rust_decimal::Decimal::from(i.qty), &currency),
-                })
-                .collect(),
-            subtotal: money(order.subtotal, &currency),
-            discount: money(order.discount, &currency),
-            tax: money(order.tax, &currency),
-            shipping: money(order.shipping, &currency),
-            total: money(order.total, &currency),
-            payment: PaymentJson::new(payment, true),
-            currency,
-            ship_to,
-        }));
+        return Ok(Json(settled_view(&state, order, payment).await?));
     }
     // Not settled yet: the edge's own record of the checkout answers, so the owner never
     // sees a 404 for an id that checkout returned.
@@ -212,7 +221,53 @@ pub async fn get_order(
         currency,
         payment: PaymentJson::new(payment, false),
         ship_to: pending.address.clone(),
+        shipments: Vec::new(),
+        refunds: Vec::new(),
+        money: None,
     }))
+}
+
+/// A settled order with its shipments, refunds and money.
+async fn settled_view(
+    state: &AppState,
+    order: orders::OrderRecord,
+    payment: PaymentView,
+) -> Result<OrderJson, ApiError> {
+    let order_id = order.order_id;
+    let currency = order.currency.clone();
+    let ship_to = checkout::find_by_order(&state.pool, order_id)
+        .await?
+        .and_then(|c| c.address);
+    let stage = order.pending_action.map(orders::Action::stage);
+    let (shipments, refunds, money_now) = money_story(state, order_id, &currency).await?;
+    Ok(OrderJson {
+        order_id,
+        status: order.status.to_string(),
+        stage,
+        reason: order.reason,
+        next_action: None,
+        items: order
+            .items
+            .iter()
+            .map(|i| ItemJson {
+                sku: i.sku.clone(),
+                qty: i.qty,
+                unit_price: money(i.price, &currency),
+                line_total: money(i.price * rust_decimal::Decimal::from(i.qty), &currency),
+            })
+            .collect(),
+        subtotal: money(order.subtotal, &currency),
+        discount: money(order.discount, &currency),
+        tax: money(order.tax, &currency),
+        shipping: money(order.shipping, &currency),
+        total: money(order.total, &currency),
+        payment: PaymentJson::new(payment, true),
+        currency,
+        ship_to,
+        shipments,
+        refunds,
+        money: Some(money_now),
+    })
 }
 
 /// Where a pending order stands, from its hold and its payment.
@@ -226,131 +281,4 @@ fn pending_stage(reserved: bool, payment: &PaymentView) -> &'static str {
         None | Some(payments::PaymentStatus::Pending) => "authorizing",
         Some(_) => "confirming",
     }
-}
-
-/// Locks the order for an action and publishes the request; a repeat does nothing more.
-async fn request(
-    state: &AppState,
-    caller: &Principal,
-    order_id: &str,
-    action: Action,
-) -> Result<impl IntoResponse, ApiError> {
-    let order_id = parse_id(order_id)?;
-    let Some(checkout) = checkout::find_by_order(&state.pool, order_id).await? else {
-        return Err(not_found());
-    };
-    if !may_see(caller, &checkout.user_id) {
-        return Err(not_found());
-    }
-    if action == Action::Ship
-        && payments::payment_view(&state.pool, order_id)
-            .await?
-            .expired()
-    {
-        return Err(ApiError::client(
-            StatusCode::CONFLICT,
-            "authorization_expired",
-            "the payment authorization has expired and cannot be captured; ask the buyer to pay again",
-        ));
-    }
-    // The lock and the request's outbox row commit together: once the lock is taken, the
-    // request reaches JetStream even if this process dies right after.
-    let mut tx = state.pool.begin().await?;
-    let status = match orders::request_action(&mut tx, order_id, action).await? {
-        ActionRequest::AlreadyDone => "done",
-        ActionRequest::Accepted { attempt } => {
-            let event = match action {
-                Action::Ship => Event::ShipRequested {
-                    checkout: checkout.spent().for_the_bus(),
-                    attempt,
-                },
-                Action::Cancel => Event::CancelRequested {
-                    checkout: checkout.spent().for_the_bus(),
-                    attempt,
-                },
-                Action::Refund => Event::RefundRequested {
-                    checkout: checkout.spent().for_the_bus(),
-                    attempt,
-                },
-            };
-            // The request joins the order's trace, as a child of this request's span.
-            let span = tracing::info_span!("order_action", action = ?action, attempt);
-            let started = checkout::trace_of(&state.pool, order_id).await?;
-            if let Some(parent) = &started {
-                parent.adopt(&span);
-            }
-            let fallback = started.unwrap_or_else(TraceParent::new_root);
-            let trace = TraceParent::of_span(&span, &fallback);
-            let out =
-                Outgoing::new(&event, Some(&trace)).map_err(|e| ApiError::Internal(e.into()))?;
-            Outbox::stage(&mut tx, &out).await?;
-            tx.commit().await?;
-            state.outbox.publish_soon(out);
-            "accepted"
-        }
-        ActionRequest::Refused { status, in_flight } => {
-            let now = match (in_flight, status) {
-                (Some(action), _) => format!("{action} in progress"),
-                (None, Some(status)) => status.to_string(),
-                (None, None) => "pending".to_owned(),
-            };
-            return Err(ApiError::client(
-                StatusCode::CONFLICT,
-                "invalid_order_state",
-                format!("the order is {now}"),
-            ));
-        }
-    };
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(ActionAccepted {
-            order_id,
-            request: status.to_owned(),
-        }),
-    ))
-}
-
-/// A ship, cancel or refund request, accepted.
-#[derive(Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ActionAccepted {
-    order_id: Uuid,
-    /// `accepted` (now in progress) or `done` (already done before).
-    request: String,
-}
-
-/// Ships the order (admin): captures the payment.
-#[utoipa::path(post, path = "/api/orders/{order_id}/ship", tag = "orders", security(("bearer" = [])),
-    params(("order_id" = String, Path, description = "the order", format = Uuid)),
-    responses((status = 202, description = "accepted", body = ActionAccepted)))]
-pub async fn ship(
-    State(state): State<AppState>,
-    Admin(admin): Admin,
-    Path(order_id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    request(&state, &admin, &order_id, Action::Ship).await
-}
-
-/// Cancels the order before shipment (owner or admin): voids the payment, restocks.
-#[utoipa::path(post, path = "/api/orders/{order_id}/cancel", tag = "orders", security(("bearer" = [])),
-    params(("order_id" = String, Path, description = "the order", format = Uuid)),
-    responses((status = 202, description = "accepted", body = ActionAccepted)))]
-pub async fn cancel(
-    State(state): State<AppState>,
-    Caller(caller): Caller,
-    Path(order_id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    request(&state, &caller, &order_id, Action::Cancel).await
-}
-
-/// Refunds a shipped order (admin).
-#[utoipa::path(post, path = "/api/orders/{order_id}/refund", tag = "orders", security(("bearer" = [])),
-    params(("order_id" = String, Path, description = "the order", format = Uuid)),
-    responses((status = 202, description = "accepted", body = ActionAccepted)))]
-pub async fn refund(
-    State(state): State<AppState>,
-    Admin(admin): Admin,
-    Path(order_id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    request(&state, &admin, &order_id, Action::Refund).await
 }

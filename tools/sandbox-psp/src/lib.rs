@@ -14,10 +14,51 @@
 //! - `tok_async` answers `pending`; about 1 s later it becomes `authorized` and an
 //!   `authorization.succeeded` webhook is sent.
 //!
-//! A `requires_action` or `pending` authorization can be voided (a later answer then changes
-//! nothing); it cannot be captured. Replays of an idempotency key answer the first reply,
-//! whatever the authorization's status is now; `GET /v1/authorizations?reference=` and the
-//! authorization's entry in `GET /v1/ledger` show its status now.
+//! An authorization's `expiresAt` is its lifetime after it was made: 7 days by default, as card
+//! networks allow (`sandbox-psp --authorization-lifetime-secs`, env
+//! `SANDBOX_PSP_AUTHORIZATION_LIFETIME_SECS`, or [`Sandbox::with_authorization_lifetime`], for
+//! the authorizations made afterwards). Declined ones have none (`null`).
+//!
+//! After an authorization, what card networks allow (`POST /v1/authorizations/{id}/capture`,
+//! `…/refund`, `…/void`; each needs an `Idempotency-Key`; capture and refund take an optional
+//! `{"amount": "12.50"}`, a decimal string). An authorization keeps the sums `captured`,
+//! `refunded` and `voided`; what is left to capture is `amount − captured − voided`:
+//! - capture, while it is `authorized` or `captured` and not expired: `amount` (all that is
+//!   left when absent) is captured and it is `captured` (after the first capture, whether
+//!   partial or full). Several partial captures are allowed until nothing is left. Past
+//!   `expiresAt`: 400 `authorization_expired`; another status: 400 `invalid_state`; more than
+//!   is left (or nothing left): 400 `amount_exceeds_authorized`.
+//! - refund, while it is `captured`: `amount` (all that was captured and not refunded when
+//!   absent) is refunded; it becomes `refunded` only once all it captured is refunded and
+//!   nothing is left to capture, and stays `captured` until then. More than is left to refund: 400 `amount_exceeds_captured`;
+//!   another status (a `refunded` one included: nothing is left): 400 `invalid_state`.
+//! - void, which takes no amount: an `authorized`, `requires_action` or `pending` one becomes
+//!   `voided` (`voided` = its amount; a later challenge answer or `tok_async` decision then
+//!   changes nothing). A `captured` one with something left uncaptured has that remainder
+//!   released (`voided` += it) and stays `captured`, so later captures answer
+//!   `amount_exceeds_authorized`; one with nothing left, or another status (`refunded`
+//!   included), answers 400 `invalid_state`.
+//!
+//! Nothing is ever clamped: an amount that is not a decimal string, or is zero or less, answers
+//! 400 `invalid_amount` (so does a void sent an amount), an unknown authorization 404
+//! `not_found`. A `requires_action` or `pending` authorization cannot be captured (400
+//! `invalid_state`). A success answers `{"id": "<capture_|refund_|void_><32 hex>",
+//! "authorizationId", "status": <the authorization's status now>, "amount": <what it moved>}`
+//! and adds a ledger entry of that kind, id and amount, whose `status` says what it did
+//! (`captured`, `refunded` or `voided`). Each operation is checked and applied under the
+//! ledger's lock, so two refunds at once cannot both take the same money.
+//!
+//! Idempotency: each operation (`authorize`, `capture`, `refund`, `void`) answers once per
+//! `Idempotency-Key`; a replay answers the first reply (a refusal from the ledger included),
+//! whatever the authorization's status is now, and does nothing again. The same key with other
+//! parameters (another authorization, another amount; `12.5` and `12.50` are the same amount)
+//! answers 422 `idempotency_key_reused`. `GET /v1/authorizations?reference=` (without it, all)
+//! lists `{"authorizations": [{"id", "status", "amount", "currency", "reference",
+//! "expiresAt", "captures", "refunds", "captured", "refunded", "voided"}]}` with their status
+//! now (`captures`, `refunds`: how many; `captured`, `refunded`, `voided`: the sums, decimal
+//! strings, `"0"` for a declined one); the authorization's own entry in `GET /v1/ledger`
+//! follows its status until it is decided (authorized, failed or voided). What is left after a
+//! void or an expiry is authorized again by a new `POST /v1/authorizations` with the token.
 //!
 //! The challenge (3-D Secure): `GET /challenge/{id}` is a page with the amount, currency and
 //! reference and a form that posts `outcome=approve` or `outcome=deny` back to the same URL.
@@ -37,6 +78,9 @@
 //! endpoint the event is kept, not sent.
 //!
 //! Operator routes (tests and drills; none of them is subject to faults or outages):
+//! - `POST /v1/sandbox/authorizations/{id}/expire` makes the authorization expire now (unless
+//!   it already had), so tests need not wait out its lifetime: 200 `{"id", "expiresAt"}`, 404
+//!   `not_found` for an unknown (or declined) one.
 //! - `POST /v1/sandbox/faults` with
 //!   `{"status": 503, "forMs": 180000, "count": 3, "operations": ["authorize"], "afterEffect": true}`
 //!   makes matching calls answer `status` (for a while, or for `count` calls, or both; all
@@ -89,12 +133,21 @@ struct Ledger {
     entries: Vec<LedgerEntry>,
     /// Attempts per idempotency key, for `tok_flaky`.
     attempts: HashMap<String, u32>,
+    /// How long new authorizations stay capturable; [`DEFAULT_AUTHORIZATION_LIFETIME`] when
+    /// `None`.
+    authorization_lifetime: Option<std::time::Duration>,
 }
 
 #[derive(Clone)]
 struct Authorization {
     amount: Decimal,
+    /// The sum of its captures.
     captured: Decimal,
+    /// The sum of its refunds (never more than `captured`).
+    refunded: Decimal,
+    /// What a void released: the whole amount before any capture, the uncaptured remainder
+    /// after one.
+    voided: Decimal,
     status: &'static str,
     expires_at: DateTime<Utc>,
     /// The amount as the request wrote it (webhooks echo it).
@@ -120,6 +173,18 @@ struct LedgerEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     traceparent: Option<String>,
 }
+
+impl Authorization {
+    /// What is left to capture: the amount less what was captured and what a void released.
+    fn uncaptured(&self) -> Decimal {
+        self.amount - self.captured - self.voided
+    }
+}
+
+/// How long a card authorization stays capturable unless the sandbox is told otherwise
+/// ([`Sandbox::with_authorization_lifetime`]): 7 days, as card networks allow.
+pub const DEFAULT_AUTHORIZATION_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(7 * 24 * 60 * 60);
 
 /// Shared state of the sandbox.
 #[derive(Clone, Default)]
@@ -168,6 +233,16 @@ impl Sandbox {
         self
     }
 
+    /// The sandbox, giving the authorizations it makes from now on `lifetime` before they
+    /// expire ([`DEFAULT_AUTHORIZATION_LIFETIME`] otherwise). A lifetime past what a date can
+    /// hold makes them expire at the last representable instant.
+    pub fn with_authorization_lifetime(self, lifetime: std::time::Duration) -> Self {
+        if let Ok(mut ledger) = self.ledger.lock() {
+            ledger.authorization_lifetime = Some(lifetime);
+        }
+        self
+    }
+
     /// Serves the sandbox on `listener` until the task running this is dropped.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         axum::serve(listener, self.router()).await
@@ -197,6 +272,10 @@ impl Sandbox {
             .route(
                 "/v1/sandbox/webhook-endpoint",
                 post(webhooks::set_endpoint).delete(webhooks::clear_endpoint),
+            )
+            .route(
+                "/v1/sandbox/authorizations/{id}/expire",
+                post(payments::expire),
             )
             .route("/v1/sandbox/webhooks", get(webhooks::list))
             .route(

@@ -25,6 +25,13 @@ struct Cli {
     /// The secret the webhooks are signed with (HMAC-SHA256, the `Psp-Signature` header).
     #[arg(long, env = "SANDBOX_PSP_WEBHOOK_SECRET")]
     webhook_secret: Option<String>,
+    /// How long a new authorization stays capturable, in seconds (card networks: 7 days).
+    #[arg(
+        long,
+        env = "SANDBOX_PSP_AUTHORIZATION_LIFETIME_SECS",
+        default_value_t = sandbox_psp::DEFAULT_AUTHORIZATION_LIFETIME.as_secs()
+    )]
+    authorization_lifetime_secs: u64,
 }
 
 #[tokio::main]
@@ -39,13 +46,18 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
-    let mut sandbox = sandbox_psp::Sandbox::default();
+    let lifetime = std::time::Duration::from_secs(cli.authorization_lifetime_secs);
+    let mut sandbox = sandbox_psp::Sandbox::default().with_authorization_lifetime(lifetime);
     if let (Some(url), Some(secret)) = (cli.webhook_url, cli.webhook_secret) {
         reqwest::Url::parse(&url).with_context(|| format!("bad --webhook-url {url}"))?;
         tracing::info!(url, "webhooks go to this endpoint");
         sandbox = sandbox.with_webhook_endpoint(url, secret);
     }
-    tracing::info!(addr = %listener.local_addr()?, "sandbox PSP listening");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        authorization_lifetime_secs = cli.authorization_lifetime_secs,
+        "sandbox PSP listening"
+    );
     axum::serve(listener, sandbox.router())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

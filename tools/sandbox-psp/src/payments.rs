@@ -2,9 +2,9 @@
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{Duration, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -12,11 +12,8 @@ use uuid::Uuid;
 
 use crate::{
     detached, error, key_of, poisoned, set_entry_status, traceparent_of, Authorization, Ledger,
-    LedgerEntry, Sandbox,
+    LedgerEntry, Sandbox, DEFAULT_AUTHORIZATION_LIFETIME,
 };
-
-/// How long a card authorization stays capturable.
-const AUTHORIZATION_LIFETIME_DAYS: i64 = 7;
 
 /// How long a `tok_async` authorization stays `pending`.
 const ASYNC_DECISION_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -157,7 +154,7 @@ fn record_authorization(
     let id = format!("auth_{}", Uuid::new_v4().simple());
     let now = Utc::now();
     let (status, decline_code, risk_score) = outcome_of(&body.token);
-    let expires_at = now + Duration::days(AUTHORIZATION_LIFETIME_DAYS);
+    let expires_at = expiry(now, ledger.authorization_lifetime);
     let recorded = status != "declined";
     if recorded {
         ledger.authorizations.insert(
@@ -165,6 +162,8 @@ fn record_authorization(
             Authorization {
                 amount,
                 captured: Decimal::ZERO,
+                refunded: Decimal::ZERO,
+                voided: Decimal::ZERO,
                 status,
                 expires_at,
                 amount_text: body.amount.clone(),
@@ -212,11 +211,57 @@ fn record_authorization(
     (StatusCode::OK, reply)
 }
 
+/// When an authorization made at `now` expires (the lifetime saturates at the last instant a
+/// date can hold).
+fn expiry(now: DateTime<Utc>, lifetime: Option<std::time::Duration>) -> DateTime<Utc> {
+    TimeDelta::from_std(lifetime.unwrap_or(DEFAULT_AUTHORIZATION_LIFETIME))
+        .ok()
+        .and_then(|lifetime| now.checked_add_signed(lifetime))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// The issuer's asynchronous answer to a `tok_async` authorization (unless it was voided).
 async fn approve_later(sandbox: Sandbox, id: String) {
     tokio::time::sleep(ASYNC_DECISION_DELAY).await;
     if let Err(crate::Undecidable::Decided(status)) = sandbox.decide(&id, "pending", true) {
         tracing::info!(authorization = id, status, "no decision: no longer pending");
+    }
+}
+
+/// A capture, void or refund.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Capture,
+    Void,
+    Refund,
+}
+
+impl Kind {
+    fn parse(operation: &str) -> Option<Self> {
+        match operation {
+            "capture" => Some(Self::Capture),
+            "void" => Some(Self::Void),
+            "refund" => Some(Self::Refund),
+            _ => None,
+        }
+    }
+
+    /// Its name: the operation of its faults and idempotency keys, the kind of its entries.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Capture => "capture",
+            Self::Void => "void",
+            Self::Refund => "refund",
+        }
+    }
+
+    /// The status of its ledger entries: what it did.
+    fn done(self) -> &'static str {
+        match self {
+            Self::Capture => "captured",
+            Self::Void => "voided",
+            Self::Refund => "refunded",
+        }
     }
 }
 
@@ -233,42 +278,22 @@ pub(crate) async fn operate(
             "send an Idempotency-Key",
         );
     };
-    let (kind, from, to): (&'static str, &'static [&'static str], &'static str) =
-        match operation.as_str() {
-            "capture" => ("capture", &["authorized"], "captured"),
-            "void" => (
-                "void",
-                &["authorized", "requires_action", "pending"],
-                "voided",
-            ),
-            "refund" => ("refund", &["captured"], "refunded"),
-            _ => return error(StatusCode::NOT_FOUND, "not_found", "unknown operation"),
-        };
-    let body = body.map(|Json(b)| b).unwrap_or_default();
-    let requested = match body.amount.as_deref().map(str::parse::<Decimal>) {
-        None => None,
-        Some(Ok(a)) => Some(a),
-        Some(Err(_)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_amount",
-                "amount must be a decimal string",
-            )
-        }
+    let Some(kind) = Kind::parse(&operation) else {
+        return error(StatusCode::NOT_FOUND, "not_found", "unknown operation");
     };
-    let fault = sandbox.fault_for(kind);
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let requested = match requested_amount(kind, body.amount.as_deref()) {
+        Ok(requested) => requested,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_amount", why),
+    };
+    let fault = sandbox.fault_for(kind.name());
     if let Some(f) = fault.as_ref().filter(|f| !f.after_effect) {
         return error(f.status, "injected_fault", "sandbox fault");
     }
-    let fingerprint = format!("{id}|{:?}", body.amount);
-    let response = sandbox.idempotent(kind, key, fingerprint, move |ledger| {
-        let operation = Operation {
-            kind,
-            from,
-            to,
-            requested,
-        };
-        record_operation(ledger, &id, &operation)
+    // The same amount written otherwise ("12.5", "12.50") is the same request.
+    let fingerprint = format!("{id}|{:?}", requested.as_ref().map(Decimal::normalize));
+    let response = sandbox.idempotent(kind.name(), key, fingerprint, move |ledger| {
+        record_operation(ledger, &id, kind, requested)
     });
     match fault {
         Some(f) => error(
@@ -280,75 +305,167 @@ pub(crate) async fn operate(
     }
 }
 
-/// A capture, void or refund: which states it applies to and the state it leads to.
-struct Operation {
-    kind: &'static str,
-    from: &'static [&'static str],
-    to: &'static str,
-    requested: Option<Decimal>,
+/// The amount a capture or refund asks for (`None`: all that is left), checked before the
+/// ledger sees it; a void takes none. Refused: why (an `invalid_amount`).
+fn requested_amount(kind: Kind, text: Option<&str>) -> Result<Option<Decimal>, &'static str> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    if kind == Kind::Void {
+        return Err("a void releases all that is left uncaptured; it takes no amount");
+    }
+    match text.parse::<Decimal>() {
+        Ok(amount) if amount > Decimal::ZERO => Ok(Some(amount)),
+        Ok(_) => Err("amount must be more than zero"),
+        Err(_) => Err("amount must be a decimal string"),
+    }
 }
 
-/// Carries out an operation on the authorization `id` (once per idempotency key).
-fn record_operation(ledger: &mut Ledger, id: &str, operation: &Operation) -> (StatusCode, Value) {
-    let Operation {
-        kind,
-        from,
-        to,
-        requested,
-    } = *operation;
-    let Some(auth) = ledger.authorizations.get(id).cloned() else {
-        return (
-            StatusCode::NOT_FOUND,
-            json!({"error": {"code": "not_found", "message": "no such authorization"}}),
-        );
+/// A reply the ledger logic refuses with (remembered for the idempotency key like any other).
+type Refusal = (StatusCode, Value);
+
+fn refusal(status: StatusCode, code: &str, message: impl Into<String>) -> Refusal {
+    (
+        status,
+        json!({"error": {"code": code, "message": message.into()}}),
+    )
+}
+
+fn invalid_state(auth: &Authorization) -> Refusal {
+    refusal(
+        StatusCode::BAD_REQUEST,
+        "invalid_state",
+        format!("authorization is {}", auth.status),
+    )
+}
+
+/// Carries out an operation on the authorization `id` (once per idempotency key, under the
+/// ledger's lock: two refunds at once cannot both take the same money).
+fn record_operation(
+    ledger: &mut Ledger,
+    id: &str,
+    kind: Kind,
+    requested: Option<Decimal>,
+) -> (StatusCode, Value) {
+    let Some(auth) = ledger.authorizations.get_mut(id) else {
+        return refusal(StatusCode::NOT_FOUND, "not_found", "no such authorization");
     };
-    if kind == "capture" && auth.expires_at <= Utc::now() {
-        return (
-            StatusCode::BAD_REQUEST,
-            json!({"error": {"code": "authorization_expired", "message": "the authorization has expired"}}),
-        );
-    }
-    if !from.contains(&auth.status) {
-        return (
-            StatusCode::BAD_REQUEST,
-            json!({"error": {"code": "invalid_state", "message": format!("authorization is {}", auth.status)}}),
-        );
-    }
-    let amount = match kind {
-        "capture" => requested.unwrap_or(auth.amount).min(auth.amount),
-        "refund" => requested.unwrap_or(auth.captured).min(auth.captured),
-        _ => auth.amount,
+    let undecided = matches!(auth.status, "requires_action" | "pending");
+    let applied = match kind {
+        Kind::Capture => capture(auth, requested),
+        Kind::Refund => refund(auth, requested),
+        Kind::Void => void(auth),
     };
-    let reference = ledger
-        .entries
-        .iter()
-        .find(|e| e.id == id)
-        .map(|e| (e.reference.clone(), e.currency.clone()))
-        .unwrap_or_default();
-    if let Some(a) = ledger.authorizations.get_mut(id) {
-        a.status = to;
-        if kind == "capture" {
-            a.captured = amount;
-        }
-    }
+    let amount = match applied {
+        Ok(amount) => amount.to_string(),
+        Err(refused) => return refused,
+    };
+    let status = auth.status;
+    let (reference, currency) = (auth.reference.clone(), auth.currency.clone());
     // An authorization voided before it was decided ends there: its entry says so.
-    if matches!(auth.status, "requires_action" | "pending") {
-        set_entry_status(&mut ledger.entries, id, to);
+    if undecided {
+        set_entry_status(&mut ledger.entries, id, status);
     }
-    let entry_id = format!("{kind}_{}", Uuid::new_v4().simple());
+    let entry_id = format!("{}_{}", kind.name(), Uuid::new_v4().simple());
     ledger.entries.push(LedgerEntry {
-        kind,
+        kind: kind.name(),
         id: entry_id.clone(),
         authorization_id: id.to_owned(),
-        reference: reference.0,
-        amount: amount.to_string(),
-        currency: reference.1,
-        status: to.to_owned(),
+        reference,
+        amount: amount.clone(),
+        currency,
+        status: kind.done().to_owned(),
         at: Utc::now(),
         traceparent: None,
     });
     (
         StatusCode::OK,
-        json!({"id": entry_id, "authorizationId": id, "status": to, "amount": amount.to_string()}),
+        json!({"id": entry_id, "authorizationId": id, "status": status, "amount": amount}),
     )
+}
+
+/// Captures `requested` (all that is left when `None`) of a live `authorized` or `captured`
+/// authorization; never more than is left.
+fn capture(auth: &mut Authorization, requested: Option<Decimal>) -> Result<Decimal, Refusal> {
+    if auth.expires_at <= Utc::now() {
+        return Err(refusal(
+            StatusCode::BAD_REQUEST,
+            "authorization_expired",
+            "the authorization has expired",
+        ));
+    }
+    if !matches!(auth.status, "authorized" | "captured") {
+        return Err(invalid_state(auth));
+    }
+    let left = auth.uncaptured().max(Decimal::ZERO);
+    let amount = requested.unwrap_or(left);
+    if left.is_zero() || amount > left {
+        return Err(refusal(
+            StatusCode::BAD_REQUEST,
+            "amount_exceeds_authorized",
+            format!("{left} of {} is left to capture", auth.amount),
+        ));
+    }
+    auth.captured += amount;
+    auth.status = "captured";
+    Ok(amount)
+}
+
+/// Refunds `requested` (all that is left when `None`) of what was captured; the authorization
+/// is `refunded` once all of it is and nothing is left to capture.
+fn refund(auth: &mut Authorization, requested: Option<Decimal>) -> Result<Decimal, Refusal> {
+    if auth.status != "captured" {
+        return Err(invalid_state(auth));
+    }
+    let left = auth.captured - auth.refunded;
+    let amount = requested.unwrap_or(left);
+    if amount > left {
+        return Err(refusal(
+            StatusCode::BAD_REQUEST,
+            "amount_exceeds_captured",
+            format!("{left} of {} captured is left to refund", auth.captured),
+        ));
+    }
+    auth.refunded += amount;
+    // Refunded is final, so only once nothing is left to capture either: a shop may refund
+    // its first parcel before it ships the second.
+    if auth.refunded == auth.captured && auth.uncaptured() <= Decimal::ZERO {
+        auth.status = "refunded";
+    }
+    Ok(amount)
+}
+
+/// Releases what is left uncaptured: all of it before a capture (the authorization is then
+/// `voided`), the remainder after one (it stays `captured`).
+fn void(auth: &mut Authorization) -> Result<Decimal, Refusal> {
+    let released = auth.uncaptured();
+    match auth.status {
+        "authorized" | "requires_action" | "pending" => auth.status = "voided",
+        "captured" if released > Decimal::ZERO => {}
+        "captured" => {
+            return Err(refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_state",
+                "authorization is captured and nothing is left uncaptured",
+            ))
+        }
+        _ => return Err(invalid_state(auth)),
+    }
+    auth.voided += released;
+    Ok(released)
+}
+
+/// `POST /v1/sandbox/authorizations/{id}/expire`: the authorization expires now (unless it
+/// already had), so tests need not wait out its lifetime.
+pub(crate) async fn expire(State(sandbox): State<Sandbox>, Path(id): Path<String>) -> Response {
+    let Ok(mut ledger) = sandbox.ledger.lock() else {
+        return poisoned();
+    };
+    let Some(auth) = ledger.authorizations.get_mut(&id) else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such authorization");
+    };
+    auth.expires_at = auth.expires_at.min(Utc::now());
+    let expires_at = auth.expires_at;
+    tracing::info!(authorization = id, %expires_at, "authorization expired by the operator");
+    Json(json!({"id": id, "expiresAt": expires_at})).into_response()
 }

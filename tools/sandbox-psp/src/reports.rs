@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{poisoned, LedgerEntry, Sandbox};
+use crate::{poisoned, Authorization, LedgerEntry, Sandbox};
 
 #[derive(Deserialize)]
 pub(crate) struct LedgerQuery {
@@ -30,7 +31,8 @@ pub(crate) async fn ledger(
     Json(json!({ "entries": entries })).into_response()
 }
 
-/// Authorizations of one reference with their current status (for reconciliation).
+/// Authorizations of one reference with their current status and what they moved: the sums
+/// captured, refunded and voided (for reconciliation).
 pub(crate) async fn authorizations(
     State(sandbox): State<Sandbox>,
     Query(query): Query<LedgerQuery>,
@@ -53,9 +55,14 @@ pub(crate) async fn authorizations(
             let auth = ledger.authorizations.get(&e.id);
             let status = auth.map_or(e.status.as_str(), |a| a.status);
             let count = |kind: &str| counts.get(&(kind, e.id.as_str())).copied().unwrap_or(0);
+            // A declined authorization (never recorded) moved no money.
+            let sum = |of: fn(&Authorization) -> Decimal| auth.map_or(Decimal::ZERO, of);
             json!({"id": e.id, "status": status, "amount": e.amount, "currency": e.currency,
                    "reference": e.reference, "expiresAt": auth.map(|a| a.expires_at),
-                   "captures": count("capture"), "refunds": count("refund")})
+                   "captures": count("capture"), "refunds": count("refund"),
+                   "captured": sum(|a| a.captured).to_string(),
+                   "refunded": sum(|a| a.refunded).to_string(),
+                   "voided": sum(|a| a.voided).to_string()})
         })
         .collect();
     Json(json!({ "authorizations": found })).into_response()

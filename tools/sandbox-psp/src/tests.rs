@@ -95,7 +95,12 @@ struct Harness {
 
 /// The sandbox and a receiver; the receiver is the webhook endpoint when `register`.
 async fn harness(register: bool, failures: u32) -> Harness {
-    let psp = serve(Sandbox::default().router()).await;
+    harness_of(Sandbox::default(), register, failures).await
+}
+
+/// [`harness`] around `sandbox`.
+async fn harness_of(sandbox: Sandbox, register: bool, failures: u32) -> Harness {
+    let psp = serve(sandbox.router()).await;
     let receiver = Receiver::default();
     receiver.failures_left.store(failures, Ordering::SeqCst);
     let hooks = serve(
@@ -163,6 +168,75 @@ impl Harness {
             .as_str()
             .unwrap()
             .to_owned()
+    }
+
+    /// A `tok_visa` authorization of 42.50 for `reference`; answers its id.
+    async fn visa(&self, reference: &str) -> String {
+        let reply = self
+            .authorize(&format!("key-{reference}"), "tok_visa", reference)
+            .await;
+        assert_eq!(reply["status"], "authorized", "{reply}");
+        reply["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `POST /v1/authorizations/{id}/{operation}` under `key`, with `amount` when there is one.
+    async fn operate(
+        &self,
+        id: &str,
+        operation: &str,
+        key: &str,
+        amount: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let body = amount.map_or_else(|| json!({}), |a| json!({ "amount": a }));
+        let path = format!("/v1/authorizations/{id}/{operation}");
+        self.post(&path, Some(key), &body).await
+    }
+
+    /// Like [`Harness::operate`], expecting success; answers the reply.
+    async fn done(&self, id: &str, operation: &str, key: &str, amount: Option<&str>) -> Value {
+        let (status, reply) = self.operate(id, operation, key, amount).await;
+        assert_eq!(status, StatusCode::OK, "{operation} {amount:?}: {reply}");
+        reply
+    }
+
+    /// Like [`Harness::operate`], expecting a 400 with `code`.
+    async fn refused(
+        &self,
+        id: &str,
+        operation: &str,
+        key: &str,
+        amount: Option<&str>,
+        code: &str,
+    ) {
+        let (status, reply) = self.operate(id, operation, key, amount).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{operation} {amount:?}: {reply}"
+        );
+        assert_eq!(
+            reply["error"]["code"], code,
+            "{operation} {amount:?}: {reply}"
+        );
+    }
+
+    /// The authorization's row in `GET /v1/authorizations?reference=`.
+    async fn row_of(&self, reference: &str) -> Value {
+        let (_, found) = self
+            .get(&format!("/v1/authorizations?reference={reference}"))
+            .await;
+        found["authorizations"][0].clone()
+    }
+
+    /// The ledger entries of `kind` for `reference`.
+    async fn entries(&self, reference: &str, kind: &str) -> Vec<Value> {
+        let (_, ledger) = self.get(&format!("/v1/ledger?reference={reference}")).await;
+        let entries = ledger["entries"].as_array().unwrap();
+        entries
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .cloned()
+            .collect()
     }
 
     async fn answer(&self, url: &str, outcome: &str) -> reqwest::Response {
@@ -454,4 +528,334 @@ async fn an_outage_answers_503_until_it_ends() {
     let (status, reply) = h.post("/v1/authorizations", Some("key-down"), &body).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(reply["status"], "authorized");
+}
+
+/// The amounts of entries, in order.
+fn amounts(entries: &[Value]) -> Vec<&str> {
+    entries
+        .iter()
+        .map(|e| e["amount"].as_str().unwrap())
+        .collect()
+}
+
+/// How far `expires_at` (RFC 3339) is from now plus `lifetime`, in seconds.
+fn off_by(expires_at: &Value, lifetime: chrono::Duration) -> i64 {
+    let at = chrono::DateTime::parse_from_rfc3339(expires_at.as_str().unwrap()).unwrap();
+    (at.with_timezone(&chrono::Utc) - (chrono::Utc::now() + lifetime))
+        .num_seconds()
+        .abs()
+}
+
+#[tokio::test]
+async fn partial_captures_take_the_whole_amount_and_no_more() {
+    let h = harness(false, 0).await;
+    let id = h.visa("order-thirds").await;
+    let mut ids = Vec::new();
+    for (key, amount) in [("cap-1", "10.00"), ("cap-2", "20"), ("cap-3", "12.50")] {
+        let reply = h.done(&id, "capture", key, Some(amount)).await;
+        assert_eq!(reply["status"], "captured");
+        assert_eq!(reply["amount"], amount);
+        assert_eq!(reply["authorizationId"], id.as_str());
+        assert_eq!(h.status_of("order-thirds").await, "captured");
+        ids.push(reply["id"].as_str().unwrap().to_owned());
+    }
+    h.refused(
+        &id,
+        "capture",
+        "cap-4",
+        Some("0.01"),
+        "amount_exceeds_authorized",
+    )
+    .await;
+    h.refused(&id, "capture", "cap-5", None, "amount_exceeds_authorized")
+        .await;
+
+    let captures = h.entries("order-thirds", "capture").await;
+    assert_eq!(amounts(&captures), ["10.00", "20", "12.50"]);
+    let entry_ids: Vec<&str> = captures.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(entry_ids, ids);
+    assert!(ids.iter().all(|i| i.starts_with("capture_")));
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+    assert!(captures.iter().all(|e| e["status"] == "captured"));
+    let row = h.row_of("order-thirds").await;
+    assert_eq!(row["status"], "captured");
+    assert_eq!(row["captures"], 3);
+    assert_eq!(row["captured"], "42.50");
+    assert_eq!(row["refunded"], "0");
+    assert_eq!(row["voided"], "0");
+}
+
+#[tokio::test]
+async fn a_capture_larger_than_the_rest_is_refused_and_records_nothing() {
+    let h = harness(false, 0).await;
+    let id = h.visa("order-over").await;
+    h.refused(
+        &id,
+        "capture",
+        "cap-big",
+        Some("42.51"),
+        "amount_exceeds_authorized",
+    )
+    .await;
+    assert_eq!(h.status_of("order-over").await, "authorized");
+    h.done(&id, "capture", "cap-1", Some("40")).await;
+    h.refused(
+        &id,
+        "capture",
+        "cap-2",
+        Some("2.51"),
+        "amount_exceeds_authorized",
+    )
+    .await;
+    for (key, amount) in [("cap-z", "0"), ("cap-n", "-1"), ("cap-t", "ten")] {
+        h.refused(&id, "capture", key, Some(amount), "invalid_amount")
+            .await;
+    }
+    assert_eq!(amounts(&h.entries("order-over", "capture").await), ["40"]);
+    assert_eq!(h.row_of("order-over").await["captured"], "40");
+
+    // Without an amount, a capture takes what is left.
+    let rest = h.done(&id, "capture", "cap-rest", None).await;
+    assert_eq!(rest["amount"], "2.50");
+    assert_eq!(h.row_of("order-over").await["captured"], "42.50");
+    let unknown = h.operate("auth_nope", "capture", "cap-x", None).await;
+    assert_eq!(unknown.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn partial_refunds_never_return_more_than_was_captured() {
+    let h = harness(false, 0).await;
+    let id = h.visa("order-refunds").await;
+    h.refused(&id, "refund", "ref-0", Some("1"), "invalid_state")
+        .await;
+    h.done(&id, "capture", "cap", None).await;
+    let first = h.done(&id, "refund", "ref-1", Some("10")).await;
+    let second = h.done(&id, "refund", "ref-2", Some("20.00")).await;
+    for reply in [&first, &second] {
+        assert_eq!(reply["status"], "captured");
+        assert!(reply["id"].as_str().unwrap().starts_with("refund_"));
+    }
+    assert_ne!(first["id"], second["id"]);
+    h.refused(
+        &id,
+        "refund",
+        "ref-3",
+        Some("12.51"),
+        "amount_exceeds_captured",
+    )
+    .await;
+    h.refused(&id, "refund", "ref-4", Some("0"), "invalid_amount")
+        .await;
+
+    let refunds = h.entries("order-refunds", "refund").await;
+    assert_eq!(amounts(&refunds), ["10", "20.00"]);
+    assert_eq!(refunds[0]["id"], first["id"]);
+    assert_eq!(refunds[1]["id"], second["id"]);
+    let row = h.row_of("order-refunds").await;
+    assert_eq!(row["status"], "captured");
+    assert_eq!(row["refunds"], 2);
+    assert_eq!(row["refunded"], "30.00");
+}
+
+#[tokio::test]
+async fn an_authorization_is_refunded_only_once_all_captured_money_is() {
+    let h = harness(false, 0).await;
+    let id = h.visa("order-all").await;
+    h.done(&id, "capture", "cap", Some("30")).await;
+    let part = h.done(&id, "refund", "ref-1", Some("10")).await;
+    assert_eq!(part["status"], "captured");
+    assert_eq!(h.status_of("order-all").await, "captured");
+
+    // Without an amount, a refund returns what is left of the captured money (not the
+    // uncaptured 12.50), and the authorization stays open for the rest: a shop may refund
+    // its first parcel before it ships the second.
+    let rest = h.done(&id, "refund", "ref-2", None).await;
+    assert_eq!(rest["status"], "captured");
+    assert_eq!(rest["amount"], "20");
+    h.done(&id, "capture", "cap-2", None).await;
+    let last = h.done(&id, "refund", "ref-3", None).await;
+    assert_eq!(last["status"], "refunded");
+    assert_eq!(last["amount"], "12.50");
+    let row = h.row_of("order-all").await;
+    assert_eq!(row["status"], "refunded");
+    assert_eq!(row["captured"], "42.50");
+    assert_eq!(row["refunded"], "42.50");
+
+    // Nothing is left to refund, and a refunded authorization is done with.
+    h.refused(&id, "refund", "ref-4", Some("1"), "invalid_state")
+        .await;
+    h.refused(&id, "refund", "ref-5", None, "invalid_state")
+        .await;
+    h.refused(&id, "capture", "cap-3", Some("1"), "invalid_state")
+        .await;
+    h.refused(&id, "void", "void", None, "invalid_state").await;
+    assert_eq!(h.entries("order-all", "refund").await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_void_after_a_partial_capture_releases_the_remainder() {
+    let h = harness(false, 0).await;
+    let id = h.visa("order-rest").await;
+    h.done(&id, "capture", "cap-1", Some("30")).await;
+    let voided = h.done(&id, "void", "void-1", None).await;
+    assert_eq!(voided["status"], "captured");
+    assert_eq!(voided["amount"], "12.50");
+    assert!(voided["id"].as_str().unwrap().starts_with("void_"));
+    h.refused(
+        &id,
+        "capture",
+        "cap-2",
+        Some("0.01"),
+        "amount_exceeds_authorized",
+    )
+    .await;
+    h.refused(&id, "capture", "cap-3", None, "amount_exceeds_authorized")
+        .await;
+    h.refused(&id, "void", "void-2", None, "invalid_state")
+        .await;
+    h.refused(&id, "void", "void-3", Some("1"), "invalid_amount")
+        .await;
+
+    let row = h.row_of("order-rest").await;
+    assert_eq!(row["status"], "captured");
+    assert_eq!(row["captured"], "30");
+    assert_eq!(row["voided"], "12.50");
+    let voids = h.entries("order-rest", "void").await;
+    assert_eq!(amounts(&voids), ["12.50"]);
+    assert_eq!(voids[0]["id"], voided["id"]);
+    assert_eq!(voids[0]["status"], "voided");
+
+    // The captured money can still be refunded, all of it.
+    let refund = h.done(&id, "refund", "ref", None).await;
+    assert_eq!(refund["amount"], "30");
+    assert_eq!(refund["status"], "refunded");
+}
+
+#[tokio::test]
+async fn a_void_before_any_capture_voids_the_whole_amount() {
+    let h = harness(false, 0).await;
+    let id = h.visa("order-void-all").await;
+    let voided = h.done(&id, "void", "void", None).await;
+    assert_eq!(voided["status"], "voided");
+    assert_eq!(voided["amount"], "42.50");
+    h.refused(&id, "capture", "cap", None, "invalid_state")
+        .await;
+    let row = h.row_of("order-void-all").await;
+    assert_eq!(row["status"], "voided");
+    assert_eq!(row["voided"], "42.50");
+    assert_eq!(row["captured"], "0");
+}
+
+#[tokio::test]
+async fn an_expired_authorization_cannot_be_captured() {
+    let h = harness(false, 0).await;
+    let reply = h.authorize("key-exp", "tok_visa", "order-exp").await;
+    assert!(off_by(&reply["expiresAt"], chrono::Duration::days(7)) < 60);
+    let id = reply["id"].as_str().unwrap();
+    h.done(id, "capture", "cap-1", Some("20")).await;
+
+    let expire = format!("/v1/sandbox/authorizations/{id}/expire");
+    let (status, expired) = h.post(&expire, None, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{expired}");
+    assert_eq!(expired["id"], id);
+    assert!(off_by(&expired["expiresAt"], chrono::Duration::zero()) < 60);
+    assert_eq!(
+        h.row_of("order-exp").await["expiresAt"],
+        expired["expiresAt"]
+    );
+    h.refused(id, "capture", "cap-2", Some("1"), "authorization_expired")
+        .await;
+    assert_eq!(h.entries("order-exp", "capture").await.len(), 1);
+
+    // What was captured can still be refunded, and the rest released.
+    h.done(id, "refund", "ref", Some("5")).await;
+    h.done(id, "void", "void", None).await;
+    assert_eq!(h.row_of("order-exp").await["voided"], "22.50");
+    let (status, _) = h
+        .post(
+            "/v1/sandbox/authorizations/auth_nope/expire",
+            None,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_authorization_lifetime_is_configurable() {
+    let lifetime = Duration::from_secs(90);
+    let h = harness_of(
+        Sandbox::default().with_authorization_lifetime(lifetime),
+        false,
+        0,
+    )
+    .await;
+    let reply = h.authorize("key-short", "tok_visa", "order-short").await;
+    assert!(off_by(&reply["expiresAt"], chrono::Duration::seconds(90)) < 5);
+
+    let h = harness_of(
+        Sandbox::default().with_authorization_lifetime(Duration::ZERO),
+        false,
+        0,
+    )
+    .await;
+    let id = h.visa("order-gone").await;
+    h.refused(&id, "capture", "cap", None, "authorization_expired")
+        .await;
+}
+
+#[tokio::test]
+async fn a_replayed_partial_capture_answers_the_same_and_captures_once() {
+    let h = harness(false, 0).await;
+    let id = h.visa("order-replay").await;
+    let first = h.done(&id, "capture", "cap-once", Some("12.50")).await;
+    let replay = h.done(&id, "capture", "cap-once", Some("12.5")).await;
+    assert_eq!(replay, first);
+    assert_eq!(h.entries("order-replay", "capture").await.len(), 1);
+    assert_eq!(h.row_of("order-replay").await["captured"], "12.50");
+
+    let (status, reused) = h.operate(&id, "capture", "cap-once", Some("13")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reused["error"]["code"], "idempotency_key_reused");
+    let (status, _) = h.operate(&id, "capture", "cap-once", None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // A refusal is remembered too, and replayed as it was.
+    let refused = h.operate(&id, "capture", "cap-big", Some("40")).await;
+    assert_eq!(refused.1["error"]["code"], "amount_exceeds_authorized");
+    assert_eq!(
+        h.operate(&id, "capture", "cap-big", Some("40")).await,
+        refused
+    );
+    assert_eq!(h.entries("order-replay", "capture").await.len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_refunds_cannot_refund_more_than_was_captured() {
+    let h = harness(false, 0).await;
+    let id = h.visa("order-race").await;
+    h.done(&id, "capture", "cap", None).await;
+    let mut refunds = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let request = h
+            .client
+            .post(format!("{}/v1/authorizations/{id}/refund", h.psp))
+            .header("Idempotency-Key", format!("ref-{i}"))
+            .json(&json!({"amount": "10"}));
+        refunds.spawn(async move {
+            let response = request.send().await.unwrap();
+            let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+            (status, response.json::<Value>().await.unwrap())
+        });
+    }
+    let replies = refunds.join_all().await;
+    let ok = replies.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    assert_eq!(ok, 4, "{replies:?}");
+    assert!(replies
+        .iter()
+        .filter(|(s, _)| *s != StatusCode::OK)
+        .all(|(_, r)| r["error"]["code"] == "amount_exceeds_captured"));
+    let row = h.row_of("order-race").await;
+    assert_eq!(row["refunded"], "40");
+    assert_eq!(row["status"], "captured");
 }
