@@ -255,8 +255,10 @@ async fn authorizations(
             }
             // Captured in part or whole: an order that shipped something, or is shipping.
             "captured" => {
-                matches!(status, "partially_shipped" | "shipped" | "partially_refunded")
-                    || action == Some("ship")
+                matches!(
+                    status,
+                    "partially_shipped" | "shipped" | "partially_refunded"
+                ) || action == Some("ship")
             }
             "refunded" => status == "refunded" || action == Some("refund"),
             _ => false,
@@ -417,10 +419,16 @@ async fn ledger(pool: &PgPool, theirs: &[ProviderAuthorization]) -> Result<Check
 /// What is wrong with one order's money, if anything.
 fn balance(m: &OrderMoney) -> Option<String> {
     if m.captured > m.authorized {
-        return Some(format!("captured {} of {} authorized", m.captured, m.authorized));
+        return Some(format!(
+            "captured {} of {} authorized",
+            m.captured, m.authorized
+        ));
     }
     if m.refunded > m.captured {
-        return Some(format!("refunded {} of {} captured", m.refunded, m.captured));
+        return Some(format!(
+            "refunded {} of {} captured",
+            m.refunded, m.captured
+        ));
     }
     if m.captured + m.voided > m.authorized {
         return Some(format!(
@@ -429,7 +437,10 @@ fn balance(m: &OrderMoney) -> Option<String> {
         ));
     }
     if m.shipped != m.captured {
-        return Some(format!("shipments took {}, captures {}", m.shipped, m.captured));
+        return Some(format!(
+            "shipments took {}, captures {}",
+            m.shipped, m.captured
+        ));
     }
     (m.refunds_done != m.refunded).then(|| {
         format!(

@@ -226,16 +226,19 @@ fn describe(event: &Event, at: DateTime<Utc>) -> TimelineEvent {
             ..
         } => json!({"reason": reason.as_str(), "declineCode": decline_code}),
         Event::Failed { reason, .. } => json!({"reason": reason.as_str()}),
-        Event::CaptureFailed { detail, .. }
-        | Event::RefundFailed { detail, .. }
-        | Event::CancelFailed { detail, .. } => json!({"attempt": attempt, "message": detail}),
-        Event::ShipRequested { .. }
-        | Event::Captured { .. }
-        | Event::Shipped { .. }
-        | Event::CancelRequested { .. }
-        | Event::Cancelled { .. }
-        | Event::RefundRequested { .. }
-        | Event::Refunded { .. } => json!({"attempt": attempt}),
+        Event::CaptureFailed { detail, part, .. } | Event::RefundFailed { detail, part, .. } => {
+            with_part(
+                json!({"attempt": attempt, "message": detail}),
+                part.as_ref(),
+            )
+        }
+        Event::CancelFailed { detail, .. } => json!({"attempt": attempt, "message": detail}),
+        Event::ShipRequested { part, .. }
+        | Event::Captured { part, .. }
+        | Event::Shipped { part, .. }
+        | Event::RefundRequested { part, .. }
+        | Event::Refunded { part, .. } => with_part(json!({"attempt": attempt}), part.as_ref()),
+        Event::CancelRequested { .. } | Event::Cancelled { .. } => json!({"attempt": attempt}),
         Event::ActionRequired { next_action, .. } => match next_action {
             Some(url) => json!({"nextAction": {"type": "redirect_to_url", "url": url}}),
             None => json!({}),
@@ -255,6 +258,21 @@ fn describe(event: &Event, at: DateTime<Utc>) -> TimelineEvent {
         stage: stage_after(kind),
         detail,
     }
+}
+
+/// A shipment's or refund's id, amount, units and provider id beside an event's detail.
+fn with_part(mut detail: Value, part: Option<&crate::saga::events::Part>) -> Value {
+    if let (Some(part), Some(fields)) = (part, detail.as_object_mut()) {
+        fields.insert("partId".into(), json!(part.id));
+        fields.insert("amount".into(), json!(part.amount.to_string()));
+        if !part.lines.is_empty() {
+            fields.insert("lines".into(), json!(part.lines));
+        }
+        if let Some(id) = &part.provider_ref {
+            fields.insert("providerRef".into(), json!(id));
+        }
+    }
+    detail
 }
 
 /// Where the order stands after an event of this kind.
