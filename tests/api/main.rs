@@ -29,5 +29,6 @@ mod pricing;
 mod readme;
 mod retention;
 mod security;
+mod shipments;
 mod traces;
 mod upgrade;

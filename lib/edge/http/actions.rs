@@ -193,9 +193,7 @@ async fn request(
     // taken, the request reaches JetStream even if this process dies right after.
     let mut tx = state.pool.begin().await?;
     let attempt = match orders::request_action(&mut tx, order_id, action).await? {
-        ActionRequest::AlreadyDone => {
-            return Ok(answer(StatusCode::ACCEPTED, order_id, "done", action))
-        }
+        ActionRequest::AlreadyDone => return nothing_left(order_id, action, &ask),
         ActionRequest::Refused { status, in_flight } => return Err(refused(status, in_flight)),
         ActionRequest::Accepted { attempt } => attempt,
     };
@@ -221,6 +219,21 @@ async fn request(
         staged.1,
         snapshot.currency.code(),
     ))
+}
+
+/// The order is shipped or refunded whole: `/ship` and `/refund` are done; a shipment or
+/// refund of something named asks for what is not there.
+fn nothing_left(order_id: Uuid, action: Action, ask: &Ask) -> Result<Response, ApiError> {
+    match ask {
+        Ask::Rest => Ok(answer(StatusCode::ACCEPTED, order_id, "done", action)),
+        Ask::Shipment { .. } => Err(ApiError::unprocessable(
+            "quantity_exceeds_remaining",
+            "nothing of this order is left to ship",
+        )),
+        Ask::Refund { .. } => Err(part_error(PartError::ExceedsCaptured {
+            left: Decimal::ZERO,
+        })),
+    }
 }
 
 fn refused(status: Option<orders::OrderStatus>, in_flight: Option<Action>) -> ApiError {
