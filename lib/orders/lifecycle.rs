@@ -213,6 +213,7 @@ impl Step for LifecycleStep {
                 Some(part) => self.settle_part(tx, outcome, part).await?,
                 None if outcome.failure.is_none() => {
                     finish_action(tx.conn, outcome.order_id, outcome.action, None).await?;
+                    parts::record_whole(tx.conn, outcome.order_id, outcome.action).await?;
                 }
                 None => {
                     release_action(tx.conn, outcome.order_id, outcome.action, outcome.attempt)

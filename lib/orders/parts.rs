@@ -374,6 +374,39 @@ pub async fn settle_refund(
     Ok(done == 1)
 }
 
+/// Records a whole-order shipment or refund (an event without a part, from an edge older than
+/// parts) as one part of everything for the total, as the migration did for orders before it,
+/// so the order's parts still equal its payments ledger.
+pub async fn record_whole(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    action: super::status::Action,
+) -> Result<(), sqlx::Error> {
+    let statement = match action {
+        super::status::Action::Ship => {
+            "INSERT INTO orders.shipments (shipment_id, order_id, idempotency_key, lines, amount,
+                                          attempt, status)
+             SELECT md5(o.order_id::text || ':shipment:whole')::uuid, o.order_id, 'whole',
+                    (SELECT jsonb_agg(jsonb_build_object('sku', i.sku, 'qty', i.qty) ORDER BY i.sku)
+                     FROM orders.order_items i WHERE i.order_id = o.order_id),
+                    o.total, o.action_attempt, 'shipped'
+             FROM orders.orders o WHERE o.order_id = $1
+             ON CONFLICT DO NOTHING"
+        }
+        super::status::Action::Refund => {
+            "INSERT INTO orders.refunds (refund_id, order_id, idempotency_key, amount, reason,
+                                        attempt, status)
+             SELECT md5(o.order_id::text || ':refund:whole')::uuid, o.order_id, 'whole', o.total,
+                    'requested_by_customer', o.action_attempt, 'refunded'
+             FROM orders.orders o WHERE o.order_id = $1 AND o.total > 0
+             ON CONFLICT DO NOTHING"
+        }
+        super::status::Action::Cancel => return Ok(()),
+    };
+    sqlx::query(statement).bind(order_id).execute(conn).await?;
+    Ok(())
+}
+
 /// Marks the unshipped rest of an order cancelled (compensation, after it voided the
 /// uncaptured money and restocked the units), and settles its status.
 pub async fn cancel_rest(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {

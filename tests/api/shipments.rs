@@ -788,3 +788,70 @@ async fn a_refund_asked_for_once_everything_went_back_is_refused_and_writes_noth
     assert_eq!(app.count("SELECT count(*) FROM orders.refunds").await, 1);
     assert_eq!(app.ledger_count(&id, "refund").await, 1);
 }
+
+#[tokio::test]
+async fn killing_the_capture_between_the_providers_capture_and_our_record_captures_once() {
+    use checkout::app::{App, Role};
+
+    // Everything but authorize (which captures) in-process; authorize as a real process we
+    // can SIGKILL after the provider captured and before we recorded it.
+    let nats = crate::helpers::NatsServer::start();
+    let db = crate::helpers::TestDb::new();
+    let mut settings = crate::helpers::test_settings(&nats, &db);
+    let psp = crate::helpers::SandboxPsp::start().await;
+    settings.psp.url = psp.url().to_owned();
+    let roles = [Role::Edge, Role::Reserve, Role::Order, Role::Compensate];
+    let app = App::build(settings.clone(), &roles)
+        .await
+        .expect("app starts");
+    let app = TestApp::attach(app, settings, psp, nats, db).await;
+    let spawn_authorize = || {
+        let mut env = crate::helpers::process_env(&app.settings, crate::helpers::port(), &app.psp);
+        env.push(("CHECKOUT__NATS__ACK_WAIT".into(), "2s".into()));
+        crate::helpers::CheckoutProcess::start("authorize", env)
+    };
+    app.product("TEE", "10.00", 10).await;
+    app.product("MUG", "7.25", 10).await;
+    let mut first = spawn_authorize();
+    let (token, id, order) = order_of(&app, "alice", &[("TEE", 2), ("MUG", 1)], None).await;
+    let total = dec(&order["total"]);
+
+    // The provider captures, then keeps its answer to itself for a while.
+    app.psp_fault(
+        json!({"status": 503, "afterEffect": true, "delayMs": 20000, "count": 1,
+                         "operations": ["capture"]}),
+    )
+    .await;
+    let (status, body) = ship_lines(&app, &id, "parcel-1", lines(&[("TEE", 1)])).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let shipment_id = body["shipment"]["id"].as_str().expect("id").to_owned();
+    let amount = dec(&body["shipment"]["amount"]);
+    app.eventually("the provider captured", || async {
+        provider_amounts(&app, &id, "capture").await.len() == 1
+    })
+    .await;
+    let now = get(&app, &token, &id).await;
+    assert_eq!(
+        part(&now, "shipments", &shipment_id).expect("shipment")["status"],
+        "capturing",
+        "we have not recorded it: {now}"
+    );
+    first.kill();
+
+    // The redelivery asks again under the same key and gets the provider's first answer.
+    let mut second = spawn_authorize();
+    let order = settled_part(&app, &token, &id, "shipments", &shipment_id).await;
+    let shipment = part(&order, "shipments", &shipment_id).expect("shipment");
+    assert_eq!(shipment["status"], "shipped", "{order}");
+    assert_eq!(provider_amounts(&app, &id, "capture").await, vec![amount]);
+    assert_eq!(dec(&order["money"]["captured"]), amount, "{order}");
+
+    // And the order goes on: the rest ships, and the captures add up to the total once.
+    let (_, order) = ship_and_wait(&app, &token, &id, "parcel-2", &[("TEE", 1), ("MUG", 1)]).await;
+    assert_eq!(order["status"], "shipped", "{order}");
+    let captures = provider_amounts(&app, &id, "capture").await;
+    assert_eq!(captures.len(), 2, "{captures:?}");
+    assert_eq!(captures.iter().sum::<Decimal>(), total);
+    second.kill();
+    app.audit().await;
+}

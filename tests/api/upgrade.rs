@@ -1,6 +1,8 @@
 //! Upgrading from the saga whose stock was committed by a step of its own (`inventory-commit`,
 //! which emitted `checkout.committed`): the order step now commits the stock itself, and what
 //! the old step left behind must neither take the units twice nor unwind a confirmed order.
+//! And from the edge that shipped orders whole: its request without a part still ships the
+//! order, as one shipment of everything, so the order's parts equal its payments ledger.
 
 use checkout::app::Role;
 use checkout::saga::events::Event;
@@ -108,5 +110,56 @@ async fn stock_the_old_step_committed_leaves_once_and_its_committed_event_change
             .await,
         1
     );
+    app.audit().await;
+}
+
+#[tokio::test]
+async fn a_whole_order_ship_request_from_an_older_edge_ships_as_one_shipment_of_everything() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    let order = app.settled(&token, &id).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+
+    // An edge from before shipments in parts: the lock taken, the request without a part.
+    let order_id: uuid::Uuid = id.parse().expect("uuid");
+    sqlx::query(
+        "UPDATE orders.orders SET pending_action = 'ship', action_attempt = action_attempt + 1
+         WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .execute(&app.pool)
+    .await
+    .expect("the old edge's lock");
+    let js = app.jetstream().await;
+    let stream = js.get_stream("CHECKOUT").await.expect("stream");
+    let confirmed = stream
+        .get_last_raw_message_by_subject(&format!("checkout.confirmed.{id}"))
+        .await
+        .expect("the confirmed event");
+    let Ok(Event::Confirmed { checkout }) = Event::decode(&confirmed.payload) else {
+        panic!("not a confirmed event");
+    };
+    let total = checkout.total;
+    let request = Event::ShipRequested {
+        checkout,
+        attempt: 1,
+        part: None,
+    };
+    app.bus_publish(&js, &Outgoing::new(&request, None).expect("encodes"))
+        .await;
+
+    app.eventually("shipped", || async {
+        app.order(&token, &id).await.1["status"] == "shipped"
+    })
+    .await;
+    let (_, order) = app.order(&token, &id).await;
+    let shipments = order["shipments"].as_array().cloned().unwrap_or_default();
+    assert_eq!(shipments.len(), 1, "{order}");
+    assert_eq!(shipments[0]["status"], "shipped");
+    assert_eq!(shipments[0]["amount"], order["total"]);
+    assert_eq!(order["money"]["captured"], order["total"], "{order}");
+    assert_eq!(app.ledger_count(&id, "capture").await, 1);
+    assert_eq!(order["total"], format!("{total:.2}"));
     app.audit().await;
 }

@@ -17,6 +17,10 @@ pub(crate) struct Fault {
     remaining: Option<u32>,
     operations: Vec<String>,
     pub(crate) after_effect: bool,
+    /// How long an after-effect answer waits: the call is carried out, then nothing is said
+    /// for this long (a window to kill the caller between the provider's effect and its
+    /// record of it).
+    pub(crate) delay: Option<std::time::Duration>,
 }
 
 #[derive(Deserialize)]
@@ -31,6 +35,8 @@ pub(crate) struct FaultBody {
     operations: Vec<String>,
     #[serde(default)]
     after_effect: bool,
+    #[serde(default)]
+    delay_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -93,6 +99,7 @@ pub(crate) async fn set_fault(
         remaining: body.count,
         operations: body.operations,
         after_effect: body.after_effect,
+        delay: body.delay_ms.map(std::time::Duration::from_millis),
     };
     match sandbox.ledger.lock() {
         Ok(mut ledger) => {

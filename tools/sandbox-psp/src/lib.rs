@@ -85,7 +85,9 @@
 //!   `{"status": 503, "forMs": 180000, "count": 3, "operations": ["authorize"], "afterEffect": true}`
 //!   makes matching calls answer `status` (for a while, or for `count` calls, or both; all
 //!   operations when none are named). With `afterEffect` the call is carried out first and only
-//!   its answer is replaced, like a timeout or a 409 that raced an approval. `DELETE` clears it.
+//!   its answer is replaced, like a timeout or a 409 that raced an approval; with
+//!   `"delayMs": 3000` as well (capture, void and refund) that answer comes only after the wait,
+//!   a window to kill the caller between the effect and its record. `DELETE` clears it.
 //! - `POST /v1/sandbox/outage` with `{"seconds": 30}` makes every `/v1/authorizations…` call
 //!   answer 503 `{"error": {"code": "unavailable", …}}` for that long, before doing anything;
 //!   `DELETE` ends it.

@@ -295,6 +295,9 @@ pub(crate) async fn operate(
     let response = sandbox.idempotent(kind.name(), key, fingerprint, move |ledger| {
         record_operation(ledger, &id, kind, requested)
     });
+    if let Some(delay) = fault.as_ref().and_then(|f| f.delay) {
+        tokio::time::sleep(delay).await;
+    }
     match fault {
         Some(f) => error(
             f.status,
