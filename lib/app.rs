@@ -51,7 +51,11 @@ impl Role {
                 RefundStep::DURABLE,
                 payments::updates::PaymentUpdateStep::DURABLE,
             ],
-            Role::Order => &[OrderStep::DURABLE, LifecycleStep::DURABLE],
+            Role::Order => &[
+                OrderStep::DURABLE,
+                LifecycleStep::DURABLE,
+                crate::webhooks::FeedStep::DURABLE,
+            ],
             Role::Compensate => &[CompensateStep::DURABLE],
             Role::Edge => &[],
         }
@@ -281,7 +285,10 @@ async fn start_saga_roles(
             Role::Authorize => {
                 payments::start(tasks, &consuming, settings, &leases, &providers, &seal);
             }
-            Role::Order => orders::start(tasks, &consuming, &leases),
+            Role::Order => {
+                orders::start(tasks, &consuming, &leases);
+                crate::webhooks::start(tasks, &consuming, settings, &leases, &seal);
+            }
             Role::Compensate => compensate::start(tasks, &consuming, settings, &leases, &provider),
             Role::Edge => {}
         }

@@ -26,6 +26,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub runtime: RuntimeSettings,
     pub chaos: ChaosSettings,
+    pub webhooks: WebhooksSettings,
 }
 
 /// The HTTP edge.
@@ -183,6 +184,31 @@ pub struct PaymentsSettings {
     /// How long a pending payment waits for the provider's webhook before the provider is asked.
     #[serde(with = "humantime_serde")]
     pub webhook_grace: Duration,
+}
+
+/// Merchant webhooks: delivering order events to the shop's endpoints (Standard Webhooks).
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhooksSettings {
+    /// Endpoints on private, loopback or link-local addresses are refused unless this is set.
+    pub allow_private_targets: bool,
+    /// One delivery request, connecting included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a delivery is retried; an endpoint failing for all of it is disabled.
+    #[serde(with = "humantime_serde")]
+    pub retry_period: Duration,
+    /// The first retry's wait, doubled at each attempt up to `backoff_max`, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Requests in flight per endpoint and process: a slow endpoint fills its own slots only.
+    pub max_in_flight_per_endpoint: usize,
+    /// How often each process looks for deliveries due.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// The most of an endpoint's answer read (its status is what counts).
+    pub max_response_bytes: usize,
 }
 
 /// Stock reservations.

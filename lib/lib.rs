@@ -62,3 +62,4 @@ pub mod retention;
 pub mod saga;
 pub mod tasks;
 pub mod telemetry;
+pub mod webhooks;

@@ -49,6 +49,16 @@ pub const PROVIDER_WEBHOOKS: &str = "checkout_provider_webhooks_total";
 pub const PAYMENT_CHALLENGES: &str = "checkout_payment_challenges_total";
 /// New authorizations sent to the fallback provider.
 pub const FALLBACK_ROUTINGS: &str = "checkout_payment_fallback_routings_total";
+/// Merchant webhook messages queued for the shop's endpoints.
+pub const WEBHOOK_QUEUED: &str = "checkout_webhook_messages_queued_total";
+/// Merchant webhook delivery attempts by endpoint and result.
+pub const WEBHOOK_DELIVERIES: &str = "checkout_webhook_deliveries_total";
+/// Merchant webhook request latency by endpoint.
+pub const WEBHOOK_LATENCY: &str = "checkout_webhook_delivery_seconds";
+/// Merchant webhook deliveries due and not yet delivered, by endpoint.
+pub const WEBHOOK_BACKLOG: &str = "checkout_webhook_backlog";
+/// Endpoints disabled because they failed for the whole retry period.
+pub const WEBHOOK_DISABLED: &str = "checkout_webhook_endpoints_disabled_total";
 /// HTTP requests by route template, method and status class.
 pub const HTTP_REQUESTS: &str = "checkout_http_requests_total";
 /// HTTP request latency by route template and method.
@@ -82,6 +92,31 @@ pub fn install() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The merchant webhook families.
+fn describe_webhooks() {
+    describe_counter!(
+        WEBHOOK_QUEUED,
+        "Merchant webhook messages queued (one per endpoint that asked for the order event's type)."
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Merchant webhook delivery attempts by endpoint and result: delivered, failed (to be retried), gave_up (past webhooks.retry_period)."
+    );
+    describe_histogram!(
+        WEBHOOK_LATENCY,
+        metrics::Unit::Seconds,
+        "Merchant webhook requests by endpoint, from connecting to the endpoint's status."
+    );
+    describe_gauge!(
+        WEBHOOK_BACKLOG,
+        "Merchant webhook deliveries not yet delivered by endpoint (due now or waiting for a retry)."
+    );
+    describe_counter!(
+        WEBHOOK_DISABLED,
+        "Merchant webhook endpoints disabled because every attempt failed for webhooks.retry_period."
+    );
 }
 
 /// The Prometheus text exposition of everything recorded so far.
@@ -148,11 +183,13 @@ fn describe() {
         metrics::Unit::Seconds,
         "HTTP request latency by route template and method."
     );
+    describe_webhooks();
     // Counters that may stay at zero for a long time are exported from the start, so that
     // rate() and alerts see them before their first event.
     counter!(FRAUD_FLAGS).increment(0);
     counter!(STOCKOUTS).increment(0);
     counter!(TIMEOUTS).increment(0);
+    counter!(WEBHOOK_DISABLED).increment(0);
     for cart in ["remembered", "read"] {
         counter!(CHECKOUT_CARTS, "cart" => cart).increment(0);
     }
@@ -259,4 +296,26 @@ pub fn deadletters(messages: u64) {
 /// How old the JetStream readings above are.
 pub fn jetstream_read_age(age: Duration) {
     gauge!(JETSTREAM_READ_AGE).set(age.as_secs_f64());
+}
+
+/// Merchant webhook messages queued.
+pub fn webhook_queued(messages: u64) {
+    counter!(WEBHOOK_QUEUED).increment(messages);
+}
+
+/// One merchant webhook attempt: `delivered`, `failed` or `gave_up`, and how long it took.
+pub fn webhook_attempt(endpoint: &str, result: &'static str, secs: f64) {
+    counter!(WEBHOOK_DELIVERIES, "endpoint" => endpoint.to_owned(), "result" => result)
+        .increment(1);
+    histogram!(WEBHOOK_LATENCY, "endpoint" => endpoint.to_owned()).record(secs);
+}
+
+/// An endpoint's deliveries not yet delivered.
+pub fn webhook_backlog(endpoint: &str, deliveries: i64) {
+    gauge!(WEBHOOK_BACKLOG, "endpoint" => endpoint.to_owned()).set(deliveries as f64);
+}
+
+/// An endpoint was disabled for failing through the whole retry period.
+pub fn webhook_endpoint_disabled() {
+    counter!(WEBHOOK_DISABLED).increment(1);
 }

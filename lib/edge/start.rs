@@ -115,6 +115,8 @@ impl Edge {
             verifier: self.verifier.clone(),
             webhooks: crate::payments::webhooks::Verifiers::from_settings(&self.settings.psp),
             psp: self.settings.psp.clone(),
+            seal: self.seal.clone(),
+            merchant_webhooks: self.settings.webhooks.clone(),
         })
     }
 

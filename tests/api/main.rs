@@ -19,6 +19,7 @@ mod helpers;
 mod idempotency;
 mod inventory;
 mod leases;
+mod merchant_webhooks;
 mod nats_auth;
 mod observability;
 mod old_server;

@@ -77,6 +77,10 @@ pub struct EdgeState {
     pub webhooks: crate::payments::webhooks::Verifiers,
     /// The providers' names (webhook routes) and addresses.
     pub psp: crate::config::PspSettings,
+    /// Seals merchant webhook secrets at rest (`payments.token_keys`).
+    pub seal: std::sync::Arc<crate::payments::token_seal::TokenSeal>,
+    /// Merchant webhook targets' rules.
+    pub merchant_webhooks: crate::config::WebhooksSettings,
 }
 
 /// The edge's routes.
@@ -88,6 +92,21 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             put(admin::put_stock).get(admin::get_stock),
         )
         .route("/admin/promos/{code}", put(admin::put_promo))
+        .route(
+            "/admin/webhooks",
+            post(admin::create_webhook).get(admin::list_webhooks),
+        )
+        .route(
+            "/admin/webhooks/{id}",
+            get(admin::get_webhook).delete(admin::delete_webhook),
+        )
+        .route("/admin/webhooks/{id}/rotate", post(admin::rotate_webhook))
+        .route("/admin/webhooks/{id}/enable", post(admin::enable_webhook))
+        .route(
+            "/admin/webhooks/{id}/deliveries",
+            get(admin::webhook_deliveries),
+        )
+        .route("/admin/webhooks/{id}/replay", post(admin::replay_webhook))
         .route("/admin/tax-rates/{country}", put(admin::put_tax_rates))
         .route(
             "/admin/shipping-rates/{zone}",

@@ -51,6 +51,14 @@ pub struct ErrorDetail {
         admin::put_promo,
         admin::put_tax_rates,
         admin::put_shipping_rates,
+        admin::create_webhook,
+        admin::list_webhooks,
+        admin::get_webhook,
+        admin::delete_webhook,
+        admin::rotate_webhook,
+        admin::enable_webhook,
+        admin::webhook_deliveries,
+        admin::replay_webhook,
         webhooks::provider_webhook,
     ),
     components(schemas(ErrorBody, ErrorDetail, views::CartJson)),
@@ -60,7 +68,7 @@ pub struct ErrorDetail {
         (name = "checkout", description = "Placing an order"),
         (name = "orders", description = "Orders, their timeline, shipments, cancels and refunds"),
         (name = "webhooks", description = "The payment provider's signed events"),
-        (name = "admin", description = "Catalog, stock, promotions, tax and shipping rates (admin role)"),
+        (name = "admin", description = "Catalog, stock, promotions, tax and shipping rates, webhook endpoints (admin role)"),
     )
 )]
 pub struct ApiDoc;

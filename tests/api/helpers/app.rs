@@ -60,6 +60,12 @@ pub fn test_settings_on(url: String, db: &TestDb) -> Settings {
     s.edge.checkouts_per_user_burst = 100_000;
     s.metrics.addr = "127.0.0.1:0".into();
     s.metrics.jetstream_interval = Duration::from_millis(200);
+    // Merchant webhooks go to receivers on this machine, and retry within a test's patience.
+    s.webhooks.allow_private_targets = true;
+    s.webhooks.backoff_base = Duration::from_millis(100);
+    s.webhooks.backoff_max = Duration::from_secs(1);
+    s.webhooks.poll_interval = Duration::from_millis(50);
+    s.webhooks.timeout = Duration::from_secs(5);
     s
 }
 
@@ -299,6 +305,22 @@ pub fn process_env(settings: &Settings, http_port: u16, psp: &str) -> Vec<(Strin
         ),
         ("CHECKOUT__HTTP__ADDR", format!("127.0.0.1:{http_port}")),
         ("CHECKOUT__PSP__URL", psp.to_owned()),
+        (
+            "CHECKOUT__WEBHOOKS__ALLOW_PRIVATE_TARGETS",
+            s.webhooks.allow_private_targets.to_string(),
+        ),
+        (
+            "CHECKOUT__WEBHOOKS__BACKOFF_BASE",
+            humantime::format_duration(s.webhooks.backoff_base).to_string(),
+        ),
+        (
+            "CHECKOUT__WEBHOOKS__BACKOFF_MAX",
+            humantime::format_duration(s.webhooks.backoff_max).to_string(),
+        ),
+        (
+            "CHECKOUT__WEBHOOKS__POLL_INTERVAL",
+            humantime::format_duration(s.webhooks.poll_interval).to_string(),
+        ),
         (
             "CHECKOUT__PSP__WEBHOOK_SECRETS",
             s.psp.webhook_secrets.expose().to_owned(),

@@ -1,17 +1,21 @@
-//! Admin routes, one module per resource: products, stock, promotions, tax rates and
-//! shipping rates. Every route needs an admin token (the `Admin` extractor).
+//! Admin routes, one module per resource: products, stock, promotions, tax rates, shipping
+//! rates and webhook endpoints (with their delivery log). Every route needs an admin token (the `Admin` extractor).
 
 mod products;
 mod promos;
 mod shipping_rates;
 mod stock;
 mod tax_rates;
+mod webhook_log;
+mod webhooks;
 
 pub use products::*;
 pub use promos::*;
 pub use shipping_rates::*;
 pub use stock::*;
 pub use tax_rates::*;
+pub use webhook_log::*;
+pub use webhooks::*;
 
 use super::error::ApiError;
 use super::AppState;

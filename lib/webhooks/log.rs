@@ -1,0 +1,79 @@
+//! The delivery log of an endpoint, and replay: sending again what the shop missed.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// One delivery as the log shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryRecord {
+    pub webhook_id: String,
+    pub event_type: String,
+    pub order_id: Uuid,
+    pub status: String,
+    pub attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub last_latency_ms: Option<i32>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// One attempt of a delivery.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRecord {
+    pub webhook_id: String,
+    pub attempt: i32,
+    pub at: DateTime<Utc>,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub latency_ms: i32,
+}
+
+/// An endpoint's latest deliveries (newest first) and their attempts.
+pub async fn deliveries(
+    pool: &PgPool,
+    endpoint_id: Uuid,
+    limit: i64,
+) -> Result<(Vec<DeliveryRecord>, Vec<AttemptRecord>), sqlx::Error> {
+    let deliveries: Vec<DeliveryRecord> = sqlx::query_as(
+        "SELECT webhook_id, event_type, order_id, status, attempts, last_status, last_error,
+                last_latency_ms, next_attempt_at, created_at, delivered_at
+         FROM webhooks.deliveries WHERE endpoint_id = $1
+         ORDER BY created_at DESC, webhook_id LIMIT $2",
+    )
+    .bind(endpoint_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<&str> = deliveries.iter().map(|d| d.webhook_id.as_str()).collect();
+    let attempts: Vec<AttemptRecord> = sqlx::query_as(
+        "SELECT webhook_id, attempt, at, status_code, error, latency_ms FROM webhooks.attempts
+         WHERE endpoint_id = $1 AND webhook_id = ANY($2) ORDER BY webhook_id, attempt",
+    )
+    .bind(endpoint_id)
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok((deliveries, attempts))
+}
+
+/// Queues again every message the endpoint was sent (or tried) since `since`, with the same
+/// `webhook-id`s and a fresh retry period; answers how many.
+pub async fn replay(
+    pool: &PgPool,
+    endpoint_id: Uuid,
+    since: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE webhooks.deliveries SET status = 'pending', next_attempt_at = now(),
+             queued_at = now(), delivered_at = NULL
+         WHERE endpoint_id = $1 AND created_at >= $2",
+    )
+    .bind(endpoint_id)
+    .bind(since)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
