@@ -36,6 +36,8 @@ setsid target/release/sandbox-psp --listen 127.0.0.1:8091 \
   --webhook-url http://127.0.0.1:8080/api/webhooks/psp/fallback >.run/psp-fallback.log 2>&1 &
 fallback_pid=$!
 export CHECKOUT__PSP__FALLBACK_URL=${CHECKOUT__PSP__FALLBACK_URL-http://127.0.0.1:8091}
+# Merchant webhooks to receivers on this machine (a shop's real endpoints are public).
+export CHECKOUT__WEBHOOKS__ALLOW_PRIVATE_TARGETS=${CHECKOUT__WEBHOOKS__ALLOW_PRIVATE_TARGETS-true}
 # When checkout has stopped (Ctrl-C, SIGTERM), stop what this script started.
 trap 'kill ${nats_pid:-} "$psp_pid" "$fallback_pid" 2>/dev/null; wait ${nats_pid:-} "$psp_pid" "$fallback_pid" 2>/dev/null || true' EXIT
 $bin migrate

@@ -275,9 +275,7 @@ impl Dispatcher {
         .bind(latency_ms)
         .execute(&mut *tx)
         .await?;
-        let disabled = self
-            .endpoint_health(&mut tx, id, result == "delivered")
-            .await?;
+        let disabled = self.endpoint_health(&mut tx, claimed, result).await?;
         tx.commit().await?;
         crate::metrics::webhook_attempt(&id.to_string(), result, attempt.latency.as_secs_f64());
         if disabled {
@@ -288,14 +286,16 @@ impl Dispatcher {
     }
 
     /// Keeps `failing_since` (cleared by a success) and disables an endpoint failing longer
-    /// than the retry period. Answers whether this attempt disabled it.
+    /// than the retry period, or that just gave up a delivery without a success since that
+    /// delivery's first attempt. Answers whether this attempt disabled it.
     async fn endpoint_health(
         &self,
         tx: &mut sqlx::PgConnection,
-        id: Uuid,
-        delivered: bool,
+        claimed: &Claimed,
+        result: &str,
     ) -> Result<bool, sqlx::Error> {
-        if delivered {
+        let id = claimed.endpoint_id;
+        if result == "delivered" {
             sqlx::query(
                 "UPDATE webhooks.endpoints SET failing_since = NULL
                  WHERE endpoint_id = $1 AND failing_since IS NOT NULL",
@@ -305,27 +305,43 @@ impl Dispatcher {
             .await?;
             return Ok(false);
         }
-        let disabled: Option<(bool,)> = sqlx::query_as(
-            "WITH before AS (SELECT status FROM webhooks.endpoints WHERE endpoint_id = $1
-                             FOR UPDATE)
-             UPDATE webhooks.endpoints SET
+        let before: Option<(String,)> = sqlx::query_as(
+            "SELECT status FROM webhooks.endpoints WHERE endpoint_id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let after: Option<(String,)> = sqlx::query_as(
+            "UPDATE webhooks.endpoints SET
                  failing_since = coalesce(failing_since, now()),
-                 status = CASE WHEN failing_since < now() - $2::interval THEN 'disabled'
-                               ELSE status END,
-                 disabled_reason = CASE WHEN failing_since < now() - $2::interval
-                                        THEN 'failing for the whole retry period'
-                                        ELSE disabled_reason END
+                 status = CASE WHEN failing_since < now() - $2::interval
+                                    OR ($3 AND failing_since <= (
+                                        SELECT min(at) FROM webhooks.attempts a
+                                        WHERE a.endpoint_id = $1 AND a.webhook_id = $4))
+                               THEN 'disabled' ELSE status END
              WHERE endpoint_id = $1
-             RETURNING (SELECT status FROM before) = 'enabled' AND status = 'disabled'",
+             RETURNING status",
         )
         .bind(id)
         .bind(format!(
             "{} milliseconds",
             self.settings.retry_period.as_millis()
         ))
+        .bind(result == "gave_up")
+        .bind(&claimed.webhook_id)
         .fetch_optional(&mut *tx)
         .await?;
-        Ok(disabled.is_some_and(|(d,)| d))
+        let disabled = matches!((before, after), (Some((b,)), Some((a,))) if b == "enabled" && a == "disabled");
+        if disabled {
+            sqlx::query(
+                "UPDATE webhooks.endpoints SET disabled_reason = 'failing for the whole retry period'
+                 WHERE endpoint_id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(disabled)
     }
 
     /// Each endpoint's deliveries not yet delivered, as gauges.

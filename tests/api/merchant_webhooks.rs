@@ -404,3 +404,82 @@ async fn bad_endpoints_are_refused_and_private_targets_need_the_setting() {
         0
     );
 }
+
+#[tokio::test]
+async fn killing_the_delivering_process_mid_retry_loses_nothing() {
+    use checkout::app::{App, Role};
+
+    // The order role (which feeds and sends webhooks) as a real process we can SIGKILL.
+    let nats = crate::helpers::NatsServer::start();
+    let db = crate::helpers::TestDb::new();
+    let mut settings = crate::helpers::test_settings(&nats, &db);
+    let psp = crate::helpers::SandboxPsp::start().await;
+    settings.psp.url = psp.url().to_owned();
+    let roles = [Role::Edge, Role::Reserve, Role::Authorize, Role::Compensate];
+    let app = App::build(settings.clone(), &roles)
+        .await
+        .expect("app starts");
+    let app = TestApp::attach(app, settings, psp, nats, db).await;
+    let spawn_order = || {
+        let mut env = crate::helpers::process_env(&app.settings, crate::helpers::port(), &app.psp);
+        env.push(("CHECKOUT__NATS__ACK_WAIT".into(), "2s".into()));
+        env.push(("CHECKOUT__WEBHOOKS__TIMEOUT".into(), "2s".into()));
+        crate::helpers::CheckoutProcess::start("order", env)
+    };
+    app.product("TEE", "10.00", 10).await;
+    let (endpoint, mut receiver) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    let mut first = spawn_order();
+    for i in 0..5 {
+        let (token, id) = app.buy(&format!("buyer-{i}"), "TEE", "tok_visa").await;
+        assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    }
+    // The receiver is down: every delivery is being retried when the process dies.
+    app.eventually("every delivery retrying", || async {
+        let log = deliveries(&app, &endpoint).await;
+        log.len() == 5
+            && log
+                .iter()
+                .all(|d| d["attempts"].as_array().is_some_and(|a| a.len() >= 2))
+    })
+    .await;
+    first.kill();
+    receiver.start().await;
+    let mut second = spawn_order();
+    app.eventually("all five delivered", || async {
+        let log = deliveries(&app, &endpoint).await;
+        log.len() == 5 && log.iter().all(|d| d["status"] == "delivered")
+    })
+    .await;
+    second.kill();
+    assert_eq!(unique_ids(&receiver.accepted().await).len(), 5);
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_for_the_whole_retry_period_is_disabled_and_its_deliveries_end() {
+    let app = TestApp::spawn_with(|s| s.webhooks.retry_period = Duration::from_secs(2)).await;
+    app.product("TEE", "10.00", 10).await;
+    let (endpoint, _never_started) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    app.buy("alice", "TEE", "tok_visa").await;
+    app.eventually("the endpoint disabled", || async {
+        let (_, body) = app
+            .request(Method::GET, format!("/api/admin/webhooks/{endpoint}"))
+            .token(&app.admin())
+            .send()
+            .await;
+        body["status"] == "disabled"
+    })
+    .await;
+    let log = deliveries(&app, &endpoint).await;
+    assert_eq!(log[0]["status"], "failed", "{log:?}");
+    // The shop fixes its endpoint and turns it back on.
+    let (status, body) = app
+        .request(
+            Method::POST,
+            format!("/api/admin/webhooks/{endpoint}/enable"),
+        )
+        .token(&app.admin())
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "enabled");
+}
