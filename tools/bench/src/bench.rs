@@ -117,6 +117,11 @@ pub struct BenchOptions {
     /// Length of each ceiling measurement.
     #[arg(long = "ceiling", default_value = "4s", value_parser = humantime::parse_duration)]
     pub ceiling_duration: Duration,
+    /// Register three merchant webhook endpoints for `order.confirmed` before the load: one
+    /// healthy, one answering after 2 s, one dead. The report gives the healthy one's delivery
+    /// latency (from the checkout's acceptance to its arrival).
+    #[arg(long)]
+    pub webhooks: bool,
     /// Where each run keeps its logs and its nats-server's store.
     #[arg(long, default_value = ".run/bench")]
     pub work_dir: PathBuf,
@@ -325,6 +330,11 @@ async fn one_run(
             opts.partitions.to_string(),
         ),
         ("RUST_LOG".to_owned(), "warn".to_owned()),
+        // --webhooks: the receivers run on this machine.
+        (
+            "CHECKOUT__WEBHOOKS__ALLOW_PRIVATE_TARGETS".to_owned(),
+            "true".to_owned(),
+        ),
         // One process per role on one host: each serves /metrics on a port of its own.
         (
             "CHECKOUT__METRICS__ADDR".to_owned(),
@@ -431,6 +441,22 @@ async fn one_run(
         )));
     }
 
+    let receivers = if opts.webhooks {
+        let receivers = crate::receivers::Receivers::start().await?;
+        let admin = checkout::auth::mint(
+            settings.auth.jwt_secret.expose(),
+            "bench-admin",
+            true,
+            Duration::from_secs(3600),
+        )
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+        receivers
+            .register(&http, &format!("http://127.0.0.1:{http_port}"), &admin)
+            .await?;
+        Some(receivers)
+    } else {
+        None
+    };
     if !opts.warmup.is_zero() {
         let warm = load::LoadOptions {
             base: format!("http://127.0.0.1:{http_port}"),
@@ -451,6 +477,9 @@ async fn one_run(
             .execute(&pool)
             .await
             .map_err(|e| BenchError::Setup(format!("analyze: {e}")))?;
+    }
+    if let Some(r) = &receivers {
+        r.reset();
     }
     let cpu_before: Vec<f64> = roles.iter().map(|p| cpu_seconds(p.pid())).collect();
     let me_before = cpu_seconds(std::process::id());
@@ -504,6 +533,16 @@ async fn one_run(
     }
     peak_rss.push(("nats-server".into(), peak_rss_mib(nats.pid())));
     let mut note = String::new();
+    if let Some(r) = &receivers {
+        // The messages of the run's last checkouts are still on their way: give them a moment.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (heard, p50, p99) = r.summary();
+        let _ = write!(
+            note,
+            " webhooks (3 endpoints: healthy, 2 s slow, dead): the healthy one heard {heard} \
+             messages, p50 {p50:.0} ms, p99 {p99:.0} ms from the checkout's acceptance;"
+        );
+    }
     if scenario == Scenario::Hot {
         note = hot_check(&pool, opts, &stats).await?;
     }

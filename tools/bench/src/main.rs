@@ -10,6 +10,7 @@ mod bench;
 mod ceiling;
 mod load;
 mod procs;
+mod receivers;
 mod stats;
 
 use anyhow::Result;
