@@ -82,23 +82,29 @@ impl Step for FeedStep {
         tx: &mut Tx<'_>,
         items: &[(&Message, &())],
     ) -> Result<Vec<Vec<Event>>, StepError> {
-        for (message, ()) in items {
-            let queued = sqlx::query(
-                "INSERT INTO webhooks.deliveries (endpoint_id, webhook_id, event_type, order_id, body)
-                 SELECT endpoint_id, $1, $2, $3, $4 FROM webhooks.endpoints
-                 WHERE status = 'enabled' AND deleted_at IS NULL AND $2 = ANY(events)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&message.webhook_id)
-            .bind(message.event_type)
-            .bind(message.order_id)
-            .bind(&message.body)
-            .execute(&mut *tx.conn)
-            .await?
-            .rows_affected();
-            if queued > 0 {
-                tx.after_commit(move || crate::metrics::webhook_queued(queued));
-            }
+        // One statement for the whole pull: a round trip per batch, not per event.
+        let ids: Vec<&str> = items.iter().map(|(m, ())| m.webhook_id.as_str()).collect();
+        let kinds: Vec<&str> = items.iter().map(|(m, ())| m.event_type).collect();
+        let orders: Vec<uuid::Uuid> = items.iter().map(|(m, ())| m.order_id).collect();
+        let bodies: Vec<&str> = items.iter().map(|(m, ())| m.body.as_str()).collect();
+        let queued = sqlx::query(
+            "INSERT INTO webhooks.deliveries (endpoint_id, webhook_id, event_type, order_id, body)
+             SELECT e.endpoint_id, m.webhook_id, m.event_type, m.order_id, m.body
+             FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[])
+                  AS m(webhook_id, event_type, order_id, body)
+             JOIN webhooks.endpoints e
+               ON e.status = 'enabled' AND e.deleted_at IS NULL AND m.event_type = ANY(e.events)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&orders)
+        .bind(&bodies)
+        .execute(&mut *tx.conn)
+        .await?
+        .rows_affected();
+        if queued > 0 {
+            tx.after_commit(move || crate::metrics::webhook_queued(queued));
         }
         Ok(vec![Vec::new(); items.len()])
     }
