@@ -1,22 +1,27 @@
 //! Sends the queued deliveries. Every order process runs a dispatcher; they share the work
-//! through PostgreSQL: a claim pushes the delivery's `next_attempt_at` past the request's
-//! timeout (a lease) with `FOR UPDATE SKIP LOCKED`, so no two processes send one delivery at
-//! once, and one killed mid-request leaves it to the next claim. Delivery is at least once;
-//! receivers deduplicate by `webhook-id`, which never changes.
+//! through PostgreSQL: a claim takes a batch of an endpoint's due deliveries with
+//! `FOR UPDATE SKIP LOCKED` and pushes their `next_attempt_at` past the time the batch can take
+//! (a lease), so no two processes send one delivery at once, and one killed mid-batch leaves
+//! it to the next claim. Delivery is at least once; receivers deduplicate by `webhook-id`,
+//! which never changes.
 //!
-//! Each endpoint has its own slots (`webhooks.max_in_flight_per_endpoint` per process) and
-//! every request a timeout, so a slow or dead endpoint fills its own slots and nobody else's.
-//! A failure is retried after `backoff_base × 2^(attempts-1)` (at most `backoff_max`), less up to
-//! half of it at random, until `retry_period` has passed since the delivery was queued; an endpoint whose
-//! every attempt failed for a whole `retry_period` is disabled.
+//! Each endpoint is a lane of its own: one batch at a time per process, at most
+//! `webhooks.max_in_flight_per_endpoint` requests of it in flight, each with a timeout, so a
+//! slow or dead endpoint holds its own lane and nobody else's. A batch's outcomes are recorded
+//! in one transaction (a few statements, whatever its size). A failure is retried after
+//! `backoff_base × 2^(attempts-1)` (at most `backoff_max`), less up to half of it at random,
+//! until `retry_period` has passed since the delivery was queued. An endpoint that fails
+//! several requests in a row is paused the same way (its waiting messages are not each tried
+//! against a dead server), and one that failed for a whole `retry_period` is disabled.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use rand::Rng;
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -36,7 +41,6 @@ pub struct Dispatcher {
 /// A claimed delivery.
 #[derive(sqlx::FromRow)]
 struct Claimed {
-    endpoint_id: Uuid,
     webhook_id: String,
     body: String,
     attempts: i32,
@@ -46,34 +50,49 @@ struct Claimed {
 
 /// How one attempt went.
 struct Attempt {
+    webhook_id: String,
+    /// Its number among the delivery's attempts.
+    number: i32,
     status: Option<u16>,
     error: Option<String>,
     latency: Duration,
+    /// `delivered`, `failed` (retried later) or `gave_up`.
+    result: &'static str,
+    /// When a failed one is tried next.
+    wait: Duration,
 }
 
-impl Attempt {
-    fn delivered(&self) -> bool {
-        self.status.is_some_and(|s| (200..300).contains(&s))
-    }
-}
-
-/// An endpoint's slots and its HTTP client, pinned to the address its URL was checked at.
+/// One endpoint's lane in this process.
+#[derive(Default)]
 struct Lane {
-    slots: Arc<Semaphore>,
-    client: Option<(reqwest::Client, Instant, String)>,
+    state: Mutex<LaneState>,
 }
 
-/// How long a checked address is trusted before the name is resolved and checked again.
-const RECHECK: Duration = Duration::from_secs(60);
+#[derive(Default)]
+struct LaneState {
+    /// A batch of it is being sent.
+    running: bool,
+    /// Not tried until then (it failed several requests in a row).
+    paused_until: Option<Instant>,
+    failures_in_a_row: u32,
+    client: Option<(reqwest::Client, Instant, String)>,
+    secrets: Option<(Vec<String>, Instant)>,
+}
+
+/// How long a checked address and the opened secrets are trusted before they are read again.
+const RECHECK: Duration = Duration::from_secs(10);
+/// Failed requests in a row that pause an endpoint.
+const PAUSE_AFTER: u32 = 3;
 
 impl Dispatcher {
     /// Sends deliveries as they fall due until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
         let me = Arc::new(self);
-        let mut lanes: HashMap<Uuid, Lane> = HashMap::new();
+        let wake = Arc::new(Notify::new());
+        let mut lanes: HashMap<Uuid, Arc<Lane>> = HashMap::new();
         let mut backlog_at = Instant::now();
         loop {
-            if let Err(e) = me.round(&mut lanes).await {
+            if let Err(e) = me.round(&mut lanes, &wake).await {
                 tracing::warn!(error = %e, "webhook dispatch round failed");
             }
             if backlog_at.elapsed() >= Duration::from_secs(5) {
@@ -82,13 +101,18 @@ impl Dispatcher {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = wake.notified() => {}
                 () = tokio::time::sleep(me.settings.poll_interval) => {}
             }
         }
     }
 
-    /// Claims what is due for every endpoint with free slots and sends it.
-    async fn round(self: &Arc<Self>, lanes: &mut HashMap<Uuid, Lane>) -> Result<(), sqlx::Error> {
+    /// Starts a batch for every endpoint with deliveries due and no batch running.
+    async fn round(
+        self: &Arc<Self>,
+        lanes: &mut HashMap<Uuid, Arc<Lane>>,
+        wake: &Arc<Notify>,
+    ) -> Result<(), sqlx::Error> {
         let due: Vec<(Uuid,)> = sqlx::query_as(
             "SELECT DISTINCT d.endpoint_id FROM webhooks.deliveries d
              JOIN webhooks.endpoints e USING (endpoint_id)
@@ -98,34 +122,103 @@ impl Dispatcher {
         .fetch_all(&self.pool)
         .await?;
         for (endpoint_id,) in due {
-            let lane = lanes.entry(endpoint_id).or_insert_with(|| Lane {
-                slots: Arc::new(Semaphore::new(
-                    self.settings.max_in_flight_per_endpoint.max(1),
-                )),
-                client: None,
-            });
-            let free = lane.slots.available_permits();
-            if free == 0 {
-                continue;
-            }
-            for claimed in self.claim(endpoint_id, free).await? {
-                let Ok(permit) = lane.slots.clone().try_acquire_owned() else {
-                    break;
+            let lane = lanes.entry(endpoint_id).or_default().clone();
+            {
+                let Ok(mut state) = lane.state.lock() else {
+                    continue;
                 };
-                let client = self.client_for(lane, &claimed.url).await;
-                let me = self.clone();
-                tokio::spawn(async move {
-                    me.deliver(claimed, client).await;
-                    drop(permit);
-                });
+                let paused = state.paused_until.is_some_and(|t| t > Instant::now());
+                if state.running || paused {
+                    continue;
+                }
+                state.running = true;
             }
+            let (me, wake) = (self.clone(), wake.clone());
+            tokio::spawn(async move {
+                if let Err(e) = me.batch(endpoint_id, &lane).await {
+                    // The leases run out and the deliveries are tried again: at least once.
+                    tracing::warn!(error = %e, endpoint = %endpoint_id, "webhook batch not recorded");
+                }
+                if let Ok(mut state) = lane.state.lock() {
+                    state.running = false;
+                }
+                wake.notify_one();
+            });
         }
         Ok(())
     }
 
-    /// Takes up to `n` due deliveries of an endpoint, leasing them past a request's timeout.
+    /// Claims a batch of an endpoint's due deliveries, sends them, records how they went.
+    async fn batch(&self, endpoint_id: Uuid, lane: &Lane) -> Result<(), sqlx::Error> {
+        let slots = self.settings.max_in_flight_per_endpoint.max(1);
+        let claimed = self.claim(endpoint_id, slots * 4).await?;
+        let Some(url) = claimed.first().map(|c| c.url.clone()) else {
+            return Ok(());
+        };
+        let ready = self.prepare(endpoint_id, lane, &url).await;
+        let mut done: Vec<Attempt> = Vec::with_capacity(claimed.len());
+        let mut sent = 0;
+        // A slot's worth at a time; a paused endpoint stops the batch between them.
+        for chunk in claimed.chunks(slots) {
+            let attempts = join_all(chunk.iter().map(|c| self.one(&ready, c))).await;
+            sent += chunk.len();
+            let mut paused = false;
+            for attempt in attempts {
+                paused |= self.note(lane, &attempt);
+                done.push(attempt);
+            }
+            if paused {
+                break;
+            }
+        }
+        let unsent: Vec<String> = claimed[sent..]
+            .iter()
+            .map(|c| c.webhook_id.clone())
+            .collect();
+        self.record(endpoint_id, &done, &unsent, lane).await
+    }
+
+    /// One attempt with the lane's client and secrets, or the reason there are none.
+    async fn one(
+        &self,
+        ready: &Result<(reqwest::Client, Vec<String>), String>,
+        c: &Claimed,
+    ) -> Attempt {
+        match ready {
+            Ok((client, secrets)) => self.send(client, secrets, c).await,
+            Err(error) => self.attempt(c, None, Some(error.clone()), Duration::ZERO),
+        }
+    }
+
+    /// Counts the lane's failures in a row; answers whether the endpoint is now paused.
+    fn note(&self, lane: &Lane, attempt: &Attempt) -> bool {
+        let Ok(mut state) = lane.state.lock() else {
+            return false;
+        };
+        if attempt.result == "delivered" {
+            state.failures_in_a_row = 0;
+            state.paused_until = None;
+            return false;
+        }
+        state.failures_in_a_row += 1;
+        if state.failures_in_a_row < PAUSE_AFTER {
+            return false;
+        }
+        let wait = backoff(
+            &self.settings,
+            i32::try_from(state.failures_in_a_row).unwrap_or(30),
+        );
+        state.paused_until = Some(Instant::now() + wait);
+        true
+    }
+
+    /// Takes up to `n` due deliveries of an endpoint, leased for as long as sending them may
+    /// take.
     async fn claim(&self, endpoint_id: Uuid, n: usize) -> Result<Vec<Claimed>, sqlx::Error> {
-        let lease = self.settings.timeout + Duration::from_secs(5);
+        let rounds = u32::try_from(n / self.settings.max_in_flight_per_endpoint.max(1))
+            .unwrap_or(1)
+            .max(1);
+        let lease = self.settings.timeout * rounds + Duration::from_secs(5);
         sqlx::query_as(
             "WITH due AS (
                  SELECT endpoint_id, webhook_id FROM webhooks.deliveries
@@ -136,7 +229,7 @@ impl Dispatcher {
              FROM due, webhooks.endpoints e
              WHERE d.endpoint_id = due.endpoint_id AND d.webhook_id = due.webhook_id
                AND e.endpoint_id = d.endpoint_id
-             RETURNING d.endpoint_id, d.webhook_id, d.body, d.attempts, d.queued_at, e.url",
+             RETURNING d.webhook_id, d.body, d.attempts, d.queued_at, e.url",
         )
         .bind(endpoint_id)
         .bind(i64::try_from(n).unwrap_or(1))
@@ -145,141 +238,158 @@ impl Dispatcher {
         .await
     }
 
-    /// The lane's client, made again when its URL changed or its address check is old.
-    async fn client_for(&self, lane: &mut Lane, url: &str) -> Result<reqwest::Client, String> {
-        if let Some((client, at, for_url)) = &lane.client {
-            if for_url == url && at.elapsed() < RECHECK {
-                return Ok(client.clone());
-            }
+    /// The lane's client (pinned to the address its URL was checked at) and secrets, read
+    /// again when old or when the URL changed.
+    async fn prepare(
+        &self,
+        endpoint_id: Uuid,
+        lane: &Lane,
+        url: &str,
+    ) -> Result<(reqwest::Client, Vec<String>), String> {
+        let cached = lane.state.lock().ok().and_then(|s| {
+            let (client, at, for_url) = s.client.clone()?;
+            let (secrets, read_at) = s.secrets.clone()?;
+            (for_url == url && at.elapsed() < RECHECK && read_at.elapsed() < RECHECK)
+                .then_some((client, secrets))
+        });
+        if let Some(ready) = cached {
+            return Ok(ready);
         }
         let parsed = target::parse(url).map_err(|e| e.to_string())?;
         let target = target::resolve(&parsed, self.settings.allow_private_targets)
             .await
             .map_err(|e| e.to_string())?;
         let client = pinned_client(&target, self.settings.timeout).map_err(|e| e.to_string())?;
-        lane.client = Some((client.clone(), Instant::now(), url.to_owned()));
-        Ok(client)
-    }
-
-    /// One attempt, and its record.
-    async fn deliver(&self, claimed: Claimed, client: Result<reqwest::Client, String>) {
-        let attempt = match client {
-            Ok(client) => self.send(&client, &claimed).await,
-            Err(error) => Attempt {
-                status: None,
-                error: Some(error),
-                latency: Duration::ZERO,
-            },
-        };
-        if let Err(e) = self.record(&claimed, &attempt).await {
-            // The lease runs out and the delivery is tried again: at least once.
-            tracing::warn!(error = %e, webhook_id = %claimed.webhook_id, "webhook attempt not recorded");
+        let secrets = endpoints::live_secrets(&self.pool, &self.seal, endpoint_id)
+            .await
+            .map_err(|e| format!("secret: {e}"))?;
+        if let Ok(mut state) = lane.state.lock() {
+            state.client = Some((client.clone(), Instant::now(), url.to_owned()));
+            state.secrets = Some((secrets.clone(), Instant::now()));
         }
+        Ok((client, secrets))
     }
 
-    async fn send(&self, client: &reqwest::Client, claimed: &Claimed) -> Attempt {
+    /// One request.
+    async fn send(&self, client: &reqwest::Client, secrets: &[String], c: &Claimed) -> Attempt {
         let started = Instant::now();
         let timestamp = chrono::Utc::now().timestamp();
-        let secrets =
-            match endpoints::live_secrets(&self.pool, &self.seal, claimed.endpoint_id).await {
-                Ok(s) => s,
-                Err(e) => {
-                    return Attempt {
-                        status: None,
-                        error: Some(format!("secret: {e}")),
-                        latency: started.elapsed(),
-                    }
-                }
-            };
         let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-        let signature =
-            match signing::signature(&refs, &claimed.webhook_id, timestamp, &claimed.body) {
-                Ok(s) => s,
-                Err(e) => {
-                    return Attempt {
-                        status: None,
-                        error: Some(e.to_string()),
-                        latency: started.elapsed(),
-                    }
-                }
-            };
+        let signature = match signing::signature(&refs, &c.webhook_id, timestamp, &c.body) {
+            Ok(s) => s,
+            Err(e) => return self.attempt(c, None, Some(e.to_string()), started.elapsed()),
+        };
         let request = client
-            .post(&claimed.url)
+            .post(&c.url)
             .header("content-type", "application/json")
-            .header("webhook-id", &claimed.webhook_id)
+            .header("webhook-id", &c.webhook_id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
-            .body(claimed.body.clone());
+            .body(c.body.clone());
         match request.send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
                 drain(response, self.settings.max_response_bytes).await;
-                Attempt {
-                    status: Some(status),
-                    error: None,
-                    latency: started.elapsed(),
-                }
+                self.attempt(c, Some(status), None, started.elapsed())
             }
-            Err(e) => Attempt {
-                status: None,
-                error: Some(without_url(&e)),
-                latency: started.elapsed(),
-            },
+            Err(e) => self.attempt(c, None, Some(without_url(&e)), started.elapsed()),
         }
     }
 
-    /// Writes the attempt, and what comes next: delivered, another try later, or given up.
-    async fn record(&self, claimed: &Claimed, attempt: &Attempt) -> Result<(), sqlx::Error> {
-        let (id, webhook) = (claimed.endpoint_id, &claimed.webhook_id);
-        let latency_ms = i32::try_from(attempt.latency.as_millis()).unwrap_or(i32::MAX);
-        let now = chrono::Utc::now();
+    /// An attempt's outcome, and what comes next.
+    fn attempt(
+        &self,
+        c: &Claimed,
+        status: Option<u16>,
+        error: Option<String>,
+        latency: Duration,
+    ) -> Attempt {
         let period =
             chrono::Duration::from_std(self.settings.retry_period).unwrap_or(chrono::Duration::MAX);
-        let result = if attempt.delivered() {
+        let result = if status.is_some_and(|s| (200..300).contains(&s)) {
             "delivered"
-        } else if now - claimed.queued_at >= period {
+        } else if chrono::Utc::now() - c.queued_at >= period {
             "gave_up"
         } else {
             "failed"
         };
-        let wait = backoff(&self.settings, claimed.attempts);
+        Attempt {
+            webhook_id: c.webhook_id.clone(),
+            number: c.attempts,
+            status,
+            error,
+            latency,
+            result,
+            wait: backoff(&self.settings, c.attempts),
+        }
+    }
+
+    /// Writes a batch's attempts and what comes next for each, in one transaction; the ones
+    /// not sent (the endpoint was paused) wait for the pause, their attempt not counted.
+    async fn record(
+        &self,
+        endpoint_id: Uuid,
+        done: &[Attempt],
+        unsent: &[String],
+        lane: &Lane,
+    ) -> Result<(), sqlx::Error> {
+        let ids: Vec<&str> = done.iter().map(|a| a.webhook_id.as_str()).collect();
+        let numbers: Vec<i32> = done.iter().map(|a| a.number).collect();
+        let codes: Vec<Option<i32>> = done.iter().map(|a| a.status.map(i32::from)).collect();
+        let errors: Vec<Option<&str>> = done.iter().map(|a| a.error.as_deref()).collect();
+        let latencies: Vec<i32> = done
+            .iter()
+            .map(|a| i32::try_from(a.latency.as_millis()).unwrap_or(i32::MAX))
+            .collect();
+        let results: Vec<&str> = done.iter().map(|a| a.result).collect();
+        let waits: Vec<i64> = done
+            .iter()
+            .map(|a| i64::try_from(a.wait.as_millis()).unwrap_or(i64::MAX))
+            .collect();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO webhooks.attempts (endpoint_id, webhook_id, attempt, status_code, error,
                                             latency_ms)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+             SELECT $1, * FROM unnest($2::text[], $3::int[], $4::int[], $5::text[], $6::int[])
+             ON CONFLICT DO NOTHING",
         )
-        .bind(id)
-        .bind(webhook)
-        .bind(claimed.attempts)
-        .bind(attempt.status.map(i32::from))
-        .bind(&attempt.error)
-        .bind(latency_ms)
+        .bind(endpoint_id)
+        .bind(&ids)
+        .bind(&numbers)
+        .bind(&codes)
+        .bind(&errors)
+        .bind(&latencies)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE webhooks.deliveries SET
-                 status = CASE $3 WHEN 'delivered' THEN 'delivered'
-                                  WHEN 'gave_up' THEN 'failed' ELSE 'pending' END,
-                 delivered_at = CASE WHEN $3 = 'delivered' THEN now() END,
-                 next_attempt_at = now() + $4::interval,
-                 last_status = $5, last_error = $6, last_latency_ms = $7
-             WHERE endpoint_id = $1 AND webhook_id = $2 AND status = 'pending'",
+            "UPDATE webhooks.deliveries d SET
+                 status = CASE u.result WHEN 'delivered' THEN 'delivered'
+                                        WHEN 'gave_up' THEN 'failed' ELSE 'pending' END,
+                 delivered_at = CASE WHEN u.result = 'delivered' THEN now() END,
+                 next_attempt_at = now() + u.wait_ms * interval '1 millisecond',
+                 last_status = u.code, last_error = u.error, last_latency_ms = u.latency
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[], $7::int[])
+                  AS u(webhook_id, result, wait_ms, code, error, latency)
+             WHERE d.endpoint_id = $1 AND d.webhook_id = u.webhook_id AND d.status = 'pending'",
         )
-        .bind(id)
-        .bind(webhook)
-        .bind(result)
-        .bind(format!("{} milliseconds", wait.as_millis()))
-        .bind(attempt.status.map(i32::from))
-        .bind(&attempt.error)
-        .bind(latency_ms)
+        .bind(endpoint_id)
+        .bind(&ids)
+        .bind(&results)
+        .bind(&waits)
+        .bind(&codes)
+        .bind(&errors)
+        .bind(&latencies)
         .execute(&mut *tx)
         .await?;
-        let disabled = self.endpoint_health(&mut tx, claimed, result).await?;
+        release_unsent(&mut tx, endpoint_id, unsent, lane).await?;
+        let disabled = self.endpoint_health(&mut tx, endpoint_id, done).await?;
         tx.commit().await?;
-        crate::metrics::webhook_attempt(&id.to_string(), result, attempt.latency.as_secs_f64());
+        let endpoint = endpoint_id.to_string();
+        for a in done {
+            crate::metrics::webhook_attempt(&endpoint, a.result, a.latency.as_secs_f64());
+        }
         if disabled {
-            tracing::error!(endpoint = %id, "webhook endpoint disabled: it failed for the whole retry period");
+            tracing::error!(endpoint = %endpoint_id, "webhook endpoint disabled: it failed for the whole retry period");
             crate::metrics::webhook_endpoint_disabled();
         }
         Ok(())
@@ -287,15 +397,14 @@ impl Dispatcher {
 
     /// Keeps `failing_since` (cleared by a success) and disables an endpoint failing longer
     /// than the retry period, or that just gave up a delivery without a success since that
-    /// delivery's first attempt. Answers whether this attempt disabled it.
+    /// delivery's first attempt. Answers whether this batch disabled it.
     async fn endpoint_health(
         &self,
         tx: &mut sqlx::PgConnection,
-        claimed: &Claimed,
-        result: &str,
+        id: Uuid,
+        done: &[Attempt],
     ) -> Result<bool, sqlx::Error> {
-        let id = claimed.endpoint_id;
-        if result == "delivered" {
+        if done.iter().any(|a| a.result == "delivered") {
             sqlx::query(
                 "UPDATE webhooks.endpoints SET failing_since = NULL
                  WHERE endpoint_id = $1 AND failing_since IS NOT NULL",
@@ -305,6 +414,10 @@ impl Dispatcher {
             .await?;
             return Ok(false);
         }
+        if done.is_empty() {
+            return Ok(false);
+        }
+        let gave_up = done.iter().find(|a| a.result == "gave_up");
         let before: Option<(String,)> = sqlx::query_as(
             "SELECT status FROM webhooks.endpoints WHERE endpoint_id = $1 FOR UPDATE",
         )
@@ -327,8 +440,8 @@ impl Dispatcher {
             "{} milliseconds",
             self.settings.retry_period.as_millis()
         ))
-        .bind(result == "gave_up")
-        .bind(&claimed.webhook_id)
+        .bind(gave_up.is_some())
+        .bind(gave_up.map(|a| a.webhook_id.as_str()).unwrap_or_default())
         .fetch_optional(&mut *tx)
         .await?;
         let disabled = matches!((before, after), (Some((b,)), Some((a,))) if b == "enabled" && a == "disabled");
@@ -358,6 +471,38 @@ impl Dispatcher {
             crate::metrics::webhook_backlog(&endpoint.to_string(), pending);
         }
     }
+}
+
+/// Puts back what a paused batch did not send: due when the pause ends, its attempt not
+/// counted.
+async fn release_unsent(
+    tx: &mut sqlx::PgConnection,
+    endpoint_id: Uuid,
+    unsent: &[String],
+    lane: &Lane,
+) -> Result<(), sqlx::Error> {
+    if unsent.is_empty() {
+        return Ok(());
+    }
+    let pause = lane
+        .state
+        .lock()
+        .ok()
+        .and_then(|s| s.paused_until)
+        .map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+    sqlx::query(
+        "UPDATE webhooks.deliveries SET next_attempt_at = now() + $3::interval,
+             attempts = attempts - 1
+         WHERE endpoint_id = $1 AND webhook_id = ANY($2) AND status = 'pending'",
+    )
+    .bind(endpoint_id)
+    .bind(unsent)
+    .bind(format!("{} milliseconds", pause.as_millis()))
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// The wait before the next attempt after `attempts` attempts: exponential, capped, less up to
