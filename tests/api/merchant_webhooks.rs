@@ -251,7 +251,8 @@ async fn a_slow_receiver_does_not_delay_a_healthy_one() {
         healthy.accepted().await.len() == 10
     })
     .await;
-    // Ten answers of 2 s through four slots take at least 6 s: the healthy one did not wait.
+    // The slow one answers each message 2 s after it came: while the healthy one already has
+    // all ten, the slow one cannot have the last of them yet.
     let slow_so_far = slow.accepted().await.len();
     assert!(
         slow_so_far < 10,
