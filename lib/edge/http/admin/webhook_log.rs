@@ -1,6 +1,6 @@
 //! Admin: an endpoint's delivery log, and replay.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -51,10 +51,21 @@ pub struct DeliveriesJson {
     deliveries: Vec<DeliveryJson>,
 }
 
-/// `?limit=` (1 to 500, default 100).
-#[derive(Deserialize, utoipa::IntoParams)]
-pub struct LogQuery {
-    limit: Option<i64>,
+/// `?limit=` (1 to 500, default 100), read by hand: axum's query extractor answers a bad
+/// value in plain text, and every answer of ours is JSON.
+fn limit_of(query: Option<&str>) -> Result<i64, ApiError> {
+    let invalid = || ApiError::unprocessable("invalid_limit", "limit: 1 to 500");
+    let mut limit = 100;
+    for pair in query.unwrap_or_default().split('&') {
+        if let Some(value) = pair.strip_prefix("limit=") {
+            limit = value.parse().map_err(|_| invalid())?;
+        }
+    }
+    if (1..=500).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(invalid())
+    }
 }
 
 fn not_found() -> ApiError {
@@ -71,19 +82,17 @@ async fn endpoint(state: &AppState, raw: &str) -> Result<Uuid, ApiError> {
 
 /// The endpoint's latest deliveries, newest first, with every attempt.
 #[utoipa::path(get, path = "/api/admin/webhooks/{id}/deliveries", tag = "admin", security(("bearer" = [])),
-    params(("id" = String, Path, description = "the endpoint", format = Uuid), LogQuery),
+    params(("id" = String, Path, description = "the endpoint", format = Uuid),
+        ("limit" = Option<i64>, Query, description = "1 to 500 (default 100)", minimum = 1, maximum = 500)),
     responses((status = 200, description = "the delivery log", body = DeliveriesJson)))]
 pub async fn webhook_deliveries(
     State(state): State<AppState>,
     Admin(_admin): Admin,
     Path(id): Path<String>,
-    Query(query): Query<LogQuery>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<DeliveriesJson>, ApiError> {
     let id = endpoint(&state, &id).await?;
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::unprocessable("invalid_limit", "limit: 1 to 500"));
-    }
+    let limit = limit_of(query.as_deref())?;
     let (deliveries, attempts) = log::deliveries(&state.pool, id, limit).await?;
     let deliveries = deliveries
         .into_iter()
@@ -139,4 +148,23 @@ pub async fn replay_webhook(
     let id = endpoint(&state, &id).await?;
     let queued = log::replay(&state.pool, id, body.since).await?;
     Ok(Json(ReplayedJson { queued }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::limit_of;
+
+    #[test]
+    fn a_limit_is_1_to_500_and_anything_else_is_a_json_error() {
+        assert_eq!(limit_of(None).ok(), Some(100));
+        assert_eq!(limit_of(Some("limit=7")).ok(), Some(7));
+        for bad in [
+            "limit=0",
+            "limit=501",
+            "limit=9223372036854775808",
+            "limit=x",
+        ] {
+            assert!(limit_of(Some(bad)).is_err(), "{bad}");
+        }
+    }
 }
