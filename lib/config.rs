@@ -48,6 +48,9 @@ pub struct DatabaseSettings {
     /// How long a group-committed statement waits for company while another is in flight.
     #[serde(with = "humantime_serde")]
     pub group_linger: Duration,
+    /// With several servers in `url`: how often each is asked whether it is the primary.
+    #[serde(with = "humantime_serde")]
+    pub primary_probe_interval: Duration,
 }
 
 /// JetStream streams and consumer defaults.
@@ -397,7 +400,7 @@ impl Settings {
         let postgres = ["postgres://", "postgresql://"]
             .iter()
             .any(|scheme| database.starts_with(scheme));
-        if let Err(e) = database.parse::<sqlx::postgres::PgConnectOptions>() {
+        if let Err(e) = crate::db::hosts::parse(database) {
             return refuse(
                 "database.url",
                 &redacted(database),

@@ -57,6 +57,8 @@ pub const WEBHOOK_DELIVERIES: &str = "checkout_webhook_deliveries_total";
 pub const WEBHOOK_LATENCY: &str = "checkout_webhook_delivery_seconds";
 /// Merchant webhook deliveries due and not yet delivered, by endpoint.
 pub const WEBHOOK_BACKLOG: &str = "checkout_webhook_backlog";
+/// Times this process's pool followed the PostgreSQL primary to another server.
+pub const DATABASE_PRIMARY_MOVES: &str = "checkout_database_primary_moves_total";
 /// Endpoints disabled because they failed for the whole retry period.
 pub const WEBHOOK_DISABLED: &str = "checkout_webhook_endpoints_disabled_total";
 /// HTTP requests by route template, method and status class.
@@ -183,6 +185,10 @@ fn describe() {
         metrics::Unit::Seconds,
         "HTTP request latency by route template and method."
     );
+    describe_counter!(
+        DATABASE_PRIMARY_MOVES,
+        "Times this process's pool followed the PostgreSQL primary to another server named in database.url (a failover or switchover)."
+    );
     describe_webhooks();
     // Counters that may stay at zero for a long time are exported from the start, so that
     // rate() and alerts see them before their first event.
@@ -190,6 +196,7 @@ fn describe() {
     counter!(STOCKOUTS).increment(0);
     counter!(TIMEOUTS).increment(0);
     counter!(WEBHOOK_DISABLED).increment(0);
+    counter!(DATABASE_PRIMARY_MOVES).increment(0);
     for cart in ["remembered", "read"] {
         counter!(CHECKOUT_CARTS, "cart" => cart).increment(0);
     }
@@ -318,4 +325,9 @@ pub fn webhook_backlog(endpoint: &str, deliveries: i64) {
 /// An endpoint was disabled for failing through the whole retry period.
 pub fn webhook_endpoint_disabled() {
     counter!(WEBHOOK_DISABLED).increment(1);
+}
+
+/// The pool followed the PostgreSQL primary to another server.
+pub fn record_primary_move() {
+    counter!(DATABASE_PRIMARY_MOVES).increment(1);
 }

@@ -67,6 +67,7 @@ async fn group(test_db: &TestDb, linger: Duration) -> (Group<Scratch>, Leases, S
         max_connections: 6,
         migrate_on_start: false,
         group_linger: Duration::ZERO,
+        primary_probe_interval: Duration::from_millis(500),
     };
     db::create_if_missing(&settings).await.expect("database");
     let leases = Leases::new(db::connect(&settings).await.expect("pool"));

@@ -17,6 +17,7 @@ async fn leases(test_db: &TestDb, connections: u32) -> Leases {
         max_connections: connections,
         migrate_on_start: false,
         group_linger: Duration::ZERO,
+        primary_probe_interval: Duration::from_millis(500),
     };
     db::create_if_missing(&settings).await.expect("database");
     Leases::new(db::connect(&settings).await.expect("pool"))
