@@ -229,10 +229,10 @@ impl Dispatcher {
                  ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
              UPDATE webhooks.deliveries d
              SET next_attempt_at = now() + $3::interval, attempts = d.attempts + 1
-             FROM due, webhooks.endpoints e
+             FROM due, webhooks.endpoints e, webhooks.messages m
              WHERE d.endpoint_id = due.endpoint_id AND d.webhook_id = due.webhook_id
-               AND e.endpoint_id = d.endpoint_id
-             RETURNING d.webhook_id, d.body, d.attempts, d.queued_at, e.url",
+               AND e.endpoint_id = d.endpoint_id AND m.webhook_id = d.webhook_id
+             RETURNING d.webhook_id, m.body, d.attempts, d.queued_at, e.url",
         )
         .bind(endpoint_id)
         .bind(i64::try_from(n).unwrap_or(1))
@@ -350,20 +350,27 @@ impl Dispatcher {
             .map(|a| i64::try_from(a.wait.as_millis()).unwrap_or(i64::MAX))
             .collect();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO webhooks.attempts (endpoint_id, webhook_id, attempt, status_code, error,
-                                            latency_ms)
-             SELECT $1, * FROM unnest($2::text[], $3::int[], $4::int[], $5::text[], $6::int[])
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(endpoint_id)
-        .bind(&ids)
-        .bind(&numbers)
-        .bind(&codes)
-        .bind(&errors)
-        .bind(&latencies)
-        .execute(&mut *tx)
-        .await?;
+        // Failed attempts only: a success is the delivery row itself (log.rs shows it).
+        if done.iter().any(|a| a.result != "delivered") {
+            sqlx::query(
+                "INSERT INTO webhooks.attempts (endpoint_id, webhook_id, attempt, status_code, error,
+                                                latency_ms)
+                 SELECT $1, a.webhook_id, a.attempt, a.code, a.error, a.latency
+                 FROM unnest($2::text[], $3::int[], $4::int[], $5::text[], $6::int[], $7::text[])
+                      AS a(webhook_id, attempt, code, error, latency, result)
+                 WHERE a.result <> 'delivered'
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(endpoint_id)
+            .bind(&ids)
+            .bind(&numbers)
+            .bind(&codes)
+            .bind(&errors)
+            .bind(&latencies)
+            .bind(&results)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE webhooks.deliveries d SET
                  status = CASE u.result WHEN 'delivered' THEN 'delivered'

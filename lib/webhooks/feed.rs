@@ -1,5 +1,5 @@
-//! The saga's order events, turned into deliveries: one row per endpoint that asked for the
-//! event's type, written in the step's transaction (with its inbox row), so each event becomes
+//! The saga's order events, turned into deliveries: the message once, and one row per endpoint
+//! that asked for the event's type, written in the step's transaction (with its inbox row), so each event becomes
 //! each endpoint's message exactly once. Sending is the dispatcher's job, never the saga's:
 //! this step only writes rows, so no endpoint can slow it.
 
@@ -14,7 +14,7 @@ use crate::saga::runner::StepError;
 use crate::saga::{Delivery, Shape, Step, Tx};
 
 /// Consumes `checkout.confirmed`, `failed`, `shipped`, `cancelled` and `refunded`; writes
-/// `webhooks.deliveries`.
+/// `webhooks.messages` and `webhooks.deliveries`.
 pub struct FeedStep {
     pub leases: Leases,
 }
@@ -87,11 +87,20 @@ impl Step for FeedStep {
         let kinds: Vec<&str> = items.iter().map(|(m, ())| m.event_type).collect();
         let orders: Vec<uuid::Uuid> = items.iter().map(|(m, ())| m.order_id).collect();
         let bodies: Vec<&str> = items.iter().map(|(m, ())| m.body.as_str()).collect();
+        // The body once per message, a narrow row per endpoint that asked for its type.
         let queued = sqlx::query(
-            "INSERT INTO webhooks.deliveries (endpoint_id, webhook_id, event_type, order_id, body)
-             SELECT e.endpoint_id, m.webhook_id, m.event_type, m.order_id, m.body
-             FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[])
-                  AS m(webhook_id, event_type, order_id, body)
+            "WITH m AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[])
+                        AS m(webhook_id, event_type, order_id, body)
+                 WHERE EXISTS (SELECT 1 FROM webhooks.endpoints e
+                               WHERE e.status = 'enabled' AND e.deleted_at IS NULL
+                                 AND m.event_type = ANY(e.events))),
+             stored AS (
+                 INSERT INTO webhooks.messages (webhook_id, event_type, order_id, body)
+                 SELECT webhook_id, event_type, order_id, body FROM m
+                 ON CONFLICT DO NOTHING)
+             INSERT INTO webhooks.deliveries (endpoint_id, webhook_id)
+             SELECT e.endpoint_id, m.webhook_id FROM m
              JOIN webhooks.endpoints e
                ON e.status = 'enabled' AND e.deleted_at IS NULL AND m.event_type = ANY(e.events)
              ON CONFLICT DO NOTHING",

@@ -38,19 +38,28 @@ pub async fn deliveries(
     limit: i64,
 ) -> Result<(Vec<DeliveryRecord>, Vec<AttemptRecord>), sqlx::Error> {
     let deliveries: Vec<DeliveryRecord> = sqlx::query_as(
-        "SELECT webhook_id, event_type, order_id, status, attempts, last_status, last_error,
-                last_latency_ms, next_attempt_at, created_at, delivered_at
-         FROM webhooks.deliveries WHERE endpoint_id = $1
-         ORDER BY created_at DESC, webhook_id LIMIT $2",
+        "SELECT d.webhook_id, m.event_type, m.order_id, d.status, d.attempts, d.last_status,
+                d.last_error, d.last_latency_ms, d.next_attempt_at, d.created_at, d.delivered_at
+         FROM webhooks.deliveries d JOIN webhooks.messages m ON m.webhook_id = d.webhook_id
+         WHERE d.endpoint_id = $1
+         ORDER BY d.created_at DESC, d.webhook_id LIMIT $2",
     )
     .bind(endpoint_id)
     .bind(limit)
     .fetch_all(pool)
     .await?;
     let ids: Vec<&str> = deliveries.iter().map(|d| d.webhook_id.as_str()).collect();
+    // Failed attempts have rows; a delivered message's last attempt is its delivery row.
     let attempts: Vec<AttemptRecord> = sqlx::query_as(
-        "SELECT webhook_id, attempt, at, status_code, error, latency_ms FROM webhooks.attempts
-         WHERE endpoint_id = $1 AND webhook_id = ANY($2) ORDER BY webhook_id, attempt",
+        "SELECT webhook_id, attempt, at, status_code, error, latency_ms FROM (
+             SELECT webhook_id, attempt, at, status_code, error, latency_ms
+             FROM webhooks.attempts WHERE endpoint_id = $1 AND webhook_id = ANY($2)
+             UNION ALL
+             SELECT webhook_id, attempts, delivered_at, last_status, NULL,
+                    coalesce(last_latency_ms, 0)
+             FROM webhooks.deliveries
+             WHERE endpoint_id = $1 AND webhook_id = ANY($2) AND status = 'delivered') a
+         ORDER BY webhook_id, attempt",
     )
     .bind(endpoint_id)
     .bind(&ids)
@@ -66,6 +75,21 @@ pub async fn replay(
     endpoint_id: Uuid,
     since: DateTime<Utc>,
 ) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // The successes being sent again leave their delivery row's record in the attempt log.
+    sqlx::query(
+        "INSERT INTO webhooks.attempts (endpoint_id, webhook_id, attempt, at, status_code,
+                                        latency_ms)
+         SELECT endpoint_id, webhook_id, attempts, delivered_at, last_status,
+                coalesce(last_latency_ms, 0)
+         FROM webhooks.deliveries
+         WHERE endpoint_id = $1 AND created_at >= $2 AND status = 'delivered'
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(endpoint_id)
+    .bind(since)
+    .execute(&mut *tx)
+    .await?;
     let done = sqlx::query(
         "UPDATE webhooks.deliveries SET status = 'pending', next_attempt_at = now(),
              queued_at = now(), delivered_at = NULL
@@ -73,7 +97,8 @@ pub async fn replay(
     )
     .bind(endpoint_id)
     .bind(since)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(done.rows_affected())
 }

@@ -322,6 +322,18 @@ async fn replay_sends_again_what_a_receiver_lost_with_the_same_ids() {
     })
     .await;
     assert_eq!(unique_ids(&receiver.accepted().await), first);
+    // The log keeps both deliveries of each message: the first, then the replay's.
+    app.eventually("the log shows two successes per message", || async {
+        let log = deliveries(&app, &endpoint).await;
+        log.len() == 3
+            && log.iter().all(|d| {
+                d["status"] == "delivered"
+                    && d["attempts"]
+                        .as_array()
+                        .is_some_and(|a| a.len() == 2 && a.iter().all(|x| x["statusCode"] == 204))
+            })
+    })
+    .await;
 }
 
 #[tokio::test]
