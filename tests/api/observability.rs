@@ -208,6 +208,17 @@ async fn the_timeline_tells_each_orders_story_to_its_owner() {
         kinds(&story),
         ["requested", "reserved", "authorized", "confirmed"]
     );
+    // Any query is fine (a repeated `follow` was axum's plain-text 400).
+    let (status, same) = app
+        .request(
+            reqwest::Method::GET,
+            format!("/api/orders/{paid}/events?follow=all&follow=x"),
+        )
+        .token(&alice)
+        .send()
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{same}");
+    assert_eq!(kinds(&same), kinds(&story));
     let events = story["events"].as_array().expect("events");
     assert_eq!(events[0]["detail"]["total"], order["total"]);
     assert_eq!(events.last().expect("last")["stage"], "confirmed");

@@ -9,14 +9,14 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -50,11 +50,14 @@ pub struct Timeline {
     events: Vec<TimelineEvent>,
 }
 
-/// `?follow=all` keeps a live stream open past confirmation (ship, cancel, refund).
-#[derive(Debug, Deserialize)]
-pub struct Follow {
-    #[serde(default)]
-    follow: Option<String>,
+/// Whether the query asks `?follow=all`: a live stream stays open past confirmation (ship,
+/// cancel, refund). Read by hand: axum's query extractor answers a repeated `follow` with a
+/// plain-text 400, and any query is fine here (an unknown value means the default).
+fn follows_all(query: Option<&str>) -> bool {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .any(|pair| pair == "follow=all")
 }
 
 /// The order's timeline (JSON), or with `Accept: text/event-stream` its live stream.
@@ -67,7 +70,7 @@ pub async fn events(
     State(state): State<AppState>,
     Caller(caller): Caller,
     Path(order_id): Path<String>,
-    Query(follow): Query<Follow>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found("order_not_found", "no such order");
@@ -108,7 +111,7 @@ pub async fn events(
         .await
         .map_err(|e| ApiError::Unavailable(e.into()))?;
     if live {
-        let all = follow.follow.as_deref() == Some("all");
+        let all = follows_all(query.as_deref());
         let shutdown = state.readiness.draining().clone();
         return Ok(stream(messages, all, shutdown).into_response());
     }
