@@ -4,7 +4,7 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::parts;
+use super::parts::{self, PartKind};
 use super::status::{Action, OrderStatus};
 use crate::db::Leases;
 use crate::saga::events::{Event, EventKind, FailureReason, Part};
@@ -237,10 +237,10 @@ impl LifecycleStep {
         let failure = outcome.failure.as_deref().map(failure_code);
         let order_id = outcome.order_id;
         if outcome.action == Action::Ship {
-            parts::settle_shipment(tx.conn, order_id, part, failure).await?;
+            parts::settle(tx.conn, PartKind::Shipment, order_id, part, failure).await?;
             return Ok(());
         }
-        let moved = parts::settle_refund(tx.conn, order_id, part, failure).await?;
+        let moved = parts::settle(tx.conn, PartKind::Refund, order_id, part, failure).await?;
         if moved && failure.is_none() && part.restock && !part.lines.is_empty() {
             let key = format!("refund:{}", part.id);
             let units: Vec<(String, i64)> =

@@ -221,7 +221,7 @@ pub async fn ask_shipment(
     .execute(&mut *conn)
     .await?;
     Ok(Some(
-        find(conn, "shipments", ask.order_id, ask.key)
+        find(conn, PartKind::Shipment, ask.order_id, ask.key)
             .await?
             .ok_or(sqlx::Error::RowNotFound)?,
     ))
@@ -286,26 +286,47 @@ pub async fn ask_refund(
     .execute(&mut *conn)
     .await?;
     Ok(Some(
-        find(conn, "refunds", ask.order_id, ask.key)
+        find(conn, PartKind::Refund, ask.order_id, ask.key)
             .await?
             .ok_or(sqlx::Error::RowNotFound)?,
     ))
 }
 
+/// A shipment or a refund: the two kinds of part an order is settled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartKind {
+    Shipment,
+    Refund,
+}
+
+impl PartKind {
+    /// Its table, id column and columns as [`PartRecord`] reads them.
+    fn table(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Self::Shipment => ("orders.shipments", "shipment_id", SHIPMENT_COLUMNS),
+            Self::Refund => ("orders.refunds", "refund_id", REFUND_COLUMNS),
+        }
+    }
+
+    /// The status of one in flight, and of one the provider carried out.
+    fn statuses(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Shipment => ("capturing", "shipped"),
+            Self::Refund => ("refunding", "refunded"),
+        }
+    }
+}
+
 /// The shipment or refund an Idempotency-Key already asked for.
 pub async fn find(
     conn: &mut PgConnection,
-    table: &str,
+    kind: PartKind,
     order_id: Uuid,
     key: &str,
 ) -> Result<Option<PartRecord>, sqlx::Error> {
-    let columns = if table == "shipments" {
-        SHIPMENT_COLUMNS
-    } else {
-        REFUND_COLUMNS
-    };
+    let (table, _, columns) = kind.table();
     sqlx::query_as(&format!(
-        "SELECT {columns} FROM orders.{table} WHERE order_id = $1 AND idempotency_key = $2"
+        "SELECT {columns} FROM {table} WHERE order_id = $1 AND idempotency_key = $2"
     ))
     .bind(order_id)
     .bind(key)
@@ -313,61 +334,35 @@ pub async fn find(
     .await
 }
 
-/// Settles a shipment (the provider captured its share, or refused) and the order's status.
-pub async fn settle_shipment(
+/// Settles a shipment (the provider captured its share, or refused) or a refund, and the
+/// order's status. Answers whether it moved (a redelivery does not).
+pub async fn settle(
     conn: &mut PgConnection,
+    kind: PartKind,
     order_id: Uuid,
     part: &Part,
     failure: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE orders.shipments SET status = $3, failure = $4, provider_ref = $5,
-             updated_at = now()
-         WHERE shipment_id = $1 AND order_id = $2 AND status = 'capturing'",
-    )
+    let (table, id, _) = kind.table();
+    let (in_flight, carried_out) = kind.statuses();
+    let done = sqlx::query(&format!(
+        "UPDATE {table} SET status = $3, failure = $4, provider_ref = $5, updated_at = now()
+         WHERE {id} = $1 AND order_id = $2 AND status = $6"
+    ))
     .bind(part.id)
     .bind(order_id)
     .bind(if failure.is_some() {
         "failed"
     } else {
-        "shipped"
+        carried_out
     })
     .bind(failure)
     .bind(&part.provider_ref)
+    .bind(in_flight)
     .execute(&mut *conn)
     .await?
     .rows_affected();
     // A redelivery moves nothing, and must not release a lock another action took since.
-    if done == 1 {
-        settle_status(conn, order_id).await?;
-    }
-    Ok(done == 1)
-}
-
-/// Settles a refund and the order's status. Answers whether it moved (a redelivery does not).
-pub async fn settle_refund(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    part: &Part,
-    failure: Option<&str>,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE orders.refunds SET status = $3, failure = $4, provider_ref = $5,
-             updated_at = now()
-         WHERE refund_id = $1 AND order_id = $2 AND status = 'refunding'",
-    )
-    .bind(part.id)
-    .bind(order_id)
-    .bind(if failure.is_some() {
-        "failed"
-    } else {
-        "refunded"
-    })
-    .bind(failure)
-    .bind(&part.provider_ref)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
     if done == 1 {
         settle_status(conn, order_id).await?;
     }

@@ -20,7 +20,9 @@ use crate::domain::{is_clean_text, Money, Quantity};
 use crate::edge::checkout;
 use crate::edge::outbox::Outbox;
 use crate::orders::allocation::{Units, UnitsError};
-use crate::orders::parts::{self, Ask as PartAsk, PartError, PartRecord, RefundOf, Standing};
+use crate::orders::parts::{
+    self, Ask as PartAsk, PartError, PartKind, PartRecord, RefundOf, Standing,
+};
 use crate::orders::{Action, ActionRequest};
 use crate::saga::events::{Checkout, Event, PartLine};
 use crate::saga::outgoing::Outgoing;
@@ -370,13 +372,13 @@ async fn replay(
     order_id: Uuid,
     ask: &Ask,
 ) -> Result<Option<PartRecord>, ApiError> {
-    let (table, key) = match ask {
+    let (kind, key) = match ask {
         Ask::Rest => return Ok(None),
-        Ask::Shipment { key, .. } => ("shipments", key),
-        Ask::Refund { key, .. } => ("refunds", key),
+        Ask::Shipment { key, .. } => (PartKind::Shipment, key),
+        Ask::Refund { key, .. } => (PartKind::Refund, key),
     };
     let mut conn = state.pool.acquire().await?;
-    let Some(found) = parts::find(&mut conn, table, order_id, key).await? else {
+    let Some(found) = parts::find(&mut conn, kind, order_id, key).await? else {
         return Ok(None);
     };
     let lines = found
