@@ -51,6 +51,18 @@ prepare_dirs() {
   [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$dir"
   return 0
 }
+# After a SIGKILL the killed pg_autoctl and postmaster may linger as zombies until PID 1 reaps
+# them, and neither starts while its pid file (or postgres's socket lock file) names a pid that
+# exists: drop the files whose pid is not running.
+clear_stale() { # name port
+  local f pid
+  for f in "$XDG_RUNTIME_DIR/pg_autoctl$dir/$1/pg_autoctl.pid" "$dir/$1/postmaster.pid" \
+    "/var/run/postgresql/.s.PGSQL.$2.lock" "/tmp/.s.PGSQL.$2.lock"; do
+    [ -f "$f" ] || continue
+    pid=$(head -1 "$f")
+    [ -n "$pid" ] && running "$pid" || rm -f "$f"
+  done
+}
 configured() { [ -f "$XDG_CONFIG_HOME/pg_autoctl$dir/$1/pg_autoctl.cfg" ]; }
 
 # Creates the node in the foreground (`pg_autoctl create ...`, no --run) the first time, so its
@@ -66,6 +78,7 @@ start_monitor() {
   if alive monitor; then return; fi
   create monitor monitor --pgdata "$dir/monitor" --pgport "$monitor_port" \
     --hostname 127.0.0.1 --listen 127.0.0.1 --auth trust --no-ssl --pgctl "$bindir/pg_ctl"
+  clear_stale monitor $monitor_port
   launch monitor run --pgdata "$dir/monitor"
   for _ in $(seq 1 300); do
     [ "$(sql $monitor_port pg_auto_failover 'select 1 from pg_extension where extname = $$pgautofailover$$')" = 1 ] && break
@@ -103,7 +116,8 @@ start_node() { # N
   create "$name" postgres --pgdata "$dir/$name" --pgport "${node_ports[$1]}" \
     --hostname 127.0.0.1 --listen 127.0.0.1 --name "$name" --auth trust --no-ssl \
     --pgctl "$bindir/pg_ctl" --monitor "$monitor_uri"
-  as_pg pg_autoctl config set --pgdata "$dir/$name" timeout.network_partition_timeout 2 >/dev/null
+  as_pg pg_autoctl config set --pgdata "$dir/$name" timeout.network_partition_timeout 2 >/dev/null 2>>"$dir/$name.log"
+  clear_stale "$name" "${node_ports[$1]}"
   launch "$name" run --pgdata "$dir/$name"
 }
 
@@ -115,13 +129,15 @@ nodes() {
 primary_port() { nodes | awk -F'|' '$2 == "primary" && $3 == "primary" { print $4 }' | head -1; }
 
 # One primary and one secondary, both where the monitor wants them, and the primary waiting
-# for its standby's commits.
+# for its standby's commits (synchronous_standby_names set, the standby streaming as sync).
 formed() {
   local states p
   states=$(nodes | awk -F'|' '$2 == $3 { print $2 }' | sort | tr '\n' ' ')
   [ "$states" = "primary secondary " ] || return 1
   p=$(primary_port)
-  [ -n "$(sql "$p" postgres 'show synchronous_standby_names')" ]
+  [ -n "$(sql "$p" postgres 'show synchronous_standby_names')" ] &&
+    [ "$(sql "$p" postgres "select count(*) from pg_stat_replication
+      where state = 'streaming' and sync_state in ('sync', 'quorum')")" = 1 ]
 }
 wait_formed() { # what seconds
   for _ in $(seq 1 $(($2 * 5))); do formed && return 0; sleep 0.2; done
@@ -188,11 +204,14 @@ kill_node() { # N
 }
 
 node() { # N: start it again; it rejoins as a standby (pg_auto_failover rewinds an old primary)
+  local name started; name=$(name_of "$1")
   prepare_dirs
+  # The monitor's view from before the kill does not count: wait for a report made since.
+  started=$(sql $monitor_port pg_auto_failover 'select now()')
   start_node "$1"
-  local name; name=$(name_of "$1")
   for _ in $(seq 1 300); do
-    [ "$(nodes | awk -F'|' -v n="$name" '$1 == n { print $2 "|" $3 }')" = "secondary|secondary" ] && break
+    [ "$(sql $monitor_port pg_auto_failover "select reportedstate || '|' || goalstate from pgautofailover.node
+      where nodename = '$name' and reporttime > '$started'")" = "secondary|secondary" ] && break
     sleep 0.2
   done
   wait_formed "$name to rejoin as the synchronous standby" 5
