@@ -91,9 +91,9 @@ start_monitor() {
 
 # How fast the monitor calls a primary dead and promotes the standby (defaults in brackets):
 # a health check every 1 s [5 s], 1 s connect timeout [5 s], 1 retry [2] 0.5 s later [2 s];
-# unhealthy once it has not reported for 2 s [20 s]; the standby is promoted 4 s [30 s] after
-# the old primary was told to demote (its own partition timeout, 2 s, must fit in that window,
-# so a primary that is only cut off has stopped before the other one takes writes).
+# unhealthy once it has not reported for 2 s [20 s]; the standby is promoted 5 s [30 s] after
+# the old primary was told to demote: the window in which a primary that is only cut off is
+# meant to stop itself (tune_nodes and start_node; docs/pg-ha-notes.md has how far it fits).
 tune_monitor() {
   # ALTER SYSTEM is refused in a transaction block: statements from stdin, each its own.
   psql -X -q -h 127.0.0.1 -p $monitor_port -U postgres -d pg_auto_failover -v ON_ERROR_STOP=1 <<'SQL' >/dev/null
@@ -102,7 +102,7 @@ tune_monitor() {
     ALTER SYSTEM SET pgautofailover.health_check_max_retries = 1;
     ALTER SYSTEM SET pgautofailover.health_check_retry_delay = 500;
     ALTER SYSTEM SET pgautofailover.node_considered_unhealthy_timeout = 2000;
-    ALTER SYSTEM SET pgautofailover.primary_demote_timeout = 4000;
+    ALTER SYSTEM SET pgautofailover.primary_demote_timeout = 5000;
     ALTER SYSTEM SET pgautofailover.startup_grace_period = 1000;
     SELECT pg_reload_conf();
 SQL
@@ -119,6 +119,21 @@ start_node() { # N
   as_pg pg_autoctl config set --pgdata "$dir/$name" timeout.network_partition_timeout 2 >/dev/null 2>>"$dir/$name.log"
   clear_stale "$name" "${node_ports[$1]}"
   launch "$name" run --pgdata "$dir/$name"
+}
+
+# A primary cut off from the monitor and its standby shuts itself down once it has seen
+# neither for network_partition_timeout, counted from the last time it saw the standby
+# connected while the monitor was already gone: pg_stat_replication keeps a dead standby
+# for wal_sender_timeout (30 s as pg_autoctl sets it). 8 s, and not less: the keeper needs
+# ~3 s to find the monitor gone (a 2 s connect timeout it hard-codes, a 1 s loop), and with
+# the standby dropped before that it never counts itself cut off (pg_auto_failover 2.0 needs
+# that sighting), so it would never stop. postgresql.auto.conf wins over pg_autoctl's include
+# file, and pg_basebackup and pg_rewind carry it to a rebuilt node.
+tune_nodes() {
+  for i in 1 2; do
+    psql -X -q -h 127.0.0.1 -p "${node_ports[$i]}" -U postgres -d postgres \
+      -c "ALTER SYSTEM SET wal_sender_timeout = '8s'" -c "SELECT pg_reload_conf()" >/dev/null
+  done
 }
 
 # Each node as the monitor sees it: name|reported state|goal state|port|health.
@@ -158,6 +173,7 @@ up() {
   start_node 1
   start_node 2
   wait_formed "a primary and a synchronous standby" 60
+  tune_nodes
   local p; p=$(primary_port)
   [ "$(sql "$p" postgres "select 1 from pg_database where datname = 'checkout'")" = 1 ] ||
     sql "$p" postgres "CREATE DATABASE checkout OWNER postgres" >/dev/null
