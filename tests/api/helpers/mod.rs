@@ -3,8 +3,10 @@
 
 mod app;
 mod client;
+mod pg_cluster;
 mod servers;
 
 pub use app::*;
 pub use client::*;
+pub use pg_cluster::*;
 pub use servers::*;
