@@ -26,6 +26,7 @@ mod old_server;
 mod outages;
 mod partitions;
 mod payments;
+mod pg_cluster;
 mod pricing;
 mod readme;
 mod retention;
