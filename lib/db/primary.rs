@@ -1,6 +1,6 @@
 //! Keeping a pool on the primary when `database.url` names several servers (a primary and its
-//! standbys under a failover manager). A watcher asks every server `pg_is_in_recovery()` over
-//! its own connection; when the primary moves, the pool's options move with it and every
+//! standbys under a failover manager). A watcher asks every server over its own connection
+//! whether it is a primary and on which timeline; when the primary moves, the pool's options move with it and every
 //! connection opened before the move is closed when next taken from the pool. A connection
 //! that lands on a standby anyway is refused in `after_connect`, and the pool retries it.
 
@@ -113,32 +113,43 @@ impl Primary {
     }
 }
 
-/// One kept connection per server, for asking it whether it is the primary.
+/// One kept connection per server, for asking it whether it is the primary, and the newest
+/// timeline any primary was seen on.
 pub struct Probes {
     conns: Vec<Option<PgConnection>>,
+    newest: i64,
 }
 
 impl Probes {
     fn new(n: usize) -> Self {
         Self {
             conns: (0..n).map(|_| None).collect(),
+            newest: 0,
         }
     }
 
-    /// The primary: `current` if it still is one (two servers claiming it, while an old
-    /// primary comes back before it is demoted, must not move the pool back), else the first.
+    /// The primary on the newest timeline: `current` if it still is that, else the first.
+    /// A promotion starts a new timeline, so an old primary that comes back still believing it
+    /// is one (before its failover manager demotes it) is on an older timeline than the one
+    /// that replaced it, and the pool never moves back to its stale data, even when the real
+    /// primary misses a probe.
     async fn primary(&mut self, targets: &Targets, current: Option<usize>) -> Option<usize> {
-        let mut answers = Vec::with_capacity(targets.hosts.len());
+        let mut timelines = Vec::with_capacity(targets.hosts.len());
         for (i, options) in targets.hosts.iter().enumerate() {
-            answers.push(self.is_primary(i, options).await);
+            timelines.push(self.timeline(i, options).await);
         }
+        if let Some(newest) = timelines.iter().flatten().max() {
+            self.newest = self.newest.max(*newest);
+        }
+        let on_newest = |i: &usize| timelines.get(*i) == Some(&Some(self.newest));
         match current {
-            Some(c) if answers.get(c) == Some(&true) => Some(c),
-            _ => answers.iter().position(|a| *a),
+            Some(c) if on_newest(&c) => Some(c),
+            _ => (0..timelines.len()).find(on_newest),
         }
     }
 
-    async fn is_primary(&mut self, i: usize, options: &PgConnectOptions) -> bool {
+    /// Server `i`'s timeline if it is a primary; None if it is a standby or does not answer.
+    async fn timeline(&mut self, i: usize, options: &PgConnectOptions) -> Option<i64> {
         let slot = &mut self.conns[i];
         if slot.is_none() {
             let options = options
@@ -150,16 +161,29 @@ impl Probes {
                 .ok()
                 .and_then(Result::ok);
         }
-        let Some(conn) = slot.as_mut() else {
-            return false;
-        };
-        if let Ok(Ok(recovering)) = tokio::time::timeout(PROBE_TIMEOUT, in_recovery(conn)).await {
-            return !recovering;
+        let conn = slot.as_mut()?;
+        if let Ok(Ok(timeline)) = tokio::time::timeout(PROBE_TIMEOUT, primary_timeline(conn)).await
+        {
+            return timeline;
         }
         // Dropped, not closed: closing politely waits on a server that may be gone.
         *slot = None;
-        false
+        None
     }
+}
+
+/// The timeline a primary writes on (the first 8 hex digits of its current WAL file's name),
+/// or None on a standby.
+async fn primary_timeline(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+    if in_recovery(conn).await? {
+        return Ok(None);
+    }
+    let timeline: i64 = sqlx::query_scalar(
+        "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(Some(timeline))
 }
 
 async fn in_recovery(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
