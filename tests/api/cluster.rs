@@ -1,6 +1,8 @@
 //! High availability on a 3-node JetStream cluster (R3 streams): under steady checkout load,
-//! kill the CHECKOUT stream's leader, or one of the two processes that run every role, and
-//! check that buyers were answered, every accepted order ended, and nothing was done twice.
+//! kill the CHECKOUT stream's leader, one of the two processes that run every role, or the
+//! PostgreSQL primary of an HA group (pg_auto_failover, a synchronous standby), or switch the
+//! primary over, and check that buyers were answered, every accepted order ended, and nothing
+//! was lost or done twice.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -12,8 +14,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    audit, checkout_body, eventually, nats_bin, port, process_env, spawn_nats, test_settings_on,
-    wait_ready, CheckoutProcess, SandboxPsp, TestDb,
+    audit, checkout_body, eventually, nats_bin, port, process_env, spawn_nats, test_settings_at,
+    wait_ready, CheckoutProcess, PgCluster, SandboxPsp, TestDb,
 };
 
 /// One nats-server of a test's cluster: a real process, killed and restarted for real.
@@ -190,7 +192,15 @@ struct Shop {
     pool: sqlx::PgPool,
     http: reqwest::Client,
     _psp: SandboxPsp,
-    _db: TestDb,
+    db: Database,
+}
+
+/// Where the shop keeps its data.
+enum Database {
+    /// A fresh database on the machine's PostgreSQL (held to be dropped after the test).
+    Single(#[allow(dead_code)] TestDb),
+    /// A pg_auto_failover group of the test's own: a primary and a synchronous standby.
+    Ha(PgCluster),
 }
 
 const ROLES: &str = "edge,reserve,authorize,order,compensate";
@@ -198,11 +208,18 @@ const SKU: &str = "TEE";
 const STOCK: i64 = 100_000;
 
 impl Shop {
-    async fn start() -> Self {
+    async fn start(ha: bool) -> Self {
         let cluster = Cluster::start();
         cluster.wait_formed().await;
-        let db = TestDb::new();
-        let mut settings = test_settings_for(&cluster, &db);
+        let (url, db) = if ha {
+            let pg = PgCluster::start().await;
+            (pg.url("checkout"), Database::Ha(pg))
+        } else {
+            let db = TestDb::new();
+            (db.url.clone(), Database::Single(db))
+        };
+        let mut settings = test_settings_at(cluster.url(), url);
+        settings.nats.replicas = 3;
         settings.payments.rate_limit_per_s = 100_000.0;
         let psp_app = SandboxPsp::start().await;
         let psp = psp_app.url().to_owned();
@@ -229,7 +246,10 @@ impl Shop {
             wait_ready(&http, &base).await;
             edges.push(base);
         }
-        let pool = sqlx::PgPool::connect(&db.url).await.expect("test pool");
+        // The service's own pool: on an HA group it follows the primary.
+        let pool = checkout::db::connect(&settings.database)
+            .await
+            .expect("test pool");
         let secret = settings.auth.jwt_secret.expose().to_owned();
         let shop = Self {
             cluster,
@@ -241,7 +261,7 @@ impl Shop {
             pool,
             http,
             _psp: psp_app,
-            _db: db,
+            db,
         };
         shop.stock_up().await;
         shop
@@ -273,35 +293,44 @@ impl Shop {
     }
 }
 
-fn test_settings_for(cluster: &Cluster, db: &TestDb) -> checkout::config::Settings {
-    let mut settings = test_settings_on(cluster.url(), db);
-    settings.nats.replicas = 3;
-    settings
-}
-
-/// What one buyer got: an order id once a checkout was accepted, or what the last try saw.
+/// What one buyer got: an order id once a checkout was accepted, or what the last try saw,
+/// and how long the buyer waited from the first request to the accepted checkout, retries
+/// included.
 struct Outcome {
     user: String,
     order: Result<String, String>,
+    waited: Duration,
+    /// The cart the buyer was given, if adding to it was answered.
+    cart: Option<String>,
+}
+
+/// How long a client keeps trying one request.
+#[derive(Clone, Copy)]
+struct Patience {
+    tries: u32,
+    within: Duration,
 }
 
 /// One request as a real client makes it: on a refused connection, a timeout or a 5xx, try
-/// again (the other edge first) up to 3 more times within 5 s, with the same body and
-/// Idempotency-Key. Returns the last status and body, or what the last try ran into.
+/// again (the other edge first), backing off up to 2 s, while it has tries and time left, with
+/// the same body and Idempotency-Key. Returns the last status and body, or what the last try
+/// ran into.
 async fn with_retries(
     http: &reqwest::Client,
     edges: &[String],
     first_edge: usize,
+    patience: Patience,
     send: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
 ) -> Result<(StatusCode, Value), String> {
     let started = Instant::now();
     let mut last = String::new();
-    for attempt in 0..4 {
+    for attempt in 0..patience.tries as usize {
         if attempt > 0 {
-            if started.elapsed() >= Duration::from_secs(5) {
+            if started.elapsed() >= patience.within {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(250 << (attempt - 1))).await;
+            let backoff = Duration::from_millis(250 << (attempt - 1).min(3));
+            tokio::time::sleep(backoff).await;
         }
         let base = &edges[(first_edge + attempt) % edges.len()];
         match send(http, base).send().await {
@@ -329,10 +358,11 @@ fn refusal(status: StatusCode, body: &Value) -> String {
 
 /// A buyer: one unit into a cart on one edge, checkout on the other.
 async fn buy(shop: Arc<ShopClient>, n: usize) -> Outcome {
+    let asked = Instant::now();
     let user = format!("buyer-{n}");
     let token =
         checkout::auth::mint(&shop.secret, &user, false, Duration::from_secs(3600)).expect("token");
-    let cart = with_retries(&shop.http, &shop.edges, n, |http, base| {
+    let cart = with_retries(&shop.http, &shop.edges, n, shop.patience, |http, base| {
         http.post(format!("{base}/api/cart/items"))
             .bearer_auth(&token)
             .json(&json!({"sku": SKU, "qty": 1}))
@@ -342,20 +372,26 @@ async fn buy(shop: Arc<ShopClient>, n: usize) -> Outcome {
         Ok((StatusCode::OK, body)) => body,
         Ok((status, body)) => {
             let order = Err(format!("cart: {}", refusal(status, &body)));
-            return Outcome { user, order };
+            return Outcome::gave_up(user, order);
         }
         Err(last) => {
             let order = Err(format!("cart: {last}"));
-            return Outcome { user, order };
+            return Outcome::gave_up(user, order);
         }
     };
     let cart_id = body["cartId"].as_str().unwrap_or_default().to_owned();
-    let placed = with_retries(&shop.http, &shop.edges, n + 1, |http, base| {
-        http.post(format!("{base}/api/checkout"))
-            .bearer_auth(&token)
-            .header("Idempotency-Key", "k")
-            .json(&checkout_body(&cart_id, "tok_visa"))
-    })
+    let placed = with_retries(
+        &shop.http,
+        &shop.edges,
+        n + 1,
+        shop.patience,
+        |http, base| {
+            http.post(format!("{base}/api/checkout"))
+                .bearer_auth(&token)
+                .header("Idempotency-Key", "k")
+                .json(&checkout_body(&cart_id, "tok_visa"))
+        },
+    )
     .await;
     let order = match placed {
         Ok((status, body)) if status.is_success() => body["orderId"]
@@ -365,7 +401,23 @@ async fn buy(shop: Arc<ShopClient>, n: usize) -> Outcome {
         Ok((status, body)) => Err(format!("checkout: {}", refusal(status, &body))),
         Err(last) => Err(format!("checkout: {last}")),
     };
-    Outcome { user, order }
+    Outcome {
+        user,
+        order,
+        waited: asked.elapsed(),
+        cart: Some(cart_id),
+    }
+}
+
+impl Outcome {
+    fn gave_up(user: String, order: Result<String, String>) -> Self {
+        Self {
+            user,
+            order,
+            waited: Duration::ZERO,
+            cart: None,
+        }
+    }
 }
 
 /// What the load needs of the shop (shared with the buyers' tasks).
@@ -373,6 +425,7 @@ struct ShopClient {
     http: reqwest::Client,
     edges: Vec<String>,
     secret: String,
+    patience: Patience,
 }
 
 /// What to break, a few seconds into the load.
@@ -381,21 +434,60 @@ enum Fault {
     StreamLeader,
     /// SIGKILL one of the two processes (an edge and one process of every consumer role).
     Process,
+    /// SIGKILL the PostgreSQL primary (its pg_autoctl and postgres); start it again later.
+    DatabasePrimary,
+    /// A planned switchover of the PostgreSQL primary, with the engine's own command.
+    DatabaseSwitchover,
+}
+
+impl Fault {
+    fn database(&self) -> bool {
+        matches!(self, Fault::DatabasePrimary | Fault::DatabaseSwitchover)
+    }
+
+    /// How long the load runs, and how long the fault lasts before what broke comes back.
+    fn timing(&self) -> (Duration, Duration) {
+        match self {
+            // Killed at 5 s, back at 30 s.
+            Fault::DatabasePrimary => (Duration::from_secs(35), Duration::from_secs(25)),
+            _ => (Duration::from_secs(24), Duration::from_secs(10)),
+        }
+    }
 }
 
 const RATE_PER_S: u64 = 15;
-const LOAD: Duration = Duration::from_secs(24);
 const BREAK_AT: Duration = Duration::from_secs(5);
-/// The fault lasts this long under load before the node or process comes back.
-const DOWN_FOR: Duration = Duration::from_secs(10);
+
+/// One failover test at a time: each runs three nats-servers, two checkout processes and maybe
+/// three PostgreSQL servers, and two at once on a 2-core machine measure each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn failover(fault: Fault) {
-    let mut shop = Shop::start().await;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut shop = Shop::start(fault.database()).await;
+    let (load_for, down_for) = fault.timing();
+    let patience = if fault.database() {
+        // Clients that retry one Idempotency-Key for up to 15 s (issue #31).
+        Patience {
+            tries: 100,
+            within: Duration::from_secs(15),
+        }
+    } else {
+        Patience {
+            tries: 4,
+            within: Duration::from_secs(5),
+        }
+    };
     let client = Arc::new(ShopClient {
         http: shop.http.clone(),
         edges: shop.edges.clone(),
         secret: shop.secret.clone(),
+        patience,
     });
+    let heartbeat = match &shop.db {
+        Database::Ha(pg) => Some(Heartbeat::start(pg).await),
+        Database::Single(_) => None,
+    };
     let started = Instant::now();
     let load = tokio::spawn({
         let client = client.clone();
@@ -403,7 +495,7 @@ async fn failover(fault: Fault) {
             let mut buyers = tokio::task::JoinSet::new();
             let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE_PER_S));
             let mut n = 0;
-            while started.elapsed() < LOAD {
+            while started.elapsed() < load_for {
                 tick.tick().await;
                 buyers.spawn(buy(client.clone(), n));
                 n += 1;
@@ -428,7 +520,7 @@ async fn failover(fault: Fault) {
                 shop.cluster.nodes[leader].name
             );
             // When the survivors report a new leader: the saga should resume within seconds.
-            let deadline = killed_at + DOWN_FOR;
+            let deadline = killed_at + down_for;
             while Instant::now() < deadline {
                 if shop
                     .cluster
@@ -452,14 +544,43 @@ async fn failover(fault: Fault) {
             eprintln!("killed checkout process 1 (edge 1 and one of every consumer role)");
             0
         }
+        Fault::DatabasePrimary => {
+            let Database::Ha(pg) = &mut shop.db else {
+                unreachable!("a database fault runs on an HA group")
+            };
+            let primary = pg.primary().await.expect("the group has a primary");
+            tokio::task::block_in_place(|| pg.kill(primary));
+            eprintln!("killed the PostgreSQL primary (node {primary})");
+            primary
+        }
+        Fault::DatabaseSwitchover => {
+            let Database::Ha(pg) = &shop.db else {
+                unreachable!("a database fault runs on an HA group")
+            };
+            let primary = pg.primary().await.expect("the group has a primary");
+            let asked = Instant::now();
+            pg.switchover().await;
+            eprintln!(
+                "switched the PostgreSQL primary over from node {primary} in {:.1} s",
+                asked.elapsed().as_secs_f64()
+            );
+            primary
+        }
     };
-    tokio::time::sleep_until((started + BREAK_AT + DOWN_FOR).into()).await;
+    tokio::time::sleep_until((started + BREAK_AT + down_for).into()).await;
     match fault {
         Fault::StreamLeader => {
             let node = &mut shop.cluster.nodes[killed];
             tokio::task::block_in_place(|| node.start());
         }
         Fault::Process => shop.processes[0].restart(),
+        Fault::DatabasePrimary => {
+            if let Database::Ha(pg) = &mut shop.db {
+                tokio::task::block_in_place(|| pg.restart(killed));
+                eprintln!("started the old primary (node {killed}) again");
+            }
+        }
+        Fault::DatabaseSwitchover => {}
     }
     let outcomes = load.await.expect("load ran");
 
@@ -510,17 +631,40 @@ async fn failover(fault: Fault) {
     .await
     .expect("stall");
 
+    let worst_answer = outcomes.iter().map(|o| o.waited).max().unwrap_or_default();
     eprintln!(
         "failover: {}/{} checkouts accepted ({:.2} %), {confirmed} confirmed, \
-         longest acceptance-to-end {:.1} s; not accepted: {refused:?}",
+         longest acceptance-to-end {:.1} s, longest buyer wait {:.1} s; not accepted: \
+         {refused:?}",
         accepted.len(),
         tried,
         share * 100.0,
-        stall_ms / 1000.0
+        stall_ms / 1000.0,
+        worst_answer.as_secs_f64(),
     );
+    // A planned switchover refuses no buyer at all.
+    let floor = if matches!(fault, Fault::DatabaseSwitchover) {
+        1.0
+    } else {
+        0.999
+    };
+    let mut carts = Vec::new();
+    for o in outcomes.iter().filter(|o| o.order.is_err()) {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT cart_id::text, status FROM edge.carts WHERE user_id = $1 ORDER BY created_at",
+        )
+        .bind(&o.user)
+        .fetch_all(&shop.pool)
+        .await
+        .unwrap_or_default();
+        carts.push(format!(
+            "{} was given cart {:?}, has {rows:?}",
+            o.user, o.cart
+        ));
+    }
     assert!(
-        share >= 0.999,
-        "only {:.2} % accepted; the others' last answers: {refused:?}",
+        share >= floor,
+        "only {:.2} % accepted; the others' last answers: {refused:?}; their carts: {carts:?}",
         share * 100.0
     );
     assert_eq!(
@@ -638,6 +782,18 @@ async fn failover(fault: Fault) {
         )
         .await;
     }
+    if let (Some(heartbeat), Database::Ha(pg)) = (heartbeat, &shop.db) {
+        heartbeat.finish(&shop.pool, killed).await;
+        if let Fault::DatabasePrimary = fault {
+            pg.wait_secondary(killed, Duration::from_secs(90)).await;
+            eprintln!("the old primary (node {killed}) is a standby again");
+        }
+        assert!(
+            worst_answer < Duration::from_secs(15),
+            "a buyer waited {:.1} s for a checkout to be accepted",
+            worst_answer.as_secs_f64()
+        );
+    }
     audit(&shop.pool, &shop.psp, &shop.settings).await;
     // Stall bound: an election (a few seconds), a pull that outlives its expiry (about
     // pull_expires + 1 s) and a step's in-process publish retry; ack_wait (3 s here) for
@@ -657,4 +813,119 @@ async fn killing_the_stream_leader_under_load_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_one_of_two_processes_under_load_loses_and_doubles_nothing() {
     failover(Fault::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_database_primary_under_load_loses_and_doubles_nothing() {
+    failover(Fault::DatabasePrimary).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_switchover_under_load_refuses_no_buyer() {
+    failover(Fault::DatabaseSwitchover).await;
+}
+
+/// Writes one row every 50 ms to each PostgreSQL node straight (not through the services),
+/// noting which commits each node acknowledged: the failover time is the gap between the last
+/// commit on the old primary and the first on the new, and every acknowledged row must still
+/// be there afterwards (nothing acknowledged is lost: RPO 0).
+struct Heartbeat {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Vec<(usize, Instant)>>,
+}
+
+impl Heartbeat {
+    async fn start(pg: &PgCluster) -> Self {
+        use sqlx::Connection;
+        let urls: Vec<String> = (0..2)
+            .map(|i| format!("postgres://postgres@127.0.0.1:{}/checkout", pg.port(i)))
+            .collect();
+        let primary = pg.primary().await.expect("a primary");
+        let mut setup = sqlx::PgConnection::connect(&urls[primary])
+            .await
+            .expect("the primary answers");
+        sqlx::query("CREATE TABLE IF NOT EXISTS ha_heartbeat (node int NOT NULL)")
+            .execute(&mut setup)
+            .await
+            .expect("heartbeat table");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut conns: Vec<Option<sqlx::PgConnection>> = vec![None, None];
+                let mut acked = Vec::new();
+                while !stop.is_cancelled() {
+                    for (i, url) in urls.iter().enumerate() {
+                        if let Some(at) = beat(&mut conns[i], url, i).await {
+                            acked.push((i, at));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                acked
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops, prints the failover time, and checks every acknowledged row survived.
+    async fn finish(self, pool: &sqlx::PgPool, old: usize) {
+        self.stop.cancel();
+        let acked = self.task.await.expect("heartbeat ran");
+        let last_old = acked
+            .iter()
+            .filter(|(n, _)| *n == old)
+            .map(|(_, t)| *t)
+            .max();
+        let first_new = acked
+            .iter()
+            .filter(|(n, t)| *n != old && last_old.is_some_and(|l| *t > l))
+            .map(|(_, t)| *t)
+            .min();
+        if let (Some(last), Some(first)) = (last_old, first_new) {
+            let gap = first - last;
+            eprintln!(
+                "failover time (last commit on the old primary to the first on the new): {:.1} s",
+                gap.as_secs_f64()
+            );
+            assert!(gap < Duration::from_secs(15), "failover took {gap:?}");
+        }
+        for node in 0..2 {
+            let acknowledged = acked.iter().filter(|(n, _)| *n == node).count();
+            let (kept,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM ha_heartbeat WHERE node = $1")
+                    .bind(i32::try_from(node).expect("node"))
+                    .fetch_one(pool)
+                    .await
+                    .expect("heartbeat rows");
+            // An insert that timed out may have committed unacknowledged: at least, not equal.
+            assert!(
+                kept as usize >= acknowledged,
+                "node {node} acknowledged {acknowledged} commits, only {kept} are there"
+            );
+        }
+    }
+}
+
+/// One heartbeat commit on one node: when it was acknowledged, or None (down or a standby).
+async fn beat(conn: &mut Option<sqlx::PgConnection>, url: &str, node: usize) -> Option<Instant> {
+    use sqlx::Connection;
+    if conn.is_none() {
+        let connect = sqlx::PgConnection::connect(url);
+        *conn = tokio::time::timeout(Duration::from_millis(500), connect)
+            .await
+            .ok()?
+            .ok();
+    }
+    let insert = sqlx::query("INSERT INTO ha_heartbeat (node) VALUES ($1)")
+        .bind(i32::try_from(node).ok()?)
+        .execute(conn.as_mut()?);
+    match tokio::time::timeout(Duration::from_millis(500), insert).await {
+        Ok(Ok(_)) => Some(Instant::now()),
+        Ok(Err(e)) if e.as_database_error().is_some() => None,
+        _ => {
+            *conn = None;
+            None
+        }
+    }
 }

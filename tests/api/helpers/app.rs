@@ -34,9 +34,14 @@ pub fn test_settings(nats: &NatsServer, db: &TestDb) -> Settings {
 
 /// The same for NATS at `url` (one server, or a cluster's comma-separated list).
 pub fn test_settings_on(url: String, db: &TestDb) -> Settings {
+    test_settings_at(url, db.url.clone())
+}
+
+/// The same for any database URL (a PostgreSQL HA group's list of servers, say).
+pub fn test_settings_at(url: String, database: String) -> Settings {
     let mut s = Settings::load().expect("default settings load");
     s.nats.url = url;
-    s.database.url = Secret::new(db.url.clone());
+    s.database.url = Secret::new(database);
     s.database.max_connections = 10;
     s.http.addr = "127.0.0.1:0".into();
     s.auth.jwt_secret = Secret::new("test-secret-of-at-least-32-bytes!!");
