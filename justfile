@@ -16,9 +16,25 @@ tools:
 up: tools
     scripts/up.sh
 
-# The same on a 3-node JetStream cluster (nats/cluster/, R3), two processes of every role, edges on 8080 and 8081.
+# The same on a 3-node JetStream cluster (nats/cluster/, R3) and a PostgreSQL HA group (pg_auto_failover, synchronous standby), two processes of every role, edges on 8080 and 8081.
 up-cluster: tools
     scripts/up-cluster.sh
+
+# One line per PostgreSQL node of up-cluster's group: name, role (primary/standby), address, pid.
+pg-status:
+    scripts/pg-cluster.sh status
+
+# Start PostgreSQL node N (1 or 2) again after a kill; it rejoins as the standby.
+pg-node n:
+    scripts/pg-cluster.sh node {{n}}
+
+# SIGKILL PostgreSQL node N (1 or 2): its pg_autoctl and postgres, nothing flushed.
+pg-kill n:
+    scripts/pg-cluster.sh kill {{n}}
+
+# Planned switchover of the PostgreSQL primary (pg_autoctl perform switchover).
+pg-switchover:
+    scripts/pg-cluster.sh switchover
 
 # Start node N (1-3) of the cluster again after killing it, e.g. `just cluster-node 2`.
 cluster-node n:
@@ -39,6 +55,9 @@ migrate:
 
 # Run every test against real NATS and PostgreSQL (each test gets its own of both).
 test: tools
+    scripts/ensure-postgres.sh
+    scripts/ensure-pg-auto-failover.sh
+    # Again: installing pg_auto_failover may upgrade (and stop) the PostgreSQL server.
     scripts/ensure-postgres.sh
     scripts/ensure-old-nats.sh
     scripts/ensure-jq.sh

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `just down`: stop what `just up-cluster` started (processes first, then the servers), by
+# `just down`: stop what `just up-cluster` started (processes first, then the servers, then the
+# PostgreSQL group), by
 # their pid files: SIGTERM, up to 15 s to drain, then SIGKILL. Leaves nothing running.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +25,6 @@ procs=()
 for f in "$dir"/*.pid; do case $(basename "$f") in n[0-9].pid) ;; *) procs+=("$f") ;; esac; done
 stop_all "${procs[@]}"
 stop_all "$dir"/n[0-9].pid
+# The PostgreSQL HA group, if up-cluster started one.
+if [ -d .run/pg ]; then scripts/pg-cluster.sh down; fi
 echo "stopped"

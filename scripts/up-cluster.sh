@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # `just up-cluster`: the three nats-servers of nats/cluster/ (R3 streams, fsync always, three
-# saga partitions), PostgreSQL unless configured, migrations, and two processes of every role,
+# saga partitions), a PostgreSQL HA group unless a database is configured (pg_auto_failover:
+# monitor, primary and synchronous standby, scripts/pg-cluster.sh), migrations, and two
+# processes of every role,
 # each role as its own NATS user, every process given all three server URLs. Ctrl-C (or
 # SIGTERM) stops all of it; so does `just down` from another terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/local-secrets.sh
-scripts/ensure-postgres.sh
 dir=.run/cluster
+if [ -z "${CHECKOUT__DATABASE__URL:-}" ]; then
+  # The system PostgreSQL's binaries run the group; its own server is not used.
+  scripts/ensure-postgres.sh
+  scripts/ensure-pg-auto-failover.sh
+  scripts/pg-cluster.sh up | sed 's/^/  pg  /'
+  CHECKOUT__DATABASE__URL=$(scripts/pg-cluster.sh url)
+  export CHECKOUT__DATABASE__URL
+fi
 mkdir -p "$dir"
 cargo build --release --locked --quiet
 bin=target/release/checkout
@@ -84,12 +93,16 @@ A 3-node JetStream cluster (three saga partitions, CHECKOUT-0..2, leaders spread
 processes of every role (each role its own NATS user):
   nats-server   n1 127.0.0.1:14231  n2 :14232  n3 :14233   monitoring :18231-18233
                 pids and logs in $dir/ (n1.pid, n1.log, ...)
+  postgresql    ${CHECKOUT__DATABASE__URL%%/checkout*}/checkout
+                (pg_auto_failover: monitor :15440, nodes :15441 :15442; just pg-status)
   edges         http://127.0.0.1:8080 and http://127.0.0.1:8081 (the same carts and orders on both)
   psp           http://127.0.0.1:8090
   processes     $dir/<role>-<1|2>.log and .pid; metrics on 127.0.0.1:9461-9468
   tokens        $bin token --user alice   ($bin token --user admin --admin)
   break it      kill -9 \$(cat $dir/n2.pid)        then bring it back: just cluster-node 2
                 kill -9 \$(cat $dir/reserve-1.pid)
+                just pg-kill 1  (the PostgreSQL node; just pg-status shows which is primary)
+                then bring it back as a standby: just pg-node 1;  planned: just pg-switchover
   rebalance     after a node comes back:  CHECKOUT__NATS__PARTITIONS=3 CHECKOUT__NATS__URL=$CHECKOUT__NATS__URL \\
                 CHECKOUT__NATS__USER=operator CHECKOUT__NATS__PASSWORD=\$CHECKOUT_NATS_OPERATOR_PASSWORD $bin leaders --spread
   nats CLI      nats -s $CHECKOUT__NATS__URL --user operator --password "\$CHECKOUT_NATS_OPERATOR_PASSWORD" stream report
