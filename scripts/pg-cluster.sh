@@ -2,7 +2,7 @@
 # PostgreSQL high availability with pg_auto_failover (#31): a monitor on 127.0.0.1:15440 and two
 # data nodes on 15441 and 15442 (one primary, one synchronous standby), data under .run/pg.
 # Failover after the primary dies is tuned to take seconds, not the defaults' ~60 s (see
-# docs/pg-ha-notes.md for the settings and the measurements).
+# docs/operations.md for the settings and the measurements).
 #
 #   scripts/pg-cluster.sh up          create (or reuse) and start all three; wait until formed
 #   scripts/pg-cluster.sh url         the multi-host URL for the checkout database
@@ -93,7 +93,7 @@ start_monitor() {
 # a health check every 1 s [5 s], 1 s connect timeout [5 s], 1 retry [2] 0.5 s later [2 s];
 # unhealthy once it has not reported for 2 s [20 s]; the standby is promoted 5 s [30 s] after
 # the old primary was told to demote: the window in which a primary that is only cut off is
-# meant to stop itself (tune_nodes and start_node; docs/pg-ha-notes.md has how far it fits).
+# meant to stop itself (tune_nodes and start_node; docs/operations.md has how far it fits).
 tune_monitor() {
   # ALTER SYSTEM is refused in a transaction block: statements from stdin, each its own.
   psql -X -q -h 127.0.0.1 -p $monitor_port -U postgres -d pg_auto_failover -v ON_ERROR_STOP=1 <<'SQL' >/dev/null

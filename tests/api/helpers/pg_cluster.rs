@@ -1,6 +1,6 @@
 //! PostgreSQL high availability (#31): `PgCluster`, a pg_auto_failover monitor and two data
 //! nodes (one primary, one synchronous standby) on free ports in a temporary directory, tuned
-//! as scripts/pg-cluster.sh is (failover in seconds; docs/pg-ha-notes.md). Every process runs
+//! as scripts/pg-cluster.sh is (failover in seconds; docs/operations.md). Every process runs
 //! as the `postgres` user when the tests run as root, in a process group of its own, so a node
 //! can be SIGKILLed for real: pg_autoctl, its postgres and every backend.
 
