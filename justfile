@@ -22,7 +22,7 @@ up-cluster: tools
 
 # One line per PostgreSQL node of up-cluster's group: name, role (primary/standby), address, pid.
 pg-status:
-    scripts/pg-cluster.sh status
+    @scripts/pg-cluster.sh status
 
 # Start PostgreSQL node N (1 or 2) again after a kill; it rejoins as the standby.
 pg-node n:

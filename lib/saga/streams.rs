@@ -79,6 +79,21 @@ impl Bus {
     /// and an impossible `Nats-Expected-Last-Sequence`, so no stream ever stores one; a plain
     /// subscription sees the subject each probe was delivered on after the servers' mapping.
     pub async fn check_partitions(&self) -> Result<(), BusError> {
+        // A probe lost once (seen on a cluster still forming while every process starts) is
+        // tried again; a user denied the probes' subject fails every round.
+        let mut rounds = 3;
+        loop {
+            rounds -= 1;
+            match self.probe_partitions().await {
+                Err(BusError::Partitions(why)) if rounds > 0 && why.contains("never came back") => {
+                    tracing::warn!(%why, "partition probe lost; probing again");
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn probe_partitions(&self) -> Result<(), BusError> {
         let k = self.settings().partitions;
         let mut seen = self
             .client()
