@@ -281,6 +281,10 @@ pub struct RetentionSettings {
     pub payment_attempts: Duration,
     #[serde(with = "humantime_serde")]
     pub stock_movements: Duration,
+    /// Merchant webhook deliveries that ended (delivered or given up), their attempts and
+    /// messages: how far back the delivery log and replay reach.
+    #[serde(with = "humantime_serde")]
+    pub webhooks: Duration,
 }
 
 /// Where processes without an edge serve `/metrics`, and how often JetStream gauges refresh.

@@ -38,6 +38,8 @@ pub struct Pass {
     pub payment_attempts: u64,
     /// Stock movements folded into `inventory.stock_movement_days`.
     pub stock_movements: u64,
+    /// Merchant webhook deliveries that ended, with their attempts (and then their messages).
+    pub webhooks: u64,
 }
 
 impl Pass {
@@ -48,13 +50,14 @@ impl Pass {
             ("outbox", self.outbox),
             ("payment_attempts", self.payment_attempts),
             ("stock_movements", self.stock_movements),
+            ("webhooks", self.webhooks),
         ] {
             crate::metrics::pruned(table, rows);
         }
     }
 
     fn total(&self) -> u64 {
-        self.inbox + self.outbox + self.payment_attempts + self.stock_movements
+        self.inbox + self.outbox + self.payment_attempts + self.stock_movements + self.webhooks
     }
 }
 
@@ -142,7 +145,44 @@ impl Pruner {
                 s.stock_movements,
             )
             .await?;
+        pass.webhooks += self.webhooks(s.webhooks).await?;
         Ok(pass)
+    }
+
+    /// Merchant webhook deliveries that ended, with their attempts, then the messages no
+    /// delivery refers to any more. A pending delivery (and so its message) is never taken.
+    async fn webhooks(&self, keep: Duration) -> Result<u64, sqlx::Error> {
+        let deliveries = self
+            .batches(
+                "WITH gone AS (
+                     DELETE FROM webhooks.deliveries WHERE (endpoint_id, webhook_id) IN (
+                         SELECT endpoint_id, webhook_id FROM webhooks.deliveries
+                         WHERE created_at < $1 AND status <> 'pending'
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING endpoint_id, webhook_id),
+                 attempts AS (
+                     DELETE FROM webhooks.attempts a USING gone g
+                     WHERE a.endpoint_id = g.endpoint_id AND a.webhook_id = g.webhook_id)
+                 SELECT count(*) FROM gone",
+                keep,
+            )
+            .await?;
+        // Its own statement: one that also deleted deliveries would still see them. A message
+        // is looked up per endpoint (the deliveries' key), a handful of index probes.
+        self.batches(
+            "WITH gone AS (
+                 DELETE FROM webhooks.messages WHERE webhook_id IN (
+                     SELECT m.webhook_id FROM webhooks.messages m
+                     WHERE m.created_at < $1 AND NOT EXISTS (
+                         SELECT 1 FROM webhooks.endpoints e JOIN webhooks.deliveries d
+                           ON d.endpoint_id = e.endpoint_id AND d.webhook_id = m.webhook_id)
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 RETURNING 1)
+             SELECT count(*) FROM gone",
+            keep,
+        )
+        .await?;
+        Ok(deliveries)
     }
 
     /// Runs a batch statement (`$1` the cutoff, `$2` the batch size, answering the count it

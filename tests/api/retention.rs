@@ -2,6 +2,7 @@
 //! retention, the stock ledger is folded into daily totals that still add up, and nothing
 //! younger is touched.
 
+use checkout::app::Role;
 use checkout::retention::Pruner;
 
 use crate::helpers::TestApp;
@@ -99,4 +100,77 @@ async fn recent_inbox_rows(app: &TestApp) -> Vec<i64> {
         );
     }
     counts
+}
+
+#[tokio::test]
+async fn webhook_deliveries_that_ended_are_pruned_and_pending_ones_kept() {
+    // The edge alone: no compensate process's own pruner takes a share of the pass.
+    let app = TestApp::spawn_roles(&[Role::Edge], |_| {}).await;
+    let endpoint = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO webhooks.endpoints (endpoint_id, url, events, secret)
+         VALUES ($1, 'https://shop.example/hooks', '{order.confirmed}', 'sealed')",
+    )
+    .bind(endpoint)
+    .execute(&app.pool)
+    .await
+    .expect("endpoint");
+    // Three messages from 40 days ago (delivered, given up, still pending: its endpoint was
+    // down) and one from today.
+    for (id, status, age) in [
+        ("msg_old_delivered", "delivered", "40 days"),
+        ("msg_old_failed", "failed", "40 days"),
+        ("msg_old_pending", "pending", "40 days"),
+        ("msg_recent", "delivered", "0 days"),
+    ] {
+        for sql in [
+            "INSERT INTO webhooks.messages (webhook_id, event_type, order_id, body, created_at)
+             VALUES ($2, 'order.confirmed', gen_random_uuid(), '{}', now() - $4::interval)",
+            "INSERT INTO webhooks.deliveries (endpoint_id, webhook_id, status, created_at)
+             VALUES ($1, $2, $3, now() - $4::interval)",
+            "INSERT INTO webhooks.attempts (endpoint_id, webhook_id, attempt, latency_ms)
+             SELECT $1, $2, 1, 5 WHERE $3 <> 'delivered'",
+        ] {
+            sqlx::query(sql)
+                .bind(endpoint)
+                .bind(id)
+                .bind(status)
+                .bind(age)
+                .execute(&app.pool)
+                .await
+                .expect("webhook rows");
+        }
+    }
+    let pruner = Pruner {
+        pool: app.pool.clone(),
+        settings: app.settings.retention.clone(),
+    };
+    let pass = pruner.pass().await.expect("a pass runs");
+    assert_eq!(pass.webhooks, 2, "{pass:?}");
+    let left: Vec<(String,)> =
+        sqlx::query_as("SELECT webhook_id FROM webhooks.messages ORDER BY webhook_id")
+            .fetch_all(&app.pool)
+            .await
+            .expect("messages");
+    assert_eq!(
+        left,
+        [("msg_old_pending".to_owned(),), ("msg_recent".to_owned(),)]
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhooks.deliveries").await,
+        2
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhooks.attempts WHERE webhook_id <> 'msg_old_pending'")
+            .await,
+        0,
+        "the pruned deliveries' attempts went with them"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhooks.attempts").await,
+        1,
+        "the pending delivery keeps its attempt"
+    );
+    let second = pruner.pass().await.expect("a second pass runs");
+    assert_eq!(second.webhooks, 0);
 }
