@@ -25,6 +25,16 @@ ALTER TABLE webhooks.deliveries
 -- row itself (attempts, last_status, last_latency_ms, delivered_at), kept as an attempt row
 -- when a replay sends the message again.
 
--- The pruner (retention.webhooks) finds old rows by time: BRIN, nearly free on the hot path.
+-- A claim's lease is a column of its own that no index covers, so a claim is a HOT update (no
+-- index entries), with room kept on each page for it. Before, the lease was next_attempt_at,
+-- which the due index covers: every claim wrote three index entries.
+ALTER TABLE webhooks.deliveries ADD COLUMN leased_until timestamptz;
+ALTER TABLE webhooks.deliveries SET (fillfactor = 70);
+-- (A delivery leased the old way when this runs waits until its next_attempt_at: the same.)
+
+-- Time is indexed once per message, not once per endpoint (and again on every rewrite of a
+-- delivery): the delivery log walks messages newest first, replay takes messages since.
+DROP INDEX webhooks.deliveries_by_time;
+CREATE INDEX messages_by_time ON webhooks.messages (created_at);
+-- The pruner (retention.webhooks) finds old deliveries by time: BRIN, nearly free.
 CREATE INDEX deliveries_created_brin ON webhooks.deliveries USING brin (created_at);
-CREATE INDEX messages_created_brin ON webhooks.messages USING brin (created_at);

@@ -1,8 +1,9 @@
 //! Sends the queued deliveries. Every order process runs a dispatcher; they share the work
 //! through PostgreSQL: a claim takes a batch of an endpoint's due deliveries with
-//! `FOR UPDATE SKIP LOCKED` and pushes their `next_attempt_at` past the time the batch can take
+//! `FOR UPDATE SKIP LOCKED` and sets their `leased_until` past the time the batch can take
 //! (a lease), so no two processes send one delivery at once, and one killed mid-batch leaves
-//! it to the next claim. Delivery is at least once; receivers deduplicate by `webhook-id`,
+//! it to the next claim. The lease is a column no index covers, so a claim is a HOT update
+//! (no index entries; the table keeps room on its pages for it). Delivery is at least once; receivers deduplicate by `webhook-id`,
 //! which never changes.
 //!
 //! Each endpoint is a lane of its own: one batch at a time per process, at most
@@ -120,7 +121,8 @@ impl Dispatcher {
              WHERE e.status = 'enabled' AND e.deleted_at IS NULL
                AND EXISTS (SELECT 1 FROM webhooks.deliveries d
                            WHERE d.endpoint_id = e.endpoint_id AND d.status = 'pending'
-                             AND d.next_attempt_at <= now())",
+                             AND d.next_attempt_at <= now()
+                             AND (d.leased_until IS NULL OR d.leased_until <= now()))",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -226,9 +228,10 @@ impl Dispatcher {
             "WITH due AS (
                  SELECT endpoint_id, webhook_id FROM webhooks.deliveries
                  WHERE endpoint_id = $1 AND status = 'pending' AND next_attempt_at <= now()
+                   AND (leased_until IS NULL OR leased_until <= now())
                  ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
              UPDATE webhooks.deliveries d
-             SET next_attempt_at = now() + $3::interval, attempts = d.attempts + 1
+             SET leased_until = now() + $3::interval, attempts = d.attempts + 1
              FROM due, webhooks.endpoints e, webhooks.messages m
              WHERE d.endpoint_id = due.endpoint_id AND d.webhook_id = due.webhook_id
                AND e.endpoint_id = d.endpoint_id AND m.webhook_id = d.webhook_id
@@ -377,6 +380,7 @@ impl Dispatcher {
                                         WHEN 'gave_up' THEN 'failed' ELSE 'pending' END,
                  delivered_at = CASE WHEN u.result = 'delivered' THEN now() END,
                  next_attempt_at = now() + u.wait_ms * interval '1 millisecond',
+                 leased_until = NULL,
                  last_status = u.code, last_error = u.error, last_latency_ms = u.latency
              FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[], $7::int[])
                   AS u(webhook_id, result, wait_ms, code, error, latency)
@@ -503,7 +507,7 @@ async fn release_unsent(
             t.saturating_duration_since(Instant::now())
         });
     sqlx::query(
-        "UPDATE webhooks.deliveries SET next_attempt_at = now() + $3::interval,
+        "UPDATE webhooks.deliveries SET next_attempt_at = now() + $3::interval, leased_until = NULL,
              attempts = attempts - 1
          WHERE endpoint_id = $1 AND webhook_id = ANY($2) AND status = 'pending'",
     )

@@ -38,11 +38,15 @@ pub async fn deliveries(
     limit: i64,
 ) -> Result<(Vec<DeliveryRecord>, Vec<AttemptRecord>), sqlx::Error> {
     let deliveries: Vec<DeliveryRecord> = sqlx::query_as(
+        // Newest messages first, each looked up in the endpoint's deliveries: messages carry
+        // the only time index, so a delivery row (written and rewritten per endpoint) has none.
         "SELECT d.webhook_id, m.event_type, m.order_id, d.status, d.attempts, d.last_status,
-                d.last_error, d.last_latency_ms, d.next_attempt_at, d.created_at, d.delivered_at
-         FROM webhooks.deliveries d JOIN webhooks.messages m ON m.webhook_id = d.webhook_id
-         WHERE d.endpoint_id = $1
-         ORDER BY d.created_at DESC, d.webhook_id LIMIT $2",
+                d.last_error, d.last_latency_ms,
+                greatest(d.next_attempt_at, d.leased_until) AS next_attempt_at,
+                d.created_at, d.delivered_at
+         FROM webhooks.messages m
+         JOIN webhooks.deliveries d ON d.endpoint_id = $1 AND d.webhook_id = m.webhook_id
+         ORDER BY m.created_at DESC, m.webhook_id LIMIT $2",
     )
     .bind(endpoint_id)
     .bind(limit)
@@ -83,7 +87,8 @@ pub async fn replay(
          SELECT endpoint_id, webhook_id, attempts, delivered_at, last_status,
                 coalesce(last_latency_ms, 0)
          FROM webhooks.deliveries
-         WHERE endpoint_id = $1 AND created_at >= $2 AND status = 'delivered'
+         WHERE endpoint_id = $1 AND status = 'delivered' AND webhook_id IN (
+             SELECT webhook_id FROM webhooks.messages WHERE created_at >= $2)
          ON CONFLICT DO NOTHING",
     )
     .bind(endpoint_id)
@@ -92,8 +97,9 @@ pub async fn replay(
     .await?;
     let done = sqlx::query(
         "UPDATE webhooks.deliveries SET status = 'pending', next_attempt_at = now(),
-             queued_at = now(), delivered_at = NULL
-         WHERE endpoint_id = $1 AND created_at >= $2",
+             leased_until = NULL, queued_at = now(), delivered_at = NULL
+         WHERE endpoint_id = $1 AND webhook_id IN (
+             SELECT webhook_id FROM webhooks.messages WHERE created_at >= $2)",
     )
     .bind(endpoint_id)
     .bind(since)
