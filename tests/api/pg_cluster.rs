@@ -75,12 +75,17 @@ async fn pg_cluster_fails_over_to_the_synchronous_standby() {
         failover < Duration::from_secs(15),
         "failover took {failover:?}"
     );
-    assert_eq!(
-        cluster.primary().await,
-        Some(standby),
-        "{:?}",
-        cluster.states().await
-    );
+    // The monitor hears of the promotion at the node's next report (about a second), after
+    // the node already takes writes.
+    let reported = Instant::now();
+    while cluster.primary().await != Some(standby) {
+        assert!(
+            reported.elapsed() < Duration::from_secs(10),
+            "the monitor does not report node {standby} as primary: {:?}",
+            cluster.states().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // RPO 0: every row committed before the kill is on the new primary.
     let mut conn = connect(cluster.port(standby))
