@@ -91,15 +91,24 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Endpoint>, sqlx::Erro
 
 /// Deletes an endpoint: nothing more is sent to it (its delivery log stays).
 pub async fn delete(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE webhooks.endpoints SET deleted_at = now(), status = 'disabled',
-             disabled_reason = 'deleted'
-         WHERE endpoint_id = $1 AND deleted_at IS NULL",
+    // Its waiting deliveries end with it (failed, so the pruner takes them in time); a batch
+    // in flight records nothing over them (its outcome only moves pending ones).
+    let (deleted,): (i64,) = sqlx::query_as(
+        "WITH gone AS (
+             UPDATE webhooks.endpoints SET deleted_at = now(), status = 'disabled',
+                 disabled_reason = 'deleted'
+             WHERE endpoint_id = $1 AND deleted_at IS NULL
+             RETURNING endpoint_id),
+         ended AS (
+             UPDATE webhooks.deliveries d SET status = 'failed', leased_until = NULL,
+                 last_error = 'endpoint deleted'
+             FROM gone WHERE d.endpoint_id = gone.endpoint_id AND d.status = 'pending')
+         SELECT count(*) FROM gone",
     )
     .bind(id)
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(deleted == 1)
 }
 
 /// Gives an endpoint a new secret; the old one keeps signing beside it for `overlap`.

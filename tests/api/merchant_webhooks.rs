@@ -498,3 +498,39 @@ async fn an_endpoint_failing_for_the_whole_retry_period_is_disabled_and_its_deli
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "enabled");
 }
+
+#[tokio::test]
+async fn a_deleted_endpoint_is_gone_and_its_waiting_deliveries_end() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    // Its receiver never starts: the deliveries wait and are retried.
+    let (endpoint, _receiver) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    for i in 0..2 {
+        app.buy(&format!("buyer-{i}"), "TEE", "tok_visa").await;
+    }
+    app.eventually("two deliveries waiting after a failed try", || async {
+        let log = deliveries(&app, &endpoint).await;
+        log.len() == 2 && log.iter().all(|d| d["status"] == "pending") && failed_attempts(&log) >= 2
+    })
+    .await;
+    let path = format!("/api/admin/webhooks/{endpoint}");
+    let (status, body) = app
+        .request(Method::DELETE, path.clone())
+        .token(&app.admin())
+        .send()
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    let (status, _) = app
+        .request(Method::GET, path)
+        .token(&app.admin())
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let waiting = app
+        .count(&format!(
+            "SELECT count(*) FROM webhooks.deliveries
+             WHERE endpoint_id = '{endpoint}' AND status = 'pending'"
+        ))
+        .await;
+    assert_eq!(waiting, 0, "nothing is left to send to a deleted endpoint");
+}
