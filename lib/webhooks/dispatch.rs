@@ -32,6 +32,23 @@ use super::target::{self, Target};
 use crate::config::WebhooksSettings;
 use crate::payments::token_seal::TokenSeal;
 
+/// The statement that records a batch's outcomes ($1 the endpoint, then one array per column),
+/// a macro so the healthy path can put it in a CTE of its one statement.
+macro_rules! outcomes {
+    () => {
+        "UPDATE webhooks.deliveries d SET
+             status = CASE u.result WHEN 'delivered' THEN 'delivered'
+                                    WHEN 'gave_up' THEN 'failed' ELSE 'pending' END,
+             delivered_at = CASE WHEN u.result = 'delivered' THEN now() END,
+             next_attempt_at = now() + u.wait_ms * interval '1 millisecond',
+             leased_until = NULL,
+             last_status = u.code, last_error = u.error, last_latency_ms = u.latency
+         FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[], $7::int[])
+              AS u(webhook_id, result, wait_ms, code, error, latency)
+         WHERE d.endpoint_id = $1 AND d.webhook_id = u.webhook_id AND d.status = 'pending'"
+    };
+}
+
 /// The dispatcher of one process.
 pub struct Dispatcher {
     pub pool: PgPool,
@@ -352,6 +369,32 @@ impl Dispatcher {
             .iter()
             .map(|a| i64::try_from(a.wait.as_millis()).unwrap_or(i64::MAX))
             .collect();
+        let outcomes = |sql: &'static str| {
+            sqlx::query(sql)
+                .bind(endpoint_id)
+                .bind(&ids)
+                .bind(&results)
+                .bind(&waits)
+                .bind(&codes)
+                .bind(&errors)
+                .bind(&latencies)
+        };
+        let endpoint = endpoint_id.to_string();
+        if !done.is_empty() && unsent.is_empty() && done.iter().all(|a| a.result == "delivered") {
+            // The healthy endpoint's every batch: one statement, no transaction around it.
+            outcomes(concat!(
+                "WITH recorded AS (",
+                outcomes!(),
+                ") UPDATE webhooks.endpoints SET failing_since = NULL
+                   WHERE endpoint_id = $1 AND failing_since IS NOT NULL"
+            ))
+            .execute(&self.pool)
+            .await?;
+            for a in done {
+                crate::metrics::webhook_attempt(&endpoint, a.result, a.latency.as_secs_f64());
+            }
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         // Failed attempts only: a success is the delivery row itself (log.rs shows it).
         if done.iter().any(|a| a.result != "delivered") {
@@ -374,31 +417,10 @@ impl Dispatcher {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "UPDATE webhooks.deliveries d SET
-                 status = CASE u.result WHEN 'delivered' THEN 'delivered'
-                                        WHEN 'gave_up' THEN 'failed' ELSE 'pending' END,
-                 delivered_at = CASE WHEN u.result = 'delivered' THEN now() END,
-                 next_attempt_at = now() + u.wait_ms * interval '1 millisecond',
-                 leased_until = NULL,
-                 last_status = u.code, last_error = u.error, last_latency_ms = u.latency
-             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[], $7::int[])
-                  AS u(webhook_id, result, wait_ms, code, error, latency)
-             WHERE d.endpoint_id = $1 AND d.webhook_id = u.webhook_id AND d.status = 'pending'",
-        )
-        .bind(endpoint_id)
-        .bind(&ids)
-        .bind(&results)
-        .bind(&waits)
-        .bind(&codes)
-        .bind(&errors)
-        .bind(&latencies)
-        .execute(&mut *tx)
-        .await?;
+        outcomes(outcomes!()).execute(&mut *tx).await?;
         release_unsent(&mut tx, endpoint_id, unsent, lane).await?;
         let disabled = self.endpoint_health(&mut tx, endpoint_id, done).await?;
         tx.commit().await?;
-        let endpoint = endpoint_id.to_string();
         for a in done {
             crate::metrics::webhook_attempt(&endpoint, a.result, a.latency.as_secs_f64());
         }
@@ -433,7 +455,7 @@ impl Dispatcher {
         }
         let gave_up = done.iter().find(|a| a.result == "gave_up");
         let before: Option<(String,)> = sqlx::query_as(
-            "SELECT status FROM webhooks.endpoints WHERE endpoint_id = $1 FOR UPDATE",
+            "SELECT status FROM webhooks.endpoints WHERE endpoint_id = $1 FOR NO KEY UPDATE",
         )
         .bind(id)
         .fetch_optional(&mut *tx)

@@ -156,9 +156,52 @@ struct RunReport {
     js_rate: f64,
     pg_rate: f64,
     cpu_ms_per_checkout: Vec<(String, f64)>,
+    /// What PostgreSQL did per checkout, as counted rather than timed.
+    pg_work: PgWork,
     /// Peak resident memory per process, MiB.
     peak_rss_mib: Vec<(String, f64)>,
     note: String,
+}
+
+/// PostgreSQL's work, counted: its counters do not depend on how fast the host is that minute,
+/// so two builds compare on them where their rates differ by less than the host's noise.
+#[derive(Default)]
+struct PgWork {
+    transactions: f64,
+    rows_written: f64,
+    wal_kb: f64,
+}
+
+impl PgWork {
+    /// The bench database's counters now (WAL is the server's: nothing else writes during a
+    /// run). The statistics reach the view within about a second: small against a run.
+    async fn read(pool: &sqlx::PgPool) -> Self {
+        let row: Result<(i64, i64, f64), _> = sqlx::query_as(
+            "SELECT (xact_commit + xact_rollback)::bigint,
+                    (tup_inserted + tup_updated + tup_deleted)::bigint,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8
+             FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await;
+        row.map_or_else(
+            |_| Self::default(),
+            |(t, r, w)| Self {
+                transactions: t as f64,
+                rows_written: r as f64,
+                wal_kb: w / 1024.0,
+            },
+        )
+    }
+
+    /// The difference from `before`, per checkout.
+    fn since(self, before: &Self, checkouts: f64) -> Self {
+        Self {
+            transactions: (self.transactions - before.transactions) / checkouts,
+            rows_written: (self.rows_written - before.rows_written) / checkouts,
+            wal_kb: (self.wal_kb - before.wal_kb) / checkouts,
+        }
+    }
 }
 
 /// Publishes and commits one confirmed checkout costs on the happy path.
@@ -485,6 +528,7 @@ async fn one_run(
     let me_before = cpu_seconds(std::process::id());
     let nats_before = cpu_seconds(nats.pid());
     let pg_before = cpu_seconds_of_command("postgres");
+    let work_before = PgWork::read(&pool).await;
     let load = load::LoadOptions {
         base: format!("http://127.0.0.1:{http_port}"),
         nats_url: nats_url.clone(),
@@ -500,6 +544,9 @@ async fn one_run(
         quiet: false,
     };
     let stats = load::drive(&load).await?;
+    let pg_work = PgWork::read(&pool)
+        .await
+        .since(&work_before, stats.completed.max(1) as f64);
     let mut cpu: Vec<(String, f64)> = Vec::new();
     for (p, before) in roles.iter().zip(&cpu_before) {
         let used = cpu_seconds(p.pid()) - before;
@@ -564,6 +611,7 @@ async fn one_run(
         js_rate,
         pg_rate,
         cpu_ms_per_checkout,
+        pg_work,
         peak_rss_mib: peak_rss,
         note,
     })
@@ -790,6 +838,10 @@ fn print_report(opts: &BenchOptions, reports: &mut [RunReport]) {
         println!(
             "    CPU ms per checkout in all: {:.2}, of which the pipeline (edge, roles, nats-server, postgres) {pipeline:.2}, the load generator and sandbox PSP {around:.2}",
             pipeline + around
+        );
+        println!(
+            "    PostgreSQL per checkout: {:.2} transactions, {:.2} rows written, {:.1} KB of WAL",
+            r.pg_work.transactions, r.pg_work.rows_written, r.pg_work.wal_kb
         );
         println!("    bound by: {}", binding(r));
         let rss: Vec<String> = r
