@@ -16,6 +16,13 @@ use crate::bus::{Bus, BusError};
 /// with a chance of about 2^-16 (K and 2K agree on half of all ids).
 const PROBES: usize = 16;
 
+/// How one round of partition probes went.
+enum Probed {
+    Agreed,
+    /// A probe never came back (a cluster still forming, or a user denied the subject).
+    Lost(String),
+}
+
 impl Bus {
     /// Every saga stream (one per partition).
     pub fn saga_streams(&self) -> Vec<String> {
@@ -84,16 +91,18 @@ impl Bus {
         let mut rounds = 3;
         loop {
             rounds -= 1;
-            match self.probe_partitions().await {
-                Err(BusError::Partitions(why)) if rounds > 0 && why.contains("never came back") => {
+            match self.probe_partitions().await? {
+                Probed::Agreed => return Ok(()),
+                Probed::Lost(why) if rounds > 0 => {
                     tracing::warn!(%why, "partition probe lost; probing again");
                 }
-                outcome => return outcome,
+                Probed::Lost(why) => return Err(BusError::Partitions(why)),
             }
         }
     }
 
-    async fn probe_partitions(&self) -> Result<(), BusError> {
+    /// One round of probes: each landed where this process expects, or one was lost.
+    async fn probe_partitions(&self) -> Result<Probed, BusError> {
         let k = self.settings().partitions;
         let mut seen = self
             .client()
@@ -133,7 +142,7 @@ impl Bus {
         let _ = seen.unsubscribe().await;
         for id in &probes {
             let Some(partition) = landed.get(&id.to_string()) else {
-                return Err(BusError::Partitions(format!(
+                return Ok(Probed::Lost(format!(
                     "a probe on {PROBE_PREFIX}.{id} never came back: check this user's \
                      permissions for {PROBE_PREFIX}.* (nats/auth.conf)"
                 )));
@@ -163,7 +172,7 @@ impl Bus {
                 )));
             }
         }
-        Ok(())
+        Ok(Probed::Agreed)
     }
 
     /// The node leading each saga stream (partition), and the nodes that host it.
