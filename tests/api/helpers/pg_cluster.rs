@@ -291,6 +291,41 @@ impl PgCluster {
         }
     }
 
+    /// `pg_autoctl create <what>` on 127.0.0.1 (trust, no TLS, the newest pg_ctl), in the
+    /// foreground.
+    fn create(
+        &self,
+        log: &str,
+        what: &str,
+        pgdata: &std::path::Path,
+        port: u16,
+        extra: &[&str],
+        within: Duration,
+    ) {
+        let pgdata = pgdata.display().to_string();
+        let pgctl = self.bin.join("pg_ctl").display().to_string();
+        let port = port.to_string();
+        let mut args = vec![
+            "create",
+            what,
+            "--pgdata",
+            &pgdata,
+            "--pgport",
+            &port,
+            "--hostname",
+            "127.0.0.1",
+            "--listen",
+            "127.0.0.1",
+            "--auth",
+            "trust",
+            "--no-ssl",
+            "--pgctl",
+            &pgctl,
+        ];
+        args.extend_from_slice(extra);
+        self.run_to_end(log, &args, within);
+    }
+
     fn monitor_uri(&self) -> String {
         format!(
             "postgres://autoctl_node@127.0.0.1:{}/pg_auto_failover?sslmode=disable",
@@ -300,27 +335,12 @@ impl PgCluster {
 
     async fn start_monitor(&mut self) {
         let pgdata = self.monitor.pgdata.display().to_string();
-        let pgctl = self.bin.join("pg_ctl").display().to_string();
-        let port = self.monitor.port.to_string();
-        self.run_to_end(
+        self.create(
             "monitor",
-            &[
-                "create",
-                "monitor",
-                "--pgdata",
-                &pgdata,
-                "--pgport",
-                &port,
-                "--hostname",
-                "127.0.0.1",
-                "--listen",
-                "127.0.0.1",
-                "--auth",
-                "trust",
-                "--no-ssl",
-                "--pgctl",
-                &pgctl,
-            ],
+            "monitor",
+            &self.monitor.pgdata,
+            self.monitor.port,
+            &[],
             Duration::from_secs(60),
         );
         let mut cmd = self.command("pg_autoctl");
@@ -359,32 +379,13 @@ impl PgCluster {
     fn create_node(&self, i: usize) {
         let node = &self.nodes[i];
         let pgdata = node.pgdata.display().to_string();
-        let pgctl = self.bin.join("pg_ctl").display().to_string();
-        let port = node.port.to_string();
         let monitor = self.monitor_uri();
-        self.run_to_end(
+        self.create(
             &node.name,
-            &[
-                "create",
-                "postgres",
-                "--pgdata",
-                &pgdata,
-                "--pgport",
-                &port,
-                "--hostname",
-                "127.0.0.1",
-                "--listen",
-                "127.0.0.1",
-                "--name",
-                &node.name,
-                "--auth",
-                "trust",
-                "--no-ssl",
-                "--pgctl",
-                &pgctl,
-                "--monitor",
-                &monitor,
-            ],
+            "postgres",
+            &node.pgdata,
+            node.port,
+            &["--name", &node.name, "--monitor", &monitor],
             Duration::from_secs(120),
         );
         self.run_to_end(
