@@ -429,6 +429,7 @@ struct ShopClient {
 }
 
 /// What to break, a few seconds into the load.
+#[derive(Clone, Copy)]
 enum Fault {
     /// SIGKILL the nats-server leading the CHECKOUT stream; restart it later.
     StreamLeader,
@@ -505,83 +506,9 @@ async fn failover(fault: Fault) {
     });
 
     tokio::time::sleep_until((started + BREAK_AT).into()).await;
-    let mut elected = None;
-    let killed = match fault {
-        Fault::StreamLeader => {
-            let leader = shop
-                .cluster
-                .leader_of("CHECKOUT")
-                .await
-                .expect("the CHECKOUT stream has a leader");
-            shop.cluster.nodes[leader].kill();
-            let killed_at = Instant::now();
-            eprintln!(
-                "killed nats-server {} (CHECKOUT leader)",
-                shop.cluster.nodes[leader].name
-            );
-            // When the survivors report a new leader: the saga should resume within seconds.
-            let deadline = killed_at + down_for;
-            while Instant::now() < deadline {
-                if shop
-                    .cluster
-                    .leader_of("CHECKOUT")
-                    .await
-                    .is_some_and(|l| l != leader)
-                {
-                    elected = Some(chrono::Utc::now());
-                    eprintln!(
-                        "new CHECKOUT leader after {:.1} s",
-                        killed_at.elapsed().as_secs_f64()
-                    );
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            leader
-        }
-        Fault::Process => {
-            shop.processes[0].kill();
-            eprintln!("killed checkout process 1 (edge 1 and one of every consumer role)");
-            0
-        }
-        Fault::DatabasePrimary => {
-            let Database::Ha(pg) = &mut shop.db else {
-                unreachable!("a database fault runs on an HA group")
-            };
-            let primary = pg.primary().await.expect("the group has a primary");
-            tokio::task::block_in_place(|| pg.kill(primary));
-            eprintln!("killed the PostgreSQL primary (node {primary})");
-            primary
-        }
-        Fault::DatabaseSwitchover => {
-            let Database::Ha(pg) = &shop.db else {
-                unreachable!("a database fault runs on an HA group")
-            };
-            let primary = pg.primary().await.expect("the group has a primary");
-            let asked = Instant::now();
-            pg.switchover().await;
-            eprintln!(
-                "switched the PostgreSQL primary over from node {primary} in {:.1} s",
-                asked.elapsed().as_secs_f64()
-            );
-            primary
-        }
-    };
+    let (killed, elected) = break_it(fault, &mut shop, down_for).await;
     tokio::time::sleep_until((started + BREAK_AT + down_for).into()).await;
-    match fault {
-        Fault::StreamLeader => {
-            let node = &mut shop.cluster.nodes[killed];
-            tokio::task::block_in_place(|| node.start());
-        }
-        Fault::Process => shop.processes[0].restart(),
-        Fault::DatabasePrimary => {
-            if let Database::Ha(pg) = &mut shop.db {
-                tokio::task::block_in_place(|| pg.restart(killed));
-                eprintln!("started the old primary (node {killed}) again");
-            }
-        }
-        Fault::DatabaseSwitchover => {}
-    }
+    mend(fault, &mut shop, killed);
     let outcomes = load.await.expect("load ran");
 
     // Availability: buyers whose checkout was accepted (retries included).
@@ -823,6 +750,96 @@ async fn killing_the_database_primary_under_load_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_switchover_under_load_refuses_no_buyer() {
     failover(Fault::DatabaseSwitchover).await;
+}
+
+/// Breaks what `fault` names; answers what was broken (a node or process index) and, for a
+/// stream leader, when the survivors elected a new one (within `down_for`).
+async fn break_it(
+    fault: Fault,
+    shop: &mut Shop,
+    down_for: Duration,
+) -> (usize, Option<chrono::DateTime<chrono::Utc>>) {
+    let mut elected = None;
+    let killed = match fault {
+        Fault::StreamLeader => {
+            let leader = shop
+                .cluster
+                .leader_of("CHECKOUT")
+                .await
+                .expect("the CHECKOUT stream has a leader");
+            shop.cluster.nodes[leader].kill();
+            let killed_at = Instant::now();
+            eprintln!(
+                "killed nats-server {} (CHECKOUT leader)",
+                shop.cluster.nodes[leader].name
+            );
+            // When the survivors report a new leader: the saga should resume within seconds.
+            let deadline = killed_at + down_for;
+            while Instant::now() < deadline {
+                if shop
+                    .cluster
+                    .leader_of("CHECKOUT")
+                    .await
+                    .is_some_and(|l| l != leader)
+                {
+                    elected = Some(chrono::Utc::now());
+                    eprintln!(
+                        "new CHECKOUT leader after {:.1} s",
+                        killed_at.elapsed().as_secs_f64()
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            leader
+        }
+        Fault::Process => {
+            shop.processes[0].kill();
+            eprintln!("killed checkout process 1 (edge 1 and one of every consumer role)");
+            0
+        }
+        Fault::DatabasePrimary => {
+            let Database::Ha(pg) = &mut shop.db else {
+                unreachable!("a database fault runs on an HA group")
+            };
+            let primary = pg.primary().await.expect("the group has a primary");
+            tokio::task::block_in_place(|| pg.kill(primary));
+            eprintln!("killed the PostgreSQL primary (node {primary})");
+            primary
+        }
+        Fault::DatabaseSwitchover => {
+            let Database::Ha(pg) = &shop.db else {
+                unreachable!("a database fault runs on an HA group")
+            };
+            let primary = pg.primary().await.expect("the group has a primary");
+            let asked = Instant::now();
+            pg.switchover().await;
+            eprintln!(
+                "switched the PostgreSQL primary over from node {primary} in {:.1} s",
+                asked.elapsed().as_secs_f64()
+            );
+            primary
+        }
+    };
+    (killed, elected)
+}
+
+/// Brings back what [`break_it`] broke (a switchover needs nothing).
+fn mend(fault: Fault, shop: &mut Shop, killed: usize) {
+    match fault {
+        Fault::StreamLeader => {
+            let node = &mut shop.cluster.nodes[killed];
+            tokio::task::block_in_place(|| node.start());
+        }
+        Fault::Process => shop.processes[0].restart(),
+        Fault::DatabasePrimary => {
+            if let Database::Ha(pg) = &mut shop.db {
+                tokio::task::block_in_place(|| pg.restart(killed));
+                eprintln!("started the old primary (node {killed}) again");
+            }
+        }
+        Fault::DatabaseSwitchover => {}
+    }
 }
 
 /// Writes one row every 50 ms to each PostgreSQL node straight (not through the services),
