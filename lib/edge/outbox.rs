@@ -261,6 +261,10 @@ impl Outbox {
                 }
             }
         }
+        // The sweep's own publishes count for the next sweep too: a row that fails in a sweep
+        // after the one that published everything else is still the row's own fault.
+        self.successes
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
         sqlx::query("UPDATE edge.outbox SET published_at = now() WHERE msg_id = ANY($1)")
             .bind(&done)
             .execute(&mut *tx)
