@@ -191,6 +191,10 @@ impl Outbox {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut successes = self.successes.load(Ordering::Relaxed);
+        // When publishes last went through. A row not yet due in the sweep right after others
+        // went out is tried again only after `grace`: within that window others still count,
+        // or a bad row alone in a quiet shop would never be counted against itself.
+        let mut moved_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -205,7 +209,10 @@ impl Outbox {
             }
             // Publishes that went through since the last sweep: NATS is there.
             let now = self.successes.load(Ordering::Relaxed);
-            let nats_took_others = now != successes;
+            if now != successes {
+                moved_at = Some(tokio::time::Instant::now());
+            }
+            let nats_took_others = moved_at.is_some_and(|t| t.elapsed() <= grace + interval);
             successes = now;
             match self.sweep(grace, max_backoff, nats_took_others).await {
                 Ok(sweep) if sweep.stuck > 0 => {
