@@ -100,7 +100,7 @@ pub fn install() -> PrometheusHandle {
 fn describe_webhooks() {
     describe_counter!(
         WEBHOOK_QUEUED,
-        "Merchant webhook messages queued (one per endpoint that asked for the order event's type)."
+        "Merchant webhook messages queued (one per order event that an endpoint asked for; each endpoint reads it from its cursor)."
     );
     describe_counter!(
         WEBHOOK_DELIVERIES,

@@ -150,7 +150,8 @@ impl Pruner {
     }
 
     /// Merchant webhook deliveries that ended, with their attempts, then the messages no
-    /// delivery refers to any more. A pending delivery (and so its message) is never taken.
+    /// delivery refers to any more. A pending delivery (and so its message) is never taken,
+    /// nor a message an enabled endpoint has yet to read from its cursor.
     async fn webhooks(&self, keep: Duration) -> Result<u64, sqlx::Error> {
         let deliveries = self
             .batches(
@@ -174,8 +175,13 @@ impl Pruner {
                  DELETE FROM webhooks.messages WHERE webhook_id IN (
                      SELECT m.webhook_id FROM webhooks.messages m
                      WHERE m.created_at < $1 AND NOT EXISTS (
-                         SELECT 1 FROM webhooks.endpoints e JOIN webhooks.deliveries d
-                           ON d.endpoint_id = e.endpoint_id AND d.webhook_id = m.webhook_id)
+                         SELECT 1 FROM webhooks.endpoints e
+                         LEFT JOIN webhooks.deliveries d
+                           ON d.endpoint_id = e.endpoint_id AND d.webhook_id = m.webhook_id
+                         WHERE d.webhook_id IS NOT NULL
+                            OR (e.status = 'enabled' AND e.deleted_at IS NULL
+                                AND m.event_type = ANY(e.events)
+                                AND (m.tx, m.webhook_id) > (e.cursor_tx, e.cursor_id)))
                      LIMIT $2 FOR UPDATE SKIP LOCKED)
                  RETURNING 1)
              SELECT count(*) FROM gone",

@@ -1,17 +1,24 @@
-//! Sends the queued deliveries. Every order process runs a dispatcher; they share the work
-//! through PostgreSQL: a claim takes a batch of an endpoint's due deliveries with
-//! `FOR UPDATE SKIP LOCKED` and sets their `leased_until` past the time the batch can take
-//! (a lease), so no two processes send one delivery at once, and one killed mid-batch leaves
-//! it to the next claim. The lease is a column no index covers, so a claim is a HOT update
-//! (no index entries; the table keeps room on its pages for it). Delivery is at least once; receivers deduplicate by `webhook-id`,
-//! which never changes.
+//! Sends the messages to the endpoints. Every order process runs a dispatcher; they share the
+//! work through PostgreSQL, in two ways.
+//!
+//! New messages: each endpoint reads the message log from its own cursor (the feed writes a
+//! message once, nothing per endpoint). One process at a time reads an endpoint's cursor: it
+//! owns the endpoint for a lease (`owner`, `owned_until`), sends a batch, then records in one
+//! statement the batch's delivery rows, the cursor moved past them and the lease renewed for one
+//! more round. A process killed mid-batch leaves the endpoint to another when the lease runs out;
+//! its batch is sent again (at least once). A dead endpoint's backlog is the distance from its
+//! cursor to the log's end: it grows without a write.
+//!
+//! Retries (and replays): a failed message becomes a delivery row with its next attempt. Any
+//! process claims due rows with `FOR UPDATE SKIP LOCKED`, setting `leased_until` past the time
+//! the batch can take; the lease is a column no index covers, so a claim is a HOT update.
+//! Delivery is at least once; receivers deduplicate by `webhook-id`, which never changes.
 //!
 //! Each endpoint is a lane of its own: one batch at a time per process, at most
 //! `webhooks.max_in_flight_per_endpoint` requests of it in flight, each with a timeout, so a
-//! slow or dead endpoint holds its own lane and nobody else's. A batch's outcomes are recorded
-//! in one transaction (a few statements, whatever its size). A failure is retried after
+//! slow or dead endpoint holds its own lane and nobody else's. A failure is retried after
 //! `backoff_base × 2^(attempts-1)` (at most `backoff_max`), less up to half of it at random,
-//! until `retry_period` has passed since the delivery was queued. An endpoint that fails
+//! until `retry_period` has passed since the message was queued. An endpoint that fails
 //! several requests in a row is paused the same way (its waiting messages are not each tried
 //! against a dead server), and one that failed for a whole `retry_period` is disabled.
 
@@ -32,8 +39,8 @@ use super::target::{self, Target};
 use crate::config::WebhooksSettings;
 use crate::payments::token_seal::TokenSeal;
 
-/// The statement that records a batch's outcomes ($1 the endpoint, then one array per column),
-/// a macro so the healthy path can put it in a CTE of its one statement.
+/// The statement that records a retry batch's outcomes ($1 the endpoint, then one array per
+/// column), a macro so the healthy path can put it in a CTE of its one statement.
 macro_rules! outcomes {
     () => {
         "UPDATE webhooks.deliveries d SET
@@ -49,14 +56,44 @@ macro_rules! outcomes {
     };
 }
 
+/// The statement that writes a batch of new messages' delivery rows, their first attempt
+/// recorded ($1 the endpoint, then the columns as `outcomes!`, then $8 when each was queued).
+macro_rules! first_outcomes {
+    () => {
+        "INSERT INTO webhooks.deliveries (endpoint_id, webhook_id, status, attempts,
+                                         next_attempt_at, last_status, last_error,
+                                         last_latency_ms, queued_at, delivered_at)
+         SELECT $1, u.webhook_id,
+                CASE u.result WHEN 'delivered' THEN 'delivered'
+                              WHEN 'gave_up' THEN 'failed' ELSE 'pending' END,
+                1, now() + u.wait_ms * interval '1 millisecond', u.code, u.error, u.latency,
+                u.queued_at, CASE WHEN u.result = 'delivered' THEN now() END
+         FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[], $7::int[],
+                     $8::timestamptz[])
+              AS u(webhook_id, result, wait_ms, code, error, latency, queued_at)
+         ON CONFLICT DO NOTHING"
+    };
+}
+
+/// The statement that moves an endpoint's cursor and renews its lease ($9, $10 the cursor,
+/// $11 the lease, $12 this process), if this process still owns it.
+macro_rules! advance {
+    () => {
+        "UPDATE webhooks.endpoints SET cursor_tx = $9::xid8, cursor_id = $10,
+             owned_until = now() + $11::interval"
+    };
+}
+
 /// The dispatcher of one process.
 pub struct Dispatcher {
     pub pool: PgPool,
     pub seal: Arc<TokenSeal>,
     pub settings: WebhooksSettings,
+    /// This process's name in the endpoints it owns.
+    pub id: Uuid,
 }
 
-/// A claimed delivery.
+/// A message to send: a claimed retry, or a new message read from the cursor.
 #[derive(sqlx::FromRow)]
 struct Claimed {
     webhook_id: String,
@@ -66,11 +103,25 @@ struct Claimed {
     url: String,
 }
 
+/// A message read from an endpoint's cursor.
+#[derive(sqlx::FromRow)]
+struct Read {
+    webhook_id: String,
+    body: String,
+    queued_at: chrono::DateTime<chrono::Utc>,
+    url: String,
+    /// Its position in the log (a transaction id, as text).
+    tx: String,
+    /// The endpoint asked for its type and has no delivery row of it yet.
+    wanted: bool,
+}
+
 /// How one attempt went.
 struct Attempt {
     webhook_id: String,
     /// Its number among the delivery's attempts.
     number: i32,
+    queued_at: chrono::DateTime<chrono::Utc>,
     status: Option<u16>,
     error: Option<String>,
     latency: Duration,
@@ -95,15 +146,77 @@ struct LaneState {
     failures_in_a_row: u32,
     client: Option<(reqwest::Client, Instant, String)>,
     secrets: Option<(Vec<String>, Instant)>,
+    /// This process owns the endpoint's cursor until at least then (its lease, counted from
+    /// before the statement that set it, so never later than the database's).
+    owned_until: Option<Instant>,
 }
 
 /// How long a checked address and the opened secrets are trusted before they are read again.
 const RECHECK: Duration = Duration::from_secs(10);
 /// Failed requests in a row that pause an endpoint.
 const PAUSE_AFTER: u32 = 3;
+/// Rounds of requests (a slot's worth each) a batch may send.
+const ROUNDS: u32 = 4;
+/// A lease's room beyond its rounds' timeouts: reading, signing, recording.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The answers of a batch, as the statements that record them bind them.
+struct Outcomes<'a> {
+    ids: Vec<&'a str>,
+    numbers: Vec<i32>,
+    codes: Vec<Option<i32>>,
+    errors: Vec<Option<&'a str>>,
+    latencies: Vec<i32>,
+    results: Vec<&'static str>,
+    waits: Vec<i64>,
+    queued: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl<'a> Outcomes<'a> {
+    fn of(done: &'a [Attempt]) -> Self {
+        Outcomes {
+            ids: done.iter().map(|a| a.webhook_id.as_str()).collect(),
+            numbers: done.iter().map(|a| a.number).collect(),
+            codes: done.iter().map(|a| a.status.map(i32::from)).collect(),
+            errors: done.iter().map(|a| a.error.as_deref()).collect(),
+            latencies: done
+                .iter()
+                .map(|a| i32::try_from(a.latency.as_millis()).unwrap_or(i32::MAX))
+                .collect(),
+            results: done.iter().map(|a| a.result).collect(),
+            waits: done
+                .iter()
+                .map(|a| i64::try_from(a.wait.as_millis()).unwrap_or(i64::MAX))
+                .collect(),
+            queued: done.iter().map(|a| a.queued_at).collect(),
+        }
+    }
+
+    /// `sql` with $1 the endpoint and $2..$7 the outcome columns bound.
+    fn bind(
+        &'a self,
+        sql: &'a str,
+        endpoint_id: Uuid,
+    ) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql)
+            .bind(endpoint_id)
+            .bind(&self.ids)
+            .bind(&self.results)
+            .bind(&self.waits)
+            .bind(&self.codes)
+            .bind(&self.errors)
+            .bind(&self.latencies)
+    }
+}
+
+/// Where a batch of new messages leaves the cursor.
+struct Cursor {
+    tx: String,
+    id: String,
+}
 
 impl Dispatcher {
-    /// Sends deliveries as they fall due until shutdown.
+    /// Sends messages as they come and deliveries as they fall due, until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
         let me = Arc::new(self);
         let wake = Arc::new(Notify::new());
@@ -118,47 +231,70 @@ impl Dispatcher {
                 me.report_backlog().await;
             }
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => break,
                 () = wake.notified() => {}
                 () = tokio::time::sleep(me.settings.poll_interval) => {}
             }
         }
+        // Another process need not wait for the leases to run out.
+        if let Err(e) = sqlx::query(
+            "UPDATE webhooks.endpoints SET owner = NULL, owned_until = NULL WHERE owner = $1",
+        )
+        .bind(me.id)
+        .execute(&me.pool)
+        .await
+        {
+            tracing::warn!(error = %e, "webhook endpoints not released; their leases will run out");
+        }
     }
 
-    /// Starts a batch for every endpoint with deliveries due and no batch running.
+    /// Starts a batch for every endpoint with messages or retries due and no batch running.
     async fn round(
         self: &Arc<Self>,
         lanes: &mut HashMap<Uuid, Arc<Lane>>,
         wake: &Arc<Notify>,
     ) -> Result<(), sqlx::Error> {
-        let due: Vec<(Uuid,)> = sqlx::query_as(
-            // One probe of the due index per endpoint: a dead endpoint's backlog of thousands
-            // costs this no more than an empty one.
-            "SELECT e.endpoint_id FROM webhooks.endpoints e
-             WHERE e.status = 'enabled' AND e.deleted_at IS NULL
-               AND EXISTS (SELECT 1 FROM webhooks.deliveries d
-                           WHERE d.endpoint_id = e.endpoint_id AND d.status = 'pending'
-                             AND d.next_attempt_at <= now()
-                             AND (d.leased_until IS NULL OR d.leased_until <= now()))",
+        let due: Vec<(Uuid, bool, bool)> = sqlx::query_as(
+            // One probe of the due index and one of the log per endpoint: a dead endpoint's
+            // backlog of thousands costs this no more than an empty one. (The log's probe is
+            // ordered as its index is: a bare EXISTS was planned as a scan of every message.)
+            "SELECT endpoint_id, retries, fresh FROM (
+                 SELECT e.endpoint_id,
+                        EXISTS (SELECT 1 FROM webhooks.deliveries d
+                                WHERE d.endpoint_id = e.endpoint_id AND d.status = 'pending'
+                                  AND d.next_attempt_at <= now()
+                                  AND (d.leased_until IS NULL OR d.leased_until <= now()))
+                            AS retries,
+                        coalesce(e.owned_until IS NULL OR e.owned_until <= now() OR e.owner = $1,
+                                 false)
+                        AND EXISTS (SELECT 1 FROM (
+                                SELECT 1 FROM webhooks.messages m
+                                WHERE (m.tx, m.webhook_id) > (e.cursor_tx, e.cursor_id)
+                                  AND m.tx < pg_snapshot_xmin(pg_current_snapshot())
+                                ORDER BY m.tx, m.webhook_id LIMIT 1) next)
+                            AS fresh
+                 FROM webhooks.endpoints e
+                 WHERE e.status = 'enabled' AND e.deleted_at IS NULL) s
+             WHERE retries OR fresh",
         )
+        .bind(self.id)
         .fetch_all(&self.pool)
         .await?;
-        for (endpoint_id,) in due {
+        for (endpoint_id, retries, fresh) in due {
             let lane = lanes.entry(endpoint_id).or_default().clone();
             {
                 let Ok(mut state) = lane.state.lock() else {
                     continue;
                 };
-                let paused = state.paused_until.is_some_and(|t| t > Instant::now());
-                if state.running || paused {
+                if state.running || paused(&state) {
                     continue;
                 }
                 state.running = true;
             }
             let (me, wake) = (self.clone(), wake.clone());
             tokio::spawn(async move {
-                if let Err(e) = me.batch(endpoint_id, &lane).await {
-                    // The leases run out and the deliveries are tried again: at least once.
+                if let Err(e) = me.batch(endpoint_id, &lane, retries, fresh).await {
+                    // The leases run out and the messages are sent again: at least once.
                     tracing::warn!(error = %e, endpoint = %endpoint_id, "webhook batch not recorded");
                 }
                 if let Ok(mut state) = lane.state.lock() {
@@ -170,20 +306,151 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// The due retries of an endpoint, then its new messages, each batch sent and recorded.
+    async fn batch(
+        &self,
+        endpoint_id: Uuid,
+        lane: &Lane,
+        retries: bool,
+        fresh: bool,
+    ) -> Result<(), sqlx::Error> {
+        if retries {
+            self.retries(endpoint_id, lane).await?;
+        }
+        let stopped = lane.state.lock().map_or(true, |s| paused(&s));
+        if fresh && !stopped {
+            self.fresh(endpoint_id, lane).await?;
+        }
+        Ok(())
+    }
+
     /// Claims a batch of an endpoint's due deliveries, sends them, records how they went.
-    async fn batch(&self, endpoint_id: Uuid, lane: &Lane) -> Result<(), sqlx::Error> {
+    async fn retries(&self, endpoint_id: Uuid, lane: &Lane) -> Result<(), sqlx::Error> {
+        let claimed = self.claim(endpoint_id).await?;
+        let done = self.send_all(endpoint_id, lane, &claimed).await;
+        let unsent: Vec<String> = claimed[done.len()..]
+            .iter()
+            .map(|c| c.webhook_id.clone())
+            .collect();
+        self.record_retries(endpoint_id, &done, &unsent, lane).await
+    }
+
+    /// Reads the endpoint's new messages from its cursor (owning it for as long as the batch
+    /// can take), sends the ones it asked for, records them and moves the cursor past what
+    /// was sent.
+    async fn fresh(&self, endpoint_id: Uuid, lane: &Lane) -> Result<(), sqlx::Error> {
         let slots = self.settings.max_in_flight_per_endpoint.max(1);
-        let claimed = self.claim(endpoint_id, slots * 4).await?;
-        let Some(url) = claimed.first().map(|c| c.url.clone()) else {
-            return Ok(());
+        let mut rounds = self.rounds_owned(lane);
+        if rounds == 0 {
+            if !self.take(endpoint_id, lane).await? {
+                return Ok(());
+            }
+            rounds = ROUNDS;
+        }
+        // The limit is written into the statement (one per number of rounds), so PostgreSQL
+        // keeps one plan for each instead of planning every batch afresh; a message is looked
+        // up in the endpoint's deliveries one index probe at a time (a sub-select, which is
+        // never hashed over the whole table).
+        let sql = format!(
+            "SELECT m.webhook_id, m.body, m.created_at AS queued_at, e.url, m.tx::text AS tx,
+                    m.event_type = ANY(e.events) AND (
+                        SELECT d.webhook_id FROM webhooks.deliveries d
+                        WHERE d.endpoint_id = e.endpoint_id AND d.webhook_id = m.webhook_id)
+                        IS NULL AS wanted
+             FROM webhooks.endpoints e
+             CROSS JOIN LATERAL (
+                 SELECT * FROM webhooks.messages m
+                 WHERE (m.tx, m.webhook_id) > (e.cursor_tx, e.cursor_id)
+                   AND m.tx < pg_snapshot_xmin(pg_current_snapshot())
+                 ORDER BY m.tx, m.webhook_id LIMIT {}) m
+             WHERE e.endpoint_id = $1 AND e.owner = $2 AND e.owned_until > now()
+               AND e.status = 'enabled' AND e.deleted_at IS NULL
+             ORDER BY m.tx, m.webhook_id",
+            rounds as usize * slots
+        );
+        let read: Vec<Read> = sqlx::query_as(&sql)
+            .bind(endpoint_id)
+            .bind(self.id)
+            .fetch_all(&self.pool)
+            .await?;
+        let claimed: Vec<Claimed> = read
+            .iter()
+            .filter(|r| r.wanted)
+            .map(|r| Claimed {
+                webhook_id: r.webhook_id.clone(),
+                body: r.body.clone(),
+                attempts: 1,
+                queued_at: r.queued_at,
+                url: r.url.clone(),
+            })
+            .collect();
+        let done = self.send_all(endpoint_id, lane, &claimed).await;
+        // Past every message read, up to the first one a pause left unsent.
+        let mut cursor = None;
+        let mut sent = 0;
+        for r in &read {
+            if r.wanted {
+                if sent == done.len() {
+                    break;
+                }
+                sent += 1;
+            }
+            cursor = Some(Cursor {
+                tx: r.tx.clone(),
+                id: r.webhook_id.clone(),
+            });
+        }
+        match cursor {
+            Some(cursor) => self.record_fresh(endpoint_id, &done, &cursor, lane).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Rounds of requests this process may still send under its lease on the endpoint.
+    fn rounds_owned(&self, lane: &Lane) -> u32 {
+        let Some(until) = lane.state.lock().ok().and_then(|s| s.owned_until) else {
+            return 0;
         };
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(LEASE_MARGIN);
+        let per_round = self.settings.timeout.as_millis().max(1);
+        u32::try_from(left.as_millis() / per_round)
+            .unwrap_or(ROUNDS)
+            .min(ROUNDS)
+    }
+
+    /// Owns the endpoint for a whole batch if no other process does; answers whether it does.
+    async fn take(&self, endpoint_id: Uuid, lane: &Lane) -> Result<bool, sqlx::Error> {
+        let lease = self.settings.timeout * ROUNDS + LEASE_MARGIN;
+        let before = Instant::now();
+        let taken = sqlx::query(
+            "UPDATE webhooks.endpoints SET owner = $2, owned_until = now() + $3::interval
+             WHERE endpoint_id = $1 AND status = 'enabled' AND deleted_at IS NULL
+               AND (owner = $2 OR owned_until IS NULL OR owned_until <= now())",
+        )
+        .bind(endpoint_id)
+        .bind(self.id)
+        .bind(millis(lease))
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1;
+        owned(lane, taken.then_some(before + lease));
+        Ok(taken)
+    }
+
+    /// Sends a batch a slot's worth at a time; a pause of the endpoint stops it between them.
+    /// The attempts made, in order (the batch's first ones).
+    async fn send_all(&self, endpoint_id: Uuid, lane: &Lane, claimed: &[Claimed]) -> Vec<Attempt> {
+        let Some(url) = claimed.first().map(|c| c.url.clone()) else {
+            return Vec::new();
+        };
+        let slots = self.settings.max_in_flight_per_endpoint.max(1);
         let ready = self.prepare(endpoint_id, lane, &url).await;
         let mut done: Vec<Attempt> = Vec::with_capacity(claimed.len());
-        let mut sent = 0;
-        // A slot's worth at a time; a paused endpoint stops the batch between them.
         for chunk in claimed.chunks(slots) {
             let attempts = join_all(chunk.iter().map(|c| self.one(&ready, c))).await;
-            sent += chunk.len();
             let mut paused = false;
             for attempt in attempts {
                 paused |= self.note(lane, &attempt);
@@ -193,11 +460,7 @@ impl Dispatcher {
                 break;
             }
         }
-        let unsent: Vec<String> = claimed[sent..]
-            .iter()
-            .map(|c| c.webhook_id.clone())
-            .collect();
-        self.record(endpoint_id, &done, &unsent, lane).await
+        done
     }
 
     /// One attempt with the lane's client and secrets, or the reason there are none.
@@ -234,13 +497,11 @@ impl Dispatcher {
         true
     }
 
-    /// Takes up to `n` due deliveries of an endpoint, leased for as long as sending them may
+    /// Takes a batch of an endpoint's due deliveries, leased for as long as sending them may
     /// take.
-    async fn claim(&self, endpoint_id: Uuid, n: usize) -> Result<Vec<Claimed>, sqlx::Error> {
-        let rounds = u32::try_from(n / self.settings.max_in_flight_per_endpoint.max(1))
-            .unwrap_or(1)
-            .max(1);
-        let lease = self.settings.timeout * rounds + Duration::from_secs(5);
+    async fn claim(&self, endpoint_id: Uuid) -> Result<Vec<Claimed>, sqlx::Error> {
+        let n = self.settings.max_in_flight_per_endpoint.max(1) * ROUNDS as usize;
+        let lease = self.settings.timeout * ROUNDS + LEASE_MARGIN;
         sqlx::query_as(
             "WITH due AS (
                  SELECT endpoint_id, webhook_id FROM webhooks.deliveries
@@ -256,7 +517,7 @@ impl Dispatcher {
         )
         .bind(endpoint_id)
         .bind(i64::try_from(n).unwrap_or(1))
-        .bind(format!("{} milliseconds", lease.as_millis()))
+        .bind(millis(lease))
         .fetch_all(&self.pool)
         .await
     }
@@ -339,6 +600,7 @@ impl Dispatcher {
         Attempt {
             webhook_id: c.webhook_id.clone(),
             number: c.attempts,
+            queued_at: c.queued_at,
             status,
             error,
             latency,
@@ -347,80 +609,132 @@ impl Dispatcher {
         }
     }
 
-    /// Writes a batch's attempts and what comes next for each, in one transaction; the ones
-    /// not sent (the endpoint was paused) wait for the pause, their attempt not counted.
-    async fn record(
+    /// Writes a retry batch's attempts and what comes next for each; the ones not sent (the
+    /// endpoint was paused) wait for the pause, their attempt not counted.
+    async fn record_retries(
         &self,
         endpoint_id: Uuid,
         done: &[Attempt],
         unsent: &[String],
         lane: &Lane,
     ) -> Result<(), sqlx::Error> {
-        let ids: Vec<&str> = done.iter().map(|a| a.webhook_id.as_str()).collect();
-        let numbers: Vec<i32> = done.iter().map(|a| a.number).collect();
-        let codes: Vec<Option<i32>> = done.iter().map(|a| a.status.map(i32::from)).collect();
-        let errors: Vec<Option<&str>> = done.iter().map(|a| a.error.as_deref()).collect();
-        let latencies: Vec<i32> = done
-            .iter()
-            .map(|a| i32::try_from(a.latency.as_millis()).unwrap_or(i32::MAX))
-            .collect();
-        let results: Vec<&str> = done.iter().map(|a| a.result).collect();
-        let waits: Vec<i64> = done
-            .iter()
-            .map(|a| i64::try_from(a.wait.as_millis()).unwrap_or(i64::MAX))
-            .collect();
-        let outcomes = |sql: &'static str| {
-            sqlx::query(sql)
-                .bind(endpoint_id)
-                .bind(&ids)
-                .bind(&results)
-                .bind(&waits)
-                .bind(&codes)
-                .bind(&errors)
-                .bind(&latencies)
-        };
-        let endpoint = endpoint_id.to_string();
+        let outcomes = Outcomes::of(done);
         if !done.is_empty() && unsent.is_empty() && done.iter().all(|a| a.result == "delivered") {
             // The healthy endpoint's every batch: one statement, no transaction around it.
-            outcomes(concat!(
+            let sql = concat!(
                 "WITH recorded AS (",
                 outcomes!(),
                 ") UPDATE webhooks.endpoints SET failing_since = NULL
                    WHERE endpoint_id = $1 AND failing_since IS NOT NULL"
-            ))
-            .execute(&self.pool)
-            .await?;
-            for a in done {
-                crate::metrics::webhook_attempt(&endpoint, a.result, a.latency.as_secs_f64());
-            }
+            );
+            outcomes.bind(sql, endpoint_id).execute(&self.pool).await?;
+            Self::recorded(endpoint_id, done, false);
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        // Failed attempts only: a success is the delivery row itself (log.rs shows it).
-        if done.iter().any(|a| a.result != "delivered") {
-            sqlx::query(
-                "INSERT INTO webhooks.attempts (endpoint_id, webhook_id, attempt, status_code, error,
-                                                latency_ms)
-                 SELECT $1, a.webhook_id, a.attempt, a.code, a.error, a.latency
-                 FROM unnest($2::text[], $3::int[], $4::int[], $5::text[], $6::int[], $7::text[])
-                      AS a(webhook_id, attempt, code, error, latency, result)
-                 WHERE a.result <> 'delivered'
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(endpoint_id)
-            .bind(&ids)
-            .bind(&numbers)
-            .bind(&codes)
-            .bind(&errors)
-            .bind(&latencies)
-            .bind(&results)
+        Self::failed_attempts(&mut tx, endpoint_id, &outcomes).await?;
+        outcomes
+            .bind(outcomes!(), endpoint_id)
             .execute(&mut *tx)
             .await?;
-        }
-        outcomes(outcomes!()).execute(&mut *tx).await?;
         release_unsent(&mut tx, endpoint_id, unsent, lane).await?;
         let disabled = self.endpoint_health(&mut tx, endpoint_id, done).await?;
         tx.commit().await?;
+        Self::recorded(endpoint_id, done, disabled);
+        Ok(())
+    }
+
+    /// Writes the delivery rows of a batch of new messages and moves the endpoint's cursor
+    /// past it, renewing the lease for one more round: one statement when every one arrived.
+    async fn record_fresh(
+        &self,
+        endpoint_id: Uuid,
+        done: &[Attempt],
+        cursor: &Cursor,
+        lane: &Lane,
+    ) -> Result<(), sqlx::Error> {
+        let outcomes = Outcomes::of(done);
+        let lease = self.settings.timeout + LEASE_MARGIN + Duration::from_secs(1);
+        let lease_text = millis(lease);
+        let before = Instant::now();
+        let advance = |sql: &'static str| {
+            outcomes
+                .bind(sql, endpoint_id)
+                .bind(&outcomes.queued)
+                .bind(&cursor.tx)
+                .bind(&cursor.id)
+                .bind(&lease_text)
+                .bind(self.id)
+        };
+        let healthy = done.iter().all(|a| a.result == "delivered");
+        let moved = if healthy {
+            let sql = concat!(
+                "WITH recorded AS (",
+                first_outcomes!(),
+                ") ",
+                advance!(),
+                ", failing_since = CASE WHEN cardinality($2::text[]) > 0 THEN NULL
+                                        ELSE failing_since END
+                 WHERE endpoint_id = $1 AND owner = $12"
+            );
+            let moved = advance(sql).execute(&self.pool).await?.rows_affected();
+            Self::recorded(endpoint_id, done, false);
+            moved
+        } else {
+            let mut tx = self.pool.begin().await?;
+            Self::failed_attempts(&mut tx, endpoint_id, &outcomes).await?;
+            let sql = concat!(
+                "WITH recorded AS (",
+                first_outcomes!(),
+                ") ",
+                advance!(),
+                " WHERE endpoint_id = $1 AND owner = $12"
+            );
+            let moved = advance(sql).execute(&mut *tx).await?.rows_affected();
+            let disabled = self.endpoint_health(&mut tx, endpoint_id, done).await?;
+            tx.commit().await?;
+            Self::recorded(endpoint_id, done, disabled);
+            moved
+        };
+        // Not owned any more (the lease ran out and another took it): it goes on from where
+        // this one's batch began, so these messages were sent twice, never lost.
+        owned(lane, (moved == 1).then_some(before + lease));
+        Ok(())
+    }
+
+    /// Keeps a row per failed attempt: a success is the delivery row itself (log.rs shows it).
+    async fn failed_attempts(
+        tx: &mut sqlx::PgConnection,
+        endpoint_id: Uuid,
+        o: &Outcomes<'_>,
+    ) -> Result<(), sqlx::Error> {
+        if o.results.iter().all(|r| *r == "delivered") {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO webhooks.attempts (endpoint_id, webhook_id, attempt, status_code, error,
+                                            latency_ms)
+             SELECT $1, a.webhook_id, a.attempt, a.code, a.error, a.latency
+             FROM unnest($2::text[], $3::int[], $4::int[], $5::text[], $6::int[], $7::text[])
+                  AS a(webhook_id, attempt, code, error, latency, result)
+             WHERE a.result <> 'delivered'
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(endpoint_id)
+        .bind(&o.ids)
+        .bind(&o.numbers)
+        .bind(&o.codes)
+        .bind(&o.errors)
+        .bind(&o.latencies)
+        .bind(&o.results)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Counts what a recorded batch did.
+    fn recorded(endpoint_id: Uuid, done: &[Attempt], disabled: bool) {
+        let endpoint = endpoint_id.to_string();
         for a in done {
             crate::metrics::webhook_attempt(&endpoint, a.result, a.latency.as_secs_f64());
         }
@@ -428,7 +742,6 @@ impl Dispatcher {
             tracing::error!(endpoint = %endpoint_id, "webhook endpoint disabled: it failed for the whole retry period");
             crate::metrics::webhook_endpoint_disabled();
         }
-        Ok(())
     }
 
     /// Keeps `failing_since` (cleared by a success) and disables an endpoint failing longer
@@ -472,10 +785,7 @@ impl Dispatcher {
              RETURNING status",
         )
         .bind(id)
-        .bind(format!(
-            "{} milliseconds",
-            self.settings.retry_period.as_millis()
-        ))
+        .bind(millis(self.settings.retry_period))
         .bind(gave_up.is_some())
         .bind(gave_up.map(|a| a.webhook_id.as_str()).unwrap_or_default())
         .fetch_optional(&mut *tx)
@@ -493,13 +803,19 @@ impl Dispatcher {
         Ok(disabled)
     }
 
-    /// Each endpoint's deliveries not yet delivered, as gauges.
+    /// Each endpoint's messages not yet delivered (due retries and the log past its cursor),
+    /// as gauges.
     async fn report_backlog(&self) {
         let rows: Result<Vec<(Uuid, i64)>, _> = sqlx::query_as(
-            "SELECT e.endpoint_id, count(d.webhook_id) FROM webhooks.endpoints e
-             LEFT JOIN webhooks.deliveries d
-                    ON d.endpoint_id = e.endpoint_id AND d.status = 'pending'
-             WHERE e.deleted_at IS NULL GROUP BY e.endpoint_id",
+            "SELECT e.endpoint_id,
+                    (SELECT count(*) FROM webhooks.deliveries d
+                     WHERE d.endpoint_id = e.endpoint_id AND d.status = 'pending')
+                    + CASE WHEN e.status = 'enabled' THEN
+                          (SELECT count(*) FROM webhooks.messages m
+                           WHERE (m.tx, m.webhook_id) > (e.cursor_tx, e.cursor_id)
+                             AND m.event_type = ANY(e.events))
+                      ELSE 0 END
+             FROM webhooks.endpoints e WHERE e.deleted_at IS NULL",
         )
         .fetch_all(&self.pool)
         .await;
@@ -507,6 +823,23 @@ impl Dispatcher {
             crate::metrics::webhook_backlog(&endpoint.to_string(), pending);
         }
     }
+}
+
+/// The lane is paused (its endpoint failed several requests in a row).
+fn paused(state: &LaneState) -> bool {
+    state.paused_until.is_some_and(|t| t > Instant::now())
+}
+
+/// Notes until when this process owns the lane's endpoint (`None`: it does not).
+fn owned(lane: &Lane, until: Option<Instant>) {
+    if let Ok(mut state) = lane.state.lock() {
+        state.owned_until = until;
+    }
+}
+
+/// A duration as PostgreSQL's interval text.
+fn millis(d: Duration) -> String {
+    format!("{} milliseconds", d.as_millis())
 }
 
 /// Puts back what a paused batch did not send: due when the pause ends, its attempt not
@@ -535,7 +868,7 @@ async fn release_unsent(
     )
     .bind(endpoint_id)
     .bind(unsent)
-    .bind(format!("{} milliseconds", pause.as_millis()))
+    .bind(millis(pause))
     .execute(tx)
     .await?;
     Ok(())

@@ -132,11 +132,15 @@ pub async fn rotate(
     Ok((rotated.rows_affected() == 1).then_some(secret))
 }
 
-/// Turns an endpoint back on (after it was disabled for failing).
+/// Turns an endpoint back on (after it was disabled for failing). It reads the messages
+/// from now on, as a new endpoint does: what it missed while disabled is a replay away.
 pub async fn enable(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE webhooks.endpoints SET status = 'enabled', disabled_reason = NULL,
-             failing_since = NULL
+             failing_since = NULL,
+             cursor_tx = CASE WHEN status = 'disabled'
+                              THEN pg_snapshot_xmin(pg_current_snapshot()) ELSE cursor_tx END,
+             cursor_id = CASE WHEN status = 'disabled' THEN '' ELSE cursor_id END
          WHERE endpoint_id = $1 AND deleted_at IS NULL",
     )
     .bind(id)

@@ -1,6 +1,6 @@
-//! The saga's order events, turned into deliveries: the message once, and one row per endpoint
-//! that asked for the event's type, written in the step's transaction (with its inbox row), so each event becomes
-//! each endpoint's message exactly once. Sending is the dispatcher's job, never the saga's:
+//! The saga's order events, turned into webhook messages: one row per event that an endpoint
+//! asked for, written in the step's transaction (with its inbox row), so each event becomes
+//! one message exactly once; every endpoint reads the messages from its own cursor. Sending is the dispatcher's job, never the saga's:
 //! this step only writes rows, so no endpoint can slow it.
 
 use serde_json::{json, Value};
@@ -14,7 +14,7 @@ use crate::saga::runner::StepError;
 use crate::saga::{Delivery, Shape, Step, Tx};
 
 /// Consumes `checkout.confirmed`, `failed`, `shipped`, `cancelled` and `refunded`; writes
-/// `webhooks.messages` and `webhooks.deliveries`.
+/// `webhooks.messages`.
 pub struct FeedStep {
     pub leases: Leases,
 }
@@ -87,22 +87,15 @@ impl Step for FeedStep {
         let kinds: Vec<&str> = items.iter().map(|(m, ())| m.event_type).collect();
         let orders: Vec<uuid::Uuid> = items.iter().map(|(m, ())| m.order_id).collect();
         let bodies: Vec<&str> = items.iter().map(|(m, ())| m.body.as_str()).collect();
-        // The body once per message, a narrow row per endpoint that asked for its type.
+        // The message once, if an endpoint wants its type; each endpoint reads it from its
+        // cursor (dispatch.rs), so nothing here is written per endpoint.
         let queued = sqlx::query(
-            "WITH m AS (
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[])
-                        AS m(webhook_id, event_type, order_id, body)
-                 WHERE EXISTS (SELECT 1 FROM webhooks.endpoints e
-                               WHERE e.status = 'enabled' AND e.deleted_at IS NULL
-                                 AND m.event_type = ANY(e.events))),
-             stored AS (
-                 INSERT INTO webhooks.messages (webhook_id, event_type, order_id, body)
-                 SELECT webhook_id, event_type, order_id, body FROM m
-                 ON CONFLICT DO NOTHING)
-             INSERT INTO webhooks.deliveries (endpoint_id, webhook_id)
-             SELECT e.endpoint_id, m.webhook_id FROM m
-             JOIN webhooks.endpoints e
-               ON e.status = 'enabled' AND e.deleted_at IS NULL AND m.event_type = ANY(e.events)
+            "INSERT INTO webhooks.messages (webhook_id, event_type, order_id, body)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[])
+                    AS m(webhook_id, event_type, order_id, body)
+             WHERE EXISTS (SELECT 1 FROM webhooks.endpoints e
+                           WHERE e.status = 'enabled' AND e.deleted_at IS NULL
+                             AND m.event_type = ANY(e.events))
              ON CONFLICT DO NOTHING",
         )
         .bind(&ids)

@@ -38,15 +38,24 @@ pub async fn deliveries(
     limit: i64,
 ) -> Result<(Vec<DeliveryRecord>, Vec<AttemptRecord>), sqlx::Error> {
     let deliveries: Vec<DeliveryRecord> = sqlx::query_as(
-        // Newest messages first, each looked up in the endpoint's deliveries: messages carry
-        // the only time index, so a delivery row (written and rewritten per endpoint) has none.
-        "SELECT d.webhook_id, m.event_type, m.order_id, d.status, d.attempts, d.last_status,
-                d.last_error, d.last_latency_ms,
-                greatest(d.next_attempt_at, d.leased_until) AS next_attempt_at,
-                d.created_at, d.delivered_at
-         FROM webhooks.messages m
-         JOIN webhooks.deliveries d ON d.endpoint_id = $1 AND d.webhook_id = m.webhook_id
-         ORDER BY m.created_at DESC, m.webhook_id LIMIT $2",
+        // Newest messages first (in the log's order, which the cursors read by), each looked
+        // up in the endpoint's deliveries. A message past the cursor of an
+        // enabled endpoint that asked for its type has no row yet: it is pending, never tried.
+        "SELECT m.webhook_id, m.event_type, m.order_id, coalesce(d.status, 'pending') AS status,
+                coalesce(d.attempts, 0) AS attempts, d.last_status, d.last_error,
+                d.last_latency_ms,
+                coalesce(greatest(d.next_attempt_at, d.leased_until), m.created_at)
+                    AS next_attempt_at,
+                coalesce(d.created_at, m.created_at) AS created_at, d.delivered_at
+         FROM webhooks.endpoints e
+         JOIN webhooks.messages m ON true
+         LEFT JOIN webhooks.deliveries d
+                ON d.endpoint_id = e.endpoint_id AND d.webhook_id = m.webhook_id
+         WHERE e.endpoint_id = $1
+           AND (d.webhook_id IS NOT NULL
+                OR (e.status = 'enabled' AND m.event_type = ANY(e.events)
+                    AND (m.tx, m.webhook_id) > (e.cursor_tx, e.cursor_id)))
+         ORDER BY m.tx DESC, m.webhook_id DESC LIMIT $2",
     )
     .bind(endpoint_id)
     .bind(limit)

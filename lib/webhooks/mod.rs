@@ -32,6 +32,7 @@ pub fn start(
         pool: leases.pool().clone(),
         seal: seal.clone(),
         settings: settings.webhooks.clone(),
+        id: uuid::Uuid::new_v4(),
     };
     tasks.until_shutdown("webhook-dispatcher", move |token| dispatcher.run(token));
 }

@@ -534,3 +534,81 @@ async fn a_deleted_endpoint_is_gone_and_its_waiting_deliveries_end() {
         .await;
     assert_eq!(waiting, 0, "nothing is left to send to a deleted endpoint");
 }
+
+#[tokio::test]
+async fn two_order_processes_send_each_message_once() {
+    let app = TestApp::spawn().await;
+    // A second dispatcher beside the first: an endpoint's new messages are read by one of them
+    // at a time, so neither sends what the other sent.
+    let _second = app.start_roles(&[checkout::app::Role::Order]).await;
+    app.product("TEE", "10.00", 30).await;
+    let (endpoint, mut receiver) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    receiver.start().await;
+    for i in 0..20 {
+        app.buy(&format!("buyer-{i}"), "TEE", "tok_visa").await;
+    }
+    app.eventually("all twenty delivered", || async {
+        let log = deliveries(&app, &endpoint).await;
+        log.len() == 20 && log.iter().all(|d| d["status"] == "delivered")
+    })
+    .await;
+    assert_eq!(unique_ids(&receiver.accepted().await).len(), 20);
+}
+
+#[tokio::test]
+async fn a_message_committed_late_by_an_older_transaction_is_not_skipped() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    let (_, mut receiver) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    receiver.start().await;
+    // A transaction that begins before an order and writes its message after the order's
+    // message was committed, as a slow feed step would: a cursor that passed the order's
+    // message would never come back for this one.
+    let mut older = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older)
+        .await
+        .expect("an id taken first");
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    app.eventually("the order's message written", || async {
+        app.count("SELECT count(*) FROM webhooks.messages").await == 1
+    })
+    .await;
+    // Twenty dispatcher rounds (50 ms apart in tests): not one sends the order's message
+    // while a transaction older than it is open. This waiting is the point, not a sync.
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(1) {
+        assert!(
+            receiver.accepted().await.is_empty(),
+            "the order's message was sent past an older open transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let late = uuid::Uuid::new_v4();
+    let body = json!({
+        "type": "order.confirmed",
+        "timestamp": "2026-12-05T00:00:00.000Z",
+        "data": {"orderId": late},
+    });
+    sqlx::query(
+        "INSERT INTO webhooks.messages (webhook_id, event_type, order_id, body)
+         VALUES ('msg_late', 'order.confirmed', $1, $2)",
+    )
+    .bind(late)
+    .bind(body.to_string())
+    .execute(&mut *older)
+    .await
+    .expect("the late message");
+    older.commit().await.expect("commit");
+    app.eventually("both arrive", || async {
+        let accepted = receiver.accepted().await;
+        let orders: Vec<&str> = accepted
+            .iter()
+            .filter_map(|a| a["orderId"].as_str())
+            .collect();
+        orders.contains(&id.as_str()) && orders.contains(&late.to_string().as_str())
+    })
+    .await;
+    assert_eq!(unique_ids(&receiver.accepted().await).len(), 2);
+}

@@ -141,6 +141,19 @@ async fn webhook_deliveries_that_ended_are_pruned_and_pending_ones_kept() {
                 .expect("webhook rows");
         }
     }
+    // The endpoint has read the log this far; one more old message after that, which it has
+    // yet to be offered (it was paused): no delivery row refers to it, and it stays.
+    for sql in [
+        "UPDATE webhooks.endpoints SET cursor_tx = pg_snapshot_xmin(pg_current_snapshot())",
+        "INSERT INTO webhooks.messages (webhook_id, event_type, order_id, body, created_at)
+         VALUES ('msg_old_unread', 'order.confirmed', gen_random_uuid(), '{}',
+                 now() - interval '40 days')",
+    ] {
+        sqlx::query(sql)
+            .execute(&app.pool)
+            .await
+            .expect("cursor and message");
+    }
     let pruner = Pruner {
         pool: app.pool.clone(),
         settings: app.settings.retention.clone(),
@@ -154,7 +167,11 @@ async fn webhook_deliveries_that_ended_are_pruned_and_pending_ones_kept() {
             .expect("messages");
     assert_eq!(
         left,
-        [("msg_old_pending".to_owned(),), ("msg_recent".to_owned(),)]
+        [
+            ("msg_old_pending".to_owned(),),
+            ("msg_old_unread".to_owned(),),
+            ("msg_recent".to_owned(),)
+        ]
     );
     assert_eq!(
         app.count("SELECT count(*) FROM webhooks.deliveries").await,
