@@ -103,17 +103,71 @@ struct Claimed {
     url: String,
 }
 
-/// A message read from an endpoint's cursor.
+/// A row of a read from an endpoint's cursor: a message, or (all `None`) none after it.
 #[derive(sqlx::FromRow)]
+struct ReadRow {
+    url: String,
+    webhook_id: Option<String>,
+    body: Option<String>,
+    queued_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Its position in the log (a transaction id, as text).
+    tx: Option<String>,
+    /// The endpoint asked for its type and has no delivery row of it yet.
+    wanted: Option<bool>,
+}
+
+/// A message read from an endpoint's cursor.
 struct Read {
     webhook_id: String,
     body: String,
     queued_at: chrono::DateTime<chrono::Utc>,
     url: String,
-    /// Its position in the log (a transaction id, as text).
     tx: String,
-    /// The endpoint asked for its type and has no delivery row of it yet.
     wanted: bool,
+}
+
+/// The messages of a read; `None` when this process does not own the endpoint (no row at
+/// all: the endpoint row was not there to read from).
+fn read_of(rows: Vec<ReadRow>) -> Option<Vec<Read>> {
+    if rows.is_empty() {
+        return None;
+    }
+    Some(
+        rows.into_iter()
+            .filter_map(|r| {
+                Some(Read {
+                    webhook_id: r.webhook_id?,
+                    body: r.body?,
+                    queued_at: r.queued_at?,
+                    url: r.url,
+                    tx: r.tx?,
+                    wanted: r.wanted.unwrap_or(false),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// What follows a CTE `moved` (the owned endpoint's row: its id, url, events and cursor):
+/// the next `limit` messages after the cursor, or one row of `NULL`s if there are none. The
+/// limit is written into the statement (one text per limit), so PostgreSQL keeps a plan for
+/// each instead of planning every batch afresh; a message is looked up in the endpoint's
+/// deliveries one index probe at a time (a sub-select, which is never hashed over the table).
+fn read_after(limit: usize) -> String {
+    format!(
+        "SELECT moved.url, m.webhook_id, m.body, m.created_at AS queued_at, m.tx::text AS tx,
+                m.event_type = ANY(moved.events) AND (
+                    SELECT d.webhook_id FROM webhooks.deliveries d
+                    WHERE d.endpoint_id = moved.endpoint_id AND d.webhook_id = m.webhook_id)
+                    IS NULL AS wanted
+         FROM moved
+         LEFT JOIN LATERAL (
+             SELECT * FROM webhooks.messages m
+             WHERE (m.tx, m.webhook_id) > (moved.cursor_tx, moved.cursor_id)
+               AND m.tx < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY m.tx, m.webhook_id LIMIT {limit}) m ON true
+         ORDER BY m.tx, m.webhook_id"
+    )
 }
 
 /// How one attempt went.
@@ -337,7 +391,8 @@ impl Dispatcher {
 
     /// Reads the endpoint's new messages from its cursor (owning it for as long as the batch
     /// can take), sends the ones it asked for, records them and moves the cursor past what
-    /// was sent.
+    /// was sent; and again while every one arrives, for up to a poll interval (then the round
+    /// looks at its retries too).
     async fn fresh(&self, endpoint_id: Uuid, lane: &Lane) -> Result<(), sqlx::Error> {
         let slots = self.settings.max_in_flight_per_endpoint.max(1);
         let mut rounds = self.rounds_owned(lane);
@@ -347,62 +402,52 @@ impl Dispatcher {
             }
             rounds = ROUNDS;
         }
-        // The limit is written into the statement (one per number of rounds), so PostgreSQL
-        // keeps one plan for each instead of planning every batch afresh; a message is looked
-        // up in the endpoint's deliveries one index probe at a time (a sub-select, which is
-        // never hashed over the whole table).
+        let started = Instant::now();
         let sql = format!(
-            "SELECT m.webhook_id, m.body, m.created_at AS queued_at, e.url, m.tx::text AS tx,
-                    m.event_type = ANY(e.events) AND (
-                        SELECT d.webhook_id FROM webhooks.deliveries d
-                        WHERE d.endpoint_id = e.endpoint_id AND d.webhook_id = m.webhook_id)
-                        IS NULL AS wanted
-             FROM webhooks.endpoints e
-             CROSS JOIN LATERAL (
-                 SELECT * FROM webhooks.messages m
-                 WHERE (m.tx, m.webhook_id) > (e.cursor_tx, e.cursor_id)
-                   AND m.tx < pg_snapshot_xmin(pg_current_snapshot())
-                 ORDER BY m.tx, m.webhook_id LIMIT {}) m
-             WHERE e.endpoint_id = $1 AND e.owner = $2 AND e.owned_until > now()
-               AND e.status = 'enabled' AND e.deleted_at IS NULL
-             ORDER BY m.tx, m.webhook_id",
-            rounds as usize * slots
+            "WITH moved AS (
+                 SELECT endpoint_id, url, events, cursor_tx, cursor_id FROM webhooks.endpoints
+                 WHERE endpoint_id = $1 AND owner = $2 AND owned_until > now()
+                   AND status = 'enabled' AND deleted_at IS NULL)
+             {}",
+            read_after(rounds as usize * slots)
         );
-        let read: Vec<Read> = sqlx::query_as(&sql)
+        let rows: Vec<ReadRow> = sqlx::query_as(&sql)
             .bind(endpoint_id)
             .bind(self.id)
             .fetch_all(&self.pool)
             .await?;
-        let claimed: Vec<Claimed> = read
-            .iter()
-            .filter(|r| r.wanted)
-            .map(|r| Claimed {
-                webhook_id: r.webhook_id.clone(),
-                body: r.body.clone(),
-                attempts: 1,
-                queued_at: r.queued_at,
-                url: r.url.clone(),
-            })
-            .collect();
-        let done = self.send_all(endpoint_id, lane, &claimed).await;
-        // Past every message read, up to the first one a pause left unsent.
-        let mut cursor = None;
-        let mut sent = 0;
-        for r in &read {
-            if r.wanted {
-                if sent == done.len() {
-                    break;
-                }
-                sent += 1;
+        let mut read = read_of(rows);
+        loop {
+            let Some(batch) = read.take() else {
+                owned(lane, None);
+                return Ok(());
+            };
+            if batch.is_empty() {
+                return Ok(());
             }
-            cursor = Some(Cursor {
-                tx: r.tx.clone(),
-                id: r.webhook_id.clone(),
-            });
-        }
-        match cursor {
-            Some(cursor) => self.record_fresh(endpoint_id, &done, &cursor, lane).await,
-            None => Ok(()),
+            let claimed: Vec<Claimed> = batch
+                .iter()
+                .filter(|r| r.wanted)
+                .map(|r| Claimed {
+                    webhook_id: r.webhook_id.clone(),
+                    body: r.body.clone(),
+                    attempts: 1,
+                    queued_at: r.queued_at,
+                    url: r.url.clone(),
+                })
+                .collect();
+            let done = self.send_all(endpoint_id, lane, &claimed).await;
+            let Some(cursor) = cursor_after(&batch, done.len()) else {
+                return Ok(());
+            };
+            let Some(next) = self.record_fresh(endpoint_id, &done, &cursor, lane).await? else {
+                return Ok(());
+            };
+            let stopped = lane.state.lock().map_or(true, |s| paused(&s));
+            if stopped || started.elapsed() >= self.settings.poll_interval {
+                return Ok(());
+            }
+            read = Some(next);
         }
     }
 
@@ -645,61 +690,78 @@ impl Dispatcher {
     }
 
     /// Writes the delivery rows of a batch of new messages and moves the endpoint's cursor
-    /// past it, renewing the lease for one more round: one statement when every one arrived.
+    /// past it, renewing the lease for one more round. When every one arrived this is one
+    /// statement, which also reads the next batch (`Some`; its messages, none if this process
+    /// lost the endpoint); after a failure, `None`.
     async fn record_fresh(
         &self,
         endpoint_id: Uuid,
         done: &[Attempt],
         cursor: &Cursor,
         lane: &Lane,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Option<Vec<Read>>, sqlx::Error> {
         let outcomes = Outcomes::of(done);
         let lease = self.settings.timeout + LEASE_MARGIN + Duration::from_secs(1);
         let lease_text = millis(lease);
         let before = Instant::now();
-        let advance = |sql: &'static str| {
-            outcomes
-                .bind(sql, endpoint_id)
+        let slots = self.settings.max_in_flight_per_endpoint.max(1);
+        if done.iter().all(|a| a.result == "delivered") {
+            let sql = format!(
+                "WITH recorded AS ({}),
+                 moved AS ({}, failing_since = CASE WHEN cardinality($2::text[]) > 0 THEN NULL
+                                                  ELSE failing_since END
+                     WHERE endpoint_id = $1 AND owner = $12
+                     RETURNING endpoint_id, url, events, cursor_tx, cursor_id)
+                 {}",
+                first_outcomes!(),
+                advance!(),
+                read_after(slots)
+            );
+            let rows: Vec<ReadRow> = sqlx::query_as(&sql)
+                .bind(endpoint_id)
+                .bind(&outcomes.ids)
+                .bind(&outcomes.results)
+                .bind(&outcomes.waits)
+                .bind(&outcomes.codes)
+                .bind(&outcomes.errors)
+                .bind(&outcomes.latencies)
                 .bind(&outcomes.queued)
                 .bind(&cursor.tx)
                 .bind(&cursor.id)
                 .bind(&lease_text)
                 .bind(self.id)
-        };
-        let healthy = done.iter().all(|a| a.result == "delivered");
-        let moved = if healthy {
-            let sql = concat!(
-                "WITH recorded AS (",
-                first_outcomes!(),
-                ") ",
-                advance!(),
-                ", failing_since = CASE WHEN cardinality($2::text[]) > 0 THEN NULL
-                                        ELSE failing_since END
-                 WHERE endpoint_id = $1 AND owner = $12"
-            );
-            let moved = advance(sql).execute(&self.pool).await?.rows_affected();
+                .fetch_all(&self.pool)
+                .await?;
             Self::recorded(endpoint_id, done, false);
-            moved
-        } else {
-            let mut tx = self.pool.begin().await?;
-            Self::failed_attempts(&mut tx, endpoint_id, &outcomes).await?;
-            let sql = concat!(
-                "WITH recorded AS (",
-                first_outcomes!(),
-                ") ",
-                advance!(),
-                " WHERE endpoint_id = $1 AND owner = $12"
-            );
-            let moved = advance(sql).execute(&mut *tx).await?.rows_affected();
-            let disabled = self.endpoint_health(&mut tx, endpoint_id, done).await?;
-            tx.commit().await?;
-            Self::recorded(endpoint_id, done, disabled);
-            moved
-        };
-        // Not owned any more (the lease ran out and another took it): it goes on from where
-        // this one's batch began, so these messages were sent twice, never lost.
+            // Not owned any more (the lease ran out and another took it): that one goes on
+            // from where this batch began, so these messages were sent twice, never lost.
+            owned(lane, (!rows.is_empty()).then_some(before + lease));
+            return Ok(Some(read_of(rows).unwrap_or_default()));
+        }
+        let mut tx = self.pool.begin().await?;
+        Self::failed_attempts(&mut tx, endpoint_id, &outcomes).await?;
+        let sql = concat!(
+            "WITH recorded AS (",
+            first_outcomes!(),
+            ") ",
+            advance!(),
+            " WHERE endpoint_id = $1 AND owner = $12"
+        );
+        let moved = outcomes
+            .bind(sql, endpoint_id)
+            .bind(&outcomes.queued)
+            .bind(&cursor.tx)
+            .bind(&cursor.id)
+            .bind(&lease_text)
+            .bind(self.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let disabled = self.endpoint_health(&mut tx, endpoint_id, done).await?;
+        tx.commit().await?;
+        Self::recorded(endpoint_id, done, disabled);
         owned(lane, (moved == 1).then_some(before + lease));
-        Ok(())
+        Ok(None)
     }
 
     /// Keeps a row per failed attempt: a success is the delivery row itself (log.rs shows it).
@@ -835,6 +897,26 @@ fn owned(lane: &Lane, until: Option<Instant>) {
     if let Ok(mut state) = lane.state.lock() {
         state.owned_until = until;
     }
+}
+
+/// Where a batch leaves the cursor: past every message read, up to the first one wanted that
+/// a pause left unsent (`sent` of the wanted ones were).
+fn cursor_after(batch: &[Read], sent: usize) -> Option<Cursor> {
+    let mut cursor = None;
+    let mut counted = 0;
+    for r in batch {
+        if r.wanted {
+            if counted == sent {
+                break;
+            }
+            counted += 1;
+        }
+        cursor = Some(Cursor {
+            tx: r.tx.clone(),
+            id: r.webhook_id.clone(),
+        });
+    }
+    cursor
 }
 
 /// A duration as PostgreSQL's interval text.
