@@ -113,7 +113,7 @@ fn describe_webhooks() {
     );
     describe_gauge!(
         WEBHOOK_BACKLOG,
-        "Merchant webhook deliveries not yet delivered by endpoint (due now or waiting for a retry)."
+        "Merchant webhook messages not yet delivered by endpoint: not yet tried, or waiting for a retry (each counted up to 100,000)."
     );
     describe_counter!(
         WEBHOOK_DISABLED,

@@ -211,6 +211,8 @@ const RECHECK: Duration = Duration::from_secs(10);
 const PAUSE_AFTER: u32 = 3;
 /// Rounds of requests (a slot's worth each) a batch may send.
 const ROUNDS: u32 = 4;
+/// The most of an endpoint's backlog (of each kind) the gauge counts.
+const BACKLOG_COUNTED: i64 = 100_000;
 /// A lease's room beyond its rounds' timeouts: reading, signing, recording.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
@@ -865,20 +867,24 @@ impl Dispatcher {
         Ok(disabled)
     }
 
-    /// Each endpoint's messages not yet delivered (due retries and the log past its cursor),
-    /// as gauges.
+    /// Each endpoint's messages not yet delivered (waiting retries and the log past its
+    /// cursor), as gauges. Each part is counted up to `BACKLOG_COUNTED`: a dead endpoint's
+    /// backlog grows for days, and every process counts it every few seconds.
     async fn report_backlog(&self) {
         let rows: Result<Vec<(Uuid, i64)>, _> = sqlx::query_as(
             "SELECT e.endpoint_id,
-                    (SELECT count(*) FROM webhooks.deliveries d
-                     WHERE d.endpoint_id = e.endpoint_id AND d.status = 'pending')
+                    (SELECT count(*) FROM (SELECT 1 FROM webhooks.deliveries d
+                     WHERE d.endpoint_id = e.endpoint_id AND d.status = 'pending'
+                     LIMIT $1) p)
                     + CASE WHEN e.status = 'enabled' THEN
-                          (SELECT count(*) FROM webhooks.messages m
+                          (SELECT count(*) FROM (SELECT 1 FROM webhooks.messages m
                            WHERE (m.tx, m.webhook_id) > (e.cursor_tx, e.cursor_id)
-                             AND m.event_type = ANY(e.events))
+                             AND m.event_type = ANY(e.events)
+                           LIMIT $1) f)
                       ELSE 0 END
              FROM webhooks.endpoints e WHERE e.deleted_at IS NULL",
         )
+        .bind(BACKLOG_COUNTED)
         .fetch_all(&self.pool)
         .await;
         for (endpoint, pending) in rows.unwrap_or_default() {
