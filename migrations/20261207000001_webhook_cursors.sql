@@ -8,8 +8,9 @@
 -- Messages are read in commit order's stand-in: the writing transaction's id (`tx`), then
 -- the message id. Only messages of transactions older than every transaction still running
 -- are read (`tx < pg_snapshot_xmin(pg_current_snapshot())`), so a message committed late by an
--- older transaction is never passed by the cursor. The price: a transaction left open in this
--- database holds webhooks back until it ends (idle_in_transaction_session_timeout bounds it).
+-- older transaction is never passed by the cursor. The price: a writing transaction left open
+-- on the server (in any database: transaction ids are the server's) holds webhooks back until
+-- it ends (idle_in_transaction_session_timeout bounds it).
 ALTER TABLE webhooks.messages ADD COLUMN tx xid8 NOT NULL DEFAULT '0';
 -- (Messages already here have their delivery rows: 0 puts them behind every cursor.)
 ALTER TABLE webhooks.messages ALTER COLUMN tx SET DEFAULT pg_current_xact_id();
