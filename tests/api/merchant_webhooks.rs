@@ -500,6 +500,58 @@ async fn an_endpoint_failing_for_the_whole_retry_period_is_disabled_and_its_deli
 }
 
 #[tokio::test]
+async fn a_reenabled_endpoint_hears_what_comes_after_and_not_what_it_missed() {
+    let app = TestApp::spawn_with(|s| s.webhooks.retry_period = Duration::from_secs(2)).await;
+    app.product("TEE", "10.00", 10).await;
+    let (endpoint, mut fixed) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    let (_, mut other) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    other.start().await;
+    let (_, alice) = app.buy("alice", "TEE", "tok_visa").await;
+    app.eventually("the failing endpoint disabled", || async {
+        let (_, body) = app
+            .request(Method::GET, format!("/api/admin/webhooks/{endpoint}"))
+            .token(&app.admin())
+            .send()
+            .await;
+        body["status"] == "disabled"
+    })
+    .await;
+    // An order while it is disabled: the other endpoint hears it, so its message is stored.
+    let (_, carol) = app.buy("carol", "TEE", "tok_visa").await;
+    app.eventually("the other endpoint heard both", || async {
+        other.accepted().await.len() == 2
+    })
+    .await;
+    fixed.start().await;
+    let (status, body) = app
+        .request(
+            Method::POST,
+            format!("/api/admin/webhooks/{endpoint}/enable"),
+        )
+        .token(&app.admin())
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, bob) = app.buy("bob", "TEE", "tok_visa").await;
+    app.eventually("bob's order delivered to the fixed endpoint", || async {
+        deliveries(&app, &endpoint)
+            .await
+            .iter()
+            .any(|d| d["orderId"] == bob.as_str() && d["status"] == "delivered")
+    })
+    .await;
+    // Like a new endpoint from then on: what it missed (alice's, given up; carol's, while it
+    // was off) is a replay away, not sent by itself.
+    let heard: Vec<String> = fixed
+        .accepted()
+        .await
+        .iter()
+        .filter_map(|a| a["orderId"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(heard, [bob], "alice {alice}, carol {carol}");
+}
+
+#[tokio::test]
 async fn a_deleted_endpoint_is_gone_and_its_waiting_deliveries_end() {
     let app = TestApp::spawn().await;
     app.product("TEE", "10.00", 10).await;
