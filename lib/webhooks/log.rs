@@ -81,8 +81,9 @@ pub async fn deliveries(
     Ok((deliveries, attempts))
 }
 
-/// Queues again every message the endpoint was sent (or tried) since `since`, with the same
-/// `webhook-id`s and a fresh retry period; answers how many.
+/// Queues again every message the endpoint was sent (or tried) since `since`, and every one
+/// of its types it never got since then (while it was disabled), with the same `webhook-id`s
+/// and a fresh retry period; answers how many. Never one from before the endpoint existed.
 pub async fn replay(
     pool: &PgPool,
     endpoint_id: Uuid,
@@ -114,6 +115,23 @@ pub async fn replay(
     .bind(since)
     .execute(&mut *tx)
     .await?;
+    // Behind its cursor without a row: passed over while it was disabled. (Past the cursor,
+    // a message is on its way anyway.)
+    let missed = sqlx::query(
+        "INSERT INTO webhooks.deliveries (endpoint_id, webhook_id, status, attempts,
+                                         next_attempt_at, queued_at)
+         SELECT e.endpoint_id, m.webhook_id, 'pending', 0, now(), now()
+         FROM webhooks.endpoints e
+         JOIN webhooks.messages m
+           ON m.created_at >= greatest($2, e.created_at) AND m.event_type = ANY(e.events)
+          AND (m.tx, m.webhook_id) <= (e.cursor_tx, e.cursor_id)
+         WHERE e.endpoint_id = $1 AND e.deleted_at IS NULL
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(endpoint_id)
+    .bind(since)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
-    Ok(done.rows_affected())
+    Ok(done.rows_affected() + missed.rows_affected())
 }

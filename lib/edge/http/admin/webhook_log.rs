@@ -124,7 +124,7 @@ pub async fn webhook_deliveries(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayBody {
-    /// Send again every message since this instant (RFC 3339).
+    /// Send again every message of its types since this instant (RFC 3339).
     since: DateTime<Utc>,
 }
 
@@ -134,7 +134,8 @@ pub struct ReplayedJson {
     queued: u64,
 }
 
-/// Sends again what the endpoint was sent since `since` (same `webhook-id`s).
+/// Sends again what the endpoint was sent since `since`, and what it never got while it was
+/// disabled (same `webhook-id`s).
 #[utoipa::path(post, path = "/api/admin/webhooks/{id}/replay", tag = "admin", security(("bearer" = [])),
     params(("id" = String, Path, description = "the endpoint", format = Uuid)),
     request_body = ReplayBody,
