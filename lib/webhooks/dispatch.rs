@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rand::Rng;
-use sqlx::PgPool;
+use sqlx::{FromRow, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -262,6 +262,23 @@ impl<'a> Outcomes<'a> {
             .bind(&self.codes)
             .bind(&self.errors)
             .bind(&self.latencies)
+    }
+    /// `sql` with the outcome columns bound as `bind` does, then $8 when each message was
+    /// queued, $9 and $10 the cursor, $11 the lease, $12 the owner: a batch of new messages.
+    fn bind_fresh<'q>(
+        &'q self,
+        sql: &'q str,
+        endpoint_id: Uuid,
+        cursor: &'q Cursor,
+        lease: &'q str,
+        owner: Uuid,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        self.bind(sql, endpoint_id)
+            .bind(&self.queued)
+            .bind(&cursor.tx)
+            .bind(&cursor.id)
+            .bind(lease)
+            .bind(owner)
     }
 }
 
@@ -719,21 +736,13 @@ impl Dispatcher {
                 advance!(),
                 read_after(slots)
             );
-            let rows: Vec<ReadRow> = sqlx::query_as(&sql)
-                .bind(endpoint_id)
-                .bind(&outcomes.ids)
-                .bind(&outcomes.results)
-                .bind(&outcomes.waits)
-                .bind(&outcomes.codes)
-                .bind(&outcomes.errors)
-                .bind(&outcomes.latencies)
-                .bind(&outcomes.queued)
-                .bind(&cursor.tx)
-                .bind(&cursor.id)
-                .bind(&lease_text)
-                .bind(self.id)
+            let rows = outcomes
+                .bind_fresh(&sql, endpoint_id, cursor, &lease_text, self.id)
                 .fetch_all(&self.pool)
-                .await?;
+                .await?
+                .iter()
+                .map(ReadRow::from_row)
+                .collect::<Result<Vec<_>, _>>()?;
             Self::recorded(endpoint_id, done, false);
             // Not owned any more (the lease ran out and another took it): that one goes on
             // from where this batch began, so these messages were sent twice, never lost.
@@ -750,12 +759,7 @@ impl Dispatcher {
             " WHERE endpoint_id = $1 AND owner = $12"
         );
         let moved = outcomes
-            .bind(sql, endpoint_id)
-            .bind(&outcomes.queued)
-            .bind(&cursor.tx)
-            .bind(&cursor.id)
-            .bind(&lease_text)
-            .bind(self.id)
+            .bind_fresh(sql, endpoint_id, cursor, &lease_text, self.id)
             .execute(&mut *tx)
             .await?
             .rows_affected();
