@@ -119,6 +119,46 @@ async fn deliveries(app: &TestApp, endpoint: &str) -> Vec<Value> {
     body["deliveries"].as_array().cloned().unwrap_or_default()
 }
 
+/// Asks for everything since `since` again.
+async fn replay(
+    app: &TestApp,
+    endpoint: &str,
+    since: chrono::DateTime<chrono::Utc>,
+) -> (StatusCode, Value) {
+    app.request(
+        Method::POST,
+        format!("/api/admin/webhooks/{endpoint}/replay"),
+    )
+    .token(&app.admin())
+    .json(json!({"since": since}))
+    .send()
+    .await
+}
+
+/// Turns an endpoint back on.
+async fn enable(app: &TestApp, endpoint: &str) -> (StatusCode, Value) {
+    app.request(
+        Method::POST,
+        format!("/api/admin/webhooks/{endpoint}/enable"),
+    )
+    .token(&app.admin())
+    .send()
+    .await
+}
+
+/// Waits until the endpoint has been disabled for failing.
+async fn disabled(app: &TestApp, endpoint: &str) {
+    app.eventually("the endpoint disabled", || async {
+        let (_, body) = app
+            .request(Method::GET, format!("/api/admin/webhooks/{endpoint}"))
+            .token(&app.admin())
+            .send()
+            .await;
+        body["status"] == "disabled"
+    })
+    .await;
+}
+
 /// Attempts in a delivery log, all deliveries together.
 fn failed_attempts(log: &[Value]) -> usize {
     log.iter()
@@ -306,15 +346,7 @@ async fn replay_sends_again_what_a_receiver_lost_with_the_same_ids() {
     receiver.stop();
     receiver.start().await;
     assert!(receiver.accepted().await.is_empty());
-    let (status, body) = app
-        .request(
-            Method::POST,
-            format!("/api/admin/webhooks/{endpoint}/replay"),
-        )
-        .token(&app.admin())
-        .json(json!({"since": since}))
-        .send()
-        .await;
+    let (status, body) = replay(&app, &endpoint, since).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["queued"], 3, "{body}");
     app.eventually("three arrive again", || async {
@@ -475,26 +507,11 @@ async fn an_endpoint_failing_for_the_whole_retry_period_is_disabled_and_its_deli
     app.product("TEE", "10.00", 10).await;
     let (endpoint, _never_started) = receiver_for(&app, &["order.confirmed"], 0.0).await;
     app.buy("alice", "TEE", "tok_visa").await;
-    app.eventually("the endpoint disabled", || async {
-        let (_, body) = app
-            .request(Method::GET, format!("/api/admin/webhooks/{endpoint}"))
-            .token(&app.admin())
-            .send()
-            .await;
-        body["status"] == "disabled"
-    })
-    .await;
+    disabled(&app, &endpoint).await;
     let log = deliveries(&app, &endpoint).await;
     assert_eq!(log[0]["status"], "failed", "{log:?}");
     // The shop fixes its endpoint and turns it back on.
-    let (status, body) = app
-        .request(
-            Method::POST,
-            format!("/api/admin/webhooks/{endpoint}/enable"),
-        )
-        .token(&app.admin())
-        .send()
-        .await;
+    let (status, body) = enable(&app, &endpoint).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "enabled");
 }
@@ -508,15 +525,7 @@ async fn a_reenabled_endpoint_hears_what_comes_after_and_a_replay_sends_what_it_
     let (_, mut other) = receiver_for(&app, &["order.confirmed"], 0.0).await;
     other.start().await;
     let (_, alice) = app.buy("alice", "TEE", "tok_visa").await;
-    app.eventually("the failing endpoint disabled", || async {
-        let (_, body) = app
-            .request(Method::GET, format!("/api/admin/webhooks/{endpoint}"))
-            .token(&app.admin())
-            .send()
-            .await;
-        body["status"] == "disabled"
-    })
-    .await;
+    disabled(&app, &endpoint).await;
     // An order while it is disabled: the other endpoint hears it, so its message is stored.
     let (_, carol) = app.buy("carol", "TEE", "tok_visa").await;
     app.eventually("the other endpoint heard both", || async {
@@ -524,14 +533,7 @@ async fn a_reenabled_endpoint_hears_what_comes_after_and_a_replay_sends_what_it_
     })
     .await;
     fixed.start().await;
-    let (status, body) = app
-        .request(
-            Method::POST,
-            format!("/api/admin/webhooks/{endpoint}/enable"),
-        )
-        .token(&app.admin())
-        .send()
-        .await;
+    let (status, body) = enable(&app, &endpoint).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (_, bob) = app.buy("bob", "TEE", "tok_visa").await;
     app.eventually("bob's order delivered to the fixed endpoint", || async {
@@ -556,15 +558,7 @@ async fn a_reenabled_endpoint_hears_what_comes_after_and_a_replay_sends_what_it_
     );
     // The shop asks for everything since before alice: alice's (given up), carol's (never
     // sent: it was off) and bob's again.
-    let (status, body) = app
-        .request(
-            Method::POST,
-            format!("/api/admin/webhooks/{endpoint}/replay"),
-        )
-        .token(&app.admin())
-        .json(json!({"since": since}))
-        .send()
-        .await;
+    let (status, body) = replay(&app, &endpoint, since).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["queued"], 3, "{body}");
     app.eventually("all three orders heard", || async {
