@@ -3,12 +3,13 @@
 //! one message exactly once; every endpoint reads the messages from its own cursor. Sending is the dispatcher's job, never the saga's:
 //! this step only writes rows, so no endpoint can slow it.
 
-use serde_json::{json, Value};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::db::Leases;
 use crate::domain::money::format_amount;
-use crate::saga::events::{Checkout, Event, EventKind, Part};
+use crate::saga::events::{Checkout, Event, EventKind, Part, PartLine};
 use crate::saga::inbox::InboxTable;
 use crate::saga::runner::StepError;
 use crate::saga::{Delivery, Shape, Step, Tx};
@@ -59,17 +60,12 @@ impl Step for FeedStep {
     fn input(&self, event: Event) -> Result<Message, String> {
         let webhook_id = webhook_id(&event.msg_id());
         let order_id = event.checkout().order_id;
-        let (event_type, data) = describe(&event)?;
-        let body = json!({
-            "type": event_type,
-            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "data": data,
-        });
+        let (event_type, body) = describe(&event)?;
         Ok(Message {
             webhook_id,
             event_type,
             order_id,
-            body: body.to_string(),
+            body,
         })
     }
 
@@ -112,71 +108,258 @@ impl Step for FeedStep {
     }
 }
 
-/// The event's type and the order as its message shows it: what the order's owner sees, no
-/// payment token and no address.
-fn describe(event: &Event) -> Result<(&'static str, Value), String> {
-    let (kind, extra) = match event {
-        Event::Confirmed { .. } => ("order.confirmed", json!({"status": "confirmed"})),
-        Event::Failed { reason, .. } => (
-            "order.failed",
-            json!({"status": "failed", "reason": reason.as_str()}),
-        ),
-        Event::Cancelled { .. } => ("order.cancelled", json!({"status": "cancelled"})),
-        Event::Shipped { part, .. } => (
-            "order.shipped",
-            json!({"shipment": part_json(part.as_ref(), event.checkout())}),
-        ),
-        Event::Refunded { part, .. } => (
-            "order.refunded",
-            json!({"refund": part_json(part.as_ref(), event.checkout())}),
-        ),
+/// A message's body: what every endpoint is sent and signs over.
+#[derive(Serialize)]
+struct Body<'a> {
+    #[serde(rename = "type")]
+    event_type: &'static str,
+    timestamp: String,
+    data: OrderData<'a>,
+}
+
+/// The order as its owner sees it: no payment token and no address; with what the event adds.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OrderData<'a> {
+    order_id: uuid::Uuid,
+    user_id: &'a str,
+    items: Vec<ItemData<'a>>,
+    subtotal: String,
+    discount: String,
+    tax: String,
+    shipping: String,
+    total: String,
+    currency: &'static str,
+    promo_code: Option<&'a str>,
+    requested_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shipment: Option<PartData<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refund: Option<PartData<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ItemData<'a> {
+    sku: &'a str,
+    qty: i32,
+    unit_price: String,
+    line_total: String,
+}
+
+/// A shipment or refund, or the whole order for an event from before parts (its amount only).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum PartData<'a> {
+    Part(PartFields<'a>),
+    Whole { amount: String },
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PartFields<'a> {
+    id: uuid::Uuid,
+    amount: String,
+    lines: &'a [PartLine],
+    provider_ref: Option<&'a str>,
+}
+
+/// The event's type and its message body, serialized straight from the event (no JSON tree
+/// in between: this runs for every order event).
+fn describe(event: &Event) -> Result<(&'static str, String), String> {
+    let c = event.checkout();
+    let mut data = order_data(c);
+    let event_type = match event {
+        Event::Confirmed { .. } => {
+            data.status = Some("confirmed");
+            "order.confirmed"
+        }
+        Event::Failed { reason, .. } => {
+            data.status = Some("failed");
+            data.reason = Some(reason.as_str());
+            "order.failed"
+        }
+        Event::Cancelled { .. } => {
+            data.status = Some("cancelled");
+            "order.cancelled"
+        }
+        Event::Shipped { part, .. } => {
+            data.shipment = Some(part_data(part.as_ref(), c));
+            "order.shipped"
+        }
+        Event::Refunded { part, .. } => {
+            data.refund = Some(part_data(part.as_ref(), c));
+            "order.refunded"
+        }
         other => return Err(format!("webhooks cannot handle {:?}", other.kind())),
     };
-    let mut data = order_json(event.checkout());
-    if let (Some(fields), Value::Object(more)) = (data.as_object_mut(), extra) {
-        fields.extend(more);
-    }
-    Ok((kind, data))
+    let body = Body {
+        event_type,
+        timestamp: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        data,
+    };
+    let body = serde_json::to_string(&body).map_err(|e| format!("message body: {e}"))?;
+    Ok((event_type, body))
 }
 
-fn order_json(c: &Checkout) -> Value {
+fn order_data(c: &Checkout) -> OrderData<'_> {
     let money = |amount| format_amount(amount, c.currency);
-    json!({
-        "orderId": c.order_id,
-        "userId": c.user_id,
-        "items": c.items.iter().map(|l| json!({
-            "sku": l.sku.as_str(),
-            "qty": l.qty.get(),
-            "unitPrice": money(l.unit_price),
-            "lineTotal": money(l.line_total),
-        })).collect::<Vec<_>>(),
-        "subtotal": money(c.subtotal),
-        "discount": money(c.discount),
-        "tax": money(c.tax),
-        "shipping": money(c.shipping),
-        "total": money(c.total),
-        "currency": c.currency.code(),
-        "promoCode": c.promo_code,
-        "requestedAt": c.requested_at,
-    })
+    OrderData {
+        order_id: c.order_id,
+        user_id: &c.user_id,
+        items: c
+            .items
+            .iter()
+            .map(|l| ItemData {
+                sku: l.sku.as_str(),
+                qty: l.qty.get(),
+                unit_price: money(l.unit_price),
+                line_total: money(l.line_total),
+            })
+            .collect(),
+        subtotal: money(c.subtotal),
+        discount: money(c.discount),
+        tax: money(c.tax),
+        shipping: money(c.shipping),
+        total: money(c.total),
+        currency: c.currency.code(),
+        promo_code: c.promo_code.as_deref(),
+        requested_at: c.requested_at,
+        status: None,
+        reason: None,
+        shipment: None,
+        refund: None,
+    }
 }
 
-/// A shipment or refund (the whole order for an event from before parts).
-fn part_json(part: Option<&Part>, c: &Checkout) -> Value {
+fn part_data<'a>(part: Option<&'a Part>, c: &Checkout) -> PartData<'a> {
     match part {
-        Some(p) => json!({
-            "id": p.id,
-            "amount": format_amount(p.amount, c.currency),
-            "lines": p.lines,
-            "providerRef": p.provider_ref,
+        Some(p) => PartData::Part(PartFields {
+            id: p.id,
+            amount: format_amount(p.amount, c.currency),
+            lines: &p.lines,
+            provider_ref: p.provider_ref.as_deref(),
         }),
-        None => json!({"amount": format_amount(c.total, c.currency)}),
+        None => PartData::Whole {
+            amount: format_amount(c.total, c.currency),
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::domain::{Address, Currency, Quantity, Sku};
+    use crate::saga::events::{FailureReason, Line};
+    use rust_decimal::Decimal;
+    use serde_json::{json, Value};
+
+    fn checkout() -> Checkout {
+        Checkout {
+            order_id: uuid::Uuid::nil(),
+            user_id: "alice".into(),
+            cart_id: uuid::Uuid::nil(),
+            items: vec![Line {
+                sku: Sku::parse("TEE.RED").expect("sku"),
+                qty: Quantity::new(2).expect("qty"),
+                unit_price: Decimal::new(1250, 2),
+                line_total: Decimal::new(2500, 2),
+                discount: Decimal::ZERO,
+                tax: Decimal::new(500, 2),
+            }],
+            subtotal: Decimal::new(2500, 2),
+            discount: Decimal::ZERO,
+            tax: Decimal::new(500, 2),
+            shipping: Decimal::ZERO,
+            total: Decimal::new(3000, 2),
+            currency: Currency::parse("USD").expect("currency"),
+            payment_token: "tok_visa".into(),
+            address: Some(Address {
+                name: "Ada".into(),
+                line1: "1 Main St".into(),
+                city: "London".into(),
+                region: None,
+                postal_code: "N1".into(),
+                country: "GB".into(),
+            }),
+            requested_at: "2026-12-05T10:00:00Z".parse().expect("time"),
+            promo_code: None,
+            shipping_method: None,
+            return_url: None,
+        }
+    }
+
+    fn body(event: &Event) -> Value {
+        let (kind, body) = describe(event).expect("describes");
+        let body: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(body["type"], kind);
+        assert!(body["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
+        body["data"].clone()
+    }
+
+    #[test]
+    fn a_message_shows_the_order_as_its_owner_sees_it_and_what_the_event_adds() {
+        let order = json!({
+            "orderId": uuid::Uuid::nil(), "userId": "alice",
+            "items": [{"sku": "TEE.RED", "qty": 2, "unitPrice": "12.50", "lineTotal": "25.00"}],
+            "subtotal": "25.00", "discount": "0.00", "tax": "5.00", "shipping": "0.00",
+            "total": "30.00", "currency": "USD", "promoCode": null,
+            "requestedAt": "2026-12-05T10:00:00Z",
+        });
+        let with = |extra: Value| {
+            let mut o = order.clone();
+            if let (Some(o), Value::Object(extra)) = (o.as_object_mut(), extra) {
+                o.extend(extra);
+            }
+            o
+        };
+        let c = checkout();
+        assert_eq!(
+            body(&Event::Confirmed { checkout: c.clone() }),
+            with(json!({"status": "confirmed"}))
+        );
+        assert_eq!(
+            body(&Event::Failed {
+                checkout: c.clone(),
+                reason: FailureReason::PaymentDeclined
+            }),
+            with(json!({"status": "failed", "reason": "payment_declined"}))
+        );
+        let part = Part {
+            id: uuid::Uuid::nil(),
+            amount: Decimal::new(1250, 2),
+            lines: vec![PartLine {
+                sku: "TEE.RED".into(),
+                qty: 1,
+            }],
+            restock: false,
+            provider_ref: None,
+        };
+        assert_eq!(
+            body(&Event::Shipped {
+                checkout: c.clone(),
+                attempt: 1,
+                part: Some(part),
+            }),
+            with(json!({"shipment": {"id": uuid::Uuid::nil(), "amount": "12.50",
+                                     "lines": [{"sku": "TEE.RED", "qty": 1}],
+                                     "providerRef": null}}))
+        );
+        // An event from before shipments were parts: the whole order.
+        assert_eq!(
+            body(&Event::Refunded {
+                checkout: c,
+                attempt: 1,
+                part: None,
+            }),
+            with(json!({"refund": {"amount": "30.00"}}))
+        );
+    }
 
     #[test]
     fn an_event_keeps_its_message_id_and_two_events_differ() {
