@@ -4,8 +4,8 @@
 //! New messages: each endpoint reads the message log from its own cursor (the feed writes a
 //! message once, nothing per endpoint). One process at a time reads an endpoint's cursor: it
 //! owns the endpoint for a lease (`owner`, `owned_until`), sends a batch, then records in one
-//! statement the batch's delivery rows, the cursor moved past them and the lease renewed for one
-//! more round. A process killed mid-batch leaves the endpoint to another when the lease runs out;
+//! statement the batch's delivery rows, the cursor moved past them and the lease renewed for
+//! another batch. A process killed mid-batch leaves the endpoint to another when the lease runs out;
 //! its batch is sent again (at least once). A dead endpoint's backlog is the distance from its
 //! cursor to the log's end: it grows without a write.
 //!
@@ -97,7 +97,9 @@ pub struct Dispatcher {
 #[derive(sqlx::FromRow)]
 struct Claimed {
     webhook_id: String,
-    body: String,
+    /// Shared with its request, not copied into it.
+    #[sqlx(try_from = "String")]
+    body: bytes::Bytes,
     attempts: i32,
     queued_at: chrono::DateTime<chrono::Utc>,
     url: String,
@@ -185,6 +187,15 @@ struct Attempt {
     wait: Duration,
 }
 
+/// What a lane sends with: a client that connects to the address its URL was checked at, the
+/// URL parsed once, and the endpoint's live secrets as keys.
+#[derive(Clone)]
+struct Ready {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    signer: signing::Signer,
+}
+
 /// One endpoint's lane in this process.
 #[derive(Default)]
 struct Lane {
@@ -198,8 +209,8 @@ struct LaneState {
     /// Not tried until then (it failed several requests in a row).
     paused_until: Option<Instant>,
     failures_in_a_row: u32,
-    client: Option<(reqwest::Client, Instant, String)>,
-    secrets: Option<(Vec<String>, Instant)>,
+    /// What the lane sends with, when it was made and for which URL.
+    ready: Option<(Ready, Instant, String)>,
     /// This process owns the endpoint's cursor until at least then (its lease, counted from
     /// before the statement that set it, so never later than the database's).
     owned_until: Option<Instant>,
@@ -437,7 +448,7 @@ impl Dispatcher {
             .await?;
         let mut read = read_of(rows);
         loop {
-            let Some(batch) = read.take() else {
+            let Some(mut batch) = read.take() else {
                 owned(lane, None);
                 return Ok(());
             };
@@ -445,11 +456,11 @@ impl Dispatcher {
                 return Ok(());
             }
             let claimed: Vec<Claimed> = batch
-                .iter()
+                .iter_mut()
                 .filter(|r| r.wanted)
                 .map(|r| Claimed {
                     webhook_id: r.webhook_id.clone(),
-                    body: r.body.clone(),
+                    body: std::mem::take(&mut r.body).into(),
                     attempts: 1,
                     queued_at: r.queued_at,
                     url: r.url.clone(),
@@ -527,14 +538,10 @@ impl Dispatcher {
         done
     }
 
-    /// One attempt with the lane's client and secrets, or the reason there are none.
-    async fn one(
-        &self,
-        ready: &Result<(reqwest::Client, Vec<String>), String>,
-        c: &Claimed,
-    ) -> Attempt {
+    /// One attempt with what the lane sends with, or the reason there is none.
+    async fn one(&self, ready: &Result<Ready, String>, c: &Claimed) -> Attempt {
         match ready {
-            Ok((client, secrets)) => self.send(client, secrets, c).await,
+            Ok(ready) => self.send(ready, c).await,
             Err(error) => self.attempt(c, None, Some(error.clone()), Duration::ZERO),
         }
     }
@@ -588,17 +595,10 @@ impl Dispatcher {
 
     /// The lane's client (pinned to the address its URL was checked at) and secrets, read
     /// again when old or when the URL changed.
-    async fn prepare(
-        &self,
-        endpoint_id: Uuid,
-        lane: &Lane,
-        url: &str,
-    ) -> Result<(reqwest::Client, Vec<String>), String> {
+    async fn prepare(&self, endpoint_id: Uuid, lane: &Lane, url: &str) -> Result<Ready, String> {
         let cached = lane.state.lock().ok().and_then(|s| {
-            let (client, at, for_url) = s.client.clone()?;
-            let (secrets, read_at) = s.secrets.clone()?;
-            (for_url == url && at.elapsed() < RECHECK && read_at.elapsed() < RECHECK)
-                .then_some((client, secrets))
+            let (ready, at, for_url) = s.ready.as_ref()?;
+            (for_url == url && at.elapsed() < RECHECK).then(|| ready.clone())
         });
         if let Some(ready) = cached {
             return Ok(ready);
@@ -611,27 +611,30 @@ impl Dispatcher {
         let secrets = endpoints::live_secrets(&self.pool, &self.seal, endpoint_id)
             .await
             .map_err(|e| format!("secret: {e}"))?;
+        let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let signer = signing::Signer::new(&refs).map_err(|e| format!("secret: {e}"))?;
+        let ready = Ready {
+            client,
+            url: parsed,
+            signer,
+        };
         if let Ok(mut state) = lane.state.lock() {
-            state.client = Some((client.clone(), Instant::now(), url.to_owned()));
-            state.secrets = Some((secrets.clone(), Instant::now()));
+            state.ready = Some((ready.clone(), Instant::now(), url.to_owned()));
         }
-        Ok((client, secrets))
+        Ok(ready)
     }
 
     /// One request.
-    async fn send(&self, client: &reqwest::Client, secrets: &[String], c: &Claimed) -> Attempt {
+    async fn send(&self, ready: &Ready, c: &Claimed) -> Attempt {
         let started = Instant::now();
         let timestamp = chrono::Utc::now().timestamp();
-        let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-        let signature = match signing::signature(&refs, &c.webhook_id, timestamp, &c.body) {
-            Ok(s) => s,
-            Err(e) => return self.attempt(c, None, Some(e.to_string()), started.elapsed()),
-        };
-        let request = client
-            .post(&c.url)
+        let signature = ready.signer.sign(&c.webhook_id, timestamp, &c.body);
+        let request = ready
+            .client
+            .post(ready.url.clone())
             .header("content-type", "application/json")
             .header("webhook-id", &c.webhook_id)
-            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-timestamp", timestamp)
             .header("webhook-signature", signature)
             .body(c.body.clone());
         match request.send().await {
@@ -709,7 +712,7 @@ impl Dispatcher {
     }
 
     /// Writes the delivery rows of a batch of new messages and moves the endpoint's cursor
-    /// past it, renewing the lease for one more round. When every one arrived this is one
+    /// past it, renewing the lease for another batch. When every one arrived this is one
     /// statement, which also reads the next batch (`Some`; its messages, none if this process
     /// lost the endpoint); after a failure, `None`.
     async fn record_fresh(
@@ -720,10 +723,12 @@ impl Dispatcher {
         lane: &Lane,
     ) -> Result<Option<Vec<Read>>, sqlx::Error> {
         let outcomes = Outcomes::of(done);
-        let lease = self.settings.timeout + LEASE_MARGIN + Duration::from_secs(1);
+        // Renewed for a whole batch, as `take` leases it: the next read is a whole batch too,
+        // so a busy endpoint costs a statement per `ROUNDS` × slots messages, not per slot.
+        let lease = self.settings.timeout * ROUNDS + LEASE_MARGIN;
         let lease_text = millis(lease);
         let before = Instant::now();
-        let slots = self.settings.max_in_flight_per_endpoint.max(1);
+        let batch = self.settings.max_in_flight_per_endpoint.max(1) * ROUNDS as usize;
         if done.iter().all(|a| a.result == "delivered") {
             let sql = format!(
                 "WITH recorded AS ({}),
@@ -734,7 +739,7 @@ impl Dispatcher {
                  {}",
                 first_outcomes!(),
                 advance!(),
-                read_after(slots)
+                read_after(batch)
             );
             let rows = outcomes
                 .bind_fresh(&sql, endpoint_id, cursor, &lease_text, self.id)
