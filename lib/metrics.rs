@@ -57,6 +57,9 @@ pub const WEBHOOK_DELIVERIES: &str = "checkout_webhook_deliveries_total";
 pub const WEBHOOK_LATENCY: &str = "checkout_webhook_delivery_seconds";
 /// Merchant webhook deliveries due and not yet delivered, by endpoint.
 pub const WEBHOOK_BACKLOG: &str = "checkout_webhook_backlog";
+/// How long the oldest committed webhook message has waited behind a transaction still open
+/// on the database server (no cursor reads past an open transaction's writes).
+pub const WEBHOOK_HELD: &str = "checkout_webhook_held_seconds";
 /// Times this process's pool followed the PostgreSQL primary to another server.
 pub const DATABASE_PRIMARY_MOVES: &str = "checkout_database_primary_moves_total";
 /// Endpoints disabled because they failed for the whole retry period.
@@ -114,6 +117,10 @@ fn describe_webhooks() {
     describe_gauge!(
         WEBHOOK_BACKLOG,
         "Merchant webhook messages not yet delivered by endpoint: not yet tried, or waiting for a retry (each counted up to 100,000)."
+    );
+    describe_gauge!(
+        WEBHOOK_HELD,
+        "Age of the oldest committed merchant webhook message no endpoint may read yet, because a transaction older than it is still open on the PostgreSQL server (0 when none waits)."
     );
     describe_counter!(
         WEBHOOK_DISABLED,
@@ -320,6 +327,11 @@ pub fn webhook_attempt(endpoint: &str, result: &'static str, secs: f64) {
 /// An endpoint's deliveries not yet delivered.
 pub fn webhook_backlog(endpoint: &str, deliveries: i64) {
     gauge!(WEBHOOK_BACKLOG, "endpoint" => endpoint.to_owned()).set(deliveries as f64);
+}
+
+/// How long committed messages have waited behind an open transaction.
+pub fn webhook_held(seconds: f64) {
+    gauge!(WEBHOOK_HELD).set(seconds);
 }
 
 /// An endpoint was disabled for failing through the whole retry period.

@@ -224,6 +224,8 @@ const PAUSE_AFTER: u32 = 3;
 const ROUNDS: u32 = 4;
 /// The most of an endpoint's backlog (of each kind) the gauge counts.
 const BACKLOG_COUNTED: i64 = 100_000;
+/// Rounds between two reports of the backlog and held-back gauges (5 s at the default poll).
+const REPORT_EVERY: u32 = 25;
 /// A lease's room beyond its rounds' timeouts: reading, signing, recording.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
@@ -310,7 +312,7 @@ impl Dispatcher {
             if let Err(e) = me.round(&mut lanes, &wake).await {
                 tracing::warn!(error = %e, "webhook dispatch round failed");
             }
-            if backlog_at.elapsed() >= Duration::from_secs(5) {
+            if backlog_at.elapsed() >= me.settings.poll_interval * REPORT_EVERY {
                 backlog_at = Instant::now();
                 me.report_backlog().await;
             }
@@ -877,8 +879,9 @@ impl Dispatcher {
     }
 
     /// Each endpoint's messages not yet delivered (waiting retries and the log past its
-    /// cursor), as gauges. Each part is counted up to `BACKLOG_COUNTED`: a dead endpoint's
-    /// backlog grows for days, and every process counts it every few seconds.
+    /// cursor), as gauges, and how long committed messages have waited behind an open
+    /// transaction. Each part of a backlog is counted up to `BACKLOG_COUNTED`: a dead
+    /// endpoint's backlog grows for days, and every process counts it every few seconds.
     async fn report_backlog(&self) {
         let rows: Result<Vec<(Uuid, i64)>, _> = sqlx::query_as(
             "SELECT e.endpoint_id,
@@ -898,6 +901,19 @@ impl Dispatcher {
         .await;
         for (endpoint, pending) in rows.unwrap_or_default() {
             crate::metrics::webhook_backlog(&endpoint.to_string(), pending);
+        }
+        // A committed message at or past the oldest running transaction is one no cursor may
+        // read yet: its age is how long a transaction left open somewhere on the server has
+        // held every endpoint back (README, "Merchant webhooks"). One probe of the log's index.
+        let held: Result<Option<f64>, _> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM now() - m.created_at)::float8 FROM webhooks.messages m
+             WHERE m.tx >= pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY m.tx, m.webhook_id LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await;
+        if let Ok(held) = held {
+            crate::metrics::webhook_held(held.unwrap_or(0.0).max(0.0));
         }
     }
 }

@@ -85,7 +85,7 @@ impl Drop for Receiver {
 }
 
 /// Registers an endpoint for `events`; its id and secret.
-async fn register(app: &TestApp, url: &str, events: &[&str]) -> (String, String) {
+pub(crate) async fn register(app: &TestApp, url: &str, events: &[&str]) -> (String, String) {
     let (status, body) = app
         .request(Method::POST, "/api/admin/webhooks")
         .token(&app.admin())

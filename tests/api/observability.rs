@@ -382,3 +382,35 @@ async fn an_order_that_settles_before_compensation_takes_the_watchdogs_request_i
     assert_eq!(delta(&before, &after, &failed("timed_out")), 0.0);
     assert_eq!(app.order(&token, &id).await.1["status"], "confirmed");
 }
+
+#[tokio::test]
+async fn webhooks_held_back_by_an_open_transaction_show_how_long() {
+    const HELD: &str = "checkout_webhook_held_seconds";
+    let (app, _process) = harness_with(&[]).await;
+    app.product("TEE", "10.00", 10).await;
+    // Nobody listens there: the message is written all the same, which is all this needs.
+    let url = format!("http://127.0.0.1:{}/hooks", crate::helpers::port());
+    crate::merchant_webhooks::register(&app, &url, &["order.confirmed"]).await;
+    // A transaction left open (it took an id) before the order: no cursor may read the
+    // order's message until it ends.
+    let mut open = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .expect("an id taken");
+    let (token, id) = app.buy("alice", "TEE", "tok_visa").await;
+    assert_eq!(app.settled(&token, &id).await["status"], "confirmed");
+    eventually(
+        "the gauge to show the message held for a second",
+        Duration::from_secs(20),
+        || async { scrape(&app).await.get(HELD).is_some_and(|s| *s >= 1.0) },
+    )
+    .await;
+    open.commit().await.expect("commit");
+    eventually(
+        "the gauge to fall back to zero",
+        Duration::from_secs(20),
+        || async { scrape(&app).await.get(HELD) == Some(&0.0) },
+    )
+    .await;
+}
