@@ -320,7 +320,9 @@ mod tests {
         };
         let c = checkout();
         assert_eq!(
-            body(&Event::Confirmed { checkout: c.clone() }),
+            body(&Event::Confirmed {
+                checkout: c.clone()
+            }),
             with(json!({"status": "confirmed"}))
         );
         assert_eq!(
@@ -346,9 +348,11 @@ mod tests {
                 attempt: 1,
                 part: Some(part),
             }),
-            with(json!({"shipment": {"id": uuid::Uuid::nil(), "amount": "12.50",
+            with(
+                json!({"shipment": {"id": uuid::Uuid::nil(), "amount": "12.50",
                                      "lines": [{"sku": "TEE.RED", "qty": 1}],
-                                     "providerRef": null}}))
+                                     "providerRef": null}})
+            )
         );
         // An event from before shipments were parts: the whole order.
         assert_eq!(
