@@ -116,6 +116,7 @@ async fn each_family_moves_by_exactly_what_happened() {
             && now.get(r#"checkout_consumer_pending_messages{consumer="reserve"}"#) == Some(&0.0)
             && now.get(r#"checkout_consumer_pending_messages{consumer="compensate"}"#) == Some(&0.0)
             && now.get("checkout_outbox_unpublished") == Some(&0.0)
+            && now.get("checkout_webhook_held_seconds") == Some(&0.0)
     })
     .await;
     // Kept for CI's `promtool check metrics` and the dashboard check: every family has moved
