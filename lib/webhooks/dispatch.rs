@@ -5,9 +5,9 @@
 //! message once, nothing per endpoint). One process at a time reads an endpoint's cursor: it
 //! owns the endpoint for a lease (`owner`, `owned_until`), sends a batch, then records in one
 //! statement the batch's delivery rows, the cursor moved past them and the lease renewed for
-//! another batch. A process killed mid-batch leaves the endpoint to another when the lease runs out;
-//! its batch is sent again (at least once). A dead endpoint's backlog is the distance from its
-//! cursor to the log's end: it grows without a write.
+//! another batch. A process killed mid-batch leaves the endpoint to another when the lease
+//! runs out; its batch is sent again (at least once). A dead endpoint's backlog is the
+//! distance from its cursor to the log's end: it grows without a write.
 //!
 //! Retries (and replays): a failed message becomes a delivery row with its next attempt. Any
 //! process claims due rows with `FOR UPDATE SKIP LOCKED`, setting `leased_until` past the time
@@ -595,8 +595,8 @@ impl Dispatcher {
         .await
     }
 
-    /// The lane's client (pinned to the address its URL was checked at) and secrets, read
-    /// again when old or when the URL changed.
+    /// What the lane sends with (its client pinned to the address its URL was checked at, the
+    /// URL parsed, its secrets as keys), made again when old or when the URL changed.
     async fn prepare(&self, endpoint_id: Uuid, lane: &Lane, url: &str) -> Result<Ready, String> {
         let cached = lane.state.lock().ok().and_then(|s| {
             let (ready, at, for_url) = s.ready.as_ref()?;
