@@ -479,10 +479,11 @@ impl Event {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn checkout() -> Checkout {
+    /// A checkout of two units of one SKU, with an address, for tests across the crate.
+    pub(crate) fn checkout() -> Checkout {
         Checkout {
             order_id: Uuid::nil(),
             user_id: "alice".into(),

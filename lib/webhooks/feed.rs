@@ -254,43 +254,15 @@ fn part_data<'a>(part: Option<&'a Part>, c: &Checkout) -> PartData<'a> {
 mod tests {
     use super::*;
 
-    use crate::domain::{Address, Currency, Quantity, Sku};
-    use crate::saga::events::{FailureReason, Line};
+    use crate::saga::events::FailureReason;
     use rust_decimal::Decimal;
     use serde_json::{json, Value};
 
+    /// The crate's test checkout, at a fixed time so its `requestedAt` can be compared.
     fn checkout() -> Checkout {
         Checkout {
-            order_id: uuid::Uuid::nil(),
-            user_id: "alice".into(),
-            cart_id: uuid::Uuid::nil(),
-            items: vec![Line {
-                sku: Sku::parse("TEE.RED").expect("sku"),
-                qty: Quantity::new(2).expect("qty"),
-                unit_price: Decimal::new(1250, 2),
-                line_total: Decimal::new(2500, 2),
-                discount: Decimal::ZERO,
-                tax: Decimal::new(500, 2),
-            }],
-            subtotal: Decimal::new(2500, 2),
-            discount: Decimal::ZERO,
-            tax: Decimal::new(500, 2),
-            shipping: Decimal::ZERO,
-            total: Decimal::new(3000, 2),
-            currency: Currency::parse("USD").expect("currency"),
-            payment_token: "tok_visa".into(),
-            address: Some(Address {
-                name: "Ada".into(),
-                line1: "1 Main St".into(),
-                city: "London".into(),
-                region: None,
-                postal_code: "N1".into(),
-                country: "GB".into(),
-            }),
             requested_at: "2026-12-05T10:00:00Z".parse().expect("time"),
-            promo_code: None,
-            shipping_method: None,
-            return_url: None,
+            ..crate::saga::events::tests::checkout()
         }
     }
 
