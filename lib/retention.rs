@@ -38,7 +38,8 @@ pub struct Pass {
     pub payment_attempts: u64,
     /// Stock movements folded into `inventory.stock_movement_days`.
     pub stock_movements: u64,
-    /// Merchant webhook deliveries that ended, with their attempts (and then their messages).
+    /// Merchant webhook deliveries that ended, with their attempts, and batches of messages
+    /// delivered at their first attempt (and then the messages).
     pub webhooks: u64,
 }
 
@@ -149,8 +150,9 @@ impl Pruner {
         Ok(pass)
     }
 
-    /// Merchant webhook deliveries that ended, with their attempts, then the messages no
-    /// delivery refers to any more. A pending delivery (and so its message) is never taken,
+    /// Merchant webhook deliveries that ended, with their attempts, and the batches that
+    /// delivered messages at their first attempt; then the messages no delivery refers to
+    /// any more. A pending delivery (and so its message) is never taken,
     /// nor a message an enabled endpoint has yet to read from its cursor.
     async fn webhooks(&self, keep: Duration) -> Result<u64, sqlx::Error> {
         let deliveries = self
@@ -164,6 +166,19 @@ impl Pruner {
                  attempts AS (
                      DELETE FROM webhooks.attempts a USING gone g
                      WHERE a.endpoint_id = g.endpoint_id AND a.webhook_id = g.webhook_id)
+                 SELECT count(*) FROM gone",
+                keep,
+            )
+            .await?;
+        // A batch's record of the messages it delivered at their first attempt ends by time
+        // alone: nothing is pending in it.
+        let batches = self
+            .batches(
+                "WITH gone AS (
+                     DELETE FROM webhooks.sent WHERE (endpoint_id, last_tx, last_id) IN (
+                         SELECT endpoint_id, last_tx, last_id FROM webhooks.sent
+                         WHERE at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     RETURNING 1)
                  SELECT count(*) FROM gone",
                 keep,
             )
@@ -188,7 +203,7 @@ impl Pruner {
             keep,
         )
         .await?;
-        Ok(deliveries)
+        Ok(deliveries + batches)
     }
 
     /// Runs a batch statement (`$1` the cutoff, `$2` the batch size, answering the count it

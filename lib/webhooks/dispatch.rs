@@ -4,8 +4,9 @@
 //! New messages: each endpoint reads the message log from its own cursor (the feed writes a
 //! message once, nothing per endpoint). One process at a time reads an endpoint's cursor: it
 //! owns the endpoint for a lease (`owner`, `owned_until`), sends a batch, then records in one
-//! statement the batch's delivery rows, the cursor moved past them and the lease renewed for
-//! another batch. A process killed mid-batch leaves the endpoint to another when the lease
+//! statement how it went, the cursor moved past it and the lease renewed for another batch.
+//! A batch that all arrived is one row of `webhooks.sent` (its codes and latencies as arrays);
+//! only a message that failed (or a batch that did not all arrive) gets a delivery row. A process killed mid-batch leaves the endpoint to another when the lease
 //! runs out; its batch is sent again (at least once). A dead endpoint's backlog is the
 //! distance from its cursor to the log's end: it grows without a write.
 //!
@@ -56,8 +57,8 @@ macro_rules! outcomes {
     };
 }
 
-/// The statement that writes a batch of new messages' delivery rows, their first attempt
-/// recorded ($1 the endpoint, then the columns as `outcomes!`, then $8 when each was queued).
+/// The statement that writes the delivery rows of a batch of new messages that did not all
+/// arrive, their first attempt recorded ($1 the endpoint, then the columns as `outcomes!`, then $8 when each was queued).
 macro_rules! first_outcomes {
     () => {
         "INSERT INTO webhooks.deliveries (endpoint_id, webhook_id, status, attempts,
@@ -713,9 +714,9 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Writes the delivery rows of a batch of new messages and moves the endpoint's cursor
-    /// past it, renewing the lease for another batch. When every one arrived this is one
-    /// statement, which also reads the next batch (`Some`; its messages, none if this process
+    /// Records a batch of new messages and moves the endpoint's cursor past it, renewing the
+    /// lease for another batch. When every one arrived this is one statement, writing one row
+    /// for the batch and reading the next batch (`Some`; its messages, none if this process
     /// lost the endpoint); after a failure, `None`.
     async fn record_fresh(
         &self,
@@ -732,19 +733,34 @@ impl Dispatcher {
         let before = Instant::now();
         let batch = self.settings.max_in_flight_per_endpoint.max(1) * ROUNDS as usize;
         if done.iter().all(|a| a.result == "delivered") {
+            // No delivery row per message: the batch is one row of `webhooks.sent`, written
+            // only if the cursor moved (a process that lost the endpoint records nothing; the
+            // new owner sends these again from where the batch began).
             let sql = format!(
-                "WITH recorded AS ({}),
-                 moved AS ({}, failing_since = CASE WHEN cardinality($2::text[]) > 0 THEN NULL
-                                                  ELSE failing_since END
-                     WHERE endpoint_id = $1 AND owner = $12
-                     RETURNING endpoint_id, url, events, cursor_tx, cursor_id)
+                "WITH moved AS (
+                     UPDATE webhooks.endpoints SET cursor_tx = $5::xid8, cursor_id = $6,
+                         owned_until = now() + $7::interval,
+                         failing_since = CASE WHEN cardinality($2::text[]) > 0 THEN NULL
+                                              ELSE failing_since END
+                     WHERE endpoint_id = $1 AND owner = $8
+                     RETURNING endpoint_id, url, events, cursor_tx, cursor_id),
+                 recorded AS (
+                     INSERT INTO webhooks.sent (endpoint_id, last_tx, last_id, ids, codes,
+                                                latencies)
+                     SELECT endpoint_id, cursor_tx, cursor_id, $2::text[], $3::int[], $4::int[]
+                     FROM moved WHERE cardinality($2::text[]) > 0)
                  {}",
-                first_outcomes!(),
-                advance!(),
                 read_after(batch)
             );
-            let rows = outcomes
-                .bind_fresh(&sql, endpoint_id, cursor, &lease_text, self.id)
+            let rows = sqlx::query(&sql)
+                .bind(endpoint_id)
+                .bind(&outcomes.ids)
+                .bind(&outcomes.codes)
+                .bind(&outcomes.latencies)
+                .bind(&cursor.tx)
+                .bind(&cursor.id)
+                .bind(&lease_text)
+                .bind(self.id)
                 .fetch_all(&self.pool)
                 .await?
                 .iter()

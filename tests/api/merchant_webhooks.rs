@@ -229,7 +229,21 @@ async fn every_order_event_reaches_the_endpoint_signed_as_the_specification_says
     assert_eq!(receiver.received().await.map(|r| r.1), Some(0));
     let log = deliveries(&app, &endpoint).await;
     assert_eq!(log.len(), 4);
-    assert!(log.iter().all(|d| d["status"] == "delivered"), "{log:?}");
+    // Each taken at its first try, recorded with its batch: one attempt, with its answer.
+    assert!(
+        log.iter().all(|d| d["status"] == "delivered"
+            && d["deliveredAt"].is_string()
+            && d["attempts"].as_array().is_some_and(|a| a.len() == 1
+                && a[0]["attempt"] == 1
+                && a[0]["statusCode"] == 204
+                && a[0]["latencyMs"].is_i64())),
+        "{log:?}"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhooks.deliveries").await,
+        0,
+        "a message taken at its first try leaves no row of its own"
+    );
     // The secret is shown once: never again.
     let (_, listed) = app
         .request(Method::GET, "/api/admin/webhooks")

@@ -141,6 +141,24 @@ async fn webhook_deliveries_that_ended_are_pruned_and_pending_ones_kept() {
                 .expect("webhook rows");
         }
     }
+    // Two batches that delivered messages at their first attempt (no delivery rows): one
+    // from 40 days ago, whose message goes with it, and one from today.
+    for sql in [
+        "INSERT INTO webhooks.messages (webhook_id, event_type, order_id, body, created_at)
+         VALUES ('msg_old_batched', 'order.confirmed', gen_random_uuid(), '{}',
+                 now() - interval '40 days')",
+        "INSERT INTO webhooks.sent (endpoint_id, last_tx, last_id, at, ids, codes, latencies)
+         VALUES ($1, pg_current_xact_id(), 'msg_old_batched', now() - interval '40 days',
+                 '{msg_old_batched}', '{200}', '{5}'),
+                ($1, pg_current_xact_id(), 'msg_recent_batched', now(),
+                 '{msg_recent_batched}', '{200}', '{5}')",
+    ] {
+        sqlx::query(sql)
+            .bind(endpoint)
+            .execute(&app.pool)
+            .await
+            .expect("batch rows");
+    }
     // The endpoint has read the log this far; one more old message after that, which it has
     // yet to be offered (it was paused): no delivery row refers to it, and it stays.
     for sql in [
@@ -159,7 +177,13 @@ async fn webhook_deliveries_that_ended_are_pruned_and_pending_ones_kept() {
         settings: app.settings.retention.clone(),
     };
     let pass = pruner.pass().await.expect("a pass runs");
-    assert_eq!(pass.webhooks, 2, "{pass:?}");
+    assert_eq!(pass.webhooks, 3, "two deliveries and a batch: {pass:?}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhooks.sent WHERE last_id = 'msg_recent_batched'")
+            .await,
+        1
+    );
+    assert_eq!(app.count("SELECT count(*) FROM webhooks.sent").await, 1);
     let left: Vec<(String,)> =
         sqlx::query_as("SELECT webhook_id FROM webhooks.messages ORDER BY webhook_id")
             .fetch_all(&app.pool)
