@@ -122,6 +122,11 @@ pub struct BenchOptions {
     /// latency (from the checkout's acceptance to its arrival).
     #[arg(long)]
     pub webhooks: bool,
+    /// With `--webhooks`: the measured run alternates phases of this length with the endpoints
+    /// registered and without them (on, off, off, on, on, off, ...), so both are measured on
+    /// the same processes, database and minutes of the host; the report gives each side's rate.
+    #[arg(long, requires = "webhooks", value_parser = humantime::parse_duration)]
+    pub alternate: Option<Duration>,
     /// Where each run keeps its logs and its nats-server's store.
     #[arg(long, default_value = ".run/bench")]
     pub work_dir: PathBuf,
@@ -484,15 +489,15 @@ async fn one_run(
         )));
     }
 
+    let admin = checkout::auth::mint(
+        settings.auth.jwt_secret.expose(),
+        "bench-admin",
+        true,
+        Duration::from_secs(3600),
+    )
+    .map_err(|e| BenchError::Setup(e.to_string()))?;
     let receivers = if opts.webhooks {
         let receivers = crate::receivers::Receivers::start().await?;
-        let admin = checkout::auth::mint(
-            settings.auth.jwt_secret.expose(),
-            "bench-admin",
-            true,
-            Duration::from_secs(3600),
-        )
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
         receivers
             .register(&http, &format!("http://127.0.0.1:{http_port}"), &admin)
             .await?;
@@ -514,6 +519,7 @@ async fn one_run(
             hot_units: opts.hot_units,
             hot_buyers: opts.hot_buyers,
             quiet: true,
+            prepare: true,
         };
         load::drive(&warm).await?;
         sqlx::query("ANALYZE")
@@ -542,8 +548,17 @@ async fn one_run(
         hot_units: opts.hot_units,
         hot_buyers: opts.hot_buyers,
         quiet: false,
+        prepare: true,
     };
-    let stats = load::drive(&load).await?;
+    let mut alternation = String::new();
+    let stats = match (&receivers, opts.alternate) {
+        (Some(r), Some(phase)) => {
+            let (stats, said) = alternate(&load, r, &pool, &http, &admin, phase).await?;
+            alternation = said;
+            stats
+        }
+        _ => load::drive(&load).await?,
+    };
     let pg_work = PgWork::read(&pool)
         .await
         .since(&work_before, stats.completed.max(1) as f64);
@@ -587,7 +602,7 @@ async fn one_run(
         let _ = write!(
             note,
             " webhooks (3 endpoints: healthy, 2 s slow, dead): the healthy one heard {heard} \
-             messages, p50 {p50:.0} ms, p99 {p99:.0} ms from the checkout's acceptance;"
+             messages, p50 {p50:.0} ms, p99 {p99:.0} ms from the checkout's acceptance;{alternation}"
         );
     }
     if scenario == Scenario::Hot {
@@ -632,6 +647,60 @@ async fn wait_nats(port: u16) -> Result<(), BenchError> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+/// Runs `load` in phases of `phase`, the endpoints on in the first and then every other pair (on, off, off, on, on, off, ...: a drift of the host over the run falls on both
+/// sides alike). Answers the whole run's numbers and what each side did.
+async fn alternate(
+    load: &load::LoadOptions,
+    receivers: &crate::receivers::Receivers,
+    pool: &sqlx::PgPool,
+    http: &reqwest::Client,
+    admin: &str,
+    phase: Duration,
+) -> Result<(crate::stats::RunStats, String), BenchError> {
+    let phases = (load.duration.as_secs_f64() / phase.as_secs_f64().max(0.1)).round() as usize;
+    // Whole blocks of four, so each side has as many early phases as late ones.
+    let phases = (phases / 4).max(1) * 4;
+    let mut all = crate::stats::RunStats::default();
+    let (mut on, mut off) = ((0u64, 0.0f64), (0u64, 0.0f64));
+    let mut rates = Vec::new();
+    let mut registered = true;
+    for i in 0..phases {
+        let wanted = matches!(i % 4, 0 | 3);
+        if wanted != registered {
+            receivers
+                .switch(wanted, pool, http, &load.base, admin)
+                .await?;
+            registered = wanted;
+        }
+        let one = load::LoadOptions {
+            duration: phase,
+            // Buyers of their own (the warm-up's are seed + 1: theirs would repeat its
+            // idempotency keys, and wait for settlements that came long ago).
+            seed: load.seed.wrapping_add(0x1_0000 + i as u64),
+            quiet: true,
+            prepare: false,
+            ..load.clone()
+        };
+        let stats = load::drive(&one).await?;
+        let side = if wanted { &mut on } else { &mut off };
+        side.0 += stats.completed;
+        side.1 += stats.elapsed.as_secs_f64();
+        rates.push(stats.per_second());
+        all.elapsed += stats.elapsed;
+        all.merge(stats);
+    }
+    let rate = |(n, secs): (u64, f64)| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    let (with, without) = (rate(on), rate(off));
+    let phases_said: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    let said = format!(
+        " alternating every {phase:?} (on, off, off, on, ...): with the endpoints {with:.1}/s, \
+         without {without:.1}/s, with/without {:.3} (phases: {});",
+        with / without.max(0.001),
+        phases_said.join(" ")
+    );
+    Ok((all, said))
 }
 
 /// After a flash sale: nothing oversold, nothing left reserved, every buyer settled.

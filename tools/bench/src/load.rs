@@ -59,6 +59,8 @@ pub struct LoadOptions {
     /// Buyers in the hot scenario.
     pub hot_buyers: usize,
     pub quiet: bool,
+    /// Put the products and their stock first (a phase of an alternating run has them).
+    pub prepare: bool,
 }
 
 enum Slot {
@@ -265,15 +267,11 @@ async fn one_checkout(
     })
 }
 
-/// Runs the scenario and returns what it measured.
-pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(opts.users.max(1))
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    prepare(&http, opts).await?;
+/// Watches the saga's settlements on NATS (confirmed and failed), matching them with the
+/// buyers waiting for them.
+async fn watch(nats_url: &str) -> Result<(Settlements, tokio::task::JoinHandle<()>), BenchError> {
     let settlements = Settlements::default();
-    let client = async_nats::connect(&opts.nats_url)
+    let client = async_nats::connect(nats_url)
         .await
         .map_err(|e| BenchError::Setup(format!("nats: {e}")))?;
     let mut confirmed_sub = client
@@ -305,6 +303,19 @@ pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
             }
         })
     };
+    Ok((settlements, watcher))
+}
+
+/// Runs the scenario and returns what it measured.
+pub async fn drive(opts: &LoadOptions) -> Result<RunStats, BenchError> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(opts.users.max(1))
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    if opts.prepare {
+        prepare(&http, opts).await?;
+    }
+    let (settlements, watcher) = watch(&opts.nats_url).await?;
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

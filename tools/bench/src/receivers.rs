@@ -22,6 +22,8 @@ pub struct Receivers {
     pub dead: String,
     /// Seconds from each message's checkout acceptance (`data.requestedAt`) to its arrival.
     latencies: Arc<Mutex<Vec<f64>>>,
+    /// The endpoints registered for them now.
+    endpoints: Mutex<Vec<String>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -65,6 +67,7 @@ impl Receivers {
             slow: urls[1].clone(),
             dead: format!("http://127.0.0.1:{}/hooks", free_port()?),
             latencies,
+            endpoints: Mutex::default(),
             tasks,
         })
     }
@@ -86,6 +89,55 @@ impl Receivers {
             if !r.status().is_success() {
                 return Err(BenchError::Setup(format!(
                     "registering a webhook endpoint: {}",
+                    r.text().await.unwrap_or_default()
+                )));
+            }
+            let created: serde_json::Value = r.json().await?;
+            if let (Some(id), Ok(mut ids)) = (created["id"].as_str(), self.endpoints.lock()) {
+                ids.push(id.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns their endpoints off, as an endpoint disabled for failing is (the feed writes no
+    /// message nobody wants, the dispatcher passes them by), or back on through the admin API,
+    /// as a shop would. The processes keep what they know of each (a dead one stays paused),
+    /// which deleting and registering them anew would throw away.
+    pub async fn switch(
+        &self,
+        on: bool,
+        pool: &sqlx::PgPool,
+        http: &reqwest::Client,
+        base: &str,
+        admin: &str,
+    ) -> Result<(), BenchError> {
+        let ids = self
+            .endpoints
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default();
+        if !on {
+            sqlx::query(
+                "UPDATE webhooks.endpoints SET status = 'disabled',
+                     disabled_reason = 'the bench alternates'
+                 WHERE endpoint_id::text = ANY($1)",
+            )
+            .bind(&ids)
+            .execute(pool)
+            .await
+            .map_err(|e| BenchError::Setup(format!("disabling the endpoints: {e}")))?;
+            return Ok(());
+        }
+        for id in ids {
+            let r = http
+                .post(format!("{base}/api/admin/webhooks/{id}/enable"))
+                .bearer_auth(admin)
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                return Err(BenchError::Setup(format!(
+                    "enabling a webhook endpoint: {}",
                     r.text().await.unwrap_or_default()
                 )));
             }
