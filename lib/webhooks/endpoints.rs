@@ -132,7 +132,24 @@ pub async fn rotate(
     Ok((rotated.rows_affected() == 1).then_some(secret))
 }
 
-/// Turns an endpoint back on (after it was disabled for failing). It reads the messages
+/// Turns an endpoint off by hand (its receiver down for maintenance, say): nothing is sent
+/// to it until it is enabled again. Its waiting retries wait with it (their retry period
+/// runs on); what comes meanwhile is a replay away, as for an endpoint disabled for failing.
+/// Disabling a disabled endpoint keeps the reason it has.
+pub async fn disable(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE webhooks.endpoints SET status = 'disabled',
+             disabled_reason = CASE WHEN status = 'disabled' THEN disabled_reason
+                                    ELSE 'disabled by an admin' END
+         WHERE endpoint_id = $1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Turns an endpoint back on (after it was disabled for failing, or by hand). It reads the messages
 /// from now on, as a new endpoint does: what it missed while disabled is a replay away.
 pub async fn enable(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(

@@ -146,6 +146,16 @@ async fn enable(app: &TestApp, endpoint: &str) -> (StatusCode, Value) {
     .await
 }
 
+async fn disable(app: &TestApp, endpoint: &str) -> (StatusCode, Value) {
+    app.request(
+        Method::POST,
+        format!("/api/admin/webhooks/{endpoint}/disable"),
+    )
+    .token(&app.admin())
+    .send()
+    .await
+}
+
 /// Waits until the endpoint has been disabled for failing.
 async fn disabled(app: &TestApp, endpoint: &str) {
     app.eventually("the endpoint disabled", || async {
@@ -528,6 +538,44 @@ async fn an_endpoint_failing_for_the_whole_retry_period_is_disabled_and_its_deli
     let (status, body) = enable(&app, &endpoint).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "enabled");
+}
+
+#[tokio::test]
+async fn an_endpoint_disabled_by_hand_is_sent_nothing_until_it_is_enabled() {
+    let app = TestApp::spawn().await;
+    app.product("TEE", "10.00", 10).await;
+    let (endpoint, mut paused) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    let (_, mut other) = receiver_for(&app, &["order.confirmed"], 0.0).await;
+    paused.start().await;
+    other.start().await;
+    let (status, body) = disable(&app, &endpoint).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "disabled", "{body}");
+    assert_eq!(body["disabledReason"], "disabled by an admin", "{body}");
+    assert_eq!(disable(&app, &endpoint).await.0, StatusCode::OK, "twice");
+    let unknown = uuid::Uuid::new_v4().to_string();
+    assert_eq!(disable(&app, &unknown).await.0, StatusCode::NOT_FOUND);
+    // An order while it is off: the other endpoint hears it, so its message is stored.
+    let (_, carol) = app.buy("carol", "TEE", "tok_visa").await;
+    app.eventually("the other endpoint heard carol's order", || async {
+        other.accepted().await.len() == 1
+    })
+    .await;
+    let (status, body) = enable(&app, &endpoint).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "enabled", "{body}");
+    let (_, bob) = app.buy("bob", "TEE", "tok_visa").await;
+    app.eventually("the endpoint, on again, heard an order", || async {
+        !paused.accepted().await.is_empty()
+    })
+    .await;
+    // Bob's, not carol's: what came while it was off is a replay away.
+    let heard = paused.accepted().await;
+    assert_eq!(
+        heard[0]["orderId"],
+        bob.as_str(),
+        "carol {carol}: {heard:?}"
+    );
 }
 
 #[tokio::test]

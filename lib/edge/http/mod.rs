@@ -102,6 +102,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route("/admin/webhooks/{id}/rotate", post(admin::rotate_webhook))
         .route("/admin/webhooks/{id}/enable", post(admin::enable_webhook))
+        .route("/admin/webhooks/{id}/disable", post(admin::disable_webhook))
         .route(
             "/admin/webhooks/{id}/deliveries",
             get(admin::webhook_deliveries),

@@ -57,6 +57,7 @@ pub struct ErrorDetail {
         admin::delete_webhook,
         admin::rotate_webhook,
         admin::enable_webhook,
+        admin::disable_webhook,
         admin::webhook_deliveries,
         admin::replay_webhook,
         webhooks::provider_webhook,

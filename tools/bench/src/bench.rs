@@ -123,7 +123,7 @@ pub struct BenchOptions {
     #[arg(long)]
     pub webhooks: bool,
     /// With `--webhooks`: the measured run alternates phases of this length with the endpoints
-    /// registered and without them (on, off, off, on, on, off, ...), so both are measured on
+    /// enabled and disabled (on, off, off, on, on, off, ...), so both are measured on
     /// the same processes, database and minutes of the host; the report gives each side's rate.
     #[arg(long, requires = "webhooks", value_parser = humantime::parse_duration)]
     pub alternate: Option<Duration>,
@@ -553,7 +553,7 @@ async fn one_run(
     let mut alternation = String::new();
     let stats = match (&receivers, opts.alternate) {
         (Some(r), Some(phase)) => {
-            let (stats, said) = alternate(&load, r, &pool, &http, &admin, phase).await?;
+            let (stats, said) = alternate(&load, r, &http, &admin, phase).await?;
             alternation = said;
             stats
         }
@@ -654,7 +654,6 @@ async fn wait_nats(port: u16) -> Result<(), BenchError> {
 async fn alternate(
     load: &load::LoadOptions,
     receivers: &crate::receivers::Receivers,
-    pool: &sqlx::PgPool,
     http: &reqwest::Client,
     admin: &str,
     phase: Duration,
@@ -669,9 +668,7 @@ async fn alternate(
     for i in 0..phases {
         let wanted = matches!(i % 4, 0 | 3);
         if wanted != registered {
-            receivers
-                .switch(wanted, pool, http, &load.base, admin)
-                .await?;
+            receivers.switch(wanted, http, &load.base, admin).await?;
             registered = wanted;
         }
         let one = load::LoadOptions {

@@ -100,14 +100,13 @@ impl Receivers {
         Ok(())
     }
 
-    /// Turns their endpoints off, as an endpoint disabled for failing is (the feed writes no
-    /// message nobody wants, the dispatcher passes them by), or back on through the admin API,
-    /// as a shop would. The processes keep what they know of each (a dead one stays paused),
-    /// which deleting and registering them anew would throw away.
+    /// Turns their endpoints off or back on through the admin API, as a shop would (off, the
+    /// feed writes no message nobody wants and the dispatcher passes them by). The processes
+    /// keep what they know of each (a dead one stays paused), which deleting and registering
+    /// them anew would throw away.
     pub async fn switch(
         &self,
         on: bool,
-        pool: &sqlx::PgPool,
         http: &reqwest::Client,
         base: &str,
         admin: &str,
@@ -117,27 +116,16 @@ impl Receivers {
             .lock()
             .map(|ids| ids.clone())
             .unwrap_or_default();
-        if !on {
-            sqlx::query(
-                "UPDATE webhooks.endpoints SET status = 'disabled',
-                     disabled_reason = 'the bench alternates'
-                 WHERE endpoint_id::text = ANY($1)",
-            )
-            .bind(&ids)
-            .execute(pool)
-            .await
-            .map_err(|e| BenchError::Setup(format!("disabling the endpoints: {e}")))?;
-            return Ok(());
-        }
+        let verb = if on { "enable" } else { "disable" };
         for id in ids {
             let r = http
-                .post(format!("{base}/api/admin/webhooks/{id}/enable"))
+                .post(format!("{base}/api/admin/webhooks/{id}/{verb}"))
                 .bearer_auth(admin)
                 .send()
                 .await?;
             if !r.status().is_success() {
                 return Err(BenchError::Setup(format!(
-                    "enabling a webhook endpoint: {}",
+                    "{verb} a webhook endpoint: {}",
                     r.text().await.unwrap_or_default()
                 )));
             }

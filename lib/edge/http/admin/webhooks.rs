@@ -218,6 +218,25 @@ pub async fn rotate_webhook(
     }))
 }
 
+/// Turns an endpoint off until it is enabled again (what comes meanwhile is a replay away).
+#[utoipa::path(post, path = "/api/admin/webhooks/{id}/disable", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the endpoint", format = Uuid)),
+    responses((status = 200, description = "disabled", body = EndpointJson)))]
+pub async fn disable_webhook(
+    State(state): State<AppState>,
+    Admin(_admin): Admin,
+    Path(id): Path<String>,
+) -> Result<Json<EndpointJson>, ApiError> {
+    let id = parse_id(&id)?;
+    if !endpoints::disable(&state.pool, id).await? {
+        return Err(not_found());
+    }
+    let endpoint = endpoints::get(&state.pool, id)
+        .await?
+        .ok_or_else(not_found)?;
+    Ok(Json(EndpointJson::of(endpoint, None)))
+}
+
 /// Turns a disabled endpoint back on.
 #[utoipa::path(post, path = "/api/admin/webhooks/{id}/enable", tag = "admin", security(("bearer" = [])),
     params(("id" = String, Path, description = "the endpoint", format = Uuid)),
