@@ -6,9 +6,10 @@
 //! owns the endpoint for a lease (`owner`, `owned_until`), sends a batch, then records in one
 //! statement how it went, the cursor moved past it and the lease renewed for another batch.
 //! A batch that all arrived is one row of `webhooks.sent` (its codes and latencies as arrays);
-//! only a message that failed (or a batch that did not all arrive) gets a delivery row. A process killed mid-batch leaves the endpoint to another when the lease
-//! runs out; its batch is sent again (at least once). A dead endpoint's backlog is the
-//! distance from its cursor to the log's end: it grows without a write.
+//! only a message that failed (or a batch that did not all arrive) gets a delivery row. A
+//! process killed mid-batch leaves the endpoint to another when the lease runs out; its batch
+//! is sent again (at least once). A dead endpoint's backlog is the distance from its cursor to
+//! the log's end: it grows without a write.
 //!
 //! Retries (and replays): a failed message becomes a delivery row with its next attempt. Any
 //! process claims due rows with `FOR UPDATE SKIP LOCKED`, setting `leased_until` past the time
@@ -58,7 +59,8 @@ macro_rules! outcomes {
 }
 
 /// The statement that writes the delivery rows of a batch of new messages that did not all
-/// arrive, their first attempt recorded ($1 the endpoint, then the columns as `outcomes!`, then $8 when each was queued).
+/// arrive, their first attempt recorded ($1 the endpoint, then the columns as `outcomes!`,
+/// then $8 when each was queued).
 macro_rules! first_outcomes {
     () => {
         "INSERT INTO webhooks.deliveries (endpoint_id, webhook_id, status, attempts,

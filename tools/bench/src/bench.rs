@@ -649,8 +649,9 @@ async fn wait_nats(port: u16) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Runs `load` in phases of `phase`, the endpoints on in the first and then every other pair (on, off, off, on, on, off, ...: a drift of the host over the run falls on both
-/// sides alike). Answers the whole run's numbers and what each side did.
+/// Runs `load` in phases of `phase`, the endpoints on in the first and then every other pair
+/// (on, off, off, on, on, off, ...: a drift of the host over the run falls on both sides
+/// alike). Answers the whole run's numbers and what each side did.
 async fn alternate(
     load: &load::LoadOptions,
     receivers: &crate::receivers::Receivers,
