@@ -135,35 +135,37 @@ pub async fn rotate(
 /// Turns an endpoint off by hand (its receiver down for maintenance, say): nothing is sent
 /// to it until it is enabled again. Its waiting retries wait with it (their retry period
 /// runs on); what comes meanwhile is a replay away, as for an endpoint disabled for failing.
-/// Disabling a disabled endpoint keeps the reason it has.
-pub async fn disable(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+/// Disabling a disabled endpoint keeps the reason it has. Answers the endpoint as it is now,
+/// `None` if there is none.
+pub async fn disable(pool: &PgPool, id: Uuid) -> Result<Option<Endpoint>, sqlx::Error> {
+    sqlx::query_as(&format!(
         "UPDATE webhooks.endpoints SET status = 'disabled',
              disabled_reason = CASE WHEN status = 'disabled' THEN disabled_reason
                                     ELSE 'disabled by an admin' END
-         WHERE endpoint_id = $1 AND deleted_at IS NULL",
-    )
+         WHERE endpoint_id = $1 AND deleted_at IS NULL
+         RETURNING {COLUMNS}"
+    ))
     .bind(id)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .fetch_optional(pool)
+    .await
 }
 
-/// Turns an endpoint back on (after it was disabled for failing, or by hand). It reads the messages
-/// from now on, as a new endpoint does: what it missed while disabled is a replay away.
-pub async fn enable(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+/// Turns an endpoint back on (after it was disabled for failing, or by hand). It reads the
+/// messages from now on, as a new endpoint does: what it missed while disabled is a replay
+/// away. Answers the endpoint as it is now, `None` if there is none.
+pub async fn enable(pool: &PgPool, id: Uuid) -> Result<Option<Endpoint>, sqlx::Error> {
+    sqlx::query_as(&format!(
         "UPDATE webhooks.endpoints SET status = 'enabled', disabled_reason = NULL,
              failing_since = NULL,
              cursor_tx = CASE WHEN status = 'disabled'
                               THEN pg_snapshot_xmin(pg_current_snapshot()) ELSE cursor_tx END,
              cursor_id = CASE WHEN status = 'disabled' THEN '' ELSE cursor_id END
-         WHERE endpoint_id = $1 AND deleted_at IS NULL",
-    )
+         WHERE endpoint_id = $1 AND deleted_at IS NULL
+         RETURNING {COLUMNS}"
+    ))
     .bind(id)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .fetch_optional(pool)
+    .await
 }
 
 /// The secrets that sign an endpoint's messages now (the newest first).

@@ -227,11 +227,7 @@ pub async fn disable_webhook(
     Admin(_admin): Admin,
     Path(id): Path<String>,
 ) -> Result<Json<EndpointJson>, ApiError> {
-    let id = parse_id(&id)?;
-    if !endpoints::disable(&state.pool, id).await? {
-        return Err(not_found());
-    }
-    let endpoint = endpoints::get(&state.pool, id)
+    let endpoint = endpoints::disable(&state.pool, parse_id(&id)?)
         .await?
         .ok_or_else(not_found)?;
     Ok(Json(EndpointJson::of(endpoint, None)))
@@ -246,11 +242,7 @@ pub async fn enable_webhook(
     Admin(_admin): Admin,
     Path(id): Path<String>,
 ) -> Result<Json<EndpointJson>, ApiError> {
-    let id = parse_id(&id)?;
-    if !endpoints::enable(&state.pool, id).await? {
-        return Err(not_found());
-    }
-    let endpoint = endpoints::get(&state.pool, id)
+    let endpoint = endpoints::enable(&state.pool, parse_id(&id)?)
         .await?
         .ok_or_else(not_found)?;
     Ok(Json(EndpointJson::of(endpoint, None)))
